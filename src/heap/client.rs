@@ -1,0 +1,1 @@
+//! The HTTP client that posts bulk requests to Heap.
