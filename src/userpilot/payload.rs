@@ -1,9 +1,13 @@
 //! Tolerant decoding of a verified Userpilot webhook body into a typed [`Interaction`]
 //! (SPEC §2.2). Userpilot publishes no schema, so every field is looked up in several places and
 //! unknown fields are never an error. Pure: no I/O, no clock.
+//!
+//! This module owns the lookup orders and the synonym tables; it must not decide Heap event
+//! names (that is `heap::mapping`) nor touch unverified bytes (only [`decode`] is public, and it
+//! takes [`Verified`]).
 
-use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde_json::{Map, Number, Value};
 
 use super::signature::Verified;
 
@@ -87,6 +91,1141 @@ pub enum DecodeError {
 
 /// Decodes a verified body. Only [`Verified`] bytes can be decoded, so nothing unverified is
 /// ever parsed past the signature's timestamp fallback.
+///
+/// # Errors
+///
+/// [`DecodeError::InvalidJson`] or [`DecodeError::NotAnObject`] for a body that is not a JSON
+/// object, and [`DecodeError::NoKind`] when no known place names the kind of event.
 pub fn decode(body: &Verified) -> Result<Interaction, DecodeError> {
-    todo!("{body:?}")
+    decode_bytes(body.bytes())
+}
+
+/// A place in the body: object keys from the top level down.
+type Path = &'static [&'static str];
+
+// The lookup orders of SPEC §2.2, earliest place first. The first place holding a usable value
+// wins; later places are fallbacks for shapes nobody has seen yet.
+
+/// Kind as a whole string.
+const KIND_PLACES: &[Path] = &[
+    &["data", "type"],
+    &["data", "event_type"],
+    &["type"],
+    &["event_type"],
+];
+/// Kind as the first segment of a `kind.action` / `kind:id:action` event string.
+const KIND_EVENT_PLACES: &[Path] = &[&["event"], &["data", "event"]];
+/// Action; a value with separators contributes its last segment.
+const ACTION_PLACES: &[Path] = &[
+    &["data", "action"],
+    &["data", "status"],
+    &["data", "state"],
+    &["data", "event"],
+    &["action"],
+    &["status"],
+];
+/// Action fallback, used only when the top-level `event` has a separator: a bare `event` names
+/// the kind, not the action.
+const ACTION_EVENT_PLACE: Path = &["event"];
+const USER_PLACES: &[Path] = &[&["data", "user"], &["user"]];
+const USER_ID_PLACES: &[Path] = &[
+    &["data", "user", "user_id"],
+    &["data", "user", "id"],
+    &["data", "user_id"],
+    &["user", "user_id"],
+    &["user_id"],
+];
+const COMPANY_PLACES: &[Path] = &[&["data", "company"], &["company"]];
+const COMPANY_ID_PLACES: &[Path] = &[&["company_id"], &["id"]];
+const CONTENT_ID_PLACES: &[Path] = &[
+    &["data", "id"],
+    &["data", "content_id"],
+    &["data", "flow_id"],
+    &["data", "experience_id"],
+    &["data", "checklist_id"],
+    &["data", "survey_id"],
+    &["data", "form_id"],
+    &["data", "feature_id"],
+];
+const CONTENT_NAME_PLACES: &[Path] = &[
+    &["data", "name"],
+    &["data", "title"],
+    &["data", "content_name"],
+    &["data", "flow_name"],
+    &["data", "experience_name"],
+    &["data", "checklist_name"],
+    &["data", "feature_name"],
+];
+const EVENT_NAME_PLACES: &[Path] = &[&["data", "event_name"], &["event_name"]];
+const TIME_PLACES: &[Path] = &[
+    &["data", "timestamp"],
+    &["data", "created_at"],
+    &["data", "inserted_at"],
+    &["timestamp"],
+];
+
+/// ISO 8601 with a numeric offset that RFC 3339 refuses (`+0200`, or a space before it).
+const WITH_OFFSET: [&str; 2] = ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"];
+/// ISO 8601 without an offset, taken as UTC; `%.f` also matches no fraction at all.
+const NAIVE: [&str; 2] = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"];
+
+/// Separators inside event strings: `flow.started` (guessed) and Data Sync's
+/// `experience:448:DISMISSED` (documented for exports).
+const SEPARATORS: [char; 2] = ['.', ':'];
+
+/// Unix times above this are milliseconds: 10^12 seconds is about the year 33658, while 10^12
+/// milliseconds is September 2001, so the two ranges that matter never overlap.
+const MILLIS_ABOVE: i64 = 1_000_000_000_000;
+
+/// The logic of [`decode`], on plain bytes. Private so that nothing outside this module can
+/// decode bytes that skipped the signature check.
+fn decode_bytes(bytes: &[u8]) -> Result<Interaction, DecodeError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|_| DecodeError::InvalidJson)?;
+    let Value::Object(root) = value else {
+        return Err(DecodeError::NotAnObject);
+    };
+    let kind = kind(&root).ok_or(DecodeError::NoKind)?;
+    let content_name = first_text(&root, CONTENT_NAME_PLACES).map(str::to_owned);
+    let event_name = first_text(&root, EVENT_NAME_PLACES)
+        .map(str::to_owned)
+        .or_else(|| content_name.clone());
+    Ok(Interaction {
+        kind,
+        action: action(&root),
+        user: User {
+            id: first_id(&root, USER_ID_PLACES),
+            properties: USER_PLACES
+                .iter()
+                .find_map(|path| at(&root, path)?.as_object())
+                .cloned()
+                .unwrap_or_default(),
+        },
+        company: company(&root),
+        content_id: first_id(&root, CONTENT_ID_PLACES),
+        content_name,
+        event_name,
+        occurred_at: TIME_PLACES
+            .iter()
+            .find_map(|path| at(&root, path).and_then(time)),
+        data: match root.get("data") {
+            Some(Value::Object(data)) => data.clone(),
+            _ => Map::new(),
+        },
+    })
+}
+
+fn kind(root: &Map<String, Value>) -> Option<Kind> {
+    let raw = first_text(root, KIND_PLACES).or_else(|| {
+        KIND_EVENT_PLACES
+            .iter()
+            .find_map(|path| at(root, path).and_then(text).and_then(first_segment))
+    })?;
+    Some(match normalize(raw).as_str() {
+        "flow" | "experience" => Kind::Experience,
+        "checklist" => Kind::Checklist,
+        "nps" => Kind::Nps,
+        "form" | "survey" => Kind::Form,
+        "featuretag" | "feature" | "trackfeature" => Kind::FeatureTag,
+        "track" | "trackedevent" | "button" => Kind::TrackedEvent,
+        _ => Kind::Other(raw.to_owned()),
+    })
+}
+
+fn action(root: &Map<String, Value>) -> Option<Action> {
+    let raw = ACTION_PLACES
+        .iter()
+        .find_map(|path| at(root, path).and_then(text).and_then(last_segment))
+        .or_else(|| {
+            at(root, ACTION_EVENT_PLACE)
+                .and_then(text)
+                .filter(|event| event.contains(SEPARATORS))
+                .and_then(last_segment)
+        })?;
+    Some(match normalize(raw).as_str() {
+        // `seen` is Data Sync's word for a started interaction (`checklist:2:SEEN`).
+        "started" | "start" | "seen" => Action::Started,
+        "step" => Action::Step,
+        "completed" | "complete" => Action::Completed,
+        // `skipped` is the mobile SDK's word for dismissing a flow.
+        "dismissed" | "dismiss" | "skipped" => Action::Dismissed,
+        "taskcompleted" => Action::TaskCompleted,
+        "asklater" => Action::AskLater,
+        "score" => Action::Score,
+        "feedback" => Action::Feedback,
+        "submitted" | "submit" => Action::Submitted,
+        "click" => Action::Click,
+        "hover" => Action::Hover,
+        "textinput" => Action::TextInput,
+        _ => Action::Other(raw.to_owned()),
+    })
+}
+
+/// `data.company`, else `company`: an object (id plus properties) or a bare id.
+fn company(root: &Map<String, Value>) -> Option<Company> {
+    COMPANY_PLACES
+        .iter()
+        .find_map(|path| match at(root, path)? {
+            Value::Object(fields) => Some(Company {
+                id: first_id(fields, COMPANY_ID_PLACES),
+                properties: fields.clone(),
+            }),
+            bare => id(bare).map(|id| Company {
+                id: Some(id),
+                properties: Map::new(),
+            }),
+        })
+}
+
+/// Folds case, `_`, `-` and spaces so that `Task Completed`, `task_completed` and
+/// `TASK-COMPLETED` match the same synonym.
+fn normalize(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| !matches!(c, '_' | '-' | ' '))
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// The value at `path`, walking nested objects; `None` when any step is missing or not an
+/// object.
+fn at<'a>(root: &'a Map<String, Value>, path: &[&str]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    rest.iter()
+        .try_fold(root.get(*first)?, |value, key| value.as_object()?.get(*key))
+}
+
+/// A string that says something: trimmed, and `None` when blank or not a string.
+fn text(value: &Value) -> Option<&str> {
+    value.as_str().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// An identifier: a non-blank string (trimmed) or a number. Numbers print as serde_json prints
+/// them, so the integer 42 is `"42"` and not `"42.0"`.
+fn id(value: &Value) -> Option<String> {
+    match value {
+        Value::Number(number) => Some(number.to_string()),
+        other => text(other).map(str::to_owned),
+    }
+}
+
+fn first_text<'a>(root: &'a Map<String, Value>, places: &[Path]) -> Option<&'a str> {
+    places.iter().find_map(|path| at(root, path).and_then(text))
+}
+
+fn first_id(root: &Map<String, Value>, places: &[Path]) -> Option<String> {
+    places.iter().find_map(|path| at(root, path).and_then(id))
+}
+
+fn first_segment(value: &str) -> Option<&str> {
+    value
+        .split(SEPARATORS)
+        .next()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// The last segment, or the whole value when it has no separator.
+fn last_segment(value: &str) -> Option<&str> {
+    value
+        .rsplit(SEPARATORS)
+        .next()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// A point in time from a JSON number or string; `None` when it does not parse or lies outside
+/// chrono's range, so that the caller tries the next place.
+fn time(value: &Value) -> Option<DateTime<Utc>> {
+    match value {
+        Value::Number(number) => time_from_number(number),
+        Value::String(raw) => time_from_text(raw.trim()),
+        _ => None,
+    }
+}
+
+fn time_from_number(number: &Number) -> Option<DateTime<Utc>> {
+    if let Some(int) = number.as_i64() {
+        return time_from_unix(int);
+    }
+    if number.is_u64() {
+        // Above i64::MAX: no representable instant in either unit.
+        return None;
+    }
+    time_from_unix_float(number.as_f64()?)
+}
+
+/// Unix seconds, or milliseconds above [`MILLIS_ABOVE`].
+fn time_from_unix(int: i64) -> Option<DateTime<Utc>> {
+    if int > MILLIS_ABOVE {
+        DateTime::from_timestamp_millis(int)
+    } else {
+        DateTime::from_timestamp(int, 0)
+    }
+}
+
+/// As [`time_from_unix`], for fractional values; kept to the microsecond, which is both the
+/// precision an `f64` holds for present-day times and the finest Userpilot documents.
+fn time_from_unix_float(float: f64) -> Option<DateTime<Utc>> {
+    let seconds = if float > MILLIS_ABOVE as f64 {
+        float / 1000.0
+    } else {
+        float
+    };
+    let micros = (seconds * 1e6).round();
+    // `as` would saturate rather than fail; refuse anything it cannot hold exactly instead.
+    if !micros.is_finite() || micros.abs() >= i64::MAX as f64 {
+        return None;
+    }
+    DateTime::from_timestamp_micros(micros as i64)
+}
+
+/// A numeric string (read as a Unix time), an ISO 8601 time with `Z` or an offset, or a naive
+/// ISO 8601 time taken as UTC (Data Sync's `inserted_at` is UTC without a marker).
+fn time_from_text(raw: &str) -> Option<DateTime<Utc>> {
+    if let Ok(int) = raw.parse::<i64>() {
+        return time_from_unix(int);
+    }
+    if let Ok(float) = raw.parse::<f64>() {
+        // Also catches `NaN`, `inf` and integers beyond i64: numeric, so never a date.
+        return time_from_unix_float(float);
+    }
+    if let Ok(time) = DateTime::parse_from_rfc3339(raw) {
+        return Some(time.to_utc());
+    }
+    if let Some(time) = WITH_OFFSET
+        .iter()
+        .find_map(|format| DateTime::parse_from_str(raw, format).ok())
+    {
+        return Some(time.to_utc());
+    }
+    NAIVE
+        .iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(raw, format).ok())
+        .map(|naive| naive.and_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn decode_json(body: &Value) -> Result<Interaction, DecodeError> {
+        decode_bytes(&serde_json::to_vec(body).unwrap())
+    }
+
+    fn decoded(body: &Value) -> Interaction {
+        decode_json(body).unwrap_or_else(|e| panic!("{body} did not decode: {e}"))
+    }
+
+    /// Sets `value` at `path` in `root`, creating objects on the way.
+    fn put(root: &mut Value, path: &[&str], value: Value) {
+        let (last, parents) = path.split_last().unwrap();
+        let mut node = root;
+        for key in parents {
+            node = node
+                .as_object_mut()
+                .unwrap()
+                .entry(*key)
+                .or_insert_with(|| json!({}));
+        }
+        node.as_object_mut()
+            .unwrap()
+            .insert((*last).to_owned(), value);
+    }
+
+    /// For each place, a body holding that place and every later one with distinct values
+    /// (from `value_at(j)`): checks that each place is read, and that it beats all later ones.
+    fn assert_precedence<T: PartialEq + std::fmt::Debug>(
+        base: &Value,
+        places: &[Path],
+        value_at: impl Fn(usize) -> Value,
+        read: impl Fn(&Interaction) -> T,
+        expected_at: impl Fn(usize) -> T,
+    ) {
+        for winner in 0..places.len() {
+            let mut body = base.clone();
+            for (j, path) in places.iter().enumerate().skip(winner) {
+                put(&mut body, path, value_at(j));
+            }
+            assert_eq!(
+                read(&decoded(&body)),
+                expected_at(winner),
+                "place {:?} should win in {body}",
+                places[winner]
+            );
+        }
+    }
+
+    fn utc(rfc3339: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(rfc3339).unwrap().to_utc()
+    }
+
+    // ---- errors ----
+
+    #[test]
+    fn bodies_that_are_not_json_objects_are_refused_with_the_right_error() {
+        let cases: &[(&[u8], DecodeError)] = &[
+            (b"", DecodeError::InvalidJson),
+            (b"not json", DecodeError::InvalidJson),
+            (b"{\"type\":\"nps\"", DecodeError::InvalidJson),
+            (b"{\"type\":\"nps\"} trailing", DecodeError::InvalidJson),
+            (b"{\"type\":\"\xff\"}", DecodeError::InvalidJson),
+            (b"[{\"type\":\"nps\"}]", DecodeError::NotAnObject),
+            (b"\"nps\"", DecodeError::NotAnObject),
+            (b"42", DecodeError::NotAnObject),
+            (b"null", DecodeError::NotAnObject),
+            (b"true", DecodeError::NotAnObject),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(
+                decode_bytes(body).as_ref().err(),
+                Some(expected),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn an_object_without_a_usable_kind_is_refused_with_no_kind() {
+        let cases = [
+            json!({}),
+            json!({"data": {"user": {"user_id": "u1"}, "action": "started"}}),
+            json!({"data": "nps"}),
+            json!({"type": 5, "data": {"type": null, "event_type": ["nps"]}}),
+            json!({"type": "   ", "event_type": ""}),
+            json!({"event": ".started", "data": {"event": ":x"}}),
+            json!({"event": {"type": "nps"}}),
+        ];
+        for body in cases {
+            assert_eq!(decode_json(&body), Err(DecodeError::NoKind), "{body}");
+        }
+    }
+
+    // ---- the SPEC's example and the reference doc's shapes ----
+
+    #[test]
+    fn the_spec_nps_example_decodes_completely() {
+        let body = br#"{ "timestamp": 1726742461,
+  "data": { "type": "nps", "score": 9, "feedback": "Love it", "hostname": "app.example.com",
+            "user": { "user_id": "u_123", "email": "jane@example.com", "plan": "pro" } } }"#;
+        let interaction = decode_bytes(body).unwrap();
+        let user = json!({"user_id": "u_123", "email": "jane@example.com", "plan": "pro"});
+        let data = json!({
+            "type": "nps", "score": 9, "feedback": "Love it", "hostname": "app.example.com",
+            "user": user,
+        });
+        assert_eq!(
+            interaction,
+            Interaction {
+                kind: Kind::Nps,
+                action: None,
+                user: User {
+                    id: Some("u_123".into()),
+                    properties: user.as_object().unwrap().clone(),
+                },
+                company: None,
+                content_id: None,
+                content_name: None,
+                event_name: None,
+                occurred_at: Some(utc("2024-09-19T10:41:01Z")),
+                data: data.as_object().unwrap().clone(),
+            }
+        );
+    }
+
+    #[test]
+    fn guessed_shapes_from_the_reference_doc_decode_to_the_expected_kind_and_action() {
+        let cases = [
+            (
+                json!({"timestamp": 1726742461, "data": {"type": "nps", "status": "dismissed",
+                       "user": {"user_id": "u1"}}}),
+                Kind::Nps,
+                Some(Action::Dismissed),
+            ),
+            (
+                json!({"timestamp": 1726742461, "data": {"type": "flow", "status": "started",
+                       "flow_id": "f_1", "flow_name": "Welcome tour", "hostname": "app.example.com",
+                       "user": {"user_id": "u1", "plan": "pro"}}}),
+                Kind::Experience,
+                Some(Action::Started),
+            ),
+            (
+                json!({"timestamp": 1726742461, "data": {"type": "checklist", "state": "completed",
+                       "checklist_id": 2, "user": {"user_id": "u1"}}}),
+                Kind::Checklist,
+                Some(Action::Completed),
+            ),
+            (
+                json!({"timestamp": 1726742461, "data": {"type": "survey", "form_id": "s1",
+                       "answers": [{"question": "Why?", "answer": "Because"}],
+                       "action": "submitted", "user": {"user_id": "u1"}}}),
+                Kind::Form,
+                Some(Action::Submitted),
+            ),
+            (
+                json!({"timestamp": 1726742461, "data": {"type": "feature_tag", "action": "text_input",
+                       "feature_id": "ft9", "feature_name": "Search box", "user": {"user_id": "u1"}}}),
+                Kind::FeatureTag,
+                Some(Action::TextInput),
+            ),
+            (
+                json!({"timestamp": 1726742461, "data": {"type": "track",
+                       "event_name": "Upgrade clicked", "user": {"user_id": "u1"}}}),
+                Kind::TrackedEvent,
+                None,
+            ),
+            // Data Sync export rows.
+            (
+                json!({"event_type": "track_feature", "event_name": "ft9", "user_id": "u1",
+                       "company_id": "c1", "inserted_at": "2024-09-19 10:41:01.123456"}),
+                Kind::FeatureTag,
+                None,
+            ),
+            (
+                json!({"event": "experience:448:DISMISSED", "user_id": "u1"}),
+                Kind::Experience,
+                Some(Action::Dismissed),
+            ),
+            (
+                json!({"event": "checklist:2:SEEN", "user_id": "u1"}),
+                Kind::Checklist,
+                Some(Action::Started),
+            ),
+            // The speculative n8n node's `event` strings.
+            (
+                json!({"event": "flow.started", "flow_id": "f1", "user_id": "u1"}),
+                Kind::Experience,
+                Some(Action::Started),
+            ),
+            (
+                json!({"event": "nps.submitted", "user_id": "u1"}),
+                Kind::Nps,
+                Some(Action::Submitted),
+            ),
+        ];
+        for (body, kind, action) in cases {
+            let interaction = decoded(&body);
+            assert_eq!(interaction.kind, kind, "{body}");
+            assert_eq!(interaction.action, action, "{body}");
+            assert_eq!(interaction.user.id.as_deref(), Some("u1"), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_guessed_flow_shape_yields_content_and_time() {
+        let interaction = decoded(&json!({
+            "timestamp": 1726742461,
+            "data": {"type": "experience", "status": "completed", "experience_id": 448,
+                     "experience_name": "Welcome tour", "user": {"user_id": "u1"}},
+        }));
+        assert_eq!(interaction.content_id.as_deref(), Some("448"));
+        assert_eq!(interaction.content_name.as_deref(), Some("Welcome tour"));
+        assert_eq!(interaction.event_name.as_deref(), Some("Welcome tour"));
+        assert_eq!(interaction.occurred_at, Some(utc("2024-09-19T10:41:01Z")));
+    }
+
+    #[test]
+    fn unknown_fields_are_kept_in_data_and_never_an_error() {
+        let body = json!({
+            "app_token": "NX-1", "weird": [1, {"a": null}],
+            "data": {"type": "nps", "extra": {"deep": [true]}, "user": {"user_id": "u1"}},
+        });
+        let interaction = decoded(&body);
+        assert_eq!(interaction.kind, Kind::Nps);
+        assert_eq!(
+            interaction.data.get("extra"),
+            Some(&json!({"deep": [true]}))
+        );
+    }
+
+    #[test]
+    fn data_is_empty_when_the_body_has_no_data_object() {
+        for data in [None, Some(json!("x")), Some(json!([1])), Some(Value::Null)] {
+            let mut body = json!({"type": "nps"});
+            if let Some(data) = data {
+                put(&mut body, &["data"], data);
+            }
+            assert!(decoded(&body).data.is_empty(), "{body}");
+        }
+    }
+
+    // ---- kind ----
+
+    #[test]
+    fn kind_is_read_from_each_place_and_earlier_places_win() {
+        let places: Vec<Path> = KIND_PLACES
+            .iter()
+            .chain(KIND_EVENT_PLACES)
+            .copied()
+            .collect();
+        assert_precedence(
+            &json!({}),
+            &places,
+            |j| json!(format!("k{j}.a{j}")),
+            |i| i.kind.clone(),
+            // The whole-string places keep the separator; the event places cut at it.
+            |j| {
+                Kind::Other(if j < KIND_PLACES.len() {
+                    format!("k{j}.a{j}")
+                } else {
+                    format!("k{j}")
+                })
+            },
+        );
+    }
+
+    #[test]
+    fn blank_or_non_string_kinds_are_skipped_for_the_next_place() {
+        let body = json!({"type": "nps", "data": {"type": "  ", "event_type": 3}});
+        assert_eq!(decoded(&body).kind, Kind::Nps);
+        let body = json!({"event": ":x", "data": {"event": "form.submitted"}});
+        assert_eq!(decoded(&body).kind, Kind::Form);
+    }
+
+    #[test]
+    fn kind_takes_the_first_segment_of_an_event_on_either_separator() {
+        let cases = [
+            ("flow.started", Kind::Experience),
+            ("flow:started", Kind::Experience),
+            ("experience:448:DISMISSED", Kind::Experience),
+            ("nps", Kind::Nps),
+            (" Check List .x", Kind::Checklist),
+            ("banner.shown", Kind::Other("banner".into())),
+        ];
+        for (event, kind) in cases {
+            assert_eq!(decoded(&json!({"event": event})).kind, kind, "{event}");
+            assert_eq!(
+                decoded(&json!({"data": {"event": event}})).kind,
+                kind,
+                "{event}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_kind_synonym_is_recognized_whatever_its_case_and_separators() {
+        let cases = [
+            ("flow", Kind::Experience),
+            ("experience", Kind::Experience),
+            ("Experience", Kind::Experience),
+            ("checklist", Kind::Checklist),
+            ("CHECK_LIST", Kind::Checklist),
+            ("nps", Kind::Nps),
+            ("NPS", Kind::Nps),
+            (" n-p s ", Kind::Nps),
+            ("form", Kind::Form),
+            ("survey", Kind::Form),
+            ("feature_tag", Kind::FeatureTag),
+            ("Feature Tag", Kind::FeatureTag),
+            ("feature-tag", Kind::FeatureTag),
+            ("feature", Kind::FeatureTag),
+            ("track_feature", Kind::FeatureTag),
+            ("TrackFeature", Kind::FeatureTag),
+            ("track", Kind::TrackedEvent),
+            ("tracked_event", Kind::TrackedEvent),
+            ("Tracked Event", Kind::TrackedEvent),
+            ("button", Kind::TrackedEvent),
+            ("BUTTON", Kind::TrackedEvent),
+        ];
+        for (raw, kind) in cases {
+            assert_eq!(decoded(&json!({"data": {"type": raw}})).kind, kind, "{raw}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_kind_is_kept_trimmed_but_otherwise_as_sent() {
+        for (raw, kept) in [
+            ("  Resource_Center ", "Resource_Center"),
+            ("interaction", "interaction"),
+            ("Spot Light", "Spot Light"),
+        ] {
+            let kind = decoded(&json!({"data": {"type": raw}})).kind;
+            assert_eq!(kind, Kind::Other(kept.into()));
+        }
+    }
+
+    // ---- action ----
+
+    #[test]
+    fn action_is_read_from_each_place_and_earlier_places_win() {
+        let places: Vec<Path> = ACTION_PLACES
+            .iter()
+            .copied()
+            .chain([ACTION_EVENT_PLACE])
+            .collect();
+        assert_precedence(
+            &json!({"data": {"type": "nps"}}),
+            &places,
+            |j| json!(format!("x:a{j}")),
+            |i| i.action.clone(),
+            |j| Some(Action::Other(format!("a{j}"))),
+        );
+    }
+
+    #[test]
+    fn action_takes_the_last_segment_of_a_separated_value() {
+        let cases = [
+            (
+                json!({"data": {"type": "flow", "event": "flow.started"}}),
+                Action::Started,
+            ),
+            (
+                json!({"data": {"type": "x", "status": "experience:448:DISMISSED"}}),
+                Action::Dismissed,
+            ),
+            (
+                json!({"data": {"type": "x", "action": "a.b:score"}}),
+                Action::Score,
+            ),
+            (
+                json!({"data": {"type": "x", "action": "click"}}),
+                Action::Click,
+            ),
+            (json!({"event": "nps:Ask Later"}), Action::AskLater),
+            (json!({"event": "flow. started "}), Action::Started),
+        ];
+        for (body, action) in cases {
+            assert_eq!(decoded(&body).action, Some(action), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_place_whose_last_segment_is_blank_is_skipped() {
+        let body = json!({"data": {"type": "flow", "action": "flow.", "status": "completed"}});
+        assert_eq!(decoded(&body).action, Some(Action::Completed));
+    }
+
+    #[test]
+    fn there_is_no_action_when_no_place_holds_one() {
+        let cases = [
+            json!({"data": {"type": "nps"}}),
+            // A bare top-level `event` names the kind only.
+            json!({"event": "nps"}),
+            json!({"data": {"type": "nps", "action": 3, "status": "", "state": null}}),
+            json!({"event": "nps:"}),
+        ];
+        for body in cases {
+            assert_eq!(decoded(&body).action, None, "{body}");
+        }
+    }
+
+    #[test]
+    fn a_bare_data_event_counts_as_the_action_as_the_lookup_order_says() {
+        let interaction = decoded(&json!({"data": {"type": "nps", "event": "score"}}));
+        assert_eq!(interaction.action, Some(Action::Score));
+    }
+
+    #[test]
+    fn every_action_synonym_is_recognized_whatever_its_case_and_separators() {
+        let cases = [
+            ("started", Action::Started),
+            ("start", Action::Started),
+            ("seen", Action::Started),
+            ("SEEN", Action::Started),
+            ("step", Action::Step),
+            ("completed", Action::Completed),
+            ("complete", Action::Completed),
+            ("COMPLETED", Action::Completed),
+            ("dismissed", Action::Dismissed),
+            ("dismiss", Action::Dismissed),
+            ("skipped", Action::Dismissed),
+            ("Skipped", Action::Dismissed),
+            ("task_completed", Action::TaskCompleted),
+            ("Task Completed", Action::TaskCompleted),
+            ("task-completed", Action::TaskCompleted),
+            ("ask_later", Action::AskLater),
+            ("AskLater", Action::AskLater),
+            ("score", Action::Score),
+            ("feedback", Action::Feedback),
+            ("submitted", Action::Submitted),
+            ("submit", Action::Submitted),
+            ("click", Action::Click),
+            ("hover", Action::Hover),
+            ("text_input", Action::TextInput),
+            ("Text Input", Action::TextInput),
+            ("TEXT-INPUT", Action::TextInput),
+        ];
+        for (raw, action) in cases {
+            let body = json!({"data": {"type": "x", "action": raw}});
+            assert_eq!(decoded(&body).action, Some(action), "{raw}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_action_is_kept_trimmed_but_otherwise_as_sent() {
+        let body = json!({"data": {"type": "x", "action": " Goal_Reached "}});
+        assert_eq!(
+            decoded(&body).action,
+            Some(Action::Other("Goal_Reached".into()))
+        );
+    }
+
+    // ---- user ----
+
+    #[test]
+    fn user_id_is_read_from_each_place_and_earlier_places_win() {
+        assert_precedence(
+            &json!({"data": {"type": "nps"}}),
+            USER_ID_PLACES,
+            |j| json!(format!("u{j}")),
+            |i| i.user.id.clone(),
+            |j| Some(format!("u{j}")),
+        );
+    }
+
+    #[test]
+    fn ids_accept_numbers_and_skip_blanks_and_other_types() {
+        let cases = [
+            (json!(42), Some("42")),
+            (json!(-7), Some("-7")),
+            (json!(u64::MAX), Some("18446744073709551615")),
+            (json!(1.5), Some("1.5")),
+            (json!(" u 1 "), Some("u 1")),
+            (json!(""), None),
+            (json!("   "), None),
+            (json!(true), None),
+            (Value::Null, None),
+            (json!({"id": 1}), None),
+            (json!(["u1"]), None),
+        ];
+        for (value, expected) in cases {
+            let body = json!({"data": {"type": "nps", "user": {"user_id": value}}});
+            assert_eq!(decoded(&body).user.id.as_deref(), expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn a_non_id_in_an_earlier_place_falls_through_to_the_next() {
+        let body = json!({"data": {"type": "nps", "user": {"user_id": false, "id": 7}}});
+        assert_eq!(decoded(&body).user.id.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn user_properties_come_from_data_user_else_the_top_level_user() {
+        let inner = json!({"user_id": "u1", "plan": "pro"});
+        let outer = json!({"user_id": "u2", "email": "x@example.com"});
+        let cases = [
+            (
+                json!({"data": {"type": "nps", "user": inner}, "user": outer}),
+                inner.clone(),
+            ),
+            (
+                json!({"data": {"type": "nps"}, "user": outer}),
+                outer.clone(),
+            ),
+            (
+                json!({"data": {"type": "nps", "user": "u1"}, "user": outer}),
+                outer.clone(),
+            ),
+            (json!({"data": {"type": "nps"}, "user": "u2"}), json!({})),
+            (json!({"data": {"type": "nps"}}), json!({})),
+        ];
+        for (body, expected) in cases {
+            let properties = Value::Object(decoded(&body).user.properties);
+            assert_eq!(properties, expected, "{body}");
+        }
+    }
+
+    // ---- company ----
+
+    #[test]
+    fn company_is_read_from_data_company_else_company_in_every_form() {
+        let cases = [
+            (
+                json!({"data": {"company": {"company_id": "c1", "id": "x", "size": 5}}}),
+                Some(("c1", json!({"company_id": "c1", "id": "x", "size": 5}))),
+            ),
+            (
+                json!({"data": {"company": {"id": 9, "size": 5}}}),
+                Some(("9", json!({"id": 9, "size": 5}))),
+            ),
+            (
+                json!({"company": {"company_id": "c2"}}),
+                Some(("c2", json!({"company_id": "c2"}))),
+            ),
+            (
+                json!({"data": {"company": {"company_id": "c1"}}, "company": {"company_id": "c2"}}),
+                Some(("c1", json!({"company_id": "c1"}))),
+            ),
+            (
+                json!({"data": {"company": "acme"}}),
+                Some(("acme", json!({}))),
+            ),
+            (json!({"company": 77}), Some(("77", json!({})))),
+            (
+                json!({"data": {"company": "acme"}, "company": {"company_id": "c2"}}),
+                Some(("acme", json!({}))),
+            ),
+            (
+                json!({"data": {"company": true}, "company": "c2"}),
+                Some(("c2", json!({}))),
+            ),
+            (json!({"data": {"company": " "}}), None),
+            (json!({"data": {"company": null}}), None),
+            (json!({}), None),
+        ];
+        for (mut body, expected) in cases {
+            put(&mut body, &["type"], json!("nps"));
+            let company = decoded(&body).company;
+            let expected = expected.map(|(id, properties)| Company {
+                id: Some(id.to_owned()),
+                properties: properties.as_object().unwrap().clone(),
+            });
+            assert_eq!(company, expected, "{body}");
+        }
+    }
+
+    #[test]
+    fn a_company_object_without_an_id_is_kept_with_its_properties() {
+        let body = json!({"type": "nps", "data": {"company": {"name": "Acme", "company_id": ""}}});
+        let company = decoded(&body).company.unwrap();
+        assert_eq!(company.id, None);
+        assert_eq!(company.properties.get("name"), Some(&json!("Acme")));
+    }
+
+    // ---- content and event names ----
+
+    #[test]
+    fn content_id_is_read_from_each_place_and_earlier_places_win() {
+        assert_precedence(
+            &json!({"data": {"type": "flow"}}),
+            CONTENT_ID_PLACES,
+            |j| json!(100 + j),
+            |i| i.content_id.clone(),
+            |j| Some((100 + j).to_string()),
+        );
+    }
+
+    #[test]
+    fn content_name_is_read_from_each_place_and_earlier_places_win() {
+        assert_precedence(
+            &json!({"data": {"type": "flow"}}),
+            CONTENT_NAME_PLACES,
+            |j| json!(format!("name {j}")),
+            |i| (i.content_name.clone(), i.event_name.clone()),
+            |j| (Some(format!("name {j}")), Some(format!("name {j}"))),
+        );
+    }
+
+    #[test]
+    fn content_names_must_be_strings() {
+        let body = json!({"data": {"type": "flow", "name": 5, "title": " Tour "}});
+        assert_eq!(decoded(&body).content_name.as_deref(), Some("Tour"));
+    }
+
+    #[test]
+    fn event_name_prefers_data_then_top_level_then_the_content_name() {
+        let mut places: Vec<Path> = EVENT_NAME_PLACES.to_vec();
+        places.push(&["data", "name"]);
+        assert_precedence(
+            &json!({"data": {"type": "track"}}),
+            &places,
+            |j| json!(format!("event {j}")),
+            |i| i.event_name.clone(),
+            |j| Some(format!("event {j}")),
+        );
+        let none = decoded(&json!({"data": {"type": "track", "event_name": ""}}));
+        assert_eq!(none.event_name, None);
+    }
+
+    // ---- time ----
+
+    #[test]
+    fn occurred_at_is_read_from_each_place_and_earlier_places_win() {
+        assert_precedence(
+            &json!({"data": {"type": "nps"}}),
+            TIME_PLACES,
+            |j| json!(1_700_000_000 + j),
+            |i| i.occurred_at,
+            |j| DateTime::from_timestamp(1_700_000_000 + j as i64, 0),
+        );
+    }
+
+    #[test]
+    fn an_unreadable_time_falls_through_to_the_next_place() {
+        let body = json!({
+            "timestamp": 1726742461,
+            "data": {"type": "nps", "timestamp": "soon", "created_at": 1e300, "inserted_at": true},
+        });
+        assert_eq!(
+            decoded(&body).occurred_at,
+            Some(utc("2024-09-19T10:41:01Z"))
+        );
+    }
+
+    #[test]
+    fn times_are_read_in_every_accepted_format() {
+        let cases = [
+            (json!(1726742461), "2024-09-19T10:41:01Z"),
+            (json!(1726742461123_i64), "2024-09-19T10:41:01.123Z"),
+            (json!(1726742461.5), "2024-09-19T10:41:01.500Z"),
+            (json!(1726742461.123), "2024-09-19T10:41:01.123Z"),
+            (json!(1726742461123.0), "2024-09-19T10:41:01.123Z"),
+            (json!(0), "1970-01-01T00:00:00Z"),
+            (json!(-1), "1969-12-31T23:59:59Z"),
+            // One above the unit boundary is milliseconds (10^12 itself: see below).
+            (json!(1_000_000_000_001_i64), "2001-09-09T01:46:40.001Z"),
+            (json!("1726742461"), "2024-09-19T10:41:01Z"),
+            (json!(" 1726742461123 "), "2024-09-19T10:41:01.123Z"),
+            (json!("1726742461.25"), "2024-09-19T10:41:01.250Z"),
+            (json!("2024-09-19T10:41:01Z"), "2024-09-19T10:41:01Z"),
+            (
+                json!("2024-09-19T10:41:01.123456Z"),
+                "2024-09-19T10:41:01.123456Z",
+            ),
+            (json!("2024-09-19T12:41:01+02:00"), "2024-09-19T10:41:01Z"),
+            (
+                json!("2024-09-19T05:41:01.5-05:00"),
+                "2024-09-19T10:41:01.500Z",
+            ),
+            (json!("2024-09-19T12:41:01+0200"), "2024-09-19T10:41:01Z"),
+            (json!("2024-09-19 12:41:01+02:00"), "2024-09-19T10:41:01Z"),
+            (json!("2024-09-19 10:41:01"), "2024-09-19T10:41:01Z"),
+            (
+                json!("2024-09-19 10:41:01.123456"),
+                "2024-09-19T10:41:01.123456Z",
+            ),
+            (json!("2024-09-19T10:41:01"), "2024-09-19T10:41:01Z"),
+            (json!("2024-09-19T10:41:01.5"), "2024-09-19T10:41:01.500Z"),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(time(&value), Some(utc(expected)), "{value}");
+        }
+        let boundary = time(&json!(MILLIS_ABOVE)).unwrap();
+        assert_eq!(
+            boundary.timestamp(),
+            MILLIS_ABOVE,
+            "10^12 itself is seconds"
+        );
+    }
+
+    #[test]
+    fn unreadable_or_out_of_range_times_are_none_without_panicking() {
+        let cases = [
+            json!("soon"),
+            json!(""),
+            json!("2024-09-19"),
+            json!("2024-13-40T10:41:01Z"),
+            json!("NaN"),
+            json!("inf"),
+            json!("-infinity"),
+            json!("1e400"),
+            json!("99999999999999999999999999"),
+            json!(1e300),
+            json!(-1e300),
+            json!(f64::MAX),
+            json!(i64::MAX),
+            json!(i64::MIN),
+            json!(u64::MAX),
+            json!(true),
+            Value::Null,
+            json!([1726742461]),
+            json!({"seconds": 1726742461}),
+        ];
+        for value in cases {
+            assert_eq!(time(&value), None, "{value}");
+        }
+    }
+
+    // ---- never panics ----
+
+    /// Keys that the decoder looks up, so that random bodies reach its branches.
+    const KEYS: &[&str] = &[
+        "data",
+        "type",
+        "event_type",
+        "event",
+        "action",
+        "status",
+        "state",
+        "user",
+        "user_id",
+        "id",
+        "company",
+        "company_id",
+        "name",
+        "title",
+        "event_name",
+        "timestamp",
+        "created_at",
+        "inserted_at",
+        "flow_id",
+        "content_name",
+    ];
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => proptest::sample::select(KEYS).prop_map(str::to_owned),
+            1 => "[a-z_]{0,8}",
+        ]
+    }
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            proptest::sample::select(vec![
+                "nps",
+                "flow.started",
+                "experience:448:DISMISSED",
+                ":",
+                ".",
+                "",
+                " ",
+                "2024-09-19T10:41:01Z",
+                "2024-09-19 10:41:01.5",
+                "1726742461123",
+                "NaN",
+            ])
+            .prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+        ]
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map(key(), inner, 0..8)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let result = decode_bytes(&bytes);
+            if serde_json::from_slice::<Value>(&bytes).is_err() {
+                prop_assert_eq!(result, Err(DecodeError::InvalidJson));
+            }
+        }
+
+        #[test]
+        fn decoding_arbitrary_json_never_panics_and_errs_only_as_specified(value in json_value()) {
+            let result = decode_json(&value);
+            match (&value, &result) {
+                (Value::Object(_), Err(e)) => prop_assert_eq!(e, &DecodeError::NoKind),
+                (Value::Object(root), Ok(interaction)) => {
+                    let data = root.get("data").and_then(Value::as_object).cloned();
+                    prop_assert_eq!(&interaction.data, &data.unwrap_or_default());
+                }
+                (_, result) => prop_assert_eq!(result, &Err(DecodeError::NotAnObject)),
+            }
+        }
+
+        #[test]
+        fn any_body_with_a_data_type_string_decodes(value in json_value(), kind in "[a-z ]{0,5}[a-z][a-z ]{0,5}") {
+            let mut body = match value {
+                Value::Object(map) => Value::Object(map),
+                _ => json!({}),
+            };
+            put(&mut body, &["data"], json!({"type": kind}));
+            prop_assert!(decode_json(&body).is_ok());
+        }
+    }
 }

@@ -1,0 +1,249 @@
+//! Wiring: [`App::build`] turns validated [`Settings`] into bound listeners, a queue, the
+//! forwarder and the routers; [`App::run`] serves until the shutdown token is cancelled, then
+//! drains within `server.shutdown_grace_ms`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Backend, Settings};
+use crate::forwarder::limits::Limits;
+use crate::forwarder::retry::Backoff;
+use crate::forwarder::{Control, Forwarder, ForwarderConfig};
+use crate::heap::client::HeapClient;
+use crate::heap::mapping::Mapper;
+use crate::http::{self, AppState};
+use crate::queue::Queue;
+use crate::queue::sqlite::SqliteQueue;
+
+/// How often delivered records and old dead letters are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot build the Heap client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("queue.backend = \"postgres\" is not available in this build yet")]
+    PostgresUnavailable,
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+pub struct App {
+    settings: Settings,
+    state: Arc<AppState>,
+    forwarder: Forwarder,
+    public: TcpListener,
+    admin: TcpListener,
+}
+
+/// Opens the configured queue backend.
+pub fn open_queue(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
+    match settings.queue.backend {
+        Backend::Sqlite => Ok(Arc::new(SqliteQueue::open(&settings.queue.path)?)),
+        Backend::Postgres => Err(AppError::PostgresUnavailable),
+    }
+}
+
+/// The mapper as configured.
+pub fn mapper(settings: &Settings) -> Result<Mapper, AppError> {
+    Ok(Mapper::new(
+        &settings.heap.identity,
+        settings.heap.user_properties,
+        settings.heap.account_properties,
+        &settings.mapping()?,
+    ))
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })
+}
+
+impl App {
+    pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        Self::build_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    pub async fn build_with_clock(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, AppError> {
+        let queue = open_queue(&settings)?;
+        let heap = &settings.heap;
+        let client = HeapClient::new(
+            &heap.base_url,
+            &heap.app_id,
+            Duration::from_millis(heap.timeout_ms),
+        )?;
+        let limits = Limits::new(
+            heap.events_per_minute,
+            heap.identity_events_per_minute,
+            heap.batch_max_events as u32,
+        );
+        let forwarder_config = ForwarderConfig {
+            batch_max: heap.batch_max_events,
+            linger: Duration::from_millis(heap.batch_linger_ms),
+            backoff: Backoff {
+                initial: Duration::from_millis(settings.retry.initial_backoff_ms),
+                max: Duration::from_millis(settings.retry.max_backoff_ms),
+            },
+            max_event_age: Duration::from_secs(settings.retry.max_event_age_secs),
+            // Long enough for the app budget to admit a full batch and Heap to answer.
+            lease: Duration::from_millis(heap.timeout_ms) + Duration::from_secs(60),
+            shutdown_grace: settings.shutdown_grace(),
+        };
+        let control = Arc::new(Control::default());
+        let forwarder = Forwarder::new(
+            queue.clone(),
+            client,
+            clock.clone(),
+            limits,
+            forwarder_config,
+            control.clone(),
+        );
+        let state = Arc::new(AppState {
+            secrets: settings.userpilot.secrets.clone(),
+            tolerance_secs: settings.userpilot.tolerance_secs,
+            mapper: mapper(&settings)?,
+            queue,
+            clock,
+            control,
+            shutdown: CancellationToken::new(),
+            admin_token: settings.admin.token.clone(),
+            readiness: http::health::Readiness::default(),
+            metrics: crate::telemetry::metrics(),
+        });
+        let public = bind(settings.server.listen).await?;
+        let admin = bind(settings.server.admin_listen).await?;
+        Ok(Self {
+            settings,
+            state,
+            forwarder,
+            public,
+            admin,
+        })
+    }
+
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.public.local_addr().ok()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` is cancelled, then: readiness and new webhooks answer 503,
+    /// in-flight requests finish, the forwarder finishes or abandons its batch, all within the
+    /// grace period.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
+        let Self {
+            settings,
+            state,
+            forwarder,
+            public,
+            admin,
+        } = self;
+        let grace = settings.shutdown_grace();
+        let draining = state.shutdown.clone();
+        let listen = public.local_addr().map_err(AppError::Serve)?;
+        let admin_listen = admin.local_addr().map_err(AppError::Serve)?;
+        tracing::info!(
+            %listen,
+            %admin_listen,
+            queue = ?settings.queue.backend,
+            "relay started"
+        );
+
+        let mut tasks = JoinSet::new();
+        let public_app = http::public_router(state.clone(), settings.server.max_body_bytes);
+        let stop = draining.clone();
+        tasks.spawn(async move {
+            axum::serve(public, public_app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .map_err(AppError::Serve)
+        });
+        let admin_app = http::admin_router(state.clone());
+        let stop = draining.clone();
+        tasks.spawn(async move {
+            axum::serve(admin, admin_app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .map_err(AppError::Serve)
+        });
+        tasks.spawn(forwarder.run(draining.clone()).map_ok());
+        tasks.spawn(prune_periodically(state.clone(), settings.clone(), draining.clone()).map_ok());
+
+        // Serve until asked to stop — or until a task fails on its own.
+        let early = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            Some(done) = tasks.join_next() => Some(done),
+        };
+        tracing::info!("shutting down: draining");
+        draining.cancel();
+        if let Some(Ok(Err(error))) = early {
+            return Err(error);
+        }
+        let drained = tokio::time::timeout(grace + Duration::from_millis(500), async {
+            while let Some(done) = tasks.join_next().await {
+                if let Ok(Err(error)) = done {
+                    tracing::error!(%error, "task failed during shutdown");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("grace period over; stopping what is still running");
+            tasks.abort_all();
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Lets a task that cannot fail sit in the same `JoinSet` as the servers.
+trait MapOk: std::future::Future<Output = ()> + Sized {
+    fn map_ok(self) -> impl std::future::Future<Output = Result<(), AppError>> {
+        async move {
+            self.await;
+            Ok(())
+        }
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> MapOk for F {}
+
+/// Retention: forgets delivered records after `queue.dedup_window_secs` and dead letters after
+/// `queue.dead_letter_retention_secs`, so the queue does not grow without bound.
+async fn prune_periodically(state: Arc<AppState>, settings: Settings, shutdown: CancellationToken) {
+    let dedup_ms = settings.queue.dedup_window_secs.saturating_mul(1000) as i64;
+    let dead_ms = settings.queue.dead_letter_retention_secs.saturating_mul(1000) as i64;
+    loop {
+        let now = state.clock.now_ms();
+        match state.queue.prune(now - dedup_ms, now - dead_ms).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "old records pruned"),
+            Err(error) => tracing::warn!(%error, "pruning failed; will try again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

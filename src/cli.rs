@@ -1,0 +1,132 @@
+//! The command line (SPEC §6): `serve` (the default), `check-config`, `sign`, `send-test`,
+//! `dlq list|replay|purge` and `healthcheck`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::dead_letters::FilterParams;
+
+#[derive(Debug, Parser)]
+#[command(name = "userpilot-heap-relay", version, about = "Relays signed Userpilot webhooks to Heap, durably.")]
+pub struct Cli {
+    /// A TOML file layered over the built-in defaults (environment variables still win).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay (the default).
+    Serve,
+    /// Validate the configuration and print it, secrets redacted.
+    CheckConfig,
+    /// Print a valid X-Signature header value for a body file.
+    Sign {
+        /// The body to sign; `-` reads standard input.
+        file: PathBuf,
+        /// The webhook secret (default: the first of userpilot.secrets).
+        #[arg(long)]
+        secret: Option<String>,
+        /// Unix seconds to sign with (default: now).
+        #[arg(long)]
+        timestamp: Option<i64>,
+    },
+    /// Post a signed sample of every event kind to URL and report each status.
+    SendTest {
+        /// The relay's webhook URL, e.g. https://relay.example.com/webhooks/userpilot
+        url: String,
+        /// The webhook secret (default: the first of userpilot.secrets).
+        #[arg(long)]
+        secret: Option<String>,
+        /// The user id the samples carry.
+        #[arg(long, default_value = "relay-send-test")]
+        user_id: String,
+    },
+    /// Inspect, replay or purge dead letters (works on the configured queue directly).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
+    /// Exit 0 when /readyz answers 200 (for container health checks).
+    Healthcheck {
+        /// Readiness URL (default: /readyz on server.listen, via 127.0.0.1 for 0.0.0.0).
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters as JSON lines.
+    List(Filter),
+    /// Re-map dead letters from their original webhook with the current configuration and
+    /// queue them again.
+    Replay {
+        #[command(flatten)]
+        filter: Filter,
+        /// Required to replay every dead letter when no filter is given.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        #[command(flatten)]
+        filter: Filter,
+        /// Required to purge every dead letter when no filter is given.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct Filter {
+    /// One dead letter by id.
+    #[arg(long)]
+    pub id: Option<i64>,
+    /// Reason: no_user_id, no_identity, no_kind, rejected, expired, ...
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Heap identity (or account id).
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Dead since (unix ms or RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Dead until (unix ms or RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only ids above this one (paging).
+    #[arg(long)]
+    pub after: Option<i64>,
+    /// At most this many.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.id.is_none()
+            && self.reason.is_none()
+            && self.identity.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+            && self.after.is_none()
+            && self.limit.is_none()
+    }
+
+    pub fn params(&self) -> FilterParams {
+        FilterParams {
+            id: self.id,
+            reason: self.reason.clone(),
+            identity: self.identity.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            after: self.after,
+            limit: self.limit,
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Configuration (SPEC §5): the embedded `config/default.toml`, an optional `--config` file,
+//! then `RELAY_<SECTION>__<KEY>` environment variables, later layers winning. Loaded and
+//! validated once at startup into [`Settings`]; a bad value stops startup with one line naming
+//! the key. Secrets are [`Secret`]s, so printing the settings never shows them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+use crate::heap::mapping::MappingSettings;
+use crate::secret::Secret;
+
+/// The defaults, built into the binary so it runs from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(String),
+    #[error("configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub userpilot: UserpilotSettings,
+    pub heap: HeapSettings,
+    pub retry: RetrySettings,
+    pub queue: QueueSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    #[serde(default)]
+    pub mapping: RawMapping,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserpilotSettings {
+    pub secrets: Vec<Secret>,
+    pub tolerance_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeapSettings {
+    pub app_id: String,
+    pub base_url: String,
+    pub identity: String,
+    pub batch_max_events: usize,
+    pub batch_linger_ms: u64,
+    pub timeout_ms: u64,
+    pub events_per_minute: u32,
+    pub identity_events_per_minute: u32,
+    pub user_properties: bool,
+    pub account_properties: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub max_event_age_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub backend: Backend,
+    pub path: PathBuf,
+    pub postgres_url: Secret,
+    pub dedup_window_secs: u64,
+    pub dead_letter_retention_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub token: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// `[mapping]` as written: `rename` is a table in files, and a `Old=New;Other=New` string in
+/// the environment, where table keys with spaces and parentheses cannot be spelled.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMapping {
+    #[serde(default)]
+    pub rename: Renames,
+    #[serde(default)]
+    pub drop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Renames {
+    Table(BTreeMap<String, String>),
+    Inline(String),
+}
+
+impl Default for Renames {
+    fn default() -> Self {
+        Renames::Table(BTreeMap::new())
+    }
+}
+
+impl Settings {
+    /// Loads the layers and validates the result. `file` is the `--config` path, if any.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        let env = Environment::with_prefix("RELAY")
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("userpilot.secrets")
+            .with_list_parse_key("mapping.drop")
+            .try_parsing(true);
+        let settings: Settings = builder
+            .add_source(env)
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|e| ConfigError::Load(describe(&e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The defaults with `overrides` (TOML) on top, no environment: for tests and tools.
+    pub fn from_toml(overrides: &str) -> Result<Self, ConfigError> {
+        let settings: Settings = Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .add_source(File::from_str(overrides, FileFormat::Toml))
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|e| ConfigError::Load(describe(&e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.userpilot.secrets.iter().all(Secret::is_empty) {
+            return Err(invalid(
+                "userpilot.secrets",
+                "is required: set at least one webhook secret (RELAY_USERPILOT__SECRETS)",
+            ));
+        }
+        if self.userpilot.secrets.iter().any(Secret::is_empty) {
+            return Err(invalid("userpilot.secrets", "contains an empty secret"));
+        }
+        if self.heap.app_id.trim().is_empty() {
+            return Err(invalid(
+                "heap.app_id",
+                "is required: set your Heap environment id (RELAY_HEAP__APP_ID)",
+            ));
+        }
+        match reqwest::Url::parse(&self.heap.base_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+            _ => return Err(invalid("heap.base_url", "must be an http(s) URL")),
+        }
+        if self.heap.identity.trim().is_empty() {
+            return Err(invalid("heap.identity", "must name `user_id` or a user property"));
+        }
+        if !(1..=1000).contains(&self.heap.batch_max_events) {
+            return Err(invalid("heap.batch_max_events", "must be between 1 and 1000"));
+        }
+        if self.heap.timeout_ms == 0 {
+            return Err(invalid("heap.timeout_ms", "must be above 0"));
+        }
+        if self.heap.events_per_minute == 0 {
+            return Err(invalid("heap.events_per_minute", "must be above 0"));
+        }
+        if self.heap.identity_events_per_minute == 0 {
+            return Err(invalid("heap.identity_events_per_minute", "must be above 0"));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be above 0"));
+        }
+        if self.retry.initial_backoff_ms == 0 {
+            return Err(invalid("retry.initial_backoff_ms", "must be above 0"));
+        }
+        if self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
+            return Err(invalid(
+                "retry.max_backoff_ms",
+                "must be at least retry.initial_backoff_ms",
+            ));
+        }
+        match self.queue.backend {
+            Backend::Sqlite if self.queue.path.as_os_str().is_empty() => {
+                return Err(invalid("queue.path", "is required for the sqlite backend"));
+            }
+            Backend::Postgres if self.queue.postgres_url.is_empty() => {
+                return Err(invalid(
+                    "queue.postgres_url",
+                    "is required for the postgres backend",
+                ));
+            }
+            _ => {}
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", "is not a valid filter (try \"info\")"));
+        }
+        self.mapping().map(|_| ())
+    }
+
+    /// The `[mapping]` section in its parsed form.
+    pub fn mapping(&self) -> Result<MappingSettings, ConfigError> {
+        let rename = match &self.mapping.rename {
+            Renames::Table(table) => table.clone(),
+            Renames::Inline(text) => parse_renames(text)?,
+        };
+        Ok(MappingSettings {
+            rename,
+            drop: self.mapping.drop.clone(),
+        })
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.server.shutdown_grace_ms)
+    }
+
+    /// The effective configuration as TOML, secrets redacted (`check-config`).
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// `Old name=New name;Other=Another` -> table.
+fn parse_renames(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut renames = BTreeMap::new();
+    for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((from, to)) = pair.split_once('=') else {
+            return Err(invalid(
+                "mapping.rename",
+                format!("expects `Old name=New name;...`, got `{pair}`"),
+            ));
+        };
+        renames.insert(from.trim().to_owned(), to.trim().to_owned());
+    }
+    Ok(renames)
+}
+
+/// Turns the `config` crate's error into one line naming the key. Its messages put the key
+/// after "for key"; an unknown key reads "unknown field `x`" with the section as the key.
+fn describe(error: &config::ConfigError) -> String {
+    let text = error.to_string();
+    match text.split_once("unknown field ") {
+        Some((_, rest)) => {
+            let field = rest.split('`').nth(1).unwrap_or(rest);
+            let section = text
+                .rsplit_once("for key `")
+                .and_then(|(_, k)| k.split('`').next())
+                .filter(|s| !s.is_empty());
+            match section {
+                Some(section) => format!("unknown key `{section}.{field}`"),
+                None => format!("unknown key `{field}`"),
+            }
+        }
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renames_parse_from_the_inline_form() {
+        let renames = parse_renames("Userpilot NPS (ask later)=NPS later; A = B ;").unwrap();
+        assert_eq!(renames.len(), 2);
+        assert_eq!(renames["Userpilot NPS (ask later)"], "NPS later");
+        assert_eq!(renames["A"], "B");
+        assert!(parse_renames("no separator").is_err());
+    }
+
+    #[test]
+    fn the_embedded_defaults_parse_and_only_lack_the_required_keys() {
+        let settings: Settings = Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .build()
+            .and_then(Config::try_deserialize)
+            .unwrap();
+        let err = settings.validate().unwrap_err().to_string();
+        assert!(err.contains("userpilot.secrets"), "{err}");
+    }
+}

@@ -1,0 +1,384 @@
+//! The forwarder: the background task that moves records from the queue to Heap.
+//!
+//! One pass ([`Forwarder::forward_once`]) claims a batch of one record kind, dead-letters what
+//! is too old, holds back what is over its identity's rate budget, waits for the app's budget,
+//! posts the rest in one bulk request and records the verdict in the queue: ack, retry at a
+//! stored time, or — for a batch Heap refuses — split in halves until the bad records are
+//! isolated and dead-lettered alone. [`Forwarder::run`] repeats passes, lingers briefly for a
+//! batch to fill, backs off as a whole while Heap fails, and stops on shutdown within the
+//! grace period (an abandoned batch stays queued: its lease simply runs out).
+
+pub mod limits;
+pub mod retry;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::heap::client::HeapClient;
+use crate::heap::wire::RecordKind;
+use crate::queue::{Claimed, Queue, QueueError};
+use limits::Limits;
+use retry::{Backoff, Verdict, classify};
+
+/// How the forwarder is set up (from `[heap]` and `[retry]`).
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    pub batch_max: usize,
+    pub linger: Duration,
+    pub backoff: Backoff,
+    pub max_event_age: Duration,
+    /// How long a claimed batch stays leased; renewed before every request.
+    pub lease: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// What the forwarder is doing, for `/metrics` and the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    Running = 0,
+    BackingOff = 1,
+    Paused = 2,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::BackingOff => "backing_off",
+            State::Paused => "paused",
+        }
+    }
+}
+
+/// Shared between the forwarder and the rest of the process: a doorbell rung when new records
+/// are queued, and the pause switch.
+#[derive(Debug, Default)]
+pub struct Control {
+    wake: Notify,
+    paused: AtomicBool,
+    state: AtomicU8,
+}
+
+impl Control {
+    /// New records are queued.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::SeqCst) {
+            1 => State::BackingOff,
+            2 => State::Paused,
+            _ => State::Running,
+        }
+    }
+
+    fn set_state(&self, state: State) {
+        self.state.store(state as u8, Ordering::SeqCst);
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    pub claimed: usize,
+    pub delivered: usize,
+    pub retried: usize,
+    pub dead: usize,
+    /// Held back by the per-identity budget.
+    pub held: usize,
+    /// Heap failed: the whole forwarder should wait this long.
+    pub backoff: Option<Duration>,
+}
+
+pub struct Forwarder {
+    queue: Arc<dyn Queue>,
+    client: HeapClient,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    config: ForwarderConfig,
+    control: Arc<Control>,
+    jitter: Box<dyn FnMut() -> f64 + Send + Sync>,
+    /// Consecutive failed Heap calls; the forwarder-wide backoff grows with it.
+    failures: u32,
+}
+
+/// Ids of a slice of records.
+fn ids(records: &[Claimed]) -> Vec<i64> {
+    records.iter().map(|r| r.id).collect()
+}
+
+impl Forwarder {
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        client: HeapClient,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        config: ForwarderConfig,
+        control: Arc<Control>,
+    ) -> Self {
+        Self {
+            queue,
+            client,
+            clock,
+            limits,
+            config,
+            control,
+            jitter: Box::new(fastrand::f64),
+            failures: 0,
+        }
+    }
+
+    /// Replaces the random source of the backoff jitter (`[0, 1)`), for exact tests.
+    pub fn with_jitter(mut self, jitter: impl FnMut() -> f64 + Send + Sync + 'static) -> Self {
+        self.jitter = Box::new(jitter);
+        self
+    }
+
+    /// One claim → send → verdict pass for `kind`. Does not wait for anything but Heap and
+    /// the app rate budget, so tests can drive the forwarder step by step.
+    pub async fn forward_once(&mut self, kind: RecordKind) -> Result<Pass, QueueError> {
+        let now = self.clock.now_ms();
+        let max = self.config.batch_max.min(self.limits.max_batch());
+        let lease = self.config.lease.as_millis() as i64;
+        let claimed = self.queue.claim(kind, max, now, lease).await?;
+        let mut pass = Pass {
+            claimed: claimed.len(),
+            ..Pass::default()
+        };
+        if claimed.is_empty() {
+            return Ok(pass);
+        }
+
+        let oldest_allowed = now - self.config.max_event_age.as_millis() as i64;
+        let (expired, fresh): (Vec<_>, Vec<_>) = claimed
+            .into_iter()
+            .partition(|r| r.received_at_ms < oldest_allowed);
+        if !expired.is_empty() {
+            let detail = format!(
+                "not delivered within retry.max_event_age_secs ({} s)",
+                self.config.max_event_age.as_secs()
+            );
+            self.dead_letter(&expired, "expired", detail, &mut pass)
+                .await?;
+        }
+
+        let (admitted, held) = match kind {
+            RecordKind::Track => self.limits.admit(fresh),
+            _ => (fresh, Vec::new()),
+        };
+        if let Some(wait) = held.iter().map(|(_, wait)| *wait).max() {
+            let held_ids = held.iter().map(|(r, _)| r.id).collect();
+            pass.held = held.len();
+            let at = now + wait.as_millis() as i64;
+            self.queue.retry_at(held_ids, at, false, String::new()).await?;
+        }
+        if admitted.is_empty() {
+            return Ok(pass);
+        }
+        if kind == RecordKind::Track {
+            self.limits.until_app_admits(admitted.len()).await;
+        }
+        self.deliver(kind, admitted, &mut pass).await?;
+        Ok(pass)
+    }
+
+    /// Sends records, splitting a refused batch in halves until the bad records stand alone.
+    async fn deliver(
+        &mut self,
+        kind: RecordKind,
+        records: Vec<Claimed>,
+        pass: &mut Pass,
+    ) -> Result<(), QueueError> {
+        let mut pending = vec![records];
+        while let Some(batch) = pending.pop() {
+            let lease_end = self.clock.now_ms() + self.config.lease.as_millis() as i64;
+            self.queue.renew(ids(&batch), lease_end).await?;
+            let jsons: Vec<&str> = batch.iter().map(|r| r.json.as_str()).collect();
+            let outcome = self.client.send(kind, &jsons).await;
+            match classify(&outcome) {
+                Verdict::Delivered => {
+                    self.failures = 0;
+                    self.queue.ack(ids(&batch), self.clock.now_ms()).await?;
+                    pass.delivered += batch.len();
+                    if kind == RecordKind::Track {
+                        metrics::counter!("relay_events_forwarded_total")
+                            .increment(batch.len() as u64);
+                    }
+                }
+                Verdict::Retry {
+                    error,
+                    retry_after,
+                    throttled,
+                } => {
+                    self.failures = self.failures.saturating_add(1);
+                    let attempts = batch.iter().map(|r| r.attempts).max().unwrap_or(0) + 1;
+                    let delay = self.config.backoff.retry_delay(
+                        self.failures.max(attempts),
+                        (self.jitter)(),
+                        retry_after,
+                        throttled,
+                    );
+                    let at = self.clock.now_ms() + delay.as_millis() as i64;
+                    tracing::warn!(
+                        endpoint = kind.as_str(),
+                        records = batch.len(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        %error,
+                        "heap request failed; will retry"
+                    );
+                    pass.retried += batch.len();
+                    self.queue.retry_at(ids(&batch), at, true, error).await?;
+                    // Heap is failing: the halves still waiting are not fired into it.
+                    for rest in pending.drain(..) {
+                        pass.retried += rest.len();
+                        self.queue.retry_at(ids(&rest), at, false, String::new()).await?;
+                    }
+                    pass.backoff = Some(delay.max(self.config.backoff.initial));
+                }
+                Verdict::Reject { status, .. } if batch.len() > 1 => {
+                    tracing::info!(
+                        endpoint = kind.as_str(),
+                        records = batch.len(),
+                        status,
+                        "heap refused a batch; splitting it to isolate the bad records"
+                    );
+                    let mut first = batch;
+                    let second = first.split_off(first.len() / 2);
+                    pending.push(second);
+                    pending.push(first);
+                }
+                Verdict::Reject { status, text } => {
+                    let detail = format!("heap answered {status}: {text}");
+                    tracing::warn!(
+                        endpoint = kind.as_str(),
+                        record = batch[0].id,
+                        status,
+                        "heap refused a record; dead-lettered"
+                    );
+                    self.dead_letter(&batch, "rejected", detail, pass).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        records: &[Claimed],
+        reason: &'static str,
+        detail: String,
+        pass: &mut Pass,
+    ) -> Result<(), QueueError> {
+        pass.dead += records.len();
+        metrics::counter!("relay_events_dead_lettered_total", "reason" => reason)
+            .increment(records.len() as u64);
+        let now = self.clock.now_ms();
+        self.queue
+            .dead_letter(ids(records), reason.to_owned(), detail, now)
+            .await
+    }
+
+    /// Runs passes until `shutdown`, then finishes or abandons the batch in flight within the
+    /// grace period.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let grace = self.config.shutdown_grace;
+        let deadline = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+            }
+        };
+        tokio::pin!(deadline);
+        let mut last_cleanup = tokio::time::Instant::now();
+        while !shutdown.is_cancelled() {
+            if self.control.is_paused() {
+                self.control.set_state(State::Paused);
+                tokio::select! {
+                    _ = self.control.wake.notified() => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            self.control.set_state(State::Running);
+            let mut pass_total = Pass::default();
+            for kind in RecordKind::ALL {
+                let pass = tokio::select! {
+                    pass = self.forward_once(kind) => pass,
+                    _ = &mut deadline => {
+                        tracing::warn!("shutdown grace period over; the batch in flight stays queued");
+                        return;
+                    }
+                };
+                match pass {
+                    Ok(pass) => {
+                        pass_total.claimed += pass.claimed;
+                        pass_total.backoff = pass_total.backoff.max(pass.backoff);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "queue unavailable to the forwarder; pausing briefly");
+                        pass_total.backoff = Some(Duration::from_secs(1));
+                    }
+                }
+                if pass_total.backoff.is_some() {
+                    break;
+                }
+            }
+            if last_cleanup.elapsed() > Duration::from_secs(60) {
+                self.limits.forget_idle_identities();
+                last_cleanup = tokio::time::Instant::now();
+            }
+            if let Some(backoff) = pass_total.backoff {
+                self.control.set_state(State::BackingOff);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            } else if pass_total.claimed == 0 {
+                self.idle(&shutdown).await;
+            }
+        }
+    }
+
+    /// Nothing to send: sleep until new records arrive (then linger so a batch can fill),
+    /// the next retry is due, or a second has passed.
+    async fn idle(&self, shutdown: &CancellationToken) {
+        let now = self.clock.now_ms();
+        let mut next_due: Option<i64> = None;
+        for kind in RecordKind::ALL {
+            if let Ok(Some(due)) = self.queue.next_due_ms(kind).await {
+                next_due = Some(next_due.map_or(due, |d: i64| d.min(due)));
+            }
+        }
+        let sleep = next_due
+            .map(|due| Duration::from_millis(due.saturating_sub(now).max(0) as u64))
+            .unwrap_or(Duration::MAX)
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            _ = self.control.wake.notified() => {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.config.linger) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            _ = tokio::time::sleep(sleep) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}

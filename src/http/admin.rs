@@ -1,0 +1,170 @@
+//! The admin port: `GET /metrics` (Prometheus text) and the bearer-token guarded `/admin/...`
+//! routes: dead letters (list, replay, purge), status, and pausing the forwarder for a Heap
+//! maintenance window. With no `admin.token` configured every `/admin` route answers 403.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::AppState;
+use crate::dead_letters::{self, FilterParams};
+use crate::queue::QueueError;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let guarded = Router::new()
+        .route("/admin/dead-letters", get(list))
+        .route("/admin/dead-letters/replay", post(replay))
+        .route("/admin/dead-letters/purge", post(purge))
+        .route("/admin/status", get(status))
+        .route("/admin/forwarder/pause", post(pause))
+        .route("/admin/forwarder/resume", post(resume))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .merge(guarded)
+        .with_state(state)
+}
+
+fn error(status: StatusCode, code: &str) -> Response {
+    (status, Json(json!({ "error": code }))).into_response()
+}
+
+/// `Authorization: Bearer <admin.token>`, compared in constant time.
+async fn require_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if state.admin_token.is_empty() {
+        return error(StatusCode::FORBIDDEN, "admin_disabled");
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = state.admin_token.expose().as_bytes();
+    if bool::from(presented.as_bytes().ct_eq(expected)) {
+        next.run(request).await
+    } else {
+        tracing::warn!("admin request with a missing or wrong token");
+        error(StatusCode::UNAUTHORIZED, "unauthorized")
+    }
+}
+
+fn queue_error(err: QueueError) -> Response {
+    tracing::error!(error = %err, "admin operation failed");
+    error(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+}
+
+fn bad_filter(err: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": "invalid_filter", "detail": err.to_string() })),
+    )
+        .into_response()
+}
+
+async fn list(State(state): State<Arc<AppState>>, Query(params): Query<FilterParams>) -> Response {
+    let filter = match params.to_filter(true) {
+        Ok(filter) => filter,
+        Err(err) => return bad_filter(err),
+    };
+    let limit = filter.limit.unwrap_or(dead_letters::DEFAULT_PAGE);
+    match state.queue.dead_letters(filter).await {
+        Ok(letters) => {
+            let next_after = (letters.len() == limit).then(|| letters.last().map(|l| l.id)).flatten();
+            Json(json!({ "dead_letters": letters, "next_after": next_after })).into_response()
+        }
+        Err(err) => queue_error(err),
+    }
+}
+
+async fn replay(State(state): State<Arc<AppState>>, Query(params): Query<FilterParams>) -> Response {
+    let filter = match params.to_filter(false) {
+        Ok(filter) => filter,
+        Err(err) => return bad_filter(err),
+    };
+    match dead_letters::replay(state.queue.as_ref(), &state.mapper, filter, state.clock.now()).await {
+        Ok(summary) => {
+            state.control.wake();
+            Json(json!({ "replayed": summary })).into_response()
+        }
+        Err(err) => queue_error(err),
+    }
+}
+
+async fn purge(State(state): State<Arc<AppState>>, Query(params): Query<FilterParams>) -> Response {
+    let filter = match params.to_filter(false) {
+        Ok(filter) => filter,
+        Err(err) => return bad_filter(err),
+    };
+    match state.queue.purge(filter).await {
+        Ok(purged) => {
+            tracing::info!(purged, "dead letters purged");
+            Json(json!({ "purged": purged })).into_response()
+        }
+        Err(err) => queue_error(err),
+    }
+}
+
+async fn status(State(state): State<Arc<AppState>>) -> Response {
+    match state.queue.stats(state.clock.now_ms()).await {
+        Ok(stats) => Json(json!({
+            "queue": stats,
+            "forwarder": state.control.state().as_str(),
+        }))
+        .into_response(),
+        Err(err) => queue_error(err),
+    }
+}
+
+async fn pause(State(state): State<Arc<AppState>>) -> Response {
+    state.control.set_paused(true);
+    tracing::warn!("forwarding paused by an operator");
+    Json(json!({ "forwarder": "paused" })).into_response()
+}
+
+async fn resume(State(state): State<Arc<AppState>>) -> Response {
+    state.control.set_paused(false);
+    tracing::info!("forwarding resumed by an operator");
+    Json(json!({ "forwarder": "running" })).into_response()
+}
+
+/// Prometheus text. Queue gauges are read at scrape time, so they are never stale.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let now = state.clock.now_ms();
+    if let Ok(stats) = state.queue.stats(now).await {
+        for (name, value) in [
+            ("pending", stats.pending),
+            ("in_flight", stats.in_flight),
+            ("delivered", stats.delivered),
+            ("dead", stats.dead),
+        ] {
+            metrics::gauge!("relay_queue_depth", "state" => name).set(value as f64);
+        }
+        let age = stats
+            .oldest_pending_ms
+            .map_or(0.0, |oldest| (now - oldest).max(0) as f64 / 1000.0);
+        metrics::gauge!("relay_oldest_pending_age_seconds").set(age);
+    }
+    let current = state.control.state();
+    for candidate in [
+        crate::forwarder::State::Running,
+        crate::forwarder::State::BackingOff,
+        crate::forwarder::State::Paused,
+    ] {
+        metrics::gauge!("relay_forwarder_state", "state" => candidate.as_str())
+            .set(if candidate == current { 1.0 } else { 0.0 });
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

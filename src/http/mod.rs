@@ -1,0 +1,89 @@
+//! The two HTTP faces of the relay (SPEC §4): the public router (webhook, health) and the
+//! admin router (metrics, dead letters, forwarder control). Handlers are thin: they translate
+//! HTTP to calls on [`AppState`]'s parts and back.
+
+pub mod admin;
+pub mod error;
+pub mod health;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::clock::Clock;
+use crate::forwarder::Control;
+use crate::heap::mapping::Mapper;
+use crate::queue::Queue;
+use crate::secret::Secret;
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub secrets: Vec<Secret>,
+    pub tolerance_secs: u64,
+    pub mapper: Mapper,
+    pub queue: Arc<dyn Queue>,
+    pub clock: Arc<dyn Clock>,
+    pub control: Arc<Control>,
+    /// Cancelled when the process is draining: readiness and webhooks answer 503.
+    pub shutdown: CancellationToken,
+    pub admin_token: Secret,
+    pub readiness: health::Readiness,
+    pub metrics: PrometheusHandle,
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The public router: `POST /webhooks/userpilot`, `GET /healthz`, `GET /readyz`.
+pub fn public_router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    let router = Router::new()
+        .route("/webhooks/userpilot", post(webhook::receive))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state);
+    traced(router)
+}
+
+/// The admin router: `GET /metrics` and `/admin/...`.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    traced(admin::router(state))
+}
+
+/// Request ids and a span per request: every log line of a request carries its id. Layers
+/// run outermost-last: the id is set first, then the span opens, then the id is echoed back.
+fn traced(router: Router) -> Router {
+    router
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<_>| {
+                    let id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!(
+                        "request",
+                        request_id = %id,
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                    )
+                })
+                .on_request(())
+                .on_response(())
+                .on_failure(()),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// How long a readiness answer is reused, so frequent probes do not each write to the queue.
+pub const READINESS_CACHE: Duration = Duration::from_secs(1);

@@ -1,0 +1,151 @@
+//! `POST /webhooks/userpilot`: raw bytes -> verified bytes -> queue content -> committed -> 202.
+//! Nothing is answered 2xx before the queue has committed it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::ingest::{self, InvalidJson};
+use crate::queue::{Enqueued, NewWebhook};
+use crate::userpilot::verify;
+
+pub async fn receive(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = handle(&state, &headers, body).await;
+    let outcome = match &result {
+        Ok(Enqueued::Accepted { events }) => {
+            tracing::info!(events, "webhook accepted");
+            "accepted"
+        }
+        Ok(Enqueued::Duplicate) => {
+            tracing::info!("webhook already stored; duplicate");
+            "duplicate"
+        }
+        Ok(Enqueued::Quarantined) => {
+            tracing::warn!("webhook cannot be mapped to heap; quarantined as a dead letter");
+            "quarantined"
+        }
+        Err(error @ ApiError::Unavailable(_)) => {
+            tracing::error!(%error, "webhook refused: queue unavailable");
+            error.code()
+        }
+        Err(ApiError::Signature(reason)) => {
+            metrics::counter!("relay_signature_failures_total", "reason" => reason.reason())
+                .increment(1);
+            tracing::warn!(reason = reason.reason(), "webhook refused: {reason}");
+            "invalid_signature"
+        }
+        Err(error) => {
+            tracing::warn!(%error, "webhook refused");
+            error.code()
+        }
+    };
+    metrics::counter!("relay_webhooks_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("relay_webhook_duration_seconds", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(Enqueued::Accepted { events }) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "status": "accepted", "events": events })),
+        )
+            .into_response(),
+        Ok(Enqueued::Duplicate) => {
+            (StatusCode::ACCEPTED, Json(json!({ "status": "duplicate" }))).into_response()
+        }
+        Ok(Enqueued::Quarantined) => {
+            (StatusCode::ACCEPTED, Json(json!({ "status": "quarantined" }))).into_response()
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Enqueued, ApiError> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable("draining".into()));
+    }
+    if !is_json_or_absent(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        _ => ApiError::BadBody,
+    })?;
+    let received_at = state.clock.now();
+    let signature = headers.get("x-signature").map(|v| v.as_bytes());
+    let verified = verify(
+        body,
+        signature,
+        &state.secrets,
+        state.tolerance_secs,
+        received_at.timestamp(),
+    )?;
+    let content = ingest::prepare(&state.mapper, &verified, received_at)
+        .map_err(|InvalidJson| ApiError::InvalidJson)?;
+    let webhook = NewWebhook {
+        digest: verified.digest(),
+        body: verified.into_bytes(),
+        received_at_ms: received_at.timestamp_millis(),
+        content,
+    };
+    let outcome = state
+        .queue
+        .enqueue(webhook)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if matches!(outcome, Enqueued::Accepted { events } if events > 0) {
+        state.control.wake();
+    }
+    Ok(outcome)
+}
+
+/// SPEC §4: a content type, when present, must be JSON (`application/json` or `*/*+json`).
+fn is_json_or_absent(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return true;
+    };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types_are_recognised() {
+        let check = |value: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(header::CONTENT_TYPE, value.parse().unwrap());
+            }
+            is_json_or_absent(&headers)
+        };
+        assert!(check(None));
+        assert!(check(Some("application/json")));
+        assert!(check(Some("Application/JSON; charset=utf-8")));
+        assert!(check(Some("application/vnd.userpilot+json")));
+        assert!(!check(Some("text/plain")));
+        assert!(!check(Some("application/x-www-form-urlencoded")));
+        assert!(!check(Some("multipart/form-data; boundary=x")));
+    }
+}

@@ -1,0 +1,198 @@
+//! The durable queue between the webhook handler and the forwarder, behind one trait with an
+//! embedded backend ([`sqlite`]) and room for a shared one.
+//!
+//! Model: a *webhook* row keeps the verified Userpilot body (for deduplication and for replay,
+//! which re-maps from it). Each webhook owns *records*: one per Heap track event / user / account
+//! update, or one quarantine record when it could not be mapped. A record is `pending`,
+//! `delivered` or `dead`. Claiming a pending record leases it by moving its `next_attempt_at`
+//! to the lease's end, so a crashed worker's records come back by themselves; ack, retry and
+//! dead-letter end the lease. All times are unix milliseconds and come in as arguments.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::heap::wire::{Outbound, RecordKind};
+
+/// The `kind` of a quarantine record: a webhook that could not be mapped to Heap records.
+pub const QUARANTINE_KIND: &str = "webhook";
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue storage failed: {0}")]
+    Storage(String),
+    #[error("queue is closed")]
+    Closed,
+}
+
+/// A verified webhook and what the mapper made of it.
+#[derive(Debug, Clone)]
+pub struct NewWebhook {
+    /// SHA-256 of the body: a redelivery of the same body is a duplicate.
+    pub digest: [u8; 32],
+    pub body: Bytes,
+    pub received_at_ms: i64,
+    pub content: Content,
+}
+
+#[derive(Debug, Clone)]
+pub enum Content {
+    Records(Vec<Outbound>),
+    /// Kept as a dead letter with this reason (and detail for humans).
+    Quarantined {
+        reason: String,
+        detail: String,
+        subject: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Accepted { events: usize },
+    Duplicate,
+    Quarantined,
+}
+
+/// A leased record, ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub id: i64,
+    pub kind: RecordKind,
+    /// Identity (or account id): the per-identity rate limit's key.
+    pub subject: String,
+    /// The element of Heap's bulk array, as JSON.
+    pub json: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    pub received_at_ms: i64,
+}
+
+/// A dead letter as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub webhook_id: i64,
+    /// `track`, `add_user_properties`, `add_account_properties`, or `webhook` (quarantined).
+    pub kind: String,
+    pub reason: String,
+    pub detail: String,
+    pub subject: String,
+    pub attempts: u32,
+    pub received_at_ms: i64,
+    pub dead_at_ms: i64,
+}
+
+/// Which dead letters an admin operation applies to. Empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeadLetterFilter {
+    pub ids: Vec<i64>,
+    pub reason: Option<String>,
+    pub subject: Option<String>,
+    /// Dead since (inclusive) / until (exclusive), unix ms.
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Paging: only ids above this one.
+    pub after_id: Option<i64>,
+    pub limit: Option<usize>,
+}
+
+/// A quarantined or dead-lettered webhook taken out for replay: the caller re-maps `body`
+/// and hands the result to [`Queue::requeue`].
+#[derive(Debug, Clone)]
+pub struct ReplayItem {
+    pub webhook_id: i64,
+    pub digest: [u8; 32],
+    pub body: Bytes,
+    pub received_at_ms: i64,
+    /// The dead records of this webhook that the filter selected.
+    pub dead_ids: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    /// Waiting to be sent (including scheduled retries).
+    pub pending: u64,
+    /// Leased by a worker right now.
+    pub in_flight: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    /// Receive time of the oldest pending record.
+    pub oldest_pending_ms: Option<i64>,
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Stores a webhook and its records in one committed transaction. Returns only after the
+    /// commit: the caller may then acknowledge the webhook.
+    async fn enqueue(&self, webhook: NewWebhook) -> Result<Enqueued, QueueError>;
+
+    /// Leases up to `max` pending records of `kind` that are due at `now_ms`, oldest first,
+    /// until `now_ms + lease_ms`.
+    async fn claim(
+        &self,
+        kind: RecordKind,
+        max: usize,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<Claimed>, QueueError>;
+
+    /// Extends the lease of records still in flight (a slow Heap call).
+    async fn renew(&self, ids: Vec<i64>, until_ms: i64) -> Result<(), QueueError>;
+
+    /// Marks records delivered.
+    async fn ack(&self, ids: Vec<i64>, now_ms: i64) -> Result<(), QueueError>;
+
+    /// Returns records to the queue, due again at `at_ms`. `failed` counts an attempt (a Heap
+    /// failure); without it the records were only held back (rate limit, shutdown).
+    async fn retry_at(
+        &self,
+        ids: Vec<i64>,
+        at_ms: i64,
+        failed: bool,
+        error: String,
+    ) -> Result<(), QueueError>;
+
+    /// Moves records to the dead letters.
+    async fn dead_letter(
+        &self,
+        ids: Vec<i64>,
+        reason: String,
+        detail: String,
+        now_ms: i64,
+    ) -> Result<(), QueueError>;
+
+    /// When the earliest pending record of `kind` is due (or its lease ends), if any: how
+    /// long the forwarder may sleep.
+    async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError>;
+
+    async fn stats(&self, now_ms: i64) -> Result<QueueStats, QueueError>;
+
+    /// A real write round trip: does the queue accept writes right now?
+    async fn ping(&self) -> Result<(), QueueError>;
+
+    async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError>;
+
+    /// The webhooks behind the selected dead letters, for replay.
+    async fn replay_items(&self, filter: DeadLetterFilter)
+    -> Result<Vec<ReplayItem>, QueueError>;
+
+    /// Replaces a webhook's selected dead records with freshly mapped content. Records whose
+    /// key already exists (delivered or still pending) are left as they are.
+    async fn requeue(
+        &self,
+        item: ReplayItem,
+        content: Content,
+        now_ms: i64,
+    ) -> Result<usize, QueueError>;
+
+    /// Deletes the selected dead letters; returns how many.
+    async fn purge(&self, filter: DeadLetterFilter) -> Result<u64, QueueError>;
+
+    /// Forgets delivered records acknowledged before `delivered_before_ms`, dead letters that
+    /// died before `dead_before_ms`, and webhooks with nothing left that arrived before
+    /// `delivered_before_ms` (after which a redelivery is no longer recognised).
+    async fn prune(&self, delivered_before_ms: i64, dead_before_ms: i64)
+    -> Result<u64, QueueError>;
+}

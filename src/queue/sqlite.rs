@@ -1,0 +1,670 @@
+//! The embedded queue: one SQLite file in WAL mode with `synchronous = FULL`, so a committed
+//! webhook survives `kill -9` and power loss.
+//!
+//! One dedicated thread owns the connection and runs every operation in arrival order. Webhooks
+//! that arrive while it is busy are committed together in one transaction (group commit): many
+//! concurrent webhooks share one fsync instead of paying one each. Each webhook in a group gets
+//! its own savepoint, so one failing insert cannot take its neighbours down with it; if the
+//! commit itself fails, every webhook in the group gets the error and none is acknowledged.
+
+use std::path::Path;
+use std::sync::mpsc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::oneshot;
+
+use super::{
+    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, NewWebhook, QUARANTINE_KIND, Queue,
+    QueueError, QueueStats, ReplayItem,
+};
+use crate::heap::wire::{HeapRecord, RecordKind};
+
+/// The schema version this code writes (`PRAGMA user_version`). Bump it with a migration.
+const SCHEMA_VERSION: i64 = 1;
+
+/// The most webhooks committed in one transaction.
+const MAX_GROUP: usize = 1024;
+
+/// Rows deleted per pruning statement, so pruning never holds the writer for long.
+const PRUNE_CHUNK: i64 = 5000;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS webhooks (
+    id          INTEGER PRIMARY KEY,
+    digest      BLOB    NOT NULL UNIQUE,  -- SHA-256 of the verified body
+    body        BLOB    NOT NULL,         -- the verified body, for replay
+    received_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    id              INTEGER PRIMARY KEY,
+    webhook_id      INTEGER NOT NULL,
+    key             TEXT    NOT NULL UNIQUE,  -- idempotency key (track) or kind:digest
+    kind            TEXT    NOT NULL,         -- RecordKind::as_str() or 'webhook' (quarantine)
+    subject         TEXT    NOT NULL,         -- identity or account id
+    json            TEXT    NOT NULL,         -- element of Heap's bulk array; '' once delivered
+    state           INTEGER NOT NULL,         -- 0 pending, 1 delivered, 2 dead
+    claimed         INTEGER NOT NULL DEFAULT 0,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    received_at     INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,         -- due time, or the lease's end while claimed
+    updated_at      INTEGER NOT NULL,         -- delivered / dead since
+    last_error      TEXT,
+    dead_reason     TEXT,
+    dead_detail     TEXT
+);
+CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> 0;
+CREATE INDEX IF NOT EXISTS records_webhook ON records (webhook_id);
+CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
+";
+
+const PENDING: i64 = 0;
+const DELIVERED: i64 = 1;
+const DEAD: i64 = 2;
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+
+enum Command {
+    Enqueue(NewWebhook, Reply<Enqueued>),
+    Call(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
+/// Handle to the queue thread. Cheap to share behind an `Arc`.
+pub struct SqliteQueue {
+    commands: mpsc::Sender<Command>,
+}
+
+fn storage(error: rusqlite::Error) -> QueueError {
+    QueueError::Storage(error.to_string())
+}
+
+impl SqliteQueue {
+    /// Opens (creating when missing) the queue file and starts its thread. Leases left by a
+    /// previous process are released: this process is the file's only user.
+    pub fn open(path: &Path) -> Result<Self, QueueError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                QueueError::Storage(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path).map_err(storage)?;
+        prepare(&conn).map_err(storage)?;
+        let (commands, receiver) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("sqlite-queue".into())
+            .spawn(move || serve(conn, receiver))
+            .map_err(|e| QueueError::Storage(format!("cannot start the queue thread: {e}")))?;
+        Ok(Self { commands })
+    }
+
+    /// Runs `op` on the queue thread and waits for its result.
+    async fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let (reply, result) = oneshot::channel();
+        let job = Box::new(move |conn: &mut Connection| {
+            let _ = reply.send(op(conn).map_err(storage));
+        });
+        self.commands
+            .send(Command::Call(job))
+            .map_err(|_| QueueError::Closed)?;
+        result.await.map_err(|_| QueueError::Closed)?
+    }
+}
+
+fn prepare(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is fsynced at every commit, so an acknowledged webhook survives power
+    // loss, not only a process crash. Group commit keeps the cost to one fsync per group.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "queue schema version {version} is newer than this relay understands ({SCHEMA_VERSION})"
+        )));
+    }
+    conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    conn.execute(
+        "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
+         WHERE state = 0 AND claimed = 1",
+        params![chrono::Utc::now().timestamp_millis()],
+    )?;
+    Ok(())
+}
+
+/// The queue thread: runs commands in order, grouping consecutive enqueues into one commit.
+fn serve(mut conn: Connection, commands: mpsc::Receiver<Command>) {
+    let mut next: Option<Command> = None;
+    loop {
+        let command = match next.take() {
+            Some(command) => command,
+            None => match commands.recv() {
+                Ok(command) => command,
+                Err(_) => return, // every handle dropped
+            },
+        };
+        match command {
+            Command::Call(job) => job(&mut conn),
+            Command::Enqueue(webhook, reply) => {
+                let mut group = vec![(webhook, reply)];
+                while group.len() < MAX_GROUP {
+                    match commands.try_recv() {
+                        Ok(Command::Enqueue(webhook, reply)) => group.push((webhook, reply)),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                commit_group(&mut conn, group);
+            }
+        }
+    }
+}
+
+fn commit_group(conn: &mut Connection, group: Vec<(NewWebhook, Reply<Enqueued>)>) {
+    let outcome = (|| {
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(group.len());
+        for (webhook, _) in &group {
+            let savepoint = tx.savepoint()?;
+            let result = insert_webhook(&savepoint, webhook);
+            if result.is_ok() {
+                savepoint.commit()?;
+            } // else: the savepoint rolls back when dropped
+            results.push(result.map_err(storage));
+        }
+        tx.commit()?;
+        Ok::<_, rusqlite::Error>(results)
+    })();
+    match outcome {
+        Ok(results) => {
+            for ((_, reply), result) in group.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+        Err(error) => {
+            let message = error.to_string();
+            for (_, reply) in group {
+                let _ = reply.send(Err(QueueError::Storage(message.clone())));
+            }
+        }
+    }
+}
+
+fn insert_webhook(tx: &Connection, webhook: &NewWebhook) -> rusqlite::Result<Enqueued> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO webhooks (digest, body, received_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (digest) DO NOTHING",
+        )?
+        .execute(params![
+            &webhook.digest[..],
+            &webhook.body[..],
+            webhook.received_at_ms
+        ])?;
+    if inserted == 0 {
+        return Ok(Enqueued::Duplicate);
+    }
+    let webhook_id = tx.last_insert_rowid();
+    let inserted = insert_content(
+        tx,
+        webhook_id,
+        &webhook.digest,
+        webhook.received_at_ms,
+        &webhook.content,
+        webhook.received_at_ms,
+    )?;
+    Ok(match webhook.content {
+        Content::Records(_) => Enqueued::Accepted { events: inserted },
+        Content::Quarantined { .. } => Enqueued::Quarantined,
+    })
+}
+
+/// Inserts a webhook's records; returns how many track events were new.
+fn insert_content(
+    tx: &Connection,
+    webhook_id: i64,
+    digest: &[u8; 32],
+    received_at_ms: i64,
+    content: &Content,
+    now_ms: i64,
+) -> rusqlite::Result<usize> {
+    match content {
+        Content::Records(records) => {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
+                                      next_attempt_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?7)
+                 ON CONFLICT (key) DO NOTHING",
+            )?;
+            let mut events = 0;
+            for outbound in records {
+                let record = &outbound.record;
+                let new = insert.execute(params![
+                    webhook_id,
+                    outbound.key,
+                    record.kind().as_str(),
+                    record.subject(),
+                    record.to_json(),
+                    received_at_ms,
+                    now_ms,
+                ])?;
+                if new > 0 && matches!(record, HeapRecord::Track(_)) {
+                    events += 1;
+                }
+            }
+            Ok(events)
+        }
+        Content::Quarantined {
+            reason,
+            detail,
+            subject,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
+                                      next_attempt_at, updated_at, dead_reason, dead_detail)
+                 VALUES (?1, ?2, ?3, ?4, '', 2, ?5, ?6, ?6, ?7, ?8)
+                 ON CONFLICT (key) DO NOTHING",
+            )?
+            .execute(params![
+                webhook_id,
+                format!("quarantine:{}", hex::encode(digest)),
+                QUARANTINE_KIND,
+                subject,
+                received_at_ms,
+                now_ms,
+                reason,
+                detail,
+            ])?;
+            Ok(0)
+        }
+    }
+}
+
+/// `WHERE` clause and parameters for a dead-letter filter (always restricted to dead records).
+fn filter_sql(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut sql = String::from("r.state = 2");
+    let mut values: Vec<Value> = Vec::new();
+    if !filter.ids.is_empty() {
+        let marks = vec!["?"; filter.ids.len()].join(",");
+        sql.push_str(&format!(" AND r.id IN ({marks})"));
+        values.extend(filter.ids.iter().map(|id| Value::Integer(*id)));
+    }
+    let mut clause = |condition: &str, value: Value| {
+        sql.push_str(" AND ");
+        sql.push_str(condition);
+        values.push(value);
+    };
+    if let Some(reason) = &filter.reason {
+        clause("r.dead_reason = ?", Value::Text(reason.clone()));
+    }
+    if let Some(subject) = &filter.subject {
+        clause("r.subject = ?", Value::Text(subject.clone()));
+    }
+    if let Some(since) = filter.since_ms {
+        clause("r.updated_at >= ?", Value::Integer(since));
+    }
+    if let Some(until) = filter.until_ms {
+        clause("r.updated_at < ?", Value::Integer(until));
+    }
+    if let Some(after) = filter.after_id {
+        clause("r.id > ?", Value::Integer(after));
+    }
+    (sql, values)
+}
+
+fn limit_sql(filter: &DeadLetterFilter) -> String {
+    filter
+        .limit
+        .map(|limit| format!(" LIMIT {limit}"))
+        .unwrap_or_default()
+}
+
+fn update_many(
+    conn: &mut Connection,
+    sql: &str,
+    ids: &[i64],
+    leading: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut statement = tx.prepare_cached(sql)?;
+        for id in ids {
+            let mut values: Vec<&dyn rusqlite::ToSql> = leading.to_vec();
+            values.push(id);
+            statement.execute(values.as_slice())?;
+        }
+    }
+    tx.commit()
+}
+
+#[async_trait]
+impl Queue for SqliteQueue {
+    async fn enqueue(&self, webhook: NewWebhook) -> Result<Enqueued, QueueError> {
+        let (reply, result) = oneshot::channel();
+        self.commands
+            .send(Command::Enqueue(webhook, reply))
+            .map_err(|_| QueueError::Closed)?;
+        result.await.map_err(|_| QueueError::Closed)?
+    }
+
+    async fn claim(
+        &self,
+        kind: RecordKind,
+        max: usize,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<Claimed>, QueueError> {
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let claimed = {
+                let mut select = tx.prepare_cached(
+                    "SELECT id, subject, json, attempts, received_at FROM records
+                     WHERE state = 0 AND kind = ?1 AND next_attempt_at <= ?2
+                     ORDER BY next_attempt_at, id LIMIT ?3",
+                )?;
+                let rows = select.query_map(params![kind.as_str(), now_ms, max as i64], |row| {
+                    Ok(Claimed {
+                        id: row.get(0)?,
+                        kind,
+                        subject: row.get(1)?,
+                        json: row.get(2)?,
+                        attempts: row.get(3)?,
+                        received_at_ms: row.get(4)?,
+                    })
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            {
+                let mut lease = tx.prepare_cached(
+                    "UPDATE records SET claimed = 1, next_attempt_at = ?1 WHERE id = ?2",
+                )?;
+                for record in &claimed {
+                    lease.execute(params![now_ms + lease_ms, record.id])?;
+                }
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn renew(&self, ids: Vec<i64>, until_ms: i64) -> Result<(), QueueError> {
+        self.call(move |conn| {
+            update_many(
+                conn,
+                "UPDATE records SET next_attempt_at = ?1 WHERE state = 0 AND claimed = 1 AND id = ?2",
+                &ids,
+                &[&until_ms],
+            )
+        })
+        .await
+    }
+
+    async fn ack(&self, ids: Vec<i64>, now_ms: i64) -> Result<(), QueueError> {
+        self.call(move |conn| {
+            update_many(
+                conn,
+                "UPDATE records SET state = 1, claimed = 0, json = '', updated_at = ?1
+                 WHERE state = 0 AND id = ?2",
+                &ids,
+                &[&now_ms],
+            )
+        })
+        .await
+    }
+
+    async fn retry_at(
+        &self,
+        ids: Vec<i64>,
+        at_ms: i64,
+        failed: bool,
+        error: String,
+    ) -> Result<(), QueueError> {
+        let attempts = i64::from(failed);
+        self.call(move |conn| {
+            update_many(
+                conn,
+                "UPDATE records SET claimed = 0, next_attempt_at = ?1,
+                        attempts = attempts + ?2, last_error = COALESCE(?3, last_error)
+                 WHERE state = 0 AND id = ?4",
+                &ids,
+                &[&at_ms, &attempts, &(failed.then_some(error))],
+            )
+        })
+        .await
+    }
+
+    async fn dead_letter(
+        &self,
+        ids: Vec<i64>,
+        reason: String,
+        detail: String,
+        now_ms: i64,
+    ) -> Result<(), QueueError> {
+        self.call(move |conn| {
+            update_many(
+                conn,
+                "UPDATE records SET state = 2, claimed = 0, dead_reason = ?1, dead_detail = ?2,
+                        updated_at = ?3
+                 WHERE state = 0 AND id = ?4",
+                &ids,
+                &[&reason, &detail, &now_ms],
+            )
+        })
+        .await
+    }
+
+    async fn stats(&self, _now_ms: i64) -> Result<QueueStats, QueueError> {
+        self.call(|conn| {
+            let mut stats = QueueStats::default();
+            let mut statement = conn.prepare_cached(
+                "SELECT state, claimed, COUNT(*), MIN(received_at) FROM records
+                 GROUP BY state, claimed",
+            )?;
+            let mut rows = statement.query([])?;
+            while let Some(row) = rows.next()? {
+                let (state, claimed, count): (i64, i64, i64) =
+                    (row.get(0)?, row.get(1)?, row.get(2)?);
+                let count = count as u64;
+                match (state, claimed) {
+                    (PENDING, 1) => stats.in_flight += count,
+                    (PENDING, _) => stats.pending += count,
+                    (DELIVERED, _) => stats.delivered += count,
+                    (DEAD, _) => stats.dead += count,
+                    _ => {}
+                }
+                if state == PENDING {
+                    let oldest: Option<i64> = row.get(3)?;
+                    stats.oldest_pending_ms = match (stats.oldest_pending_ms, oldest) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+            }
+            Ok(stats)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.call(|conn| {
+            conn.execute(
+                "INSERT INTO heartbeat (id, at) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                params![chrono::Utc::now().timestamp_millis()],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
+        self.call(move |conn| {
+            let (clause, values) = filter_sql(&filter);
+            let sql = format!(
+                "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
+                        COALESCE(r.dead_detail, ''), r.subject, r.attempts, r.received_at,
+                        r.updated_at
+                 FROM records r WHERE {clause} ORDER BY r.id{}",
+                limit_sql(&filter)
+            );
+            let mut statement = conn.prepare(&sql)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
+                Ok(DeadLetter {
+                    id: row.get(0)?,
+                    webhook_id: row.get(1)?,
+                    kind: row.get(2)?,
+                    reason: row.get(3)?,
+                    detail: row.get(4)?,
+                    subject: row.get(5)?,
+                    attempts: row.get(6)?,
+                    received_at_ms: row.get(7)?,
+                    dead_at_ms: row.get(8)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn replay_items(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<Vec<ReplayItem>, QueueError> {
+        self.call(move |conn| {
+            let (clause, values) = filter_sql(&filter);
+            let sql = format!(
+                "SELECT r.id, w.id, w.digest, w.body, w.received_at
+                 FROM records r JOIN webhooks w ON w.id = r.webhook_id
+                 WHERE {clause} ORDER BY w.id, r.id{}",
+                limit_sql(&filter)
+            );
+            let mut statement = conn.prepare(&sql)?;
+            let mut rows = statement.query(rusqlite::params_from_iter(values))?;
+            let mut items: Vec<ReplayItem> = Vec::new();
+            while let Some(row) = rows.next()? {
+                let record_id: i64 = row.get(0)?;
+                let webhook_id: i64 = row.get(1)?;
+                match items.last_mut() {
+                    Some(item) if item.webhook_id == webhook_id => item.dead_ids.push(record_id),
+                    _ => {
+                        let digest: Vec<u8> = row.get(2)?;
+                        let body: Vec<u8> = row.get(3)?;
+                        items.push(ReplayItem {
+                            webhook_id,
+                            digest: digest.try_into().unwrap_or([0; 32]),
+                            body: Bytes::from(body),
+                            received_at_ms: row.get(4)?,
+                            dead_ids: vec![record_id],
+                        });
+                    }
+                }
+            }
+            Ok(items)
+        })
+        .await
+    }
+
+    async fn requeue(
+        &self,
+        item: ReplayItem,
+        content: Content,
+        now_ms: i64,
+    ) -> Result<usize, QueueError> {
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM records WHERE id = ?1 AND state = 2")?;
+                for id in &item.dead_ids {
+                    delete.execute(params![id])?;
+                }
+            }
+            let events = insert_content(
+                &tx,
+                item.webhook_id,
+                &item.digest,
+                item.received_at_ms,
+                &content,
+                now_ms,
+            )?;
+            tx.commit()?;
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn purge(&self, filter: DeadLetterFilter) -> Result<u64, QueueError> {
+        self.call(move |conn| {
+            let (clause, values) = filter_sql(&filter);
+            let sql = format!(
+                "DELETE FROM records WHERE id IN (SELECT r.id FROM records r WHERE {clause}{})",
+                limit_sql(&filter)
+            );
+            let deleted = conn.execute(&sql, rusqlite::params_from_iter(values))?;
+            Ok(deleted as u64)
+        })
+        .await
+    }
+
+    async fn prune(
+        &self,
+        delivered_before_ms: i64,
+        dead_before_ms: i64,
+    ) -> Result<u64, QueueError> {
+        let mut total = 0;
+        // One chunk per call into the thread, so webhooks are never stuck behind a long purge.
+        for (sql, cutoff) in [
+            (
+                "DELETE FROM records WHERE id IN (SELECT id FROM records
+                 WHERE state = 1 AND updated_at < ?1 LIMIT ?2)",
+                delivered_before_ms,
+            ),
+            (
+                "DELETE FROM records WHERE id IN (SELECT id FROM records
+                 WHERE state = 2 AND updated_at < ?1 LIMIT ?2)",
+                dead_before_ms,
+            ),
+            (
+                "DELETE FROM webhooks WHERE id IN (SELECT w.id FROM webhooks w
+                 WHERE w.received_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM records r WHERE r.webhook_id = w.id)
+                 LIMIT ?2)",
+                delivered_before_ms,
+            ),
+        ] {
+            loop {
+                let deleted = self
+                    .call(move |conn| conn.execute(sql, params![cutoff, PRUNE_CHUNK]))
+                    .await?;
+                total += deleted as u64;
+                if (deleted as i64) < PRUNE_CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError> {
+        self.call(move |conn| {
+            conn.query_row(
+                "SELECT MIN(next_attempt_at) FROM records WHERE state = 0 AND kind = ?1",
+                params![kind.as_str()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+        })
+        .await
+    }
+}
