@@ -1,0 +1,377 @@
+//! Shared test support: a fake Heap (a real HTTP server that records what it receives and
+//! answers as told), a relay started in-process on port 0, the relay binary as a child process,
+//! signing, and polling with a deadline (never a bare sleep to wait for work).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use userpilot_heap_relay::app::App;
+use userpilot_heap_relay::config::Settings;
+
+pub const SECRET: &str = "test-secret";
+pub const APP_ID: &str = "test-app";
+pub const ADMIN_TOKEN: &str = "admin-token";
+
+/// One request the fake Heap received, and what it answered.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub body: Value,
+    pub status: u16,
+    pub at: Instant,
+}
+
+/// What the fake Heap answers: status, optional Retry-After seconds, optional delay.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<u64>,
+    pub delay: Duration,
+}
+
+impl Answer {
+    pub const OK: Answer = Answer { status: 200, retry_after: None, delay: Duration::ZERO };
+
+    pub fn status(status: u16) -> Self {
+        Answer { status, ..Answer::OK }
+    }
+}
+
+type Responder = Box<dyn FnMut(&str, &Value) -> Answer + Send>;
+
+#[derive(Clone)]
+struct HeapState {
+    received: Arc<Mutex<Vec<Received>>>,
+    responder: Arc<Mutex<Responder>>,
+}
+
+/// A real HTTP server standing in for Heap.
+#[derive(Clone)]
+pub struct FakeHeap {
+    pub addr: SocketAddr,
+    state: HeapState,
+}
+
+async fn record(State(state): State<HeapState>, uri: Uri, body: Bytes) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let answer = (state.responder.lock().unwrap())(uri.path(), &body);
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    state.received.lock().unwrap().push(Received {
+        path: uri.path().to_owned(),
+        body,
+        status: answer.status,
+        at: Instant::now(),
+    });
+    let mut headers = HeaderMap::new();
+    if let Some(seconds) = answer.retry_after {
+        headers.insert("retry-after", HeaderValue::from_str(&seconds.to_string()).unwrap());
+    }
+    let status = StatusCode::from_u16(answer.status).unwrap();
+    (status, headers, if status.is_success() { "{}" } else { "refused" }).into_response()
+}
+
+impl FakeHeap {
+    pub async fn start() -> Self {
+        let state = HeapState {
+            received: Arc::default(),
+            responder: Arc::new(Mutex::new(Box::new(|_: &str, _: &Value| Answer::OK))),
+        };
+        let app = Router::new().fallback(record).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FakeHeap { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Decides every answer from now on.
+    pub fn respond_with(&self, responder: impl FnMut(&str, &Value) -> Answer + Send + 'static) {
+        *self.state.responder.lock().unwrap() = Box::new(responder);
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// Elements of the bulk arrays on `path` that were answered 2xx.
+    pub fn accepted(&self, path: &str, field: &str) -> Vec<Value> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == path && (200..300).contains(&r.status))
+            .flat_map(|r| r.body[field].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// Track events Heap accepted.
+    pub fn events(&self) -> Vec<Value> {
+        self.accepted("/api/track", "events")
+    }
+
+    /// Waits until Heap accepted at least `n` track events.
+    pub async fn wait_for_events(&self, n: usize, within: Duration) -> Vec<Value> {
+        let heap = self.clone();
+        eventually(within, move || {
+            let events = heap.events();
+            (events.len() >= n).then_some(events)
+        })
+        .await
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `within`.
+pub async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "condition not met within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `X-Signature` for `body`, signed now with [`SECRET`].
+pub fn signature(body: &[u8]) -> String {
+    userpilot_heap_relay::userpilot::sign(body, SECRET, chrono::Utc::now().timestamp())
+}
+
+/// The base configuration of a test relay, in TOML, talking to `heap`.
+pub fn base_toml(heap: &FakeHeap, queue_path: &std::path::Path) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace_ms = 2000
+[userpilot]
+secrets = ["{SECRET}"]
+[heap]
+app_id = "{APP_ID}"
+base_url = "{}"
+batch_linger_ms = 10
+[retry]
+initial_backoff_ms = 50
+max_backoff_ms = 500
+[queue]
+path = "{}"
+[admin]
+token = "{ADMIN_TOKEN}"
+"#,
+        heap.url(),
+        queue_path.display()
+    )
+}
+
+/// A relay running in this process.
+pub struct Relay {
+    pub url: String,
+    pub admin_url: String,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+    pub dir: Arc<tempfile::TempDir>,
+    pub http: reqwest::Client,
+}
+
+impl Relay {
+    /// Starts a relay against `heap`; `extra` is TOML layered over the test base (later keys
+    /// win, so a section repeated in `extra` must not repeat keys of the base).
+    pub async fn start(heap: &FakeHeap, extra: &str) -> Relay {
+        Self::start_in(heap, extra, Arc::new(tempfile::tempdir().unwrap())).await
+    }
+
+    /// Starts a relay on an existing queue folder (a restart).
+    pub async fn start_in(heap: &FakeHeap, extra: &str, dir: Arc<tempfile::TempDir>) -> Relay {
+        let base = base_toml(heap, &dir.path().join("queue.sqlite3"));
+        let settings = Settings::from_toml(&merge_toml(&base, extra)).unwrap();
+        let app = App::build(settings).await.unwrap();
+        let url = format!("http://{}", app.public_addr().unwrap());
+        let admin_url = format!("http://{}", app.admin_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            app.run(stop).await.unwrap();
+        });
+        Relay {
+            url,
+            admin_url,
+            shutdown,
+            task,
+            dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Posts `body` signed with the test secret; returns status and JSON answer.
+    pub async fn post(&self, body: &Value) -> (u16, Value) {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let signature = signature(&bytes);
+        self.post_raw(bytes, Some(&signature), Some("application/json")).await
+    }
+
+    pub async fn post_raw(
+        &self,
+        body: Vec<u8>,
+        signature: Option<&str>,
+        content_type: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self.http.post(format!("{}/webhooks/userpilot", self.url)).body(body);
+        if let Some(signature) = signature {
+            request = request.header("x-signature", signature);
+        }
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// `GET`/`POST` on the admin port with the admin token.
+    pub async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn stop(self) -> Arc<tempfile::TempDir> {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+        self.dir
+    }
+}
+
+/// Layers `extra` over `base`: keys of sections in `extra` replace those of `base`.
+pub fn merge_toml(base: &str, extra: &str) -> String {
+    let mut base: toml::Table = base.parse().unwrap();
+    let extra: toml::Table = extra.parse().unwrap();
+    for (section, values) in extra {
+        match (base.get_mut(&section), values) {
+            (Some(toml::Value::Table(into)), toml::Value::Table(values)) => into.extend(values),
+            (_, values) => {
+                base.insert(section, values);
+            }
+        }
+    }
+    toml::to_string(&base).unwrap()
+}
+
+/// The relay binary, run as operators run it: configured by environment variables only.
+pub struct RelayProcess {
+    pub child: Child,
+    pub url: String,
+    pub admin_url: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_userpilot-heap-relay");
+
+impl RelayProcess {
+    /// Starts the binary with `env` (on top of a clean environment) and waits for its
+    /// "relay started" line to learn the ports.
+    pub fn spawn(env: &[(String, String)]) -> RelayProcess {
+        let mut child = Command::new(BINARY)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("relay started") {
+                    let _ = started_tx.send(line.clone());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = started_rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("relay did not start: {:?}", logs.lock().unwrap()));
+        let started: Value = serde_json::from_str(&line).unwrap();
+        RelayProcess {
+            child,
+            url: format!("http://{}", started["listen"].as_str().unwrap()),
+            admin_url: format!("http://{}", started["admin_listen"].as_str().unwrap()),
+            logs,
+        }
+    }
+
+    /// The environment of a test relay talking to `heap`, with its queue in `dir`.
+    pub fn env(heap: &FakeHeap, dir: &std::path::Path) -> Vec<(String, String)> {
+        [
+            ("RELAY_SERVER__LISTEN", "127.0.0.1:0".to_owned()),
+            ("RELAY_SERVER__ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
+            ("RELAY_USERPILOT__SECRETS", SECRET.to_owned()),
+            ("RELAY_HEAP__APP_ID", APP_ID.to_owned()),
+            ("RELAY_HEAP__BASE_URL", heap.url()),
+            ("RELAY_HEAP__BATCH_LINGER_MS", "10".to_owned()),
+            ("RELAY_RETRY__INITIAL_BACKOFF_MS", "50".to_owned()),
+            ("RELAY_RETRY__MAX_BACKOFF_MS", "500".to_owned()),
+            ("RELAY_QUEUE__PATH", dir.join("queue.sqlite3").display().to_string()),
+            ("RELAY_ADMIN__TOKEN", ADMIN_TOKEN.to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status and how long the exit took.
+    pub fn terminate(&mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(started.elapsed() < within, "relay did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
