@@ -233,7 +233,10 @@ impl<F: std::future::Future<Output = ()>> MapOk for F {}
 /// `queue.dead_letter_retention_secs`, so the queue does not grow without bound.
 async fn prune_periodically(state: Arc<AppState>, settings: Settings, shutdown: CancellationToken) {
     let dedup_ms = settings.queue.dedup_window_secs.saturating_mul(1000) as i64;
-    let dead_ms = settings.queue.dead_letter_retention_secs.saturating_mul(1000) as i64;
+    let dead_ms = settings
+        .queue
+        .dead_letter_retention_secs
+        .saturating_mul(1000) as i64;
     loop {
         let now = state.clock.now_ms();
         match state.queue.prune(now - dedup_ms, now - dead_ms).await {

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::dead_letters::FilterParams;
 
 #[derive(Debug, Parser)]
-#[command(name = "userpilot-heap-relay", version, about = "Relays signed Userpilot webhooks to Heap, durably.")]
+#[command(
+    name = "userpilot-heap-relay",
+    version,
+    about = "Relays signed Userpilot webhooks to Heap, durably."
+)]
 pub struct Cli {
     /// A TOML file layered over the built-in defaults (environment variables still win).
     #[arg(long, global = true, value_name = "PATH")]

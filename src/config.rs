@@ -209,10 +209,16 @@ impl Settings {
             _ => return Err(invalid("heap.base_url", "must be an http(s) URL")),
         }
         if self.heap.identity.trim().is_empty() {
-            return Err(invalid("heap.identity", "must name `user_id` or a user property"));
+            return Err(invalid(
+                "heap.identity",
+                "must name `user_id` or a user property",
+            ));
         }
         if !(1..=1000).contains(&self.heap.batch_max_events) {
-            return Err(invalid("heap.batch_max_events", "must be between 1 and 1000"));
+            return Err(invalid(
+                "heap.batch_max_events",
+                "must be between 1 and 1000",
+            ));
         }
         if self.heap.timeout_ms == 0 {
             return Err(invalid("heap.timeout_ms", "must be above 0"));
@@ -221,7 +227,10 @@ impl Settings {
             return Err(invalid("heap.events_per_minute", "must be above 0"));
         }
         if self.heap.identity_events_per_minute == 0 {
-            return Err(invalid("heap.identity_events_per_minute", "must be above 0"));
+            return Err(invalid(
+                "heap.identity_events_per_minute",
+                "must be above 0",
+            ));
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));

@@ -94,7 +94,10 @@ pub async fn replay(
         let Ok(content) = ingest::prepare(mapper, &body, received_at) else {
             // Stored bodies were valid JSON objects when they were accepted; one that is not
             // (a corrupted file?) is left as it is for a human to look at.
-            tracing::error!(webhook = item.webhook_id, "stored webhook body is not JSON; left in the dead letters");
+            tracing::error!(
+                webhook = item.webhook_id,
+                "stored webhook body is not JSON; left in the dead letters"
+            );
             continue;
         };
         if matches!(content, Content::Quarantined { .. }) {

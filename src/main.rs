@@ -14,7 +14,10 @@ use userpilot_heap_relay::{app, dead_letters, samples, telemetry, userpilot};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");
@@ -92,7 +95,8 @@ fn secret_or_configured(cli: &Cli, secret: Option<&str>) -> anyhow::Result<Strin
     match secret {
         Some(secret) => Ok(secret.to_owned()),
         None => {
-            let settings = settings(cli).context("no --secret given and no usable configuration")?;
+            let settings =
+                settings(cli).context("no --secret given and no usable configuration")?;
             match settings.userpilot.secrets.first() {
                 Some(secret) => Ok(secret.expose().to_owned()),
                 None => bail!("no --secret given and userpilot.secrets is empty"),

@@ -20,8 +20,13 @@ async fn every_sample_kind_is_accepted_and_reaches_heap() {
         assert_eq!(answer["status"], "accepted", "{label}");
         expected += answer["events"].as_u64().unwrap() as usize;
     }
-    let events = heap.wait_for_events(expected, Duration::from_secs(10)).await;
-    let mut names: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let events = heap
+        .wait_for_events(expected, Duration::from_secs(10))
+        .await;
+    let mut names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     names.sort();
     assert!(names.contains(&"Userpilot NPS (score)"));
     assert!(names.contains(&"Userpilot Tracked Event (Clicked Upgrade)"));

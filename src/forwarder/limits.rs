@@ -68,7 +68,11 @@ impl Limits {
 
     /// Waits until the app budget admits `events` more events.
     pub async fn until_app_admits(&self, events: usize) {
-        let events = non_zero(u32::try_from(events).unwrap_or(u32::MAX).min(self.app_burst.get()));
+        let events = non_zero(
+            u32::try_from(events)
+                .unwrap_or(u32::MAX)
+                .min(self.app_burst.get()),
+        );
         // Cannot fail: `events` is capped at the burst.
         let _ = self.app.until_n_ready(events).await;
     }
@@ -107,7 +111,10 @@ mod tests {
         assert_eq!(admitted.len(), 11);
         assert!(admitted.iter().any(|r| r.subject == "quiet"));
         assert_eq!(held.len(), 20);
-        assert!(held.iter().all(|(r, wait)| r.subject == "noisy" && *wait > Duration::ZERO));
+        assert!(
+            held.iter()
+                .all(|(r, wait)| r.subject == "noisy" && *wait > Duration::ZERO)
+        );
     }
 
     #[test]

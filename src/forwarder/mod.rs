@@ -186,7 +186,9 @@ impl Forwarder {
             let held_ids = held.iter().map(|(r, _)| r.id).collect();
             pass.held = held.len();
             let at = now + wait.as_millis() as i64;
-            self.queue.retry_at(held_ids, at, false, String::new()).await?;
+            self.queue
+                .retry_at(held_ids, at, false, String::new())
+                .await?;
         }
         if admitted.is_empty() {
             return Ok(pass);
@@ -247,7 +249,9 @@ impl Forwarder {
                     // Heap is failing: the halves still waiting are not fired into it.
                     for rest in pending.drain(..) {
                         pass.retried += rest.len();
-                        self.queue.retry_at(ids(&rest), at, false, String::new()).await?;
+                        self.queue
+                            .retry_at(ids(&rest), at, false, String::new())
+                            .await?;
                     }
                     pass.backoff = Some(delay.max(self.config.backoff.initial));
                 }

@@ -28,7 +28,10 @@ pub enum Verdict {
         throttled: bool,
     },
     /// Heap refused the content: trying it again unchanged will not help.
-    Reject { status: u16, text: String },
+    Reject {
+        status: u16,
+        text: String,
+    },
 }
 
 /// Classifies one outcome: connection errors, timeouts, 408, 429 and 5xx except 501 are

@@ -38,7 +38,11 @@ fn error(status: StatusCode, code: &str) -> Response {
 }
 
 /// `Authorization: Bearer <admin.token>`, compared in constant time.
-async fn require_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     if state.admin_token.is_empty() {
         return error(StatusCode::FORBIDDEN, "admin_disabled");
     }
@@ -78,19 +82,31 @@ async fn list(State(state): State<Arc<AppState>>, Query(params): Query<FilterPar
     let limit = filter.limit.unwrap_or(dead_letters::DEFAULT_PAGE);
     match state.queue.dead_letters(filter).await {
         Ok(letters) => {
-            let next_after = (letters.len() == limit).then(|| letters.last().map(|l| l.id)).flatten();
+            let next_after = (letters.len() == limit)
+                .then(|| letters.last().map(|l| l.id))
+                .flatten();
             Json(json!({ "dead_letters": letters, "next_after": next_after })).into_response()
         }
         Err(err) => queue_error(err),
     }
 }
 
-async fn replay(State(state): State<Arc<AppState>>, Query(params): Query<FilterParams>) -> Response {
+async fn replay(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<FilterParams>,
+) -> Response {
     let filter = match params.to_filter(false) {
         Ok(filter) => filter,
         Err(err) => return bad_filter(err),
     };
-    match dead_letters::replay(state.queue.as_ref(), &state.mapper, filter, state.clock.now()).await {
+    match dead_letters::replay(
+        state.queue.as_ref(),
+        &state.mapper,
+        filter,
+        state.clock.now(),
+    )
+    .await
+    {
         Ok(summary) => {
             state.control.wake();
             Json(json!({ "replayed": summary })).into_response()

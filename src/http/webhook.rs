@@ -65,9 +65,11 @@ pub async fn receive(
         Ok(Enqueued::Duplicate) => {
             (StatusCode::ACCEPTED, Json(json!({ "status": "duplicate" }))).into_response()
         }
-        Ok(Enqueued::Quarantined) => {
-            (StatusCode::ACCEPTED, Json(json!({ "status": "quarantined" }))).into_response()
-        }
+        Ok(Enqueued::Quarantined) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "status": "quarantined" })),
+        )
+            .into_response(),
         Err(error) => error.into_response(),
     }
 }
@@ -123,8 +125,14 @@ fn is_json_or_absent(headers: &HeaderMap) -> bool {
     let Ok(value) = value.to_str() else {
         return false;
     };
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 #[cfg(test)]

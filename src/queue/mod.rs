@@ -175,8 +175,7 @@ pub trait Queue: Send + Sync + 'static {
     async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError>;
 
     /// The webhooks behind the selected dead letters, for replay.
-    async fn replay_items(&self, filter: DeadLetterFilter)
-    -> Result<Vec<ReplayItem>, QueueError>;
+    async fn replay_items(&self, filter: DeadLetterFilter) -> Result<Vec<ReplayItem>, QueueError>;
 
     /// Replaces a webhook's selected dead records with freshly mapped content. Records whose
     /// key already exists (delivered or still pending) are left as they are.

@@ -536,10 +536,7 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    async fn replay_items(
-        &self,
-        filter: DeadLetterFilter,
-    ) -> Result<Vec<ReplayItem>, QueueError> {
+    async fn replay_items(&self, filter: DeadLetterFilter) -> Result<Vec<ReplayItem>, QueueError> {
         self.call(move |conn| {
             let (clause, values) = filter_sql(&filter);
             let sql = format!(

@@ -41,10 +41,17 @@ pub struct Answer {
 }
 
 impl Answer {
-    pub const OK: Answer = Answer { status: 200, retry_after: None, delay: Duration::ZERO };
+    pub const OK: Answer = Answer {
+        status: 200,
+        retry_after: None,
+        delay: Duration::ZERO,
+    };
 
     pub fn status(status: u16) -> Self {
-        Answer { status, ..Answer::OK }
+        Answer {
+            status,
+            ..Answer::OK
+        }
     }
 }
 
@@ -77,10 +84,18 @@ async fn record(State(state): State<HeapState>, uri: Uri, body: Bytes) -> Respon
     });
     let mut headers = HeaderMap::new();
     if let Some(seconds) = answer.retry_after {
-        headers.insert("retry-after", HeaderValue::from_str(&seconds.to_string()).unwrap());
+        headers.insert(
+            "retry-after",
+            HeaderValue::from_str(&seconds.to_string()).unwrap(),
+        );
     }
     let status = StatusCode::from_u16(answer.status).unwrap();
-    (status, headers, if status.is_success() { "{}" } else { "refused" }).into_response()
+    (
+        status,
+        headers,
+        if status.is_success() { "{}" } else { "refused" },
+    )
+        .into_response()
 }
 
 impl FakeHeap {
@@ -141,7 +156,10 @@ pub async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "condition not met within {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -221,7 +239,8 @@ impl Relay {
     pub async fn post(&self, body: &Value) -> (u16, Value) {
         let bytes = serde_json::to_vec(body).unwrap();
         let signature = signature(&bytes);
-        self.post_raw(bytes, Some(&signature), Some("application/json")).await
+        self.post_raw(bytes, Some(&signature), Some("application/json"))
+            .await
     }
 
     pub async fn post_raw(
@@ -230,7 +249,10 @@ impl Relay {
         signature: Option<&str>,
         content_type: Option<&str>,
     ) -> (u16, Value) {
-        let mut request = self.http.post(format!("{}/webhooks/userpilot", self.url)).body(body);
+        let mut request = self
+            .http
+            .post(format!("{}/webhooks/userpilot", self.url))
+            .body(body);
         if let Some(signature) = signature {
             request = request.header("x-signature", signature);
         }
@@ -240,7 +262,10 @@ impl Relay {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// `GET`/`POST` on the admin port with the admin token.
@@ -334,7 +359,10 @@ impl RelayProcess {
             ("RELAY_HEAP__BATCH_LINGER_MS", "10".to_owned()),
             ("RELAY_RETRY__INITIAL_BACKOFF_MS", "50".to_owned()),
             ("RELAY_RETRY__MAX_BACKOFF_MS", "500".to_owned()),
-            ("RELAY_QUEUE__PATH", dir.join("queue.sqlite3").display().to_string()),
+            (
+                "RELAY_QUEUE__PATH",
+                dir.join("queue.sqlite3").display().to_string(),
+            ),
             ("RELAY_ADMIN__TOKEN", ADMIN_TOKEN.to_owned()),
         ]
         .into_iter()
@@ -359,7 +387,10 @@ impl RelayProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return (status, started.elapsed());
             }
-            assert!(started.elapsed() < within, "relay did not exit within {within:?}");
+            assert!(
+                started.elapsed() < within,
+                "relay did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
