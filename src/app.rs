@@ -173,20 +173,10 @@ impl App {
         let mut tasks = JoinSet::new();
         let public_app = http::public_router(state.clone(), settings.server.max_body_bytes);
         let stop = draining.clone();
-        tasks.spawn(async move {
-            axum::serve(public, public_app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .map_err(AppError::Serve)
-        });
+        tasks.spawn(http::serve::serve(public, public_app, stop).map_ok());
         let admin_app = http::admin_router(state.clone());
         let stop = draining.clone();
-        tasks.spawn(async move {
-            axum::serve(admin, admin_app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .map_err(AppError::Serve)
-        });
+        tasks.spawn(http::serve::serve(admin, admin_app, stop).map_ok());
         tasks.spawn(forwarder.run(draining.clone()).map_ok());
         tasks.spawn(prune_periodically(state.clone(), settings.clone(), draining.clone()).map_ok());
 

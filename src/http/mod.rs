@@ -5,17 +5,20 @@
 pub mod admin;
 pub mod error;
 pub mod health;
+pub mod serve;
 pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -40,12 +43,29 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
 }
 
+/// Webhooks handled at once; more are shed with 503 + `Retry-After` instead of queueing in
+/// memory. Each holds its body (up to `server.max_body_bytes`) while it waits for the commit.
+pub const MAX_WEBHOOKS_IN_FLIGHT: usize = 256;
+
+/// The longest a webhook may take, body upload included; then 503 + `Retry-After` (a client
+/// that retries is deduplicated if the first attempt did commit).
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(15);
+
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The public router: `POST /webhooks/userpilot`, `GET /healthz`, `GET /readyz`.
 pub fn public_router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let router = Router::new()
-        .route("/webhooks/userpilot", post(webhook::receive))
+        .route(
+            "/webhooks/userpilot",
+            post(webhook::receive).layer(
+                ServiceBuilder::new()
+                    .layer(HandleErrorLayer::new(webhook::overloaded))
+                    .load_shed()
+                    .concurrency_limit(MAX_WEBHOOKS_IN_FLIGHT)
+                    .timeout(WEBHOOK_TIMEOUT),
+            ),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -74,6 +74,18 @@ pub async fn receive(
     }
 }
 
+/// Load shedding and the request timeout: both answer 503 + `Retry-After`.
+pub async fn overloaded(error: tower::BoxError) -> Response {
+    let reason = if error.is::<tower::timeout::error::Elapsed>() {
+        "timed_out"
+    } else {
+        "overloaded"
+    };
+    tracing::warn!(reason, "webhook shed");
+    metrics::counter!("relay_webhooks_total", "outcome" => reason).increment(1);
+    ApiError::Unavailable(reason.into()).into_response()
+}
+
 async fn handle(
     state: &AppState,
     headers: &HeaderMap,
