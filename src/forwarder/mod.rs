@@ -370,10 +370,13 @@ impl Forwarder {
                 next_due = Some(next_due.map_or(due, |d: i64| d.min(due)));
             }
         }
-        let sleep = next_due
-            .map(|due| Duration::from_millis(due.saturating_sub(now).max(0) as u64))
-            .unwrap_or(Duration::MAX)
-            .min(Duration::from_secs(1));
+        // Something due that the last pass could not claim (another replica holds the
+        // forwarding lease) is not a reason to spin: wait the full second then.
+        let sleep = match next_due {
+            Some(due) if due > now => Duration::from_millis((due - now) as u64),
+            _ => Duration::from_secs(1),
+        }
+        .min(Duration::from_secs(1));
         tokio::select! {
             _ = self.control.wake.notified() => {
                 tokio::select! {

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::AppState;
 use super::error::ApiError;
 use crate::ingest::{self, InvalidJson};
-use crate::queue::{Enqueued, NewWebhook};
+use crate::queue::{Content, Enqueued, NewWebhook};
 use crate::userpilot::verify;
 
 pub async fn receive(
@@ -34,10 +34,7 @@ pub async fn receive(
             tracing::info!("webhook already stored; duplicate");
             "duplicate"
         }
-        Ok(Enqueued::Quarantined) => {
-            tracing::warn!("webhook cannot be mapped to heap; quarantined as a dead letter");
-            "quarantined"
-        }
+        Ok(Enqueued::Quarantined) => "quarantined",
         Err(error @ ApiError::Unavailable(_)) => {
             tracing::error!(%error, "webhook refused: queue unavailable");
             error.code()
@@ -112,6 +109,10 @@ async fn handle(
     )?;
     let content = ingest::prepare(&state.mapper, &verified, received_at)
         .map_err(|InvalidJson| ApiError::InvalidJson)?;
+    let quarantine_reason = match &content {
+        Content::Quarantined { reason, .. } => Some(reason.clone()),
+        Content::Records(_) => None,
+    };
     let webhook = NewWebhook {
         digest: verified.digest(),
         body: verified.into_bytes(),
@@ -123,8 +124,13 @@ async fn handle(
         .enqueue(webhook)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    if matches!(outcome, Enqueued::Accepted { events } if events > 0) {
-        state.control.wake();
+    match (outcome, quarantine_reason) {
+        (Enqueued::Accepted { .. }, _) => state.control.wake(),
+        (Enqueued::Quarantined, Some(reason)) => {
+            tracing::warn!(%reason, "webhook cannot be mapped to heap; quarantined as a dead letter");
+            metrics::counter!("relay_events_dead_lettered_total", "reason" => reason).increment(1);
+        }
+        _ => {}
     }
     Ok(outcome)
 }
