@@ -127,6 +127,8 @@ impl App {
             shutdown: CancellationToken::new(),
             admin_token: settings.admin.token.clone(),
             readiness: http::health::Readiness::default(),
+            max_body_bytes: settings.server.max_body_bytes,
+            webhook_permits: tokio::sync::Semaphore::new(http::MAX_WEBHOOKS_IN_FLIGHT),
             metrics: crate::telemetry::metrics(),
         });
         let public = bind(settings.server.listen).await?;
@@ -171,7 +173,7 @@ impl App {
         );
 
         let mut tasks = JoinSet::new();
-        let public_app = http::public_router(state.clone(), settings.server.max_body_bytes);
+        let public_app = http::public_router(state.clone());
         let stop = draining.clone();
         tasks.spawn(http::serve::serve(public, public_app, stop).map_ok());
         let admin_app = http::admin_router(state.clone());

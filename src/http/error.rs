@@ -23,7 +23,11 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("body could not be read")]
     BadBody,
-    #[error("unavailable: {0}")]
+    #[error("the relay is shutting down")]
+    Draining,
+    #[error("too many webhooks in flight")]
+    Overloaded,
+    #[error("queue unavailable: {0}")]
     Unavailable(String),
 }
 
@@ -36,7 +40,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::BadBody => "bad_request",
-            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Draining | ApiError::Overloaded | ApiError::Unavailable(_) => "unavailable",
         }
     }
 
@@ -46,7 +50,9 @@ impl ApiError {
             ApiError::InvalidJson | ApiError::BadBody => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Draining | ApiError::Overloaded | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }
@@ -54,7 +60,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(json!({ "error": self.code() }))).into_response();
-        if matches!(self, ApiError::Unavailable(_)) {
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),

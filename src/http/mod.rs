@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -40,12 +39,16 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub admin_token: Secret,
     pub readiness: health::Readiness,
+    pub max_body_bytes: usize,
+    /// [`MAX_WEBHOOKS_IN_FLIGHT`] permits.
+    pub webhook_permits: tokio::sync::Semaphore,
     pub metrics: PrometheusHandle,
 }
 
-/// Webhooks handled at once; more are shed with 503 + `Retry-After` instead of queueing in
-/// memory. Each holds its body (up to `server.max_body_bytes`) while it waits for the commit.
-pub const MAX_WEBHOOKS_IN_FLIGHT: usize = 256;
+/// Webhooks handled at once (body read, verified, waiting for the commit). More wait briefly
+/// for a permit, then are shed with 503 + `Retry-After`. Each holds its body (up to
+/// `server.max_body_bytes`), so this also bounds the memory webhooks can take.
+pub const MAX_WEBHOOKS_IN_FLIGHT: usize = 128;
 
 /// The longest a webhook may take, body upload included; then 503 + `Retry-After` (a client
 /// that retries is deduplicated if the first attempt did commit).
@@ -54,21 +57,18 @@ pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(15);
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The public router: `POST /webhooks/userpilot`, `GET /healthz`, `GET /readyz`.
-pub fn public_router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+pub fn public_router(state: Arc<AppState>) -> Router {
     let router = Router::new()
         .route(
             "/webhooks/userpilot",
             post(webhook::receive).layer(
                 ServiceBuilder::new()
-                    .layer(HandleErrorLayer::new(webhook::overloaded))
-                    .load_shed()
-                    .concurrency_limit(MAX_WEBHOOKS_IN_FLIGHT)
+                    .layer(HandleErrorLayer::new(webhook::timed_out))
                     .timeout(WEBHOOK_TIMEOUT),
             ),
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state);
     traced(router)
 }

@@ -2,14 +2,14 @@
 //! Nothing is answered 2xx before the queue has committed it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
 use super::AppState;
@@ -21,7 +21,7 @@ use crate::userpilot::verify;
 pub async fn receive(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     let started = Instant::now();
     let result = handle(&state, &headers, body).await;
@@ -36,8 +36,13 @@ pub async fn receive(
         }
         Ok(Enqueued::Quarantined) => "quarantined",
         Err(error @ ApiError::Unavailable(_)) => {
-            tracing::error!(%error, "webhook refused: queue unavailable");
-            error.code()
+            // The one refusal that is the relay's fault: the queue could not commit.
+            tracing::error!(%error, "webhook refused");
+            "unavailable"
+        }
+        Err(error @ (ApiError::Draining | ApiError::Overloaded)) => {
+            tracing::info!(%error, "webhook refused");
+            "unavailable"
         }
         Err(ApiError::Signature(reason)) => {
             metrics::counter!("relay_signature_failures_total", "reason" => reason.reason())
@@ -71,33 +76,27 @@ pub async fn receive(
     }
 }
 
-/// Load shedding and the request timeout: both answer 503 + `Retry-After`.
-pub async fn overloaded(error: tower::BoxError) -> Response {
-    let reason = if error.is::<tower::timeout::error::Elapsed>() {
-        "timed_out"
-    } else {
-        "overloaded"
-    };
-    tracing::warn!(reason, "webhook shed");
-    metrics::counter!("relay_webhooks_total", "outcome" => reason).increment(1);
-    ApiError::Unavailable(reason.into()).into_response()
+/// The request timeout: 503 + `Retry-After`, like every other "try again later".
+pub async fn timed_out(_: tower::BoxError) -> Response {
+    tracing::warn!("webhook timed out");
+    metrics::counter!("relay_webhooks_total", "outcome" => "timed_out").increment(1);
+    ApiError::Unavailable("timed out".into()).into_response()
 }
 
-async fn handle(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Enqueued, ApiError> {
+async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Enqueued, ApiError> {
     if state.shutdown.is_cancelled() {
-        return Err(ApiError::Unavailable("draining".into()));
+        return Err(ApiError::Draining);
     }
     if !is_json_or_absent(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-        _ => ApiError::BadBody,
-    })?;
+    // A permit before the body is read: waiting requests hold a connection but no body, so
+    // memory stays bounded by permits × `server.max_body_bytes` however many clients pile up.
+    let _permit = tokio::time::timeout(PERMIT_WAIT, state.webhook_permits.acquire())
+        .await
+        .map_err(|_| ApiError::Overloaded)?
+        .map_err(|_| ApiError::Draining)?;
+    let body = read_body(body, state.max_body_bytes).await?;
     let received_at = state.clock.now();
     let signature = headers.get("x-signature").map(|v| v.as_bytes());
     let verified = verify(
@@ -133,6 +132,18 @@ async fn handle(
         _ => {}
     }
     Ok(outcome)
+}
+
+/// How long a webhook may wait for a permit before it is shed with 503 + `Retry-After`.
+const PERMIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Reads the whole body, refusing it with 413 as soon as it passes `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge),
+        Err(_) => Err(ApiError::BadBody),
+    }
 }
 
 /// SPEC §4: a content type, when present, must be JSON (`application/json` or `*/*+json`).
