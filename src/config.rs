@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
+use config::builder::DefaultState;
+use config::{Config, ConfigBuilder, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
 use crate::heap::mapping::MappingSettings;
@@ -149,8 +150,7 @@ impl Default for Renames {
 impl Settings {
     /// Loads the layers and validates the result. `file` is the `--config` path, if any.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut builder =
-            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        let mut layers = defaults();
         if let Some(path) = file {
             if !path.exists() {
                 return Err(ConfigError::Load(format!(
@@ -158,7 +158,7 @@ impl Settings {
                     path.display()
                 )));
             }
-            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+            layers = layers.add_source(File::from(path).format(FileFormat::Toml));
         }
         let env = Environment::with_prefix("RELAY")
             .prefix_separator("_")
@@ -167,20 +167,16 @@ impl Settings {
             .with_list_parse_key("userpilot.secrets")
             .with_list_parse_key("mapping.drop")
             .try_parsing(true);
-        let settings: Settings = builder
-            .add_source(env)
-            .build()
-            .and_then(Config::try_deserialize)
-            .map_err(|e| ConfigError::Load(describe(&e)))?;
-        settings.validate()?;
-        Ok(settings)
+        Self::from_layers(layers.add_source(env))
     }
 
     /// The defaults with `overrides` (TOML) on top, no environment: for tests and tools.
     pub fn from_toml(overrides: &str) -> Result<Self, ConfigError> {
-        let settings: Settings = Config::builder()
-            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
-            .add_source(File::from_str(overrides, FileFormat::Toml))
+        Self::from_layers(defaults().add_source(File::from_str(overrides, FileFormat::Toml)))
+    }
+
+    fn from_layers(layers: ConfigBuilder<DefaultState>) -> Result<Self, ConfigError> {
+        let settings: Settings = layers
             .build()
             .and_then(Config::try_deserialize)
             .map_err(|e| ConfigError::Load(describe(&e)))?;
@@ -220,23 +216,22 @@ impl Settings {
                 "must be between 1 and 1000",
             ));
         }
-        if self.heap.timeout_ms == 0 {
-            return Err(invalid("heap.timeout_ms", "must be above 0"));
-        }
-        if self.heap.events_per_minute == 0 {
-            return Err(invalid("heap.events_per_minute", "must be above 0"));
-        }
-        if self.heap.identity_events_per_minute == 0 {
-            return Err(invalid(
+        for (key, value) in [
+            ("heap.timeout_ms", self.heap.timeout_ms),
+            (
+                "heap.events_per_minute",
+                u64::from(self.heap.events_per_minute),
+            ),
+            (
                 "heap.identity_events_per_minute",
-                "must be above 0",
-            ));
-        }
-        if self.server.max_body_bytes == 0 {
-            return Err(invalid("server.max_body_bytes", "must be above 0"));
-        }
-        if self.retry.initial_backoff_ms == 0 {
-            return Err(invalid("retry.initial_backoff_ms", "must be above 0"));
+                u64::from(self.heap.identity_events_per_minute),
+            ),
+            ("server.max_body_bytes", self.server.max_body_bytes as u64),
+            ("retry.initial_backoff_ms", self.retry.initial_backoff_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be above 0"));
+            }
         }
         if self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
             return Err(invalid(
@@ -282,6 +277,11 @@ impl Settings {
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
+}
+
+/// The first layer: the built-in defaults.
+fn defaults() -> ConfigBuilder<DefaultState> {
+    Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
 }
 
 /// `Old name=New name;Other=Another` -> table.
@@ -334,8 +334,7 @@ mod tests {
 
     #[test]
     fn the_embedded_defaults_parse_and_only_lack_the_required_keys() {
-        let settings: Settings = Config::builder()
-            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+        let settings: Settings = defaults()
             .build()
             .and_then(Config::try_deserialize)
             .unwrap();
