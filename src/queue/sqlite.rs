@@ -8,11 +8,11 @@
 //! commit itself fails, every webhook in the group gets the error and none is acknowledged.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use super::{
@@ -74,6 +74,10 @@ enum Command {
 /// Handle to the queue thread. Cheap to share behind an `Arc`.
 pub struct SqliteQueue {
     commands: mpsc::Sender<Command>,
+    /// A second connection for slow read-only queries (stats, listings). WAL lets it read
+    /// while the queue thread writes, so a metrics scrape over a large backlog never stalls
+    /// ingest.
+    reader: Arc<Mutex<Connection>>,
 }
 
 fn storage(error: rusqlite::Error) -> QueueError {
@@ -96,7 +100,31 @@ impl SqliteQueue {
             .name("sqlite-queue".into())
             .spawn(move || serve(conn, receiver))
             .map_err(|e| QueueError::Storage(format!("cannot start the queue thread: {e}")))?;
-        Ok(Self { commands })
+        let reader =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(storage)?;
+        Ok(Self {
+            commands,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    /// Runs the read-only `op` on the reader connection, off the async runtime's threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader
+                .lock()
+                .map_err(|_| QueueError::Storage("reader connection poisoned".into()))?;
+            op(&conn).map_err(storage)
+        })
+        .await
+        .map_err(|_| QueueError::Closed)?
     }
 
     /// Runs `op` on the queue thread and waits for its result.
@@ -464,7 +492,7 @@ impl Queue for SqliteQueue {
     }
 
     async fn stats(&self, _now_ms: i64) -> Result<QueueStats, QueueError> {
-        self.call(|conn| {
+        self.read(|conn| {
             let mut stats = QueueStats::default();
             let mut statement = conn.prepare_cached(
                 "SELECT state, claimed, COUNT(*), MIN(received_at) FROM records
@@ -508,7 +536,7 @@ impl Queue for SqliteQueue {
     }
 
     async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
-        self.call(move |conn| {
+        self.read(move |conn| {
             let (clause, values) = filter_sql(&filter);
             let sql = format!(
                 "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
