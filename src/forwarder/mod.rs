@@ -154,7 +154,7 @@ impl Forwarder {
     /// the app rate budget, so tests can drive the forwarder step by step.
     pub async fn forward_once(&mut self, kind: RecordKind) -> Result<Pass, QueueError> {
         let now = self.clock.now_ms();
-        let max = self.config.batch_max.min(self.limits.max_batch());
+        let max = self.max_batch();
         let lease = self.config.lease.as_millis() as i64;
         let claimed = self.queue.claim(kind, max, now, lease).await?;
         let mut pass = Pass {
@@ -322,6 +322,7 @@ impl Forwarder {
             }
             self.control.set_state(State::Running);
             let mut pass_total = Pass::default();
+            let mut full = false;
             for kind in RecordKind::ALL {
                 let pass = tokio::select! {
                     pass = self.forward_once(kind) => pass,
@@ -332,6 +333,7 @@ impl Forwarder {
                 };
                 match pass {
                     Ok(pass) => {
+                        full |= pass.claimed >= self.max_batch();
                         pass_total.claimed += pass.claimed;
                         pass_total.backoff = pass_total.backoff.max(pass.backoff);
                     }
@@ -356,8 +358,20 @@ impl Forwarder {
                 }
             } else if pass_total.claimed == 0 {
                 self.idle(&shutdown).await;
+            } else if !full {
+                // Only part of a batch was waiting: let the next one fill for the linger
+                // time rather than sending a trickle of small requests.
+                tokio::select! {
+                    _ = tokio::time::sleep(self.config.linger) => {}
+                    _ = shutdown.cancelled() => {}
+                }
             }
         }
+    }
+
+    /// The largest batch a pass claims.
+    fn max_batch(&self) -> usize {
+        self.config.batch_max.min(self.limits.max_batch())
     }
 
     /// Nothing to send: sleep until new records arrive (then linger so a batch can fill),
