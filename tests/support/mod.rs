@@ -406,3 +406,127 @@ impl Drop for RelayProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Posts `body`, signed now with [`SECRET`], to the webhook route of the relay at `base_url`
+/// (e.g. a [`RelayProcess`]'s `url`). `Err` when the relay did not answer: not running, or
+/// the connection dropped (a crash, a shutdown).
+pub async fn post_signed(
+    http: &reqwest::Client,
+    base_url: &str,
+    body: &Value,
+) -> Result<(u16, Value), reqwest::Error> {
+    let bytes = serde_json::to_vec(body).unwrap();
+    let response = http
+        .post(format!("{base_url}/webhooks/userpilot"))
+        .header("content-type", "application/json")
+        .header("x-signature", signature(&bytes))
+        .body(bytes)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let text = response.text().await?;
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+/// `method` on `path` of the admin port at `admin_url`, with the admin token.
+pub async fn admin_call(
+    http: &reqwest::Client,
+    admin_url: &str,
+    method: reqwest::Method,
+    path: &str,
+) -> (u16, Value) {
+    let response = http
+        .request(method, format!("{admin_url}{path}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Runs the binary once with `args` and `env` (on top of a clean environment), as an operator
+/// runs a command such as `dlq list`, and returns its output.
+pub fn run_cli(env: &[(String, String)], args: &[&str]) -> std::process::Output {
+    Command::new(BINARY)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Sets `key` in an environment list (replacing it when present).
+pub fn set_env(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+    env.retain(|(k, _)| k != key);
+    env.push((key.to_owned(), value.to_owned()));
+}
+
+impl RelayProcess {
+    /// Resident memory of the relay process in KiB (`VmRSS` of `/proc/<pid>/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+}
+
+/// What one webhook post got: an HTTP answer, or none (the relay died, was gone, or closed the
+/// connection).
+#[derive(Debug, Clone)]
+pub enum Posted {
+    Answered(u16, Value),
+    NoAnswer,
+}
+
+/// Posts `bodies[i]` for every `i` in `indexes` to the relay at `url` from `posters` concurrent
+/// tasks (like Userpilot's delivery workers) and returns each `(i, outcome)`. `notify` is rung
+/// once `ring_at` of these posts were answered 202, so a test can act in the middle of the load.
+pub async fn post_concurrently(
+    url: &str,
+    bodies: &Arc<Vec<Value>>,
+    indexes: Vec<usize>,
+    posters: usize,
+    ring_at: usize,
+    notify: Arc<tokio::sync::Notify>,
+) -> Vec<(usize, Posted)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let http = reqwest::Client::new();
+    let indexes = Arc::new(indexes);
+    let next = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let log: Arc<Mutex<Vec<(usize, Posted)>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..posters {
+        let (http, url, bodies, indexes) = (
+            http.clone(),
+            url.to_owned(),
+            bodies.clone(),
+            indexes.clone(),
+        );
+        let (next, accepted, log, notify) =
+            (next.clone(), accepted.clone(), log.clone(), notify.clone());
+        tasks.spawn(async move {
+            while let Some(&i) = indexes.get(next.fetch_add(1, Ordering::SeqCst)) {
+                let outcome = match post_signed(&http, &url, &bodies[i]).await {
+                    Ok((status, answer)) => Posted::Answered(status, answer),
+                    Err(_) => Posted::NoAnswer,
+                };
+                if matches!(outcome, Posted::Answered(202, _))
+                    && accepted.fetch_add(1, Ordering::SeqCst) + 1 == ring_at
+                {
+                    notify.notify_one();
+                }
+                log.lock().unwrap().push((i, outcome));
+            }
+        });
+    }
+    tasks.join_all().await;
+    Arc::try_unwrap(log).unwrap().into_inner().unwrap()
+}
