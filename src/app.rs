@@ -51,10 +51,20 @@ pub struct App {
     admin: TcpListener,
 }
 
-/// Opens the configured queue backend.
+/// Opens the configured queue backend, for a tool working beside (or instead of) the relay.
 pub fn open_queue(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
     match settings.queue.backend {
         Backend::Sqlite => Ok(Arc::new(SqliteQueue::open(&settings.queue.path)?)),
+        Backend::Postgres => Err(AppError::PostgresUnavailable),
+    }
+}
+
+/// Opens the configured queue backend for the relay that forwards from it.
+async fn open_queue_for_serving(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
+    match settings.queue.backend {
+        Backend::Sqlite => Ok(Arc::new(
+            SqliteQueue::open_for_serving(&settings.queue.path).await?,
+        )),
         Backend::Postgres => Err(AppError::PostgresUnavailable),
     }
 }
@@ -84,7 +94,7 @@ impl App {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AppError> {
-        let queue = open_queue(&settings)?;
+        let queue = open_queue_for_serving(&settings).await?;
         let heap = &settings.heap;
         let client = HeapClient::new(
             &heap.base_url,
@@ -174,10 +184,13 @@ impl App {
 
         let mut tasks = JoinSet::new();
         let public_app = http::public_router(state.clone());
-        let stop = draining.clone();
+        // The listeners close a little after draining starts, so load balancers probing
+        // /readyz see 503 (not a refused connection) and stop sending traffic first.
+        let closing = CancellationToken::new();
+        let stop = closing.clone();
         tasks.spawn(http::serve::serve(public, public_app, stop).map_ok());
         let admin_app = http::admin_router(state.clone());
-        let stop = draining.clone();
+        let stop = closing.clone();
         tasks.spawn(http::serve::serve(admin, admin_app, stop).map_ok());
         tasks.spawn(forwarder.run(draining.clone()).map_ok());
         tasks.spawn(prune_periodically(state.clone(), settings.clone(), draining.clone()).map_ok());
@@ -188,11 +201,16 @@ impl App {
             Some(done) = tasks.join_next() => Some(done),
         };
         tracing::info!("shutting down: draining");
+        let deadline = tokio::time::Instant::now() + grace;
         draining.cancel();
         if let Some(Ok(Err(error))) = early {
+            closing.cancel();
             return Err(error);
         }
-        let drained = tokio::time::timeout(grace + Duration::from_millis(500), async {
+        tokio::time::sleep(drain_delay(grace)).await;
+        closing.cancel();
+        // The forwarder honours the same deadline on its own; the margin lets it log.
+        let drained = tokio::time::timeout_at(deadline + Duration::from_millis(100), async {
             while let Some(done) = tasks.join_next().await {
                 if let Ok(Err(error)) = done {
                     tracing::error!(%error, "task failed during shutdown");
@@ -207,6 +225,12 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// How long the listeners stay open answering 503 after draining starts: a quarter of the
+/// grace period, at most two seconds.
+fn drain_delay(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(2))
 }
 
 /// Lets a task that cannot fail sit in the same `JoinSet` as the servers.

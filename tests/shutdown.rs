@@ -86,7 +86,8 @@ async fn sigterm_under_load_exits_in_grace_and_loses_no_acknowledged_webhook() {
         "exit status {status:?}: {:?}",
         relay.logs()
     );
-    // The app waits grace + 500 ms for its tasks; a second more for process teardown.
+    // The app stops its tasks at the grace deadline (+100 ms); the rest is margin for process
+    // teardown on a busy machine.
     assert!(
         took < Duration::from_millis(GRACE_MS + 1_500),
         "SIGTERM to exit took {took:?}"

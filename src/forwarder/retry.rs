@@ -14,6 +14,10 @@ use crate::heap::client::{HeapResponse, TransportError};
 /// budget is gone for a while, and hammering it again makes things worse.
 pub const THROTTLED_FLOOR: Duration = Duration::from_secs(5);
 
+/// The longest `Retry-After` honoured, whatever `retry.max_backoff_ms` says: Heap knows best
+/// when it will be back, but a silly value must not park the relay for a day.
+pub const RETRY_AFTER_CEILING: Duration = Duration::from_secs(600);
+
 /// What to do with a batch after one Heap call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -81,8 +85,8 @@ impl Backoff {
     }
 
     /// The wait before the next attempt after a retryable failure: the jittered backoff,
-    /// raised to Heap's `Retry-After` (capped at `max`, so a silly value cannot park the
-    /// relay for a day) and to [`THROTTLED_FLOOR`] after a 429.
+    /// raised to Heap's `Retry-After` (up to the larger of `max` and [`RETRY_AFTER_CEILING`])
+    /// and to [`THROTTLED_FLOOR`] (at most `max`) after a 429.
     pub fn retry_delay(
         &self,
         failures: u32,
@@ -92,7 +96,7 @@ impl Backoff {
     ) -> Duration {
         let mut delay = self.delay(failures, jitter);
         if let Some(asked) = retry_after {
-            delay = delay.max(asked.min(self.max));
+            delay = delay.max(asked.min(self.max.max(RETRY_AFTER_CEILING)));
         }
         if throttled {
             delay = delay.max(THROTTLED_FLOOR.min(self.max));
@@ -186,7 +190,14 @@ mod tests {
         let after = Some(Duration::from_secs(30));
         assert_eq!(b.retry_delay(1, 0.0, after, false), Duration::from_secs(30));
         let silly = Some(Duration::from_secs(86_400));
-        assert_eq!(b.retry_delay(1, 0.0, silly, false), Duration::from_secs(60));
+        assert_eq!(b.retry_delay(1, 0.0, silly, false), RETRY_AFTER_CEILING);
+        // Retry-After is honoured above a small max_backoff: Heap knows when it is back.
+        let small = Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        };
+        let one = Some(Duration::from_secs(1));
+        assert_eq!(small.retry_delay(1, 0.0, one, true), Duration::from_secs(1));
         assert_eq!(b.retry_delay(1, 0.0, None, true), THROTTLED_FLOOR);
         assert_eq!(b.retry_delay(1, 0.0, None, false), Duration::ZERO);
     }
@@ -206,7 +217,11 @@ mod tests {
             prop_assert!(b.delay(failures, jitter) <= b.ceiling(failures));
             prop_assert!(b.ceiling(failures) <= b.max);
             prop_assert!(b.ceiling(failures) <= b.ceiling(failures + 1));
-            prop_assert!(b.retry_delay(failures, jitter, Some(Duration::MAX), true) <= b.max);
+            prop_assert!(
+                b.retry_delay(failures, jitter, Some(Duration::MAX), true)
+                    <= b.max.max(RETRY_AFTER_CEILING)
+            );
+            prop_assert!(b.retry_delay(failures, jitter, None, true) <= b.max);
         }
     }
 }

@@ -85,8 +85,26 @@ fn storage(error: rusqlite::Error) -> QueueError {
 }
 
 impl SqliteQueue {
-    /// Opens (creating when missing) the queue file and starts its thread. Leases left by a
-    /// previous process are released: this process is the file's only user.
+    /// Opens the queue file for the relay that forwards from it: as [`SqliteQueue::open`],
+    /// and leases left by a previous process (killed mid-batch) are released at once instead
+    /// of when they run out, since only one relay forwards from a SQLite file. Tools (`dlq`)
+    /// use `open`, so they never release a running relay's leases.
+    pub async fn open_for_serving(path: &Path) -> Result<Self, QueueError> {
+        let queue = Self::open(path)?;
+        let now = chrono::Utc::now().timestamp_millis();
+        queue
+            .call(move |conn| {
+                conn.execute(
+                    "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
+                     WHERE state = 0 AND claimed = 1",
+                    params![now],
+                )
+            })
+            .await?;
+        Ok(queue)
+    }
+
+    /// Opens (creating when missing) the queue file and starts its thread.
     pub fn open(path: &Path) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -157,11 +175,6 @@ fn prepare(conn: &Connection) -> rusqlite::Result<()> {
     }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    conn.execute(
-        "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
-         WHERE state = 0 AND claimed = 1",
-        params![chrono::Utc::now().timestamp_millis()],
-    )?;
     Ok(())
 }
 
