@@ -1,7 +1,8 @@
 //! Graceful shutdown of the relay binary under load (SPEC §7): on SIGTERM it exits 0 within
 //! `server.shutdown_grace_ms` even with a Heap request hanging, answers webhooks that arrive
 //! while draining with 503 (or not at all), and every webhook it answered 202 is delivered
-//! after a restart on the same queue folder.
+//! after a restart on the same queue folder. In-process: while draining, `/readyz` and new
+//! webhooks answer 503 before the listener closes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -139,4 +140,45 @@ async fn sigterm_under_load_exits_in_grace_and_loses_no_acknowledged_webhook() {
         before_restart.len(),
         delivered.lock().unwrap().len(),
     );
+}
+
+#[tokio::test]
+async fn draining_turns_readiness_and_webhooks_to_503_before_the_listener_closes() {
+    let heap = support::FakeHeap::start().await;
+    let relay = support::Relay::start(&heap, "").await;
+    let ready = relay
+        .http
+        .get(format!("{}/readyz", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    relay.shutdown.cancel();
+    // The base test config has a 2 s grace, so the listener stays open for 500 ms.
+    let ready = relay
+        .http
+        .get(format!("{}/readyz", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    assert_eq!(
+        ready.json::<serde_json::Value>().await.unwrap()["status"],
+        "draining"
+    );
+    let body = serde_json::json!({ "timestamp": chrono::Utc::now().timestamp(),
+        "data": { "type": "nps", "score": 3, "user": { "user_id": "d1" } } });
+    let (status, answer) = relay.post(&body).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (503, Some("unavailable"))
+    );
+    let live = relay
+        .http
+        .get(format!("{}/healthz", relay.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+    relay.task.await.unwrap();
 }
