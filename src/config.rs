@@ -59,6 +59,7 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserpilotSettings {
+    #[serde(deserialize_with = "comma_list")]
     pub secrets: Vec<Secret>,
     pub tolerance_secs: u64,
 }
@@ -130,8 +131,29 @@ pub struct LogSettings {
 pub struct RawMapping {
     #[serde(default)]
     pub rename: Renames,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "comma_list")]
     pub drop: Vec<String>,
+}
+
+/// A list written as a TOML array, or as one comma-separated string (the environment's form).
+/// Values are kept as written: no number or boolean parsing, so an app id or a secret that
+/// looks like a number stays exactly what the operator typed.
+fn comma_list<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: From<String>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Either::deserialize(deserializer)? {
+        Either::List(items) => items.into_iter().map(T::from).collect(),
+        Either::Text(text) if text.is_empty() => Vec::new(),
+        Either::Text(text) => text.split(',').map(|s| T::from(s.to_owned())).collect(),
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,11 +184,7 @@ impl Settings {
         }
         let env = Environment::with_prefix("RELAY")
             .prefix_separator("_")
-            .separator("__")
-            .list_separator(",")
-            .with_list_parse_key("userpilot.secrets")
-            .with_list_parse_key("mapping.drop")
-            .try_parsing(true);
+            .separator("__");
         Self::from_layers(layers.add_source(env))
     }
 
@@ -239,6 +257,14 @@ impl Settings {
                 "must be at least retry.initial_backoff_ms",
             ));
         }
+        if self.queue.dedup_window_secs < self.userpilot.tolerance_secs {
+            // A replayed webhook is recognised only while its first delivery is remembered;
+            // within the tolerance an attacker could otherwise replay a captured request.
+            return Err(invalid(
+                "queue.dedup_window_secs",
+                "must be at least userpilot.tolerance_secs",
+            ));
+        }
         match self.queue.backend {
             Backend::Sqlite if self.queue.path.as_os_str().is_empty() => {
                 return Err(invalid("queue.path", "is required for the sqlite backend"));
@@ -299,22 +325,39 @@ fn parse_renames(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     Ok(renames)
 }
 
+/// Keys whose values must never be printed, not even in an error.
+const SECRET_KEYS: [&str; 3] = ["userpilot.secrets", "admin.token", "queue.postgres_url"];
+
+/// What an enum-valued key accepts, for the error message.
+const CHOICES: [(&str, &str); 2] = [
+    ("log.format", "`json` or `pretty`"),
+    ("queue.backend", "`sqlite` or `postgres`"),
+];
+
 /// Turns the `config` crate's error into one line naming the key. Its messages put the key
 /// after "for key"; an unknown key reads "unknown field `x`" with the section as the key.
+/// Serde quotes the offending value, so for secret keys the message is replaced entirely.
 fn describe(error: &config::ConfigError) -> String {
     let text = error.to_string();
-    match text.split_once("unknown field ") {
-        Some((_, rest)) => {
-            let field = rest.split('`').nth(1).unwrap_or(rest);
-            let section = text
-                .rsplit_once("for key `")
-                .and_then(|(_, k)| k.split('`').next())
-                .filter(|s| !s.is_empty());
-            match section {
-                Some(section) => format!("unknown key `{section}.{field}`"),
-                None => format!("unknown key `{field}`"),
-            }
-        }
+    let key = text
+        .rsplit_once("for key `")
+        .and_then(|(_, k)| k.split('`').next())
+        .filter(|k| !k.is_empty());
+    if let Some((_, rest)) = text.split_once("unknown field ") {
+        let field = rest.split('`').nth(1).unwrap_or(rest);
+        return match key {
+            Some(section) => format!("unknown key `{section}.{field}`"),
+            None => format!("unknown key `{field}`"),
+        };
+    }
+    let Some(key) = key else {
+        return text;
+    };
+    if SECRET_KEYS.contains(&key) {
+        return format!("`{key}` has an invalid value (not shown: it is a secret)");
+    }
+    match CHOICES.iter().find(|(k, _)| *k == key) {
+        Some((_, choices)) => format!("`{key}` must be {choices}"),
         None => text,
     }
 }

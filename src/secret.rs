@@ -24,6 +24,12 @@ impl Secret {
     }
 }
 
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
 const REDACTED: &str = "[redacted]";
 
 impl std::fmt::Debug for Secret {

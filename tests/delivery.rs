@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use support::{Answer, FakeHeap, RelayProcess, admin_call, post_signed, set_env};
+use support::{Answer, FakeHeap, RelayProcess, admin_call, eventually, post_signed, set_env};
 use userpilot_heap_relay::clock::ManualClock;
 use userpilot_heap_relay::forwarder::limits::Limits;
 use userpilot_heap_relay::forwarder::retry::{Backoff, THROTTLED_FLOOR};
@@ -438,11 +438,13 @@ async fn dead_letters_are_pruned_after_their_own_retention_and_their_webhooks_wi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_zero_dedup_window_a_restart_forgets_delivered_webhooks() {
+async fn after_the_dedup_window_a_restart_forgets_delivered_webhooks() {
     let heap = FakeHeap::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut env = RelayProcess::env(&heap, dir.path());
-    set_env(&mut env, "RELAY_QUEUE__DEDUP_WINDOW_SECS", "0");
+    // The window may not be shorter than the signature tolerance, so both are one second.
+    set_env(&mut env, "RELAY_QUEUE__DEDUP_WINDOW_SECS", "1");
+    set_env(&mut env, "RELAY_USERPILOT__TOLERANCE_SECS", "1");
     let http = reqwest::Client::new();
     let webhook: Value = serde_json::from_slice(&body(7, true)).unwrap();
 
@@ -450,6 +452,7 @@ async fn with_a_zero_dedup_window_a_restart_forgets_delivered_webhooks() {
     let (_, answer) = post_signed(&http, &relay.url, &webhook).await.unwrap();
     assert_eq!(answer["status"], "accepted");
     heap.wait_for_events(1, Duration::from_secs(10)).await;
+    let delivered_at = std::time::Instant::now();
     let (_, answer) = post_signed(&http, &relay.url, &webhook).await.unwrap();
     assert_eq!(
         answer["status"], "duplicate",
@@ -458,7 +461,11 @@ async fn with_a_zero_dedup_window_a_restart_forgets_delivered_webhooks() {
     let (code, _) = tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(10)));
     assert!(code.success());
 
-    // Pruning runs at startup, then every minute.
+    // Pruning runs at startup, then every minute: restart once the window has passed.
+    eventually(Duration::from_secs(5), || {
+        (delivered_at.elapsed() > Duration::from_millis(1200)).then_some(())
+    })
+    .await;
     let relay = RelayProcess::spawn(&env);
     let (admin_url, probe) = (relay.admin_url.clone(), http.clone());
     let delivered = move || {

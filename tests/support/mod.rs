@@ -317,7 +317,13 @@ impl RelayProcess {
     /// Starts the binary with `env` (on top of a clean environment) and waits for its
     /// "relay started" line to learn the ports.
     pub fn spawn(env: &[(String, String)]) -> RelayProcess {
+        Self::spawn_with_args(&[], env)
+    }
+
+    /// As [`RelayProcess::spawn`], with command-line arguments (e.g. `--config PATH`).
+    pub fn spawn_with_args(args: &[&str], env: &[(String, String)]) -> RelayProcess {
         let mut child = Command::new(BINARY)
+            .args(args)
             .env_clear()
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
