@@ -19,6 +19,7 @@ use crate::heap::client::HeapClient;
 use crate::heap::mapping::Mapper;
 use crate::http::{self, AppState};
 use crate::queue::Queue;
+use crate::queue::postgres::{PostgresQueue, leader_lock_key};
 use crate::queue::sqlite::SqliteQueue;
 
 /// How often delivered records and old dead letters are pruned.
@@ -37,8 +38,6 @@ pub enum AppError {
     Config(#[from] crate::config::ConfigError),
     #[error("cannot build the Heap client: {0}")]
     Client(#[from] reqwest::Error),
-    #[error("queue.backend = \"postgres\" is not available in this build yet")]
-    PostgresUnavailable,
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -52,10 +51,10 @@ pub struct App {
 }
 
 /// Opens the configured queue backend, for a tool working beside (or instead of) the relay.
-pub fn open_queue(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
+pub async fn open_queue(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
     match settings.queue.backend {
         Backend::Sqlite => Ok(Arc::new(SqliteQueue::open(&settings.queue.path)?)),
-        Backend::Postgres => Err(AppError::PostgresUnavailable),
+        Backend::Postgres => open_postgres(settings).await,
     }
 }
 
@@ -65,8 +64,18 @@ async fn open_queue_for_serving(settings: &Settings) -> Result<Arc<dyn Queue>, A
         Backend::Sqlite => Ok(Arc::new(
             SqliteQueue::open_for_serving(&settings.queue.path).await?,
         )),
-        Backend::Postgres => Err(AppError::PostgresUnavailable),
+        // Shared by replicas: leases are never released at startup (another replica may be
+        // sending them); the leader frees those of replicas that are gone.
+        Backend::Postgres => open_postgres(settings).await,
     }
+}
+
+/// The shared Postgres queue. The replicas serving one Heap app id elect one forwarder among
+/// themselves (see [`crate::queue::postgres`]).
+async fn open_postgres(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
+    let lock_key = leader_lock_key(&settings.heap.app_id);
+    let url = settings.queue.postgres_url.expose();
+    Ok(Arc::new(PostgresQueue::connect(url, lock_key).await?))
 }
 
 /// The mapper as configured.

@@ -207,7 +207,7 @@ fn confirm_scope(filter: &Filter, all: bool, verb: &str) -> anyhow::Result<()> {
 }
 
 async fn dlq(settings: Settings, action: &DlqCommand) -> anyhow::Result<ExitCode> {
-    let queue = app::open_queue(&settings)?;
+    let queue = app::open_queue(&settings).await?;
     match action {
         DlqCommand::List(filter) => {
             let filter = filter.params().to_filter(true)?;

@@ -1,5 +1,5 @@
 //! The durable queue between the webhook handler and the forwarder, behind one trait with an
-//! embedded backend ([`sqlite`]) and room for a shared one.
+//! embedded backend ([`sqlite`], one relay) and a shared one ([`postgres`], several replicas).
 //!
 //! Model: a *webhook* row keeps the verified Userpilot body (for deduplication and for replay,
 //! which re-maps from it). Each webhook owns *records*: one per Heap track event / user / account
@@ -8,6 +8,7 @@
 //! to the lease's end, so a crashed worker's records come back by themselves; ack, retry and
 //! dead-letter end the lease. All times are unix milliseconds and come in as arguments.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;

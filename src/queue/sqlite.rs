@@ -645,7 +645,8 @@ impl Queue for SqliteQueue {
         self.call(move |conn| {
             let (clause, values) = filter_sql(&filter);
             let sql = format!(
-                "DELETE FROM records WHERE id IN (SELECT r.id FROM records r WHERE {clause}{})",
+                "DELETE FROM records WHERE id IN
+                 (SELECT r.id FROM records r WHERE {clause} ORDER BY r.id{})",
                 limit_sql(&filter)
             );
             let deleted = conn.execute(&sql, rusqlite::params_from_iter(values))?;

@@ -1,0 +1,998 @@
+//! The shared queue: PostgreSQL, for several relay replicas behind one load balancer. Same
+//! model and semantics as [`super::sqlite`] (the reference): a `webhooks` table (unique digest,
+//! verified body) and a `records` table (unique key, state 0 pending / 1 delivered / 2 dead,
+//! `next_attempt_at` = due time, or the lease's end while claimed). All times are unix
+//! milliseconds passed in by the caller, except the heartbeat, which uses the server's clock.
+//!
+//! **Ingest.** One background task collects concurrent [`Queue::enqueue`] calls and commits
+//! them in one transaction (group commit), each webhook in its own savepoint so one failure
+//! cannot take its neighbours down; a caller hears back only after `COMMIT`. Deduplication is
+//! `INSERT ... ON CONFLICT (digest) DO NOTHING`, which holds across replicas. (Two replicas
+//! inserting the same two new bodies in crossed order at the same instant can deadlock; the
+//! loser's webhook gets an error, hence a 503, and Userpilot's redelivery is then a duplicate.)
+//!
+//! **Claims.** `SELECT ... FOR UPDATE SKIP LOCKED` picks due records and the same statement
+//! leases them (`claimed = 1`, `next_attempt_at` = lease end, `claimed_by` = this replica), so
+//! two claimers never get the same record. An expired lease makes a record claimable again;
+//! there is no reset at startup as with SQLite, since other replicas may hold live leases.
+//!
+//! **One forwarder at a time (leadership).** Heap's rate limits are per app id, and each
+//! replica's limiter only knows its own traffic, so only one replica forwards at a time: the
+//! one holding the session-level advisory lock `pg_try_advisory_lock(lock_key)` (derive the key
+//! from the app id with [`leader_lock_key`]) on a dedicated connection. [`Queue::claim`]
+//! returns nothing on the other replicas, which retry the lock at most every
+//! [`LEADER_CHECK_EVERY`] (and [`Queue::next_due_ms`] tells their forwarder nothing is due).
+//! The leader probes its dedicated connection at the same pace; if it breaks, leadership is
+//! dropped at once (the server has released the lock with the session). A killed replica's
+//! session ends, so another replica takes over at its next claim, within about two seconds.
+//! The dead leader's claimed records come back when their lease expires — or sooner: every
+//! connection of a replica carries `application_name = userpilot-heap-relay/<replica id>`, and
+//! the leader, when it takes over and then every probe, releases leases whose replica has no
+//! session left (`pg_stat_activity`). A replica that is alive but lost only its dedicated
+//! connection keeps its leases until they expire, so its batch in flight is not sent twice.
+//! A new leader starts with a full rate budget: a takeover may add one burst. The gauge
+//! `relay_queue_leader` is 1 on the replica that forwards.
+//! Consequences: one app id per database (the lock key space is per database); no
+//! transaction-pooling proxy (pgbouncer in transaction mode) in front, since session locks need
+//! sessions; replicas' clocks should agree to well within a lease.
+//!
+//! **Failures.** Pool waits, connects and recycles are bounded by [`CONNECT_TIMEOUT`], statements
+//! by `statement_timeout`; while Postgres is unreachable every call fails quickly with
+//! [`QueueError::Storage`] (webhooks get 503, `/readyz` 503), and the pool reconnects by itself
+//! when it is back. Migrations run at startup in one transaction under an advisory lock, so
+//! replicas starting together apply them once.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+use super::{
+    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, NewWebhook, QUARANTINE_KIND, Queue,
+    QueueError, QueueStats, ReplayItem,
+};
+use crate::heap::wire::RecordKind;
+
+/// The schema version this code writes (table `schema_version`). Add a migration to bump it.
+const SCHEMA_VERSION: i32 = 1;
+
+/// `pg_advisory_xact_lock` key serializing migrations ("relaymig").
+const MIGRATION_LOCK: i64 = 0x7265_6c61_796d_6967;
+
+/// Connections in the pool (the dedicated leadership connection is extra).
+const POOL_SIZE: usize = 16;
+
+/// Bound on waiting for a pooled connection, on connecting, and on recycling one.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Server-side bound on any one statement.
+const STATEMENT_TIMEOUT_MS: u64 = 10_000;
+
+/// How often a follower retries the leader lock, and the leader probes its connection.
+pub const LEADER_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The most webhooks committed in one transaction. Each gets a savepoint, and Postgres slows
+/// every session down once a transaction has more than 64 subtransactions.
+const MAX_GROUP: usize = 64;
+
+/// Rows deleted per pruning statement.
+const PRUNE_CHUNK: i64 = 5000;
+
+/// Prefix of `application_name`, followed by the replica id.
+const APPLICATION: &str = "userpilot-heap-relay/";
+
+/// Version 1. Mirrors the SQLite schema, plus `claimed_by` (which replica holds the lease).
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS webhooks (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    digest      BYTEA  NOT NULL UNIQUE,  -- SHA-256 of the verified body
+    body        BYTEA  NOT NULL,         -- the verified body, for replay
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhooks_received ON webhooks (received_at);
+CREATE TABLE IF NOT EXISTS records (
+    id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    webhook_id      BIGINT  NOT NULL,
+    key             TEXT    NOT NULL UNIQUE,  -- idempotency key (track) or kind:digest
+    kind            TEXT    NOT NULL,         -- RecordKind::as_str() or 'webhook' (quarantine)
+    subject         TEXT    NOT NULL,         -- identity or account id
+    json            TEXT    NOT NULL,         -- element of Heap's bulk array; '' once delivered
+    state           INTEGER NOT NULL,         -- 0 pending, 1 delivered, 2 dead
+    claimed         INTEGER NOT NULL DEFAULT 0,
+    claimed_by      TEXT,                     -- application_name of the claiming replica
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    received_at     BIGINT  NOT NULL,
+    next_attempt_at BIGINT  NOT NULL,         -- due time, or the lease's end while claimed
+    updated_at      BIGINT  NOT NULL,         -- delivered / dead since
+    last_error      TEXT,
+    dead_reason     TEXT,
+    dead_detail     TEXT
+);
+CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at, id) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> 0;
+CREATE INDEX IF NOT EXISTS records_webhook ON records (webhook_id);
+CREATE INDEX IF NOT EXISTS records_leased ON records (claimed_by) WHERE state = 0 AND claimed = 1;
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at TIMESTAMPTZ NOT NULL
+);
+";
+
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+
+/// Releases the leases of replicas that have no session left; `$1` now, `$2` this replica.
+const RELEASE_ORPHANS: &str = "
+UPDATE records SET claimed = 0, claimed_by = NULL, next_attempt_at = LEAST(next_attempt_at, $1)
+WHERE state = 0 AND claimed = 1 AND claimed_by IS DISTINCT FROM $2
+  AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = records.claimed_by)";
+
+const PENDING: i32 = 0;
+const DELIVERED: i32 = 1;
+const DEAD: i32 = 2;
+
+const ROLE_UNKNOWN: u8 = 0;
+const ROLE_LEADER: u8 = 1;
+const ROLE_FOLLOWER: u8 = 2;
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// The advisory-lock key for leadership among the replicas serving `app_id`.
+pub fn leader_lock_key(app_id: &str) -> i64 {
+    let digest = Sha256::digest(format!("userpilot-heap-relay leader {app_id}").as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}
+
+fn storage(error: tokio_postgres::Error) -> QueueError {
+    match error.as_db_error() {
+        Some(db) => {
+            QueueError::Storage(format!("postgres: {} ({})", db.message(), db.code().code()))
+        }
+        None => match std::error::Error::source(&error) {
+            Some(cause) => QueueError::Storage(format!("postgres: {error}: {cause}")),
+            None => QueueError::Storage(format!("postgres: {error}")),
+        },
+    }
+}
+
+fn unavailable(error: deadpool_postgres::PoolError) -> QueueError {
+    match error {
+        deadpool_postgres::PoolError::Backend(error) => storage(error),
+        other => QueueError::Storage(format!("postgres unavailable: {other}")),
+    }
+}
+
+fn timed_out(what: &str) -> QueueError {
+    QueueError::Storage(format!("postgres: {what} timed out"))
+}
+
+/// The dedicated session that holds the leader lock.
+#[derive(Default)]
+struct Leadership {
+    session: Option<tokio_postgres::Client>,
+    leading: bool,
+    /// When the lock was last tried (follower) or the session last probed (leader).
+    checked_at: Option<Instant>,
+}
+
+/// Handle to the shared queue. Cheap to share behind an `Arc`.
+pub struct PostgresQueue {
+    pool: Pool,
+    config: tokio_postgres::Config,
+    enqueues: mpsc::Sender<(NewWebhook, Reply<Enqueued>)>,
+    lock_key: i64,
+    /// This replica's `application_name`, also stored in `claimed_by`.
+    replica: String,
+    leadership: Mutex<Leadership>,
+    role: AtomicU8,
+}
+
+impl PostgresQueue {
+    /// Connects, applies migrations and starts the group-commit task. `lock_key` names the
+    /// leadership lock: replicas sharing an app id pass the same key ([`leader_lock_key`]).
+    pub async fn connect(url: &str, lock_key: i64) -> Result<Self, QueueError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| QueueError::Storage(format!("postgres_url: {e}")))?;
+        let replica = format!("{APPLICATION}{}", uuid::Uuid::new_v4().simple());
+        let options = format!(
+            "{} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            config.get_options().unwrap_or_default()
+        );
+        config
+            .application_name(&replica)
+            .options(options.trim_start())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        config.tcp_user_timeout(Duration::from_secs(10));
+
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                // A closed connection is noticed by `is_closed`; a broken one fails its next
+                // statement, which then closes it.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| QueueError::Storage(format!("postgres pool: {e}")))?;
+        migrate(&pool).await?;
+
+        let (enqueues, receiver) = mpsc::channel(4 * MAX_GROUP);
+        tokio::spawn(group_commit(pool.clone(), receiver));
+        Ok(Self {
+            pool,
+            config,
+            enqueues,
+            lock_key,
+            replica,
+            leadership: Mutex::default(),
+            role: AtomicU8::new(ROLE_UNKNOWN),
+        })
+    }
+
+    /// Whether this replica held the leader lock at its last check.
+    pub fn is_leader(&self) -> bool {
+        self.role.load(Ordering::Relaxed) == ROLE_LEADER
+    }
+
+    /// This replica's id as seen by Postgres (`application_name`).
+    pub fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    /// Runs one statement on a pooled connection; returns the rows affected.
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(storage)?;
+        client.execute(&statement, params).await.map_err(storage)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(storage)?;
+        client.query(&statement, params).await.map_err(storage)
+    }
+
+    /// Whether this replica may forward now; tries to become (or checks it still is) the
+    /// leader at most every [`LEADER_CHECK_EVERY`]. `now_ms` dates released orphan leases.
+    async fn lead(&self, now_ms: i64) -> Result<bool, QueueError> {
+        let mut state = self.leadership.lock().await;
+        if state
+            .session
+            .as_ref()
+            .is_some_and(tokio_postgres::Client::is_closed)
+        {
+            if state.leading {
+                tracing::warn!("leader connection closed; no longer forwarding");
+            }
+            self.step_down(&mut state);
+            // Try to reconnect right away rather than after the check interval.
+            state.checked_at = None;
+        }
+        if state
+            .checked_at
+            .is_some_and(|at| at.elapsed() < LEADER_CHECK_EVERY)
+        {
+            return Ok(state.leading);
+        }
+        state.checked_at = Some(Instant::now());
+        let outcome = self.check_leadership(&mut state, now_ms).await;
+        if outcome.is_err() {
+            if state.leading {
+                tracing::warn!("leader connection failed; no longer forwarding");
+            }
+            self.step_down(&mut state);
+        }
+        outcome
+    }
+
+    fn step_down(&self, state: &mut Leadership) {
+        // Dropping the client ends the session, and with it the lock, if the server still
+        // has it.
+        state.session = None;
+        state.leading = false;
+        self.set_role(ROLE_FOLLOWER);
+    }
+
+    fn set_role(&self, role: u8) {
+        self.role.store(role, Ordering::Relaxed);
+        metrics::gauge!("relay_queue_leader").set(if role == ROLE_LEADER { 1.0 } else { 0.0 });
+    }
+
+    async fn check_leadership(
+        &self,
+        state: &mut Leadership,
+        now_ms: i64,
+    ) -> Result<bool, QueueError> {
+        let session = match state.session.take() {
+            Some(session) => session,
+            None => self.open_session().await?,
+        };
+        let session = state.session.insert(session);
+        if !state.leading {
+            let row = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                session.query_one("SELECT pg_try_advisory_lock($1)", &[&self.lock_key]),
+            )
+            .await
+            .map_err(|_| timed_out("leader lock"))?
+            .map_err(storage)?;
+            if !row.try_get::<_, bool>(0).map_err(storage)? {
+                self.set_role(ROLE_FOLLOWER);
+                return Ok(false);
+            }
+            state.leading = true;
+            self.set_role(ROLE_LEADER);
+            tracing::info!(replica = %self.replica, "this replica now forwards (queue leader)");
+        }
+        // The probe: proves the session alive and frees the leases of replicas that are gone.
+        let released = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            session.execute(RELEASE_ORPHANS, &[&now_ms, &self.replica]),
+        )
+        .await
+        .map_err(|_| timed_out("leader probe"))?
+        .map_err(storage)?;
+        if released > 0 {
+            tracing::info!(
+                records = released,
+                "released the leases of a replica that is gone"
+            );
+        }
+        Ok(true)
+    }
+
+    async fn open_session(&self) -> Result<tokio_postgres::Client, QueueError> {
+        let (client, connection) =
+            tokio::time::timeout(CONNECT_TIMEOUT, self.config.connect(NoTls))
+                .await
+                .map_err(|_| timed_out("connect"))?
+                .map_err(storage)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "leader connection ended");
+            }
+        });
+        Ok(client)
+    }
+}
+
+/// Creates or upgrades the schema, once, whatever the number of replicas starting at once.
+async fn migrate(pool: &Pool) -> Result<(), QueueError> {
+    let mut client = pool.get().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(storage)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(storage)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version    INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(storage)?;
+    let current: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+        .await
+        .map_err(storage)?
+        .try_get(0)
+        .map_err(storage)?;
+    if current > SCHEMA_VERSION {
+        return Err(QueueError::Storage(format!(
+            "queue schema version {current} is newer than this relay understands ({SCHEMA_VERSION})"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql).await.map_err(storage)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(storage)?;
+        tracing::info!(version, "queue schema migrated");
+    }
+    tx.commit().await.map_err(storage)
+}
+
+/// The group-commit task: takes the webhooks waiting, commits them together, answers each.
+async fn group_commit(pool: Pool, mut receiver: mpsc::Receiver<(NewWebhook, Reply<Enqueued>)>) {
+    while let Some(first) = receiver.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match receiver.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let webhooks: Vec<&NewWebhook> = group.iter().map(|(webhook, _)| webhook).collect();
+        match commit_group(&pool, &webhooks).await {
+            Ok(results) => {
+                for ((_, reply), result) in group.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                for (_, reply) in group {
+                    let _ = reply.send(Err(QueueError::Storage(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_group(
+    pool: &Pool,
+    webhooks: &[&NewWebhook],
+) -> Result<Vec<Result<Enqueued, QueueError>>, QueueError> {
+    let mut client = pool.get().await.map_err(unavailable)?;
+    let mut tx = client.transaction().await.map_err(storage)?;
+    let mut results = Vec::with_capacity(webhooks.len());
+    for webhook in webhooks {
+        let savepoint = tx.savepoint("webhook").await.map_err(storage)?;
+        match insert_webhook(&savepoint, webhook).await {
+            Ok(result) => {
+                savepoint.commit().await.map_err(storage)?;
+                results.push(Ok(result));
+            }
+            Err(error) => {
+                savepoint.rollback().await.map_err(storage)?;
+                results.push(Err(error));
+            }
+        }
+    }
+    tx.commit().await.map_err(storage)?;
+    Ok(results)
+}
+
+async fn insert_webhook(
+    tx: &deadpool_postgres::Transaction<'_>,
+    webhook: &NewWebhook,
+) -> Result<Enqueued, QueueError> {
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO webhooks (digest, body, received_at) VALUES ($1, $2, $3)
+             ON CONFLICT (digest) DO NOTHING RETURNING id",
+        )
+        .await
+        .map_err(storage)?;
+    let row = tx
+        .query_opt(
+            &statement,
+            &[
+                &&webhook.digest[..],
+                &&webhook.body[..],
+                &webhook.received_at_ms,
+            ],
+        )
+        .await
+        .map_err(storage)?;
+    let Some(row) = row else {
+        return Ok(Enqueued::Duplicate);
+    };
+    let webhook_id: i64 = row.try_get(0).map_err(storage)?;
+    let events = insert_content(
+        tx,
+        webhook_id,
+        &webhook.digest,
+        webhook.received_at_ms,
+        &webhook.content,
+        webhook.received_at_ms,
+    )
+    .await?;
+    Ok(match webhook.content {
+        Content::Records(_) => Enqueued::Accepted { events },
+        Content::Quarantined { .. } => Enqueued::Quarantined,
+    })
+}
+
+/// Inserts a webhook's records in one statement; returns how many track events were new.
+async fn insert_content(
+    tx: &deadpool_postgres::Transaction<'_>,
+    webhook_id: i64,
+    digest: &[u8; 32],
+    received_at_ms: i64,
+    content: &Content,
+    now_ms: i64,
+) -> Result<usize, QueueError> {
+    match content {
+        Content::Records(records) if records.is_empty() => Ok(0),
+        Content::Records(records) => {
+            let statement = tx
+                .prepare_cached(
+                    "INSERT INTO records (webhook_id, key, kind, subject, json, state,
+                                          received_at, next_attempt_at, updated_at)
+                     SELECT $1, u.key, u.kind, u.subject, u.json, 0, $6, $7, $7
+                     FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[])
+                          WITH ORDINALITY AS u(key, kind, subject, json, n)
+                     ORDER BY u.n
+                     ON CONFLICT (key) DO NOTHING
+                     RETURNING kind",
+                )
+                .await
+                .map_err(storage)?;
+            let keys: Vec<&str> = records.iter().map(|o| o.key.as_str()).collect();
+            let kinds: Vec<&str> = records.iter().map(|o| o.record.kind().as_str()).collect();
+            let subjects: Vec<&str> = records.iter().map(|o| o.record.subject()).collect();
+            let jsons: Vec<String> = records.iter().map(|o| o.record.to_json()).collect();
+            let rows = tx
+                .query(
+                    &statement,
+                    &[
+                        &webhook_id,
+                        &keys,
+                        &kinds,
+                        &subjects,
+                        &jsons,
+                        &received_at_ms,
+                        &now_ms,
+                    ],
+                )
+                .await
+                .map_err(storage)?;
+            let track = RecordKind::Track.as_str();
+            let mut events = 0;
+            for row in rows {
+                if row.try_get::<_, &str>(0).map_err(storage)? == track {
+                    events += 1;
+                }
+            }
+            Ok(events)
+        }
+        Content::Quarantined {
+            reason,
+            detail,
+            subject,
+        } => {
+            let statement = tx
+                .prepare_cached(
+                    "INSERT INTO records (webhook_id, key, kind, subject, json, state,
+                                          received_at, next_attempt_at, updated_at,
+                                          dead_reason, dead_detail)
+                     VALUES ($1, $2, $3, $4, '', 2, $5, $6, $6, $7, $8)
+                     ON CONFLICT (key) DO NOTHING",
+                )
+                .await
+                .map_err(storage)?;
+            tx.execute(
+                &statement,
+                &[
+                    &webhook_id,
+                    &format!("quarantine:{}", hex::encode(digest)),
+                    &QUARANTINE_KIND,
+                    subject,
+                    &received_at_ms,
+                    &now_ms,
+                    reason,
+                    detail,
+                ],
+            )
+            .await
+            .map_err(storage)?;
+            Ok(0)
+        }
+    }
+}
+
+/// `WHERE` clause and parameters for a dead-letter filter (always restricted to dead records).
+fn filter_sql(filter: &DeadLetterFilter) -> (String, Vec<Param>) {
+    let mut sql = String::from("r.state = 2");
+    let mut values: Vec<Param> = Vec::new();
+    // `?` in the condition becomes the parameter's `$n`.
+    let mut clause = |condition: &str, value: Param| {
+        values.push(value);
+        sql.push_str(" AND ");
+        sql.push_str(&condition.replace('?', &format!("${}", values.len())));
+    };
+    if !filter.ids.is_empty() {
+        clause("r.id = ANY(?)", Box::new(filter.ids.clone()));
+    }
+    if let Some(reason) = &filter.reason {
+        clause("r.dead_reason = ?", Box::new(reason.clone()));
+    }
+    if let Some(subject) = &filter.subject {
+        clause("r.subject = ?", Box::new(subject.clone()));
+    }
+    if let Some(since) = filter.since_ms {
+        clause("r.updated_at >= ?", Box::new(since));
+    }
+    if let Some(until) = filter.until_ms {
+        clause("r.updated_at < ?", Box::new(until));
+    }
+    if let Some(after) = filter.after_id {
+        clause("r.id > ?", Box::new(after));
+    }
+    (sql, values)
+}
+
+/// ` LIMIT $n` when the filter has a limit, bound as the next parameter (so the statement
+/// text, which the connection caches, does not vary with the limit).
+fn limit_sql(filter: &DeadLetterFilter, values: &mut Vec<Param>) -> String {
+    match filter.limit {
+        Some(limit) => {
+            values.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
+            format!(" LIMIT ${}", values.len())
+        }
+        None => String::new(),
+    }
+}
+
+fn refs(values: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    values
+        .iter()
+        .map(|value| value.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+fn attempts(value: i32) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}
+
+#[async_trait]
+impl Queue for PostgresQueue {
+    async fn enqueue(&self, webhook: NewWebhook) -> Result<Enqueued, QueueError> {
+        let (reply, result) = oneshot::channel();
+        self.enqueues
+            .send((webhook, reply))
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        result.await.map_err(|_| QueueError::Closed)?
+    }
+
+    async fn claim(
+        &self,
+        kind: RecordKind,
+        max: usize,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<Claimed>, QueueError> {
+        if max == 0 || !self.lead(now_ms).await? {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .query(
+                "WITH picked AS (
+                     SELECT id, next_attempt_at AS due FROM records
+                     WHERE state = 0 AND kind = $1 AND next_attempt_at <= $2
+                     ORDER BY next_attempt_at, id LIMIT $3
+                     FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE records r SET claimed = 1, claimed_by = $5, next_attempt_at = $4
+                 FROM picked WHERE r.id = picked.id
+                 RETURNING r.id, r.subject, r.json, r.attempts, r.received_at, picked.due",
+                &[
+                    &kind.as_str(),
+                    &now_ms,
+                    &(max as i64),
+                    &(now_ms + lease_ms),
+                    &self.replica,
+                ],
+            )
+            .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let due: i64 = row.try_get(5).map_err(storage)?;
+            let record = Claimed {
+                id: row.try_get(0).map_err(storage)?,
+                kind,
+                subject: row.try_get(1).map_err(storage)?,
+                json: row.try_get(2).map_err(storage)?,
+                attempts: attempts(row.try_get(3).map_err(storage)?),
+                received_at_ms: row.try_get(4).map_err(storage)?,
+            };
+            claimed.push((due, record));
+        }
+        claimed.sort_by_key(|(due, record)| (*due, record.id));
+        Ok(claimed.into_iter().map(|(_, record)| record).collect())
+    }
+
+    async fn renew(&self, ids: Vec<i64>, until_ms: i64) -> Result<(), QueueError> {
+        self.execute(
+            "UPDATE records SET next_attempt_at = $1
+             WHERE state = 0 AND claimed = 1 AND id = ANY($2)",
+            &[&until_ms, &ids],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn ack(&self, ids: Vec<i64>, now_ms: i64) -> Result<(), QueueError> {
+        self.execute(
+            "UPDATE records SET state = 1, claimed = 0, claimed_by = NULL, json = '',
+                    updated_at = $1
+             WHERE state = 0 AND id = ANY($2)",
+            &[&now_ms, &ids],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn retry_at(
+        &self,
+        ids: Vec<i64>,
+        at_ms: i64,
+        failed: bool,
+        error: String,
+    ) -> Result<(), QueueError> {
+        let attempts = i32::from(failed);
+        let error = failed.then_some(error);
+        self.execute(
+            "UPDATE records SET claimed = 0, claimed_by = NULL, next_attempt_at = $1,
+                    attempts = attempts + $2, last_error = COALESCE($3, last_error)
+             WHERE state = 0 AND id = ANY($4)",
+            &[&at_ms, &attempts, &error, &ids],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn dead_letter(
+        &self,
+        ids: Vec<i64>,
+        reason: String,
+        detail: String,
+        now_ms: i64,
+    ) -> Result<(), QueueError> {
+        self.execute(
+            "UPDATE records SET state = 2, claimed = 0, claimed_by = NULL, dead_reason = $1,
+                    dead_detail = $2, updated_at = $3
+             WHERE state = 0 AND id = ANY($4)",
+            &[&reason, &detail, &now_ms, &ids],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError> {
+        // A follower has nothing to send: its forwarder sleeps until the next claim, which
+        // is when it tries the lock again.
+        if self.role.load(Ordering::Relaxed) == ROLE_FOLLOWER {
+            return Ok(None);
+        }
+        let rows = self
+            .query(
+                "SELECT MIN(next_attempt_at) FROM records WHERE state = 0 AND kind = $1",
+                &[&kind.as_str()],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => row.try_get(0).map_err(storage),
+            None => Ok(None),
+        }
+    }
+
+    async fn stats(&self, _now_ms: i64) -> Result<QueueStats, QueueError> {
+        let rows = self
+            .query(
+                "SELECT state, claimed, COUNT(*), MIN(received_at) FROM records
+                 GROUP BY state, claimed",
+                &[],
+            )
+            .await?;
+        let mut stats = QueueStats::default();
+        for row in rows {
+            let state: i32 = row.try_get(0).map_err(storage)?;
+            let claimed: i32 = row.try_get(1).map_err(storage)?;
+            let count = row.try_get::<_, i64>(2).map_err(storage)? as u64;
+            match (state, claimed) {
+                (PENDING, 1) => stats.in_flight += count,
+                (PENDING, _) => stats.pending += count,
+                (DELIVERED, _) => stats.delivered += count,
+                (DEAD, _) => stats.dead += count,
+                _ => {}
+            }
+            if state == PENDING {
+                let oldest: Option<i64> = row.try_get(3).map_err(storage)?;
+                stats.oldest_pending_ms = match (stats.oldest_pending_ms, oldest) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.execute(
+            "INSERT INTO heartbeat (id, at) VALUES (1, now())
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            &[],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
+        let (clause, mut values) = filter_sql(&filter);
+        let limit = limit_sql(&filter, &mut values);
+        let sql = format!(
+            "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
+                    COALESCE(r.dead_detail, ''), r.subject, r.attempts, r.received_at,
+                    r.updated_at
+             FROM records r WHERE {clause} ORDER BY r.id{limit}"
+        );
+        let rows = self.query(&sql, &refs(&values)).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    id: row.try_get(0)?,
+                    webhook_id: row.try_get(1)?,
+                    kind: row.try_get(2)?,
+                    reason: row.try_get(3)?,
+                    detail: row.try_get(4)?,
+                    subject: row.try_get(5)?,
+                    attempts: attempts(row.try_get(6)?),
+                    received_at_ms: row.try_get(7)?,
+                    dead_at_ms: row.try_get(8)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(storage)
+    }
+
+    async fn replay_items(&self, filter: DeadLetterFilter) -> Result<Vec<ReplayItem>, QueueError> {
+        let (clause, mut values) = filter_sql(&filter);
+        let limit = limit_sql(&filter, &mut values);
+        let sql = format!(
+            "SELECT r.id, w.id, w.digest, w.body, w.received_at
+             FROM records r JOIN webhooks w ON w.id = r.webhook_id
+             WHERE {clause} ORDER BY w.id, r.id{limit}"
+        );
+        let rows = self.query(&sql, &refs(&values)).await?;
+        let mut items: Vec<ReplayItem> = Vec::new();
+        for row in rows {
+            let record_id: i64 = row.try_get(0).map_err(storage)?;
+            let webhook_id: i64 = row.try_get(1).map_err(storage)?;
+            match items.last_mut() {
+                Some(item) if item.webhook_id == webhook_id => item.dead_ids.push(record_id),
+                _ => {
+                    let digest: Vec<u8> = row.try_get(2).map_err(storage)?;
+                    let body: Vec<u8> = row.try_get(3).map_err(storage)?;
+                    items.push(ReplayItem {
+                        webhook_id,
+                        digest: digest.try_into().unwrap_or([0; 32]),
+                        body: Bytes::from(body),
+                        received_at_ms: row.try_get(4).map_err(storage)?,
+                        dead_ids: vec![record_id],
+                    });
+                }
+            }
+        }
+        Ok(items)
+    }
+
+    async fn requeue(
+        &self,
+        item: ReplayItem,
+        content: Content,
+        now_ms: i64,
+    ) -> Result<usize, QueueError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(storage)?;
+        tx.execute(
+            "DELETE FROM records WHERE id = ANY($1) AND state = 2",
+            &[&item.dead_ids],
+        )
+        .await
+        .map_err(storage)?;
+        let events = insert_content(
+            &tx,
+            item.webhook_id,
+            &item.digest,
+            item.received_at_ms,
+            &content,
+            now_ms,
+        )
+        .await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(events)
+    }
+
+    async fn purge(&self, filter: DeadLetterFilter) -> Result<u64, QueueError> {
+        let (clause, mut values) = filter_sql(&filter);
+        let limit = limit_sql(&filter, &mut values);
+        let sql = format!(
+            "DELETE FROM records WHERE id IN
+                 (SELECT r.id FROM records r WHERE {clause} ORDER BY r.id{limit})"
+        );
+        self.execute(&sql, &refs(&values)).await
+    }
+
+    async fn prune(
+        &self,
+        delivered_before_ms: i64,
+        dead_before_ms: i64,
+    ) -> Result<u64, QueueError> {
+        let mut total = 0;
+        // In chunks, skipping rows another replica is pruning at the same time.
+        for (sql, cutoff) in [
+            (
+                "DELETE FROM records WHERE id IN (SELECT id FROM records
+                 WHERE state = 1 AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                delivered_before_ms,
+            ),
+            (
+                "DELETE FROM records WHERE id IN (SELECT id FROM records
+                 WHERE state = 2 AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                dead_before_ms,
+            ),
+            (
+                "DELETE FROM webhooks WHERE id IN (SELECT w.id FROM webhooks w
+                 WHERE w.received_at < $1
+                   AND NOT EXISTS (SELECT 1 FROM records r WHERE r.webhook_id = w.id)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                delivered_before_ms,
+            ),
+        ] {
+            loop {
+                let deleted = self.execute(sql, &[&cutoff, &PRUNE_CHUNK]).await?;
+                total += deleted;
+                if (deleted as i64) < PRUNE_CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_leader_lock_key_depends_on_the_app_id_only() {
+        assert_eq!(leader_lock_key("app-1"), leader_lock_key("app-1"));
+        assert_ne!(leader_lock_key("app-1"), leader_lock_key("app-2"));
+    }
+
+    #[test]
+    fn dead_letter_filters_number_their_parameters_in_order() {
+        let filter = DeadLetterFilter {
+            ids: vec![1, 2],
+            reason: Some("rejected".into()),
+            subject: None,
+            since_ms: Some(10),
+            until_ms: None,
+            after_id: Some(5),
+            limit: Some(3),
+        };
+        let (sql, mut values) = filter_sql(&filter);
+        assert_eq!(
+            sql,
+            "r.state = 2 AND r.id = ANY($1) AND r.dead_reason = $2 AND r.updated_at >= $3 \
+             AND r.id > $4"
+        );
+        assert_eq!(limit_sql(&filter, &mut values), " LIMIT $5");
+        assert_eq!(values.len(), 5);
+    }
+}

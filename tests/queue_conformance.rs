@@ -1,0 +1,1073 @@
+//! One conformance suite for the `Queue` trait, written once against `Arc<dyn Queue>` and run
+//! on both backends: SQLite (a temp dir) and Postgres (a fresh schema per test on the server in
+//! `RELAY_TEST_POSTGRES_URL`; skipped, saying so, when it is not set). It covers enqueue
+//! (accepted, duplicate, quarantined, known keys), claim order / max / due time, leases (expiry,
+//! renew), ack, retry with and without an attempt, dead letters and their filters and paging,
+//! replay + requeue, purge, prune, stats, next_due_ms and ping.
+//!
+//! Postgres only: concurrent claimers never share a record, one leader per lock key with a
+//! fast takeover of a gone replica's leases, migrations racing at startup, and failing fast
+//! while the database is unreachable, then recovering without a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use userpilot_heap_relay::heap::wire::{
+    HeapRecord, Outbound, RecordKind, TrackEvent, UserProperties,
+};
+use userpilot_heap_relay::queue::postgres::PostgresQueue;
+use userpilot_heap_relay::queue::sqlite::SqliteQueue;
+use userpilot_heap_relay::queue::{
+    Claimed, Content, DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError,
+};
+
+use support::postgres::{Database, Schema, base_url};
+
+/// A fixed "now" for the tests; every time is an offset from it.
+const T0: i64 = 1_700_000_000_000;
+const LEASE: i64 = 60_000;
+const FAR: i64 = T0 + 1_000_000_000;
+
+// ---------------------------------------------------------------------------------------------
+// Building blocks
+
+fn track(key: &str) -> Outbound {
+    Outbound {
+        key: key.to_owned(),
+        record: HeapRecord::Track(TrackEvent {
+            identity: format!("user-{key}"),
+            event: "Userpilot Test".to_owned(),
+            timestamp: "2023-11-14T22:13:20Z".to_owned(),
+            idempotency_key: key.to_owned(),
+            properties: Map::new(),
+        }),
+    }
+}
+
+fn track_for(key: &str, identity: &str) -> Outbound {
+    let mut outbound = track(key);
+    if let HeapRecord::Track(event) = &mut outbound.record {
+        event.identity = identity.to_owned();
+    }
+    outbound
+}
+
+fn user(key: &str) -> Outbound {
+    Outbound {
+        key: format!("user:{key}"),
+        record: HeapRecord::User(UserProperties {
+            identity: format!("user-{key}"),
+            properties: Map::new(),
+        }),
+    }
+}
+
+fn webhook(body: &str, at: i64, records: Vec<Outbound>) -> NewWebhook {
+    NewWebhook {
+        digest: Sha256::digest(body.as_bytes()).into(),
+        body: Bytes::from(body.to_owned()),
+        received_at_ms: at,
+        content: Content::Records(records),
+    }
+}
+
+fn quarantined(body: &str, at: i64, reason: &str, subject: &str) -> NewWebhook {
+    NewWebhook {
+        content: Content::Quarantined {
+            reason: reason.to_owned(),
+            detail: format!("{reason} detail"),
+            subject: subject.to_owned(),
+        },
+        ..webhook(body, at, Vec::new())
+    }
+}
+
+/// The idempotency keys of claimed track records, in claim order.
+fn keys(claimed: &[Claimed]) -> Vec<String> {
+    claimed
+        .iter()
+        .map(|c| {
+            let json: Value = serde_json::from_str(&c.json).unwrap();
+            json["idempotency_key"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn ids(claimed: &[Claimed]) -> Vec<i64> {
+    claimed.iter().map(|c| c.id).collect()
+}
+
+async fn claim_all(queue: &Arc<dyn Queue>, kind: RecordKind, now: i64) -> Vec<Claimed> {
+    queue.claim(kind, 1000, now, LEASE).await.unwrap()
+}
+
+async fn dead_ids(queue: &Arc<dyn Queue>, filter: DeadLetterFilter) -> Vec<i64> {
+    let letters = queue.dead_letters(filter).await.unwrap();
+    letters.iter().map(|l| l.id).collect()
+}
+
+/// Polls an async `check` until it returns `Some`, or panics after `within`.
+async fn poll_until<T, F: Future<Output = Option<T>>>(
+    within: Duration,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suite: each function states one behaviour of every backend.
+
+async fn a_new_webhook_is_accepted_with_its_track_event_count(queue: Arc<dyn Queue>) {
+    let result = queue
+        .enqueue(webhook("w1", T0, vec![track("a"), track("b"), user("a")]))
+        .await
+        .unwrap();
+    assert_eq!(result, Enqueued::Accepted { events: 2 });
+    assert_eq!(queue.stats(T0).await.unwrap().pending, 3);
+    let users = claim_all(&queue, RecordKind::User, T0).await;
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0].subject, "user-a");
+}
+
+async fn a_redelivered_body_is_a_duplicate_and_stores_nothing(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w1", T0, vec![track("a")]))
+        .await
+        .unwrap();
+    let again = queue
+        .enqueue(webhook("w1", T0 + 5, vec![track("a")]))
+        .await
+        .unwrap();
+    assert_eq!(again, Enqueued::Duplicate);
+    assert_eq!(queue.stats(T0).await.unwrap().pending, 1);
+}
+
+async fn a_record_whose_key_is_known_is_not_queued_twice(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w1", T0, vec![track("a")]))
+        .await
+        .unwrap();
+    let other_body = queue
+        .enqueue(webhook("w2", T0, vec![track("a"), track("b")]))
+        .await
+        .unwrap();
+    assert_eq!(other_body, Enqueued::Accepted { events: 1 });
+    assert_eq!(
+        keys(&claim_all(&queue, RecordKind::Track, T0).await),
+        ["a", "b"]
+    );
+}
+
+async fn a_quarantined_webhook_is_kept_as_a_dead_letter_of_kind_webhook(queue: Arc<dyn Queue>) {
+    let result = queue
+        .enqueue(quarantined("bad", T0 + 3, "unmapped", "carol"))
+        .await
+        .unwrap();
+    assert_eq!(result, Enqueued::Quarantined);
+    let letters = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.kind, "webhook");
+    assert_eq!(letter.reason, "unmapped");
+    assert_eq!(letter.detail, "unmapped detail");
+    assert_eq!(letter.subject, "carol");
+    assert_eq!((letter.received_at_ms, letter.dead_at_ms), (T0 + 3, T0 + 3));
+    assert_eq!(queue.stats(T0).await.unwrap().dead, 1);
+    for kind in RecordKind::ALL {
+        assert!(claim_all(&queue, kind, FAR).await.is_empty());
+    }
+    let again = queue
+        .enqueue(quarantined("bad", T0 + 9, "unmapped", "carol"))
+        .await
+        .unwrap();
+    assert_eq!(again, Enqueued::Duplicate);
+}
+
+async fn claims_are_oldest_first_per_kind_and_at_most_max(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("late", T0 + 2, vec![track("k1")]))
+        .await
+        .unwrap();
+    queue
+        .enqueue(webhook("early", T0, vec![track("k2"), user("u")]))
+        .await
+        .unwrap();
+    queue
+        .enqueue(webhook("middle", T0 + 1, vec![track("k3"), track("k4")]))
+        .await
+        .unwrap();
+    let first = queue
+        .claim(RecordKind::Track, 3, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(keys(&first), ["k2", "k3", "k4"]);
+    assert_eq!(first[0].kind, RecordKind::Track);
+    assert_eq!(first[0].subject, "user-k2");
+    assert_eq!((first[0].attempts, first[0].received_at_ms), (0, T0));
+    let second = queue
+        .claim(RecordKind::Track, 3, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(keys(&second), ["k1"]);
+    assert!(
+        claim_all(&queue, RecordKind::Track, T0 + 10)
+            .await
+            .is_empty()
+    );
+    assert_eq!(claim_all(&queue, RecordKind::User, T0 + 10).await.len(), 1);
+}
+
+async fn records_are_not_claimed_before_they_are_due(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w", T0 + 100, vec![track("a")]))
+        .await
+        .unwrap();
+    assert!(
+        claim_all(&queue, RecordKind::Track, T0 + 99)
+            .await
+            .is_empty()
+    );
+    let claimed = claim_all(&queue, RecordKind::Track, T0 + 100).await;
+    queue
+        .retry_at(ids(&claimed), T0 + 500, false, String::new())
+        .await
+        .unwrap();
+    assert!(
+        claim_all(&queue, RecordKind::Track, T0 + 499)
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        keys(&claim_all(&queue, RecordKind::Track, T0 + 500).await),
+        ["a"]
+    );
+}
+
+async fn an_expired_lease_makes_its_records_claimable_again(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w", T0, vec![track("a")]))
+        .await
+        .unwrap();
+    let claimed = queue.claim(RecordKind::Track, 10, T0, 1000).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(
+        claim_all(&queue, RecordKind::Track, T0 + 999)
+            .await
+            .is_empty()
+    );
+    let again = claim_all(&queue, RecordKind::Track, T0 + 1000).await;
+    assert_eq!(ids(&again), ids(&claimed));
+}
+
+async fn renew_extends_the_lease_of_records_in_flight(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w", T0, vec![track("a")]))
+        .await
+        .unwrap();
+    let claimed = queue.claim(RecordKind::Track, 10, T0, 1000).await.unwrap();
+    queue.renew(ids(&claimed), T0 + 5000).await.unwrap();
+    assert!(
+        claim_all(&queue, RecordKind::Track, T0 + 2000)
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        claim_all(&queue, RecordKind::Track, T0 + 5000).await.len(),
+        1
+    );
+}
+
+async fn acked_records_are_delivered_and_never_claimed_again(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w", T0, vec![track("a"), track("b")]))
+        .await
+        .unwrap();
+    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    queue.ack(vec![claimed[0].id], T0 + 1).await.unwrap();
+    let stats = queue.stats(T0 + 1).await.unwrap();
+    assert_eq!((stats.delivered, stats.in_flight), (1, 1));
+    assert_eq!(
+        keys(&claim_all(&queue, RecordKind::Track, FAR).await),
+        ["b"]
+    );
+}
+
+async fn retry_counts_an_attempt_only_for_a_failure(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w", T0, vec![track("a")]))
+        .await
+        .unwrap();
+    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    queue
+        .retry_at(ids(&claimed), T0 + 10, true, "heap answered 503".into())
+        .await
+        .unwrap();
+    let stats = queue.stats(T0).await.unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (1, 0));
+    let claimed = claim_all(&queue, RecordKind::Track, T0 + 10).await;
+    assert_eq!(claimed[0].attempts, 1);
+    queue
+        .retry_at(ids(&claimed), T0 + 20, false, String::new())
+        .await
+        .unwrap();
+    let claimed = claim_all(&queue, RecordKind::Track, T0 + 20).await;
+    assert_eq!(claimed[0].attempts, 1);
+    queue
+        .dead_letter(ids(&claimed), "rejected".into(), "no".into(), T0 + 30)
+        .await
+        .unwrap();
+    let letters = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters[0].attempts, 1);
+}
+
+async fn dead_lettered_records_leave_the_queue_with_their_reason(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w", T0, vec![track("a"), track("b")]))
+        .await
+        .unwrap();
+    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    queue
+        .dead_letter(
+            vec![claimed[1].id],
+            "rejected".into(),
+            "heap answered 400".into(),
+            T0 + 7,
+        )
+        .await
+        .unwrap();
+    let letters = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.id, claimed[1].id);
+    assert_eq!(letter.kind, "track");
+    assert_eq!(
+        (letter.reason.as_str(), letter.detail.as_str()),
+        ("rejected", "heap answered 400")
+    );
+    assert_eq!(letter.subject, "user-b");
+    assert_eq!((letter.received_at_ms, letter.dead_at_ms), (T0, T0 + 7));
+    let stats = queue.stats(T0).await.unwrap();
+    assert_eq!((stats.dead, stats.in_flight), (1, 1));
+    queue.ack(vec![claimed[1].id], T0 + 8).await.unwrap();
+    assert_eq!(
+        queue.stats(T0).await.unwrap().delivered,
+        0,
+        "a dead record stays dead"
+    );
+    assert_eq!(
+        keys(&claim_all(&queue, RecordKind::Track, FAR).await),
+        ["a"]
+    );
+}
+
+/// Dead letters a (alice, rejected, T0+100), b (bob, expired, T0+200), c (alice, rejected,
+/// T0+300) and the quarantined q (carol, unmapped, T0+5), in id order a < b < c < q.
+async fn four_dead_letters(queue: &Arc<dyn Queue>) -> [i64; 4] {
+    queue
+        .enqueue(webhook(
+            "w1",
+            T0,
+            vec![track_for("a", "alice"), track_for("b", "bob")],
+        ))
+        .await
+        .unwrap();
+    queue
+        .enqueue(webhook("w2", T0, vec![track_for("c", "alice")]))
+        .await
+        .unwrap();
+    queue
+        .enqueue(quarantined("w3", T0 + 5, "unmapped", "carol"))
+        .await
+        .unwrap();
+    let claimed = claim_all(queue, RecordKind::Track, T0).await;
+    let [a, b, c] = [claimed[0].id, claimed[1].id, claimed[2].id];
+    for (id, reason, at) in [
+        (a, "rejected", 100),
+        (b, "expired", 200),
+        (c, "rejected", 300),
+    ] {
+        queue
+            .dead_letter(vec![id], reason.into(), "why".into(), T0 + at)
+            .await
+            .unwrap();
+    }
+    let all = dead_ids(queue, DeadLetterFilter::default()).await;
+    assert_eq!(all.len(), 4);
+    assert_eq!(&all[..3], [a, b, c]);
+    [a, b, c, all[3]]
+}
+
+async fn dead_letters_filter_by_reason_subject_and_time_and_page_by_id(queue: Arc<dyn Queue>) {
+    let [a, b, c, q] = four_dead_letters(&queue).await;
+    let filter = |f: fn(&mut DeadLetterFilter)| {
+        let mut filter = DeadLetterFilter::default();
+        f(&mut filter);
+        filter
+    };
+    let cases: Vec<(DeadLetterFilter, Vec<i64>)> = vec![
+        (filter(|f| f.reason = Some("rejected".into())), vec![a, c]),
+        (filter(|f| f.subject = Some("alice".into())), vec![a, c]),
+        (filter(|f| f.subject = Some("carol".into())), vec![q]),
+        (filter(|f| f.since_ms = Some(T0 + 200)), vec![b, c]),
+        (filter(|f| f.until_ms = Some(T0 + 200)), vec![a, q]),
+        (
+            filter(|f| {
+                f.since_ms = Some(T0 + 100);
+                f.until_ms = Some(T0 + 300);
+            }),
+            vec![a, b],
+        ),
+        (
+            filter(|f| {
+                f.reason = Some("rejected".into());
+                f.since_ms = Some(T0 + 150);
+            }),
+            vec![c],
+        ),
+        (filter(|f| f.limit = Some(2)), vec![a, b]),
+        (filter(|f| f.reason = Some("nothing".into())), vec![]),
+    ];
+    for (filter, expected) in cases {
+        assert_eq!(
+            dead_ids(&queue, filter.clone()).await,
+            expected,
+            "{filter:?}"
+        );
+    }
+    let by_ids = DeadLetterFilter {
+        ids: vec![b, q],
+        ..DeadLetterFilter::default()
+    };
+    assert_eq!(dead_ids(&queue, by_ids).await, [b, q]);
+    // Paging: after_id + limit walks every letter once.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = DeadLetterFilter {
+            after_id: after,
+            limit: Some(3),
+            ..DeadLetterFilter::default()
+        };
+        let page = dead_ids(&queue, page).await;
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3);
+        after = page.last().copied();
+        seen.extend(page);
+    }
+    assert_eq!(seen, [a, b, c, q]);
+}
+
+async fn requeue_replaces_dead_records_and_leaves_delivered_siblings_alone(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w1", T0, vec![track("a"), track("b")]))
+        .await
+        .unwrap();
+    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    queue.ack(vec![claimed[0].id], T0 + 1).await.unwrap();
+    queue
+        .dead_letter(vec![claimed[1].id], "rejected".into(), "no".into(), T0 + 1)
+        .await
+        .unwrap();
+
+    let items = queue
+        .replay_items(DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 1);
+    let item = items[0].clone();
+    assert_eq!(item.dead_ids, [claimed[1].id]);
+    assert_eq!(&item.body[..], b"w1");
+    assert_eq!(item.digest, <[u8; 32]>::from(Sha256::digest(b"w1")));
+    assert_eq!(item.received_at_ms, T0);
+
+    // The re-mapped content has both records again: a (delivered) is a conflict, ignored.
+    let events = queue
+        .requeue(
+            item,
+            Content::Records(vec![track("a"), track("b")]),
+            T0 + 50,
+        )
+        .await
+        .unwrap();
+    assert_eq!(events, 1);
+    let stats = queue.stats(T0 + 50).await.unwrap();
+    assert_eq!((stats.pending, stats.delivered, stats.dead), (1, 1, 0));
+    assert!(
+        claim_all(&queue, RecordKind::Track, T0 + 49)
+            .await
+            .is_empty()
+    );
+    let again = claim_all(&queue, RecordKind::Track, T0 + 50).await;
+    assert_eq!(keys(&again), ["b"]);
+    assert_eq!(again[0].received_at_ms, T0);
+}
+
+async fn a_replayed_quarantine_becomes_pending_records(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(quarantined("bad", T0, "unmapped", "carol"))
+        .await
+        .unwrap();
+    queue
+        .enqueue(quarantined("worse", T0, "invalid", "dave"))
+        .await
+        .unwrap();
+    let selected = DeadLetterFilter {
+        reason: Some("unmapped".into()),
+        ..DeadLetterFilter::default()
+    };
+    let items = queue.replay_items(selected).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(&items[0].body[..], b"bad");
+    let events = queue
+        .requeue(
+            items[0].clone(),
+            Content::Records(vec![track("x"), user("x")]),
+            T0 + 9,
+        )
+        .await
+        .unwrap();
+    assert_eq!(events, 1);
+    let left = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].reason, "invalid");
+    assert_eq!(
+        keys(&claim_all(&queue, RecordKind::Track, T0 + 9).await),
+        ["x"]
+    );
+    assert_eq!(claim_all(&queue, RecordKind::User, T0 + 9).await.len(), 1);
+}
+
+async fn purge_deletes_only_the_selected_dead_letters(queue: Arc<dyn Queue>) {
+    let [_, b, _, q] = four_dead_letters(&queue).await;
+    queue
+        .enqueue(webhook("pending", T0, vec![track("p")]))
+        .await
+        .unwrap();
+    let rejected = DeadLetterFilter {
+        reason: Some("rejected".into()),
+        ..DeadLetterFilter::default()
+    };
+    assert_eq!(queue.purge(rejected).await.unwrap(), 2);
+    assert_eq!(dead_ids(&queue, DeadLetterFilter::default()).await, [b, q]);
+    let one = DeadLetterFilter {
+        limit: Some(1),
+        ..DeadLetterFilter::default()
+    };
+    assert_eq!(queue.purge(one).await.unwrap(), 1);
+    assert_eq!(dead_ids(&queue, DeadLetterFilter::default()).await, [q]);
+    assert_eq!(queue.purge(DeadLetterFilter::default()).await.unwrap(), 1);
+    let stats = queue.stats(T0).await.unwrap();
+    assert_eq!(
+        (stats.dead, stats.pending),
+        (0, 1),
+        "pending records are never purged"
+    );
+}
+
+async fn prune_forgets_old_delivered_and_dead_records_then_their_webhooks(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("delivered", T0, vec![track("d")]))
+        .await
+        .unwrap();
+    queue
+        .enqueue(webhook("dead", T0, vec![track("x")]))
+        .await
+        .unwrap();
+    queue
+        .enqueue(webhook("pending", T0, vec![track("p")]))
+        .await
+        .unwrap();
+    queue
+        .enqueue(webhook("recent", T0 + 50, vec![track("r")]))
+        .await
+        .unwrap();
+    let claimed = claim_all(&queue, RecordKind::Track, T0 + 50).await;
+    let by_key = |key: &str| claimed[keys(&claimed).iter().position(|k| k == key).unwrap()].id;
+    queue.ack(vec![by_key("d")], T0 + 10).await.unwrap();
+    queue.ack(vec![by_key("r")], T0 + 60).await.unwrap();
+    queue
+        .dead_letter(vec![by_key("x")], "rejected".into(), "no".into(), T0 + 20)
+        .await
+        .unwrap();
+    queue
+        .retry_at(vec![by_key("p")], T0 + 100, true, "503".into())
+        .await
+        .unwrap();
+
+    // Delivered before T0+15 go; dead letters before T0+15 stay (x died at T0+20).
+    let pruned = queue.prune(T0 + 15, T0 + 15).await.unwrap();
+    assert_eq!(pruned, 2, "d's record and its webhook");
+    let stats = queue.stats(T0).await.unwrap();
+    assert_eq!((stats.delivered, stats.dead, stats.pending), (1, 1, 1));
+    assert_eq!(
+        queue
+            .enqueue(webhook("delivered", T0 + 70, vec![track("d")]))
+            .await
+            .unwrap(),
+        Enqueued::Accepted { events: 1 },
+        "a forgotten webhook is accepted again"
+    );
+    for body in ["dead", "pending", "recent"] {
+        assert_eq!(
+            queue.enqueue(webhook(body, T0 + 70, vec![])).await.unwrap(),
+            Enqueued::Duplicate,
+            "{body} is still remembered"
+        );
+    }
+
+    // Later cutoffs: x's dead letter and its webhook go, so do r's record (delivered at
+    // T0+60) and its webhook (received at T0+50).
+    let pruned = queue.prune(T0 + 65, T0 + 25).await.unwrap();
+    assert_eq!(pruned, 4, "x and its webhook, r and its webhook");
+    let stats = queue.stats(T0).await.unwrap();
+    assert_eq!((stats.delivered, stats.dead, stats.pending), (0, 0, 2));
+    assert!(
+        dead_ids(&queue, DeadLetterFilter::default())
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        queue
+            .enqueue(webhook("pending", T0 + 80, vec![]))
+            .await
+            .unwrap(),
+        Enqueued::Duplicate,
+        "a webhook with pending records is never forgotten"
+    );
+}
+
+async fn stats_count_each_state_and_the_oldest_pending(queue: Arc<dyn Queue>) {
+    assert_eq!(queue.stats(T0).await.unwrap(), Default::default());
+    queue
+        .enqueue(webhook(
+            "w1",
+            T0 + 5,
+            vec![track("a"), track("b"), user("a")],
+        ))
+        .await
+        .unwrap();
+    queue
+        .enqueue(webhook("w2", T0 + 9, vec![track("c")]))
+        .await
+        .unwrap();
+    queue
+        .enqueue(quarantined("q", T0 + 1, "unmapped", "carol"))
+        .await
+        .unwrap();
+    let claimed = queue
+        .claim(RecordKind::Track, 2, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    queue.ack(vec![claimed[0].id], T0 + 11).await.unwrap();
+    let stats = queue.stats(T0 + 11).await.unwrap();
+    assert_eq!(stats.pending, 2, "c and the user record");
+    assert_eq!(stats.in_flight, 1, "b");
+    assert_eq!(stats.delivered, 1);
+    assert_eq!(stats.dead, 1);
+    assert_eq!(stats.oldest_pending_ms, Some(T0 + 5));
+}
+
+async fn next_due_is_the_earliest_due_time_or_lease_end(queue: Arc<dyn Queue>) {
+    assert_eq!(queue.next_due_ms(RecordKind::Track).await.unwrap(), None);
+    queue
+        .enqueue(webhook("w1", T0 + 7, vec![track("a"), user("a")]))
+        .await
+        .unwrap();
+    queue
+        .enqueue(webhook("w2", T0 + 9, vec![track("b")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.next_due_ms(RecordKind::Track).await.unwrap(),
+        Some(T0 + 7)
+    );
+    assert_eq!(
+        queue.next_due_ms(RecordKind::User).await.unwrap(),
+        Some(T0 + 7)
+    );
+    assert_eq!(queue.next_due_ms(RecordKind::Account).await.unwrap(), None);
+    let claimed = queue
+        .claim(RecordKind::Track, 1, T0 + 10, 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.next_due_ms(RecordKind::Track).await.unwrap(),
+        Some(T0 + 9)
+    );
+    let rest = queue
+        .claim(RecordKind::Track, 1, T0 + 10, 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.next_due_ms(RecordKind::Track).await.unwrap(),
+        Some(T0 + 1010),
+        "the lease's end"
+    );
+    queue.ack(ids(&claimed), T0 + 11).await.unwrap();
+    queue
+        .retry_at(ids(&rest), T0 + 5000, false, String::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.next_due_ms(RecordKind::Track).await.unwrap(),
+        Some(T0 + 5000)
+    );
+    queue.ack(ids(&rest), T0 + 12).await.unwrap();
+    assert_eq!(queue.next_due_ms(RecordKind::Track).await.unwrap(), None);
+}
+
+async fn ping_succeeds_while_the_queue_accepts_writes(queue: Arc<dyn Queue>) {
+    queue.ping().await.unwrap();
+    queue.ping().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Both backends run every function above.
+
+async fn sqlite_queue() -> (Arc<dyn Queue>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = SqliteQueue::open(&dir.path().join("queue.sqlite3")).unwrap();
+    (Arc::new(queue), dir)
+}
+
+fn lock_key() -> i64 {
+    fastrand::i64(..)
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (queue, _dir) = super::sqlite_queue().await;
+                    super::$name(queue).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(base) = super::base_url(stringify!($name)) else { return };
+                    let schema = super::Schema::create(&base).await;
+                    let queue = super::PostgresQueue::connect(&schema.url, super::lock_key())
+                        .await
+                        .unwrap();
+                    super::$name(std::sync::Arc::new(queue)).await;
+                    schema.drop().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    a_new_webhook_is_accepted_with_its_track_event_count,
+    a_redelivered_body_is_a_duplicate_and_stores_nothing,
+    a_record_whose_key_is_known_is_not_queued_twice,
+    a_quarantined_webhook_is_kept_as_a_dead_letter_of_kind_webhook,
+    claims_are_oldest_first_per_kind_and_at_most_max,
+    records_are_not_claimed_before_they_are_due,
+    an_expired_lease_makes_its_records_claimable_again,
+    renew_extends_the_lease_of_records_in_flight,
+    acked_records_are_delivered_and_never_claimed_again,
+    retry_counts_an_attempt_only_for_a_failure,
+    dead_lettered_records_leave_the_queue_with_their_reason,
+    dead_letters_filter_by_reason_subject_and_time_and_page_by_id,
+    requeue_replaces_dead_records_and_leaves_delivered_siblings_alone,
+    a_replayed_quarantine_becomes_pending_records,
+    purge_deletes_only_the_selected_dead_letters,
+    prune_forgets_old_delivered_and_dead_records_then_their_webhooks,
+    stats_count_each_state_and_the_oldest_pending,
+    next_due_is_the_earliest_due_time_or_lease_end,
+    ping_succeeds_while_the_queue_accepts_writes,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Postgres only: several replicas on one database.
+
+async fn enqueue_tracks(queue: &PostgresQueue, webhooks: usize, per_webhook: usize) -> usize {
+    for w in 0..webhooks {
+        let records = (0..per_webhook)
+            .map(|r| track(&format!("k{w}-{r}")))
+            .collect();
+        let result = queue
+            .enqueue(webhook(&format!("w{w}"), T0 + w as i64, records))
+            .await
+            .unwrap();
+        assert_eq!(
+            result,
+            Enqueued::Accepted {
+                events: per_webhook
+            }
+        );
+    }
+    webhooks * per_webhook
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claimers_never_get_the_same_record() {
+    let Some(base) = base_url("concurrent_claimers_never_get_the_same_record") else {
+        return;
+    };
+    let schema = Schema::create(&base).await;
+    // Different lock keys: both are leaders, so both really claim.
+    let one = Arc::new(
+        PostgresQueue::connect(&schema.url, lock_key())
+            .await
+            .unwrap(),
+    );
+    let two = Arc::new(
+        PostgresQueue::connect(&schema.url, lock_key())
+            .await
+            .unwrap(),
+    );
+    let total = enqueue_tracks(&one, 40, 10).await;
+
+    let claimer = |queue: Arc<PostgresQueue>| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = queue.claim(RecordKind::Track, 7, FAR, LEASE).await.unwrap();
+                if batch.is_empty() {
+                    return mine;
+                }
+                mine.extend(ids(&batch));
+            }
+        })
+    };
+    let (a, b) = tokio::join!(claimer(one.clone()), claimer(two.clone()));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(one.is_leader() && two.is_leader());
+    let a_set: HashSet<i64> = a.iter().copied().collect();
+    let b_set: HashSet<i64> = b.iter().copied().collect();
+    assert_eq!(a_set.len(), a.len(), "no record twice to one claimer");
+    assert_eq!(b_set.len(), b.len());
+    assert!(a_set.is_disjoint(&b_set), "a record claimed by both");
+    assert_eq!(a.len() + b.len(), total, "every record claimed once");
+    assert_eq!(one.stats(FAR).await.unwrap().in_flight, total as u64);
+    drop((one, two));
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_leases() {
+    let test = "one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_leases";
+    let Some(base) = base_url(test) else { return };
+    let schema = Schema::create(&base).await;
+    let key = lock_key();
+    let first = PostgresQueue::connect(&schema.url, key).await.unwrap();
+    let second = PostgresQueue::connect(&schema.url, key).await.unwrap();
+    enqueue_tracks(&first, 3, 2).await;
+
+    let leased = first
+        .claim(RecordKind::Track, 4, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 4);
+    assert!(first.is_leader());
+    assert!(
+        second
+            .claim(RecordKind::Track, 100, T0 + 10, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!second.is_leader());
+    assert_eq!(second.next_due_ms(RecordKind::Track).await.unwrap(), None);
+
+    // The leader goes away (its sessions end) with four records leased for another minute.
+    drop(first);
+    // Claiming at T0 + 20, long before those leases end (T0 + 10 + LEASE): the successor
+    // gets the two unleased records and, once the gone leader's sessions are gone from
+    // `pg_stat_activity`, its four leased ones.
+    let claimed = std::cell::RefCell::new(HashSet::new());
+    poll_until(Duration::from_secs(10), || {
+        let (second, claimed) = (&second, &claimed);
+        async move {
+            let batch = second
+                .claim(RecordKind::Track, 100, T0 + 20, LEASE)
+                .await
+                .unwrap();
+            let mut claimed = claimed.borrow_mut();
+            for id in ids(&batch) {
+                assert!(
+                    claimed.insert(id),
+                    "record {id} claimed twice by the successor"
+                );
+            }
+            (claimed.len() == 6).then_some(())
+        }
+    })
+    .await;
+    assert!(second.is_leader());
+    assert!(ids(&leased).iter().all(|id| claimed.borrow().contains(id)));
+    drop(second);
+    schema.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_migrate_the_schema_once() {
+    let Some(base) = base_url("replicas_starting_together_migrate_the_schema_once") else {
+        return;
+    };
+    let schema = Schema::create(&base).await;
+    let starts = (0..4).map(|_| {
+        let url = schema.url.clone();
+        tokio::spawn(async move { PostgresQueue::connect(&url, lock_key()).await })
+    });
+    let mut queues = Vec::new();
+    for start in starts {
+        queues.push(start.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        schema
+            .count("SELECT COUNT(*) FROM {schema}.schema_version")
+            .await,
+        1
+    );
+    // And a later start finds it done.
+    queues.push(
+        PostgresQueue::connect(&schema.url, lock_key())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        schema
+            .count("SELECT COUNT(*) FROM {schema}.schema_version")
+            .await,
+        1
+    );
+    queues[0].ping().await.unwrap();
+    drop(queues);
+    schema.drop().await;
+}
+
+fn assert_storage_error<T: std::fmt::Debug>(result: Result<T, QueueError>, what: &str) {
+    match result {
+        Err(QueueError::Storage(_)) => {}
+        other => panic!("{what}: expected a storage error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_restart() {
+    let test = "while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_restart";
+    let Some(base) = base_url(test) else { return };
+    let database = Database::create(&base).await;
+    let queue = PostgresQueue::connect(&database.url, lock_key())
+        .await
+        .unwrap();
+    queue
+        .enqueue(webhook("before", T0, vec![track("a")]))
+        .await
+        .unwrap();
+    assert_eq!(claim_all_pg(&queue, T0).await.len(), 1);
+
+    database.cut_off().await;
+    let quickly = Duration::from_secs(6);
+    let started = Instant::now();
+    assert_storage_error(queue.ping().await, "ping");
+    assert_storage_error(
+        queue.enqueue(webhook("during", T0, vec![track("b")])).await,
+        "enqueue",
+    );
+    assert_storage_error(queue.stats(T0).await, "stats");
+    assert_storage_error(queue.ack(vec![1], T0).await, "ack");
+    assert_storage_error(queue.next_due_ms(RecordKind::Track).await, "next_due_ms");
+    assert!(
+        started.elapsed() < quickly,
+        "storage errors took {:?}",
+        started.elapsed()
+    );
+    // The leader connection was cut too: within a check interval, claiming fails as well.
+    let failed_claim = poll_until(Duration::from_secs(5), || {
+        let queue = &queue;
+        async move { queue.claim(RecordKind::Track, 10, FAR, LEASE).await.err() }
+    })
+    .await;
+    assert!(matches!(failed_claim, QueueError::Storage(_)));
+
+    database.restore().await;
+    poll_until(Duration::from_secs(10), || {
+        let queue = &queue;
+        async move { queue.ping().await.ok() }
+    })
+    .await;
+    assert_eq!(
+        queue
+            .enqueue(webhook("after", T0, vec![track("c")]))
+            .await
+            .unwrap(),
+        Enqueued::Accepted { events: 1 }
+    );
+    let claimed = poll_until(Duration::from_secs(10), || {
+        let queue = &queue;
+        async move {
+            let claimed = queue.claim(RecordKind::Track, 10, FAR, LEASE).await.ok()?;
+            (!claimed.is_empty()).then_some(claimed)
+        }
+    })
+    .await;
+    assert_eq!(
+        keys(&claimed),
+        ["c", "a"],
+        "c due since T0, a since its lease ran out"
+    );
+    drop(queue);
+    database.drop().await;
+}
+
+async fn claim_all_pg(queue: &PostgresQueue, now: i64) -> Vec<Claimed> {
+    queue
+        .claim(RecordKind::Track, 1000, now, LEASE)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn connecting_to_a_server_that_is_not_there_fails_fast() {
+    // Needs no server: a port nothing listens on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let started = Instant::now();
+    let result =
+        PostgresQueue::connect(&format!("postgres://relay:relay@127.0.0.1:{port}/relay"), 1).await;
+    assert!(matches!(result, Err(QueueError::Storage(_))));
+    assert!(started.elapsed() < Duration::from_secs(6));
+}

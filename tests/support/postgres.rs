@@ -1,0 +1,151 @@
+//! Postgres for tests, on the server named by `RELAY_TEST_POSTGRES_URL` (`.ci/postgres.sh`
+//! starts one and prints it): a fresh schema per test (the URL then sets `search_path`), or a
+//! fresh database whose connections a test can cut off and restore. Without the variable the
+//! tests that need it say `skipped: RELAY_TEST_POSTGRES_URL not set` and pass — unless
+//! `RELAY_REQUIRE_POSTGRES=1`, which CI sets so that it never skips them silently.
+
+use tokio_postgres::{Client, NoTls};
+
+pub const URL_VAR: &str = "RELAY_TEST_POSTGRES_URL";
+
+/// The server's URL, or `None` after printing why the calling test skips.
+pub fn base_url(test: &str) -> Option<String> {
+    match std::env::var(URL_VAR) {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("RELAY_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "{test}: {URL_VAR} is not set but RELAY_REQUIRE_POSTGRES=1"
+            );
+            eprintln!("skipped: {URL_VAR} not set ({test})");
+            None
+        }
+    }
+}
+
+/// A plain connection, its driver running in the background.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {URL_VAR}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// `url` with `search_path` set to `schema` on every connection.
+pub fn with_search_path(url: &str, schema: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-csearch_path%3D{schema}")
+}
+
+/// `url` pointing at database `name` instead.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (before, after) = match url.find('?') {
+        Some(at) => url.split_at(at),
+        None => (url, ""),
+    };
+    let (prefix, _) = before.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}{after}")
+}
+
+/// A schema of its own for one test.
+pub struct Schema {
+    pub name: String,
+    /// The server URL with `search_path` set to this schema.
+    pub url: String,
+    admin: Client,
+}
+
+impl Schema {
+    pub async fn create(base: &str) -> Schema {
+        let admin = connect(base).await;
+        let name = unique("relay_test");
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .await
+            .unwrap();
+        Schema {
+            url: with_search_path(base, &name),
+            name,
+            admin,
+        }
+    }
+
+    /// A query run in this schema (an admin connection, outside the queue under test).
+    pub async fn count(&self, sql: &str) -> i64 {
+        let sql = sql.replace("{schema}", &self.name);
+        self.admin.query_one(&sql, &[]).await.unwrap().get(0)
+    }
+
+    pub async fn drop(self) {
+        let _ = self
+            .admin
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name))
+            .await;
+    }
+}
+
+/// A database of its own for one test, whose connections the test can cut.
+pub struct Database {
+    pub name: String,
+    pub url: String,
+    admin: Client,
+}
+
+impl Database {
+    pub async fn create(base: &str) -> Database {
+        let admin = connect(base).await;
+        let name = unique("relay_test");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        Database {
+            url: with_database(base, &name),
+            name,
+            admin,
+        }
+    }
+
+    /// Postgres "goes away" for this database: new connections are refused and the open ones
+    /// are terminated.
+    pub async fn cut_off(&self) {
+        self.admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} WITH ALLOW_CONNECTIONS false",
+                self.name
+            ))
+            .await
+            .unwrap();
+        self.admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&self.name],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Postgres is back.
+    pub async fn restore(&self) {
+        self.admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} WITH ALLOW_CONNECTIONS true",
+                self.name
+            ))
+            .await
+            .unwrap();
+    }
+
+    pub async fn drop(self) {
+        let _ = self
+            .admin
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await;
+    }
+}
