@@ -187,7 +187,7 @@ impl App {
         tracing::info!(
             %listen,
             %admin_listen,
-            queue = ?settings.queue.backend,
+            queue = settings.queue.backend.as_str(),
             "relay started"
         );
 
