@@ -208,9 +208,14 @@ impl Forwarder {
         pass: &mut Pass,
     ) -> Result<(), QueueError> {
         let mut pending = vec![records];
+        let mut first = true;
         while let Some(batch) = pending.pop() {
-            let lease_end = self.clock.now_ms() + self.config.lease.as_millis() as i64;
-            self.queue.renew(ids(&batch), lease_end).await?;
+            // The claim's lease covers the first request; the halves of a split batch each
+            // get a fresh one.
+            if !std::mem::take(&mut first) {
+                let lease_end = self.clock.now_ms() + self.config.lease.as_millis() as i64;
+                self.queue.renew(ids(&batch), lease_end).await?;
+            }
             let jsons: Vec<&str> = batch.iter().map(|r| r.json.as_str()).collect();
             let outcome = self.client.send(kind, &jsons).await;
             match classify(&outcome) {
