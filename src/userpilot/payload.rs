@@ -6,7 +6,7 @@
 //! names (that is `heap::mapping`) nor touch unverified bytes (only [`decode`] is public, and it
 //! takes [`Verified`]).
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use serde_json::{Map, Number, Value};
 
 use super::signature::Verified;
@@ -333,13 +333,15 @@ fn last_segment(value: &str) -> Option<&str> {
 }
 
 /// A point in time from a JSON number or string; `None` when it does not parse or lies outside
-/// chrono's range, so that the caller tries the next place.
+/// the years 0000–9999 (RFC 3339's range, so Heap can read it), so that the caller tries the
+/// next place.
 fn time(value: &Value) -> Option<DateTime<Utc>> {
-    match value {
+    let time = match value {
         Value::Number(number) => time_from_number(number),
         Value::String(raw) => time_from_text(raw.trim()),
         _ => None,
-    }
+    }?;
+    (0..=9999).contains(&time.year()).then_some(time)
 }
 
 fn time_from_number(number: &Number) -> Option<DateTime<Utc>> {
@@ -1092,12 +1094,8 @@ mod tests {
         for (value, expected) in cases {
             assert_eq!(time(&value), Some(utc(expected)), "{value}");
         }
-        let boundary = time(&json!(MILLIS_ABOVE)).unwrap();
-        assert_eq!(
-            boundary.timestamp(),
-            MILLIS_ABOVE,
-            "10^12 itself is seconds"
-        );
+        // 10^12 itself is read as seconds: year 33658, beyond what Heap can read, so none.
+        assert_eq!(time(&json!(MILLIS_ABOVE)), None, "10^12 itself is seconds");
     }
 
     #[test]
@@ -1226,6 +1224,26 @@ mod tests {
             };
             put(&mut body, &["data"], json!({"type": kind}));
             prop_assert!(decode_json(&body).is_ok());
+        }
+    }
+
+    #[test]
+    fn times_outside_the_years_0000_to_9999_fall_through_to_the_next_place() {
+        // Found by fuzzing: these printed as `+10000-…` or `-0001-…`, which Heap cannot read.
+        for (outer, expected) in [
+            (json!(253_402_300_800_i64), None), // year 10000 in seconds
+            (json!("0863363371230"), None),     // pre-2001 ms read as seconds
+            (json!("-0001-12-31T23:59:59Z"), None),
+            (json!(1_726_742_461), Some(1_726_742_461)),
+        ] {
+            let body = json!({ "timestamp": outer, "data": { "type": "nps",
+                "created_at": 253_402_300_800_000_i64, "user": { "user_id": "u" } } });
+            let decoded = decode_bytes(body.to_string().as_bytes()).unwrap();
+            assert_eq!(
+                decoded.occurred_at.map(|t| t.timestamp()),
+                expected,
+                "{outer}"
+            );
         }
     }
 }
