@@ -1,0 +1,91 @@
+//! relay-bench: the benchmark harness of userpilot-heap-relay (see `BENCHMARKS.md` and
+//! `bench/run.sh`).
+//!
+//! - [`load`]: pre-signed unique webhooks of every kind, driven at a URL in closed loop (fixed
+//!   concurrency, for throughput) or open loop (fixed rate, latency measured from the intended
+//!   send time so a stalled server cannot hide its queueing delay).
+//! - [`sink`]: a fake Heap that answers 200 and counts requests and events.
+//! - [`baseline`]: a bare axum server answering 202 with no work, the yardstick for ratios.
+//! - [`suite`]: runs everything against the relay binary and the baseline and writes the
+//!   report ([`report`]); [`smoke`] is the seconds-long version CI runs.
+
+mod baseline;
+mod load;
+mod procfs;
+mod report;
+mod server;
+mod sink;
+mod smoke;
+mod suite;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "relay-bench",
+    about = "Benchmark harness for userpilot-heap-relay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole benchmark: baseline and relay, every mode, forwarding; writes the report.
+    Suite(suite::Options),
+    /// A seconds-long end-to-end check that the harness still works (for CI).
+    Smoke {
+        /// The relay binary to run.
+        #[arg(long)]
+        relay_bin: PathBuf,
+    },
+    /// The baseline server: answers 202 to `POST /webhooks/userpilot` and does nothing else.
+    Baseline {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// One load run against any URL (prints the result as JSON).
+    Load(load::Options),
+    /// Renders the report again from the JSON a suite saved with `--json`.
+    Render {
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Suite(options) => suite::run(options).await,
+            Command::Smoke { relay_bin } => smoke::run(&relay_bin).await,
+            Command::Baseline { listen } => baseline::serve(listen).await,
+            Command::Load(options) => load::run_cli(options).await,
+            Command::Render { json, out } => report::render_file(&json, &out),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The servers under test, as child processes: the relay binary (configured by environment
+//! variables, as operators run it) and the baseline (this binary's `baseline` subcommand).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Uri};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::load::Client;
+
+pub const SECRET: &str = "bench-secret";
+pub const APP_ID: &str = "bench-app";
+pub const ADMIN_TOKEN: &str = "bench-admin-token";
+
+/// A server process this harness started; killed when dropped.
+pub struct Server {
+    pub name: &'static str,
+    child: Child,
+    pub pid: u32,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub admin_url: Option<String>,
+    log: PathBuf,
+    /// The relay's queue folder; removed when dropped.
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A free loopback port (bound, then released for the child to take).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Server {
+    /// The baseline: `relay-bench baseline` on a free port.
+    pub async fn baseline(client: &Client, scratch: &Path) -> anyhow::Result<Server> {
+        let port = free_port()?;
+        let log = scratch.join("baseline.log");
+        let child = Command::new(std::env::current_exe()?)
+            .args(["baseline", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start the baseline")?;
+        let server = Server {
+            name: "baseline",
+            pid: child.id(),
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            admin_url: None,
+            log,
+            _dir: None,
+        };
+        server.wait_ready(client).await?;
+        Ok(server)
+    }
+
+    /// The relay binary with its queue in a fresh temporary folder, forwarding to `heap_url`.
+    /// `extra` environment variables override the defaults set here.
+    pub async fn relay(
+        client: &Client,
+        binary: &Path,
+        heap_url: &str,
+        extra: &[(&str, String)],
+        scratch: &Path,
+    ) -> anyhow::Result<Server> {
+        let dir = tempfile::Builder::new()
+            .prefix("relay-bench-queue")
+            .tempdir_in(scratch)?;
+        let (port, admin_port) = (free_port()?, free_port()?);
+        let log = dir.path().join("relay.log");
+        let mut env: Vec<(&str, String)> = vec![
+            ("RELAY_SERVER__LISTEN", format!("127.0.0.1:{port}")),
+            (
+                "RELAY_SERVER__ADMIN_LISTEN",
+                format!("127.0.0.1:{admin_port}"),
+            ),
+            ("RELAY_USERPILOT__SECRETS", SECRET.into()),
+            ("RELAY_HEAP__APP_ID", APP_ID.into()),
+            ("RELAY_HEAP__BASE_URL", heap_url.into()),
+            (
+                "RELAY_QUEUE__PATH",
+                dir.path().join("queue.sqlite3").display().to_string(),
+            ),
+            ("RELAY_ADMIN__TOKEN", ADMIN_TOKEN.into()),
+            ("RELAY_LOG__LEVEL", "warn".into()),
+        ];
+        env.extend(extra.iter().cloned());
+        let child = Command::new(binary)
+            .arg("serve")
+            .env_clear()
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let server = Server {
+            name: "relay",
+            pid: child.id(),
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            admin_url: Some(format!("http://127.0.0.1:{admin_port}")),
+            log,
+            _dir: Some(dir),
+        };
+        server.wait_ready(client).await?;
+        Ok(server)
+    }
+
+    pub fn webhook_uri(&self) -> anyhow::Result<Uri> {
+        Ok(format!("{}/webhooks/userpilot", self.url).parse()?)
+    }
+
+    /// Waits for `/readyz` to answer 200 (20 s at most).
+    async fn wait_ready(&self, client: &Client) -> anyhow::Result<()> {
+        let uri: Uri = format!("{}/readyz", self.url).parse()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = request(client, Method::GET, &uri, None).await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not become ready within 20 s; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The last lines of the server's stderr.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// An authorized admin request; returns the JSON answer.
+    pub async fn admin(
+        &self,
+        client: &Client,
+        method: Method,
+        path: &str,
+    ) -> anyhow::Result<Value> {
+        let base = self.admin_url.as_deref().context("no admin port")?;
+        let uri: Uri = format!("{base}{path}").parse()?;
+        let (status, body) = request(client, method, &uri, Some(ADMIN_TOKEN)).await?;
+        if status != 200 {
+            bail!(
+                "{path} answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// Records waiting in the relay's queue (pending + in flight), from `/admin/status`.
+    pub async fn unsent(&self, client: &Client) -> anyhow::Result<u64> {
+        let status = self.admin(client, Method::GET, "/admin/status").await?;
+        let count = |field: &str| status["queue"][field].as_u64().unwrap_or(0);
+        Ok(count("pending") + count("in_flight"))
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 15 s.
+    pub async fn stop(mut self) {
+        if let Ok(pid) = i32::try_from(self.pid) {
+            // SAFETY: signals our own child, by its id.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One small request: status and body.
+pub async fn request(
+    client: &Client,
+    method: Method,
+    uri: &Uri,
+    bearer: Option<&str>,
+) -> anyhow::Result<(u16, Bytes)> {
+    let mut builder = Request::builder().method(method).uri(uri.clone());
+    if let Some(token) = bearer {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    let request = builder.body(Full::new(Bytes::new()))?;
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .context("timed out")??;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
