@@ -40,6 +40,8 @@ pub enum AppError {
     Client(#[from] reqwest::Error),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("a task failed: {0}")]
+    TaskFailed(String),
 }
 
 pub struct App {
@@ -212,9 +214,21 @@ impl App {
         tracing::info!("shutting down: draining");
         let deadline = tokio::time::Instant::now() + grace;
         draining.cancel();
-        if let Some(Ok(Err(error))) = early {
-            closing.cancel();
-            return Err(error);
+        match early {
+            Some(Ok(Err(error))) => {
+                closing.cancel();
+                return Err(error);
+            }
+            Some(Err(panicked)) => {
+                closing.cancel();
+                return Err(AppError::TaskFailed(panicked.to_string()));
+            }
+            Some(Ok(Ok(()))) => {
+                // Servers, forwarder and pruning run until shutdown; one ending is a fault.
+                closing.cancel();
+                return Err(AppError::TaskFailed("a task stopped unexpectedly".into()));
+            }
+            None => {}
         }
         tokio::time::sleep(drain_delay(grace)).await;
         closing.cancel();
