@@ -99,6 +99,38 @@ pub struct DeadLetterFilter {
     pub limit: Option<usize>,
 }
 
+/// A value bound into a dead-letter filter condition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilterValue {
+    Text(String),
+    Integer(i64),
+}
+
+impl DeadLetterFilter {
+    /// The filter's scalar conditions on records aliased `r`, each SQL with one `?` for its
+    /// value, shared by the backends. `ids` and `limit` are left to each backend, which spell
+    /// lists and limits differently.
+    pub fn conditions(&self) -> Vec<(&'static str, FilterValue)> {
+        let mut conditions = Vec::new();
+        if let Some(reason) = &self.reason {
+            conditions.push(("r.dead_reason = ?", FilterValue::Text(reason.clone())));
+        }
+        if let Some(subject) = &self.subject {
+            conditions.push(("r.subject = ?", FilterValue::Text(subject.clone())));
+        }
+        if let Some(since) = self.since_ms {
+            conditions.push(("r.updated_at >= ?", FilterValue::Integer(since)));
+        }
+        if let Some(until) = self.until_ms {
+            conditions.push(("r.updated_at < ?", FilterValue::Integer(until)));
+        }
+        if let Some(after) = self.after_id {
+            conditions.push(("r.id > ?", FilterValue::Integer(after)));
+        }
+        conditions
+    }
+}
+
 /// A quarantined or dead-lettered webhook taken out for replay: the caller re-maps `body`
 /// and hands the result to [`Queue::requeue`].
 #[derive(Debug, Clone)]

@@ -68,8 +68,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, NewWebhook, QUARANTINE_KIND, Queue,
-    QueueError, QueueStats, ReplayItem,
+    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook,
+    QUARANTINE_KIND, Queue, QueueError, QueueStats, ReplayItem,
 };
 use crate::heap::wire::RecordKind;
 
@@ -637,20 +637,12 @@ fn filter_sql(filter: &DeadLetterFilter) -> (String, Vec<Param>) {
     if !filter.ids.is_empty() {
         clause("r.id = ANY(?)", Box::new(filter.ids.clone()));
     }
-    if let Some(reason) = &filter.reason {
-        clause("r.dead_reason = ?", Box::new(reason.clone()));
-    }
-    if let Some(subject) = &filter.subject {
-        clause("r.subject = ?", Box::new(subject.clone()));
-    }
-    if let Some(since) = filter.since_ms {
-        clause("r.updated_at >= ?", Box::new(since));
-    }
-    if let Some(until) = filter.until_ms {
-        clause("r.updated_at < ?", Box::new(until));
-    }
-    if let Some(after) = filter.after_id {
-        clause("r.id > ?", Box::new(after));
+    for (condition, value) in filter.conditions() {
+        let value: Param = match value {
+            FilterValue::Text(text) => Box::new(text),
+            FilterValue::Integer(int) => Box::new(int),
+        };
+        clause(condition, value);
     }
     (sql, values)
 }

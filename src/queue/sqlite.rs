@@ -16,8 +16,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::oneshot;
 
 use super::{
-    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, NewWebhook, QUARANTINE_KIND, Queue,
-    QueueError, QueueStats, ReplayItem,
+    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook,
+    QUARANTINE_KIND, Queue, QueueError, QueueStats, ReplayItem,
 };
 use crate::heap::wire::{HeapRecord, RecordKind};
 
@@ -368,20 +368,12 @@ fn filter_sql(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>
         sql.push_str(condition);
         values.push(value);
     };
-    if let Some(reason) = &filter.reason {
-        clause("r.dead_reason = ?", Value::Text(reason.clone()));
-    }
-    if let Some(subject) = &filter.subject {
-        clause("r.subject = ?", Value::Text(subject.clone()));
-    }
-    if let Some(since) = filter.since_ms {
-        clause("r.updated_at >= ?", Value::Integer(since));
-    }
-    if let Some(until) = filter.until_ms {
-        clause("r.updated_at < ?", Value::Integer(until));
-    }
-    if let Some(after) = filter.after_id {
-        clause("r.id > ?", Value::Integer(after));
+    for (condition, value) in filter.conditions() {
+        let value = match value {
+            FilterValue::Text(text) => Value::Text(text),
+            FilterValue::Integer(int) => Value::Integer(int),
+        };
+        clause(condition, value);
     }
     (sql, values)
 }
