@@ -74,7 +74,7 @@ use super::{
 use crate::heap::wire::RecordKind;
 
 /// The schema version this code writes (table `schema_version`). Add a migration to bump it.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 
 /// `pg_advisory_xact_lock` key serializing migrations ("relaymig").
 const MIGRATION_LOCK: i64 = 0x7265_6c61_796d_6967;
@@ -138,7 +138,17 @@ CREATE TABLE IF NOT EXISTS heartbeat (
 );
 ";
 
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+/// Version 2: a record key is unique within its webhook instead of globally. Keys derive from
+/// the webhook's digest, unique already; `(webhook_id, key)` grows at its right edge, where the
+/// global index took two random b-tree inserts per webhook. Replay relies on it to skip the
+/// records a webhook still has.
+const SCHEMA_V2: &str = "
+CREATE UNIQUE INDEX IF NOT EXISTS records_webhook_key ON records (webhook_id, key);
+ALTER TABLE records DROP CONSTRAINT IF EXISTS records_key_key;
+DROP INDEX IF EXISTS records_webhook;
+";
+
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
 
 /// Releases the leases of replicas that have no session left; `$1` now, `$2` this replica.
 const RELEASE_ORPHANS: &str = "
@@ -556,7 +566,7 @@ async fn insert_content(
                      FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[])
                           WITH ORDINALITY AS u(key, kind, subject, json, n)
                      ORDER BY u.n
-                     ON CONFLICT (key) DO NOTHING
+                     ON CONFLICT (webhook_id, key) DO NOTHING
                      RETURNING kind",
                 )
                 .await
@@ -600,7 +610,7 @@ async fn insert_content(
                                           received_at, next_attempt_at, updated_at,
                                           dead_reason, dead_detail)
                      VALUES ($1, $2, $3, $4, '', 2, $5, $6, $6, $7, $8)
-                     ON CONFLICT (key) DO NOTHING",
+                     ON CONFLICT (webhook_id, key) DO NOTHING",
                 )
                 .await
                 .map_err(storage)?;
