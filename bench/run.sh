@@ -3,11 +3,21 @@
 #
 #   bash bench/run.sh                  # the suite (release builds; a few minutes)
 #   bash bench/run.sh --drain 1000000  # also time the drain of a 1,000,000-webhook backlog (long)
+#   bash bench/run.sh --no-postgres    # the suite without the relay on Postgres
 #   bash bench/run.sh --smoke          # seconds: debug builds, ~1 s of load, checks (CI)
 #
+# Postgres: when Postgres is installed (`pg_lsclusters` and a server binary exist), the suite
+# also measures ingest with the relay's queue on Postgres, on a durable cluster `bench` that
+# bench/postgres.sh creates and starts (port 5434; fsync and synchronous_commit on). It does
+# not install Postgres (run `bash bench/postgres.sh` once to do that). `--no-postgres` skips
+# it; `--postgres URL` or RELAY_BENCH_POSTGRES_URL picks another server (its role must be
+# allowed to create databases; the suite works in its own database `relay_bench`). The smoke
+# run includes the relay on Postgres when RELAY_TEST_POSTGRES_URL is set (as in CI, from
+# .ci/postgres.sh), in a database of its own (`relay_bench_smoke`).
+#
 # Other arguments go to `relay-bench suite` (see `relay-bench suite --help`: --runs,
-# --duration, --concurrency, --rates, ...). Everything runs on loopback; servers are child
-# processes of the harness and stop with it.
+# --duration, --concurrency, --rates, --out, ...). Everything runs on loopback; servers are
+# child processes of the harness and stop with it (Postgres, a service, keeps running).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +29,30 @@ if [[ "${1:-}" == "--smoke" ]]; then
     cargo build --quiet --manifest-path "$ROOT/bench/Cargo.toml"
     exec "$CARGO_TARGET_DIR/debug/relay-bench" smoke \
         --relay-bin "$CARGO_TARGET_DIR/debug/userpilot-heap-relay"
+fi
+
+args=()
+postgres=auto
+out=(--out "$ROOT/BENCHMARKS.md")
+for arg in "$@"; do
+    case "$arg" in
+        --no-postgres) postgres=no ;;
+        --postgres | --postgres=*) postgres=given; args+=("$arg") ;;
+        --out | --out=*) out=(); args+=("$arg") ;;
+        *) args+=("$arg") ;;
+    esac
+done
+if [[ "$postgres" == no ]]; then
+    unset RELAY_BENCH_POSTGRES_URL
+elif [[ "$postgres" == auto && -z "${RELAY_BENCH_POSTGRES_URL:-}" ]]; then
+    if command -v pg_lsclusters >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+        echo "== postgres (bench/postgres.sh; --no-postgres skips it)" >&2
+        # shellcheck source=bench/postgres.sh
+        source "$ROOT/bench/postgres.sh" >/dev/null ||
+            { echo "run.sh: Postgres could not be set up; --no-postgres skips it" >&2; exit 1; }
+    else
+        echo "== postgres: not installed, not measured (bash bench/postgres.sh installs it)" >&2
+    fi
 fi
 
 echo "== building (release)" >&2
@@ -33,5 +67,5 @@ fi
 exec "$CARGO_TARGET_DIR/release/relay-bench" suite \
     --relay-bin "$CARGO_TARGET_DIR/release/userpilot-heap-relay" \
     --commit "$commit" \
-    --out "$ROOT/BENCHMARKS.md" \
-    "$@"
+    ${out[@]+"${out[@]}"} \
+    ${args[@]+"${args[@]}"}

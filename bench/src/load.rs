@@ -241,6 +241,10 @@ pub struct RunResult {
     pub server_cpu_s: Option<f64>,
     /// CPU time this process (load generator) used in the window.
     pub client_cpu_s: Option<f64>,
+    /// CPU time the database server behind the relay (Postgres: all its processes) used in
+    /// the window, when it runs on this machine.
+    #[serde(default)]
+    pub database_cpu_s: Option<f64>,
     /// The prepared requests ran out before the window ended (the window was shortened).
     pub exhausted: bool,
     /// Most requests in flight at once (each on its own connection): the concurrency in
@@ -279,6 +283,7 @@ impl RunResult {
             mean_ms: h.mean() / 1000.0,
             server_cpu_s: None,
             client_cpu_s: None,
+            database_cpu_s: None,
             exhausted: false,
             max_in_flight: 0,
         }
@@ -291,29 +296,50 @@ pub struct Plan {
     pub warmup: Duration,
     pub duration: Duration,
     pub server_pid: Option<u32>,
+    /// The database server's parent process (the Postgres postmaster), whose whole process
+    /// tree is measured ([`procfs::tree_cpu_seconds`]).
+    pub database_pid: Option<u32>,
 }
 
-/// CPU seconds of the server and of this process, read at the start of the window.
+/// CPU seconds of the server, this process and the database, read at the start of the window.
 struct CpuMark {
     server: Option<f64>,
     client: Option<f64>,
+    database: Option<f64>,
+}
+
+/// CPU seconds used in the window.
+struct CpuUsed {
+    server: Option<f64>,
+    client: Option<f64>,
+    database: Option<f64>,
 }
 
 impl CpuMark {
-    fn take(server_pid: Option<u32>) -> Self {
+    fn take(plan: &Plan) -> Self {
         CpuMark {
-            server: server_pid.and_then(procfs::cpu_seconds),
+            server: plan.server_pid.and_then(procfs::cpu_seconds),
             client: procfs::cpu_seconds(std::process::id()),
+            database: plan.database_pid.and_then(procfs::tree_cpu_seconds),
         }
     }
 
-    /// CPU seconds used since the mark: (server, this process).
-    fn since(&self, server_pid: Option<u32>) -> (Option<f64>, Option<f64>) {
-        let now = CpuMark::take(server_pid);
-        (
-            now.server.zip(self.server).map(|(b, a)| b - a),
-            now.client.zip(self.client).map(|(b, a)| b - a),
-        )
+    fn since(&self, plan: &Plan) -> CpuUsed {
+        let now = CpuMark::take(plan);
+        let used = |after: Option<f64>, before: Option<f64>| after.zip(before).map(|(b, a)| b - a);
+        CpuUsed {
+            server: used(now.server, self.server),
+            client: used(now.client, self.client),
+            database: used(now.database, self.database),
+        }
+    }
+}
+
+impl RunResult {
+    fn set_cpu(&mut self, cpu: CpuUsed) {
+        self.server_cpu_s = cpu.server;
+        self.client_cpu_s = cpu.client;
+        self.database_cpu_s = cpu.database;
     }
 }
 
@@ -355,7 +381,7 @@ pub async fn closed(
         });
     }
     tokio::time::sleep_until(window_start).await;
-    let mark = CpuMark::take(plan.server_pid);
+    let mark = CpuMark::take(&plan);
     // Wake at the end of the window, or earlier if every worker is done (requests ran out).
     let mut tally = Tally::new();
     let mut exhausted_at: Option<Instant> = None;
@@ -364,7 +390,7 @@ pub async fn closed(
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(window_end), if cpu.is_none() => {
-                cpu = Some(mark.since(plan.server_pid));
+                cpu = Some(mark.since(&plan));
             }
             joined = workers.join_next() => match joined {
                 Some(Ok(result)) => results.push(result),
@@ -378,7 +404,7 @@ pub async fn closed(
     } else {
         Instant::now()
     };
-    let (server_cpu, client_cpu) = cpu.unwrap_or_else(|| mark.since(plan.server_pid));
+    let cpu = cpu.unwrap_or_else(|| mark.since(&plan));
     for (part, exhausted) in &results {
         tally.merge(part);
         if let Some(at) = exhausted {
@@ -390,8 +416,7 @@ pub async fn closed(
         RunResult::from_tally("closed", concurrency as u64, &tally, end - window_start);
     result.exhausted = exhausted_at.is_some_and(|at| at < window_end);
     result.max_in_flight = concurrency as u64;
-    result.server_cpu_s = server_cpu;
-    result.client_cpu_s = client_cpu;
+    result.set_cpu(cpu);
     result
 }
 
@@ -424,7 +449,7 @@ pub async fn open(
         }
         if mark.is_none() && intended >= window_start {
             tokio::time::sleep_until(window_start).await;
-            mark = Some(CpuMark::take(plan.server_pid));
+            mark = Some(CpuMark::take(&plan));
         }
         let Some(_) = pool.get(i as usize) else {
             exhausted = true;
@@ -452,9 +477,9 @@ pub async fn open(
             }
         }
     }
-    let mark = mark.unwrap_or_else(|| CpuMark::take(plan.server_pid));
+    let mark = mark.unwrap_or_else(|| CpuMark::take(&plan));
     tokio::time::sleep_until(window_end).await;
-    let (server_cpu, client_cpu) = mark.since(plan.server_pid);
+    let cpu = mark.since(&plan);
     while let Some(joined) = in_flight.join_next().await {
         if let Ok((intended, outcome, done)) = joined
             && intended >= window_start
@@ -465,8 +490,7 @@ pub async fn open(
     let mut result = RunResult::from_tally("open", rate, &tally, plan.duration);
     result.exhausted = exhausted;
     result.max_in_flight = max_in_flight as u64;
-    result.server_cpu_s = server_cpu;
-    result.client_cpu_s = client_cpu;
+    result.set_cpu(cpu);
     result
 }
 
@@ -517,6 +541,7 @@ pub async fn run_cli(options: Options) -> anyhow::Result<()> {
         warmup: Duration::from_secs_f64(options.warmup),
         duration: Duration::from_secs_f64(options.duration),
         server_pid: options.pid,
+        database_pid: None,
     };
     let client = client();
     let result = match options.rate {

@@ -6,11 +6,15 @@
 //!   send time so a stalled server cannot hide its queueing delay).
 //! - [`sink`]: a fake Heap that answers 200 and counts requests and events.
 //! - [`baseline`]: a bare axum server answering 202 with no work, the yardstick for ratios.
-//! - [`suite`]: runs everything against the relay binary and the baseline and writes the
-//!   report ([`report`]); [`smoke`] is the seconds-long version CI runs.
+//! - [`postgres`]: the harness's own database on a Postgres server (for the relay on
+//!   Postgres), and the server's durability settings as measured.
+//! - [`suite`]: runs everything against the relay binary (on SQLite, and on Postgres with
+//!   `--postgres`) and the baseline and writes the report ([`report`]); [`smoke`] is the
+//!   seconds-long version CI runs.
 
 mod baseline;
 mod load;
+mod postgres;
 mod procfs;
 mod report;
 mod server;

@@ -1,15 +1,66 @@
 //! What the kernel says about a process: CPU time and memory, from `/proc`.
 
-/// User + system CPU time of `pid` so far, in seconds.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+/// The fields of `/proc/<pid>/stat` after the command name, so that index 0 is field 3
+/// (`state`), 1 is `ppid`, 11 `utime`, 12 `stime`, 13 `cutime`, 14 `cstime`.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may contain spaces: split after it.
     let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 (utime) and 15 (stime), counted from 1; `rest` starts at field 3.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / ticks_per_second())
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Clock ticks in fields `indices` of `fields`, summed, in seconds.
+fn ticks(fields: &[String], indices: &[usize]) -> Option<f64> {
+    let mut sum = 0u64;
+    for &index in indices {
+        sum += fields.get(index)?.parse::<u64>().ok()?;
+    }
+    Some(sum as f64 / ticks_per_second())
+}
+
+/// User + system CPU time of `pid` so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    ticks(&stat_fields(pid)?, &[11, 12])
+}
+
+/// The parent of `pid`.
+pub fn parent(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// The command name of `pid` (`/proc/<pid>/comm`).
+pub fn command(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|name| name.trim().to_owned())
+}
+
+/// CPU time of a server made of one parent process and its children (Postgres: the
+/// postmaster and its backends and background workers), in seconds: the parent's own time, the
+/// time of its live children, and the time of its children that already exited (the kernel
+/// adds a child's time to its parent's `cutime`/`cstime` when the parent reaps it, as the
+/// postmaster does). The difference of two readings therefore counts every process of the
+/// server, including those that started or ended between them.
+pub fn tree_cpu_seconds(root: u32) -> Option<f64> {
+    let mut total = ticks(&stat_fields(root)?, &[11, 12, 13, 14])?;
+    let root_text = root.to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A child may exit between the listing and the read: it is then skipped here, and
+        // its time shows up in the parent's `cutime` at the next reading.
+        if let Some(fields) = stat_fields(pid)
+            && fields.get(1) == Some(&root_text)
+        {
+            total += ticks(&fields, &[11, 12]).unwrap_or(0.0);
+        }
+    }
+    Some(total)
 }
 
 fn ticks_per_second() -> f64 {
@@ -73,5 +124,14 @@ mod tests {
         assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
         assert!(rss_mib(pid).is_some_and(|m| m > 0.0));
         assert!(peak_rss_mib(pid).is_some_and(|m| m >= rss_mib(pid).unwrap_or(0.0) - 1.0));
+    }
+
+    #[test]
+    fn a_process_tree_counts_at_least_its_root() {
+        let pid = std::process::id();
+        let own = cpu_seconds(pid).unwrap_or(f64::MAX);
+        assert!(tree_cpu_seconds(pid).is_some_and(|s| s >= own));
+        assert!(parent(pid).is_some_and(|p| p > 0));
+        assert!(command(pid).is_some_and(|name| !name.is_empty()));
     }
 }

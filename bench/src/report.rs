@@ -4,7 +4,8 @@
 use std::fmt::Write;
 
 use crate::load::RunResult;
-use crate::suite::{Drain, FRESH, Results};
+use crate::postgres::Setup;
+use crate::suite::{BASELINE, Drain, FRESH, FRESH_POSTGRES, RELAY, RELAY_POSTGRES, Results};
 
 /// Targets of the "Performance" issue.
 const MIN_THROUGHPUT_RATIO: f64 = 0.5;
@@ -25,6 +26,9 @@ struct Median {
     cpu_per_request_us: Option<f64>,
     /// Server CPU time over wall time (1.0 = one core busy).
     cpu_cores: Option<f64>,
+    /// The same for the database server behind the relay (Postgres), when counted.
+    database_cpu_per_request_us: Option<f64>,
+    database_cpu_cores: Option<f64>,
     client_cores: Option<f64>,
     failed: u64,
     exhausted: bool,
@@ -67,6 +71,11 @@ fn summarize(runs: &[RunResult], server: &str, mode: &str, param: u64) -> Option
             r.server_cpu_s.map(|cpu| cpu * 1e6 / (r.ok().max(1) as f64))
         }),
         cpu_cores: optional(&|r| r.server_cpu_s.map(|cpu| cpu / r.elapsed_s)),
+        database_cpu_per_request_us: optional(&|r| {
+            r.database_cpu_s
+                .map(|cpu| cpu * 1e6 / (r.ok().max(1) as f64))
+        }),
+        database_cpu_cores: optional(&|r| r.database_cpu_s.map(|cpu| cpu / r.elapsed_s)),
         client_cores: optional(&|r| r.client_cpu_s.map(|cpu| cpu / r.elapsed_s)),
         failed: runs.iter().map(|r| r.refused + r.failed).sum(),
         exhausted: runs.iter().any(|r| r.exhausted),
@@ -118,6 +127,99 @@ fn mib(value: Option<f64>) -> String {
 
 fn opt(value: Option<f64>, digits: usize) -> String {
     value.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+/// How a server of the runs is named in the tables.
+fn label(server: &str) -> &str {
+    match server {
+        RELAY => "relay, SQLite",
+        RELAY_POSTGRES => "relay, Postgres",
+        FRESH => "fresh relay, SQLite",
+        FRESH_POSTGRES => "fresh relay, Postgres",
+        other => other,
+    }
+}
+
+/// The Postgres paragraph: what was measured, and whether its commits were durable.
+fn postgres_paragraph(out: &mut String, setup: Option<&Setup>, nproc: usize) {
+    let Some(pg) = setup else {
+        let _ = writeln!(
+            out,
+            "**Postgres** was not measured in this run. `bash bench/run.sh` measures it when \
+             Postgres is installed (it sets up a durable cluster with `bench/postgres.sh`; \
+             `--no-postgres` skips it); or pass `--postgres postgres://...` to \
+             `relay-bench suite`.\n"
+        );
+        return;
+    };
+    let data = pg
+        .data_directory
+        .as_ref()
+        .map_or(String::new(), |dir| format!(", data in `{dir}`"));
+    let _ = write!(
+        out,
+        "**Postgres.** The relay on Postgres is the same binary with \
+         `RELAY_QUEUE__BACKEND=postgres` (group commit, a pool of 16 connections), its queue in \
+         the database `{}` (dropped and created again at the start, empty; the relay creates its \
+         schema) on PostgreSQL {} at `{}` over loopback TCP{data}. Settings read from the server \
+         at bench time: `fsync = {}`, `synchronous_commit = {}`, `full_page_writes = {}`, \
+         `wal_sync_method = {}`, `shared_buffers = {}`, `max_connections = {}`. ",
+        pg.database,
+        pg.version,
+        pg.address,
+        pg.fsync,
+        pg.synchronous_commit,
+        pg.full_page_writes,
+        pg.wal_sync_method,
+        pg.shared_buffers,
+        pg.max_connections,
+    );
+    if pg.fsync != "on" {
+        let _ = write!(
+            out,
+            "**These commits were not durable**: with `fsync = {}` Postgres never forces its \
+             writes to disk, so a crash of the machine could lose or corrupt webhooks already \
+             answered 202; these figures flatter Postgres against SQLite, whose commits are \
+             synced. ",
+            pg.fsync
+        );
+    } else if pg.synchronous_commit == "off" {
+        let _ = write!(
+            out,
+            "**These commits were not durable**: with `synchronous_commit = off` a 202 may \
+             precede the flush of its commit's WAL, so a crash of the machine could lose the \
+             last webhooks answered 202; these figures flatter Postgres against SQLite, whose \
+             commits are synced. "
+        );
+    } else {
+        let _ = write!(
+            out,
+            "Commits are durable: each 202 follows a commit whose WAL was flushed to disk, as \
+             with SQLite. "
+        );
+    }
+    if pg.full_page_writes != "on" {
+        let _ = write!(
+            out,
+            "With `full_page_writes = {}` a crash during a page write can leave a torn page \
+             that recovery cannot repair. ",
+            pg.full_page_writes
+        );
+    }
+    let cpu = if pg.cpu_counted {
+        "Its CPU (the postmaster and all its processes, including those that ended during a \
+         window) is in the \"Postgres CPU\" columns, not in the relay's; its background work \
+         (checkpoints, autovacuum) may spill into the runs that follow, whichever server they \
+         measure."
+    } else {
+        "Its CPU is not counted (the server is not a process of this machine, or could not be \
+         identified as one)."
+    };
+    let _ = writeln!(
+        out,
+        "The server runs on the same {nproc}-core machine as everything else. {cpu} Forwarding, \
+         memory-probe and targets below are measured on SQLite only.\n"
+    );
 }
 
 fn latencies(m: &Median) -> String {
@@ -176,7 +278,8 @@ pub fn render(results: &Results) -> String {
          ran at the same time (see the load average), and the load generator, the fake Heap and \
          the server under test share the same cores. Absolute figures are therefore low and \
          noisy; compare the **ratios** to the baseline, which ran interleaved with the relay \
-         (run 1 baseline, run 1 relay, run 2 baseline, ...) and suffered the same noise.\n",
+         (run 1 baseline, run 1 relay on SQLite, run 1 relay on Postgres when measured, run 2 \
+         baseline, ...) and suffered the same noise.\n",
         m.nproc
     );
 
@@ -192,7 +295,8 @@ pub fn render(results: &Results) -> String {
          - **Relay**: the release binary, configured by environment only (`RELAY_*`), SQLite \
          queue in a temporary folder on the machine's disk (WAL, `synchronous = FULL`: every \
          202 follows a durable commit), `RELAY_LOG__LEVEL=warn`, forwarding to a fake Heap in \
-         the harness at the default limit (15,000 events/min).\n\
+         the harness at the default limit (15,000 events/min). The ingest runs are repeated \
+         with the queue on Postgres (see **Postgres** below).\n\
          - **Closed loop**: N workers, each sending its next request when the previous one is \
          answered: maximum throughput (requests answered 202 per second). Latency there is \
          service time.\n\
@@ -201,87 +305,158 @@ pub fn render(results: &Results) -> String {
          queued behind it), recorded in an HDR histogram. The scheduler wakes on tokio's 1 ms \
          timer, so up to ~1 ms of the figures is the generator's own timing, for both servers.\n\
          - **CPU**: utime + stime of the server process (`/proc/<pid>/stat`) over the measured \
-         window. **Memory**: `VmRSS` idle (1 s after start) and `VmHWM` (peak) after all load \
+         window; for Postgres, of the postmaster and its children (live ones, plus the \
+         `cutime` + `cstime` of those it reaped). **Memory**: `VmRSS` idle (1 s after start) and `VmHWM` (peak) after all load \
          (`/proc/<pid>/status`).\n\
          - **Forwarding**: the fake Heap answers 200 at once and logs each request's time, \
          endpoint and array length.\n"
     );
-    let stored_before_open: u64 = runs
-        .iter()
-        .filter(|r| r.server == "relay" && r.mode == "closed")
-        .map(|r| r.accepted)
-        .sum();
-    if stored_before_open > 0 {
+    let stored_before_open = |server: &str| -> u64 {
+        runs.iter()
+            .filter(|r| r.server == server && r.mode == "closed")
+            .map(|r| r.accepted)
+            .sum()
+    };
+    if stored_before_open(RELAY) > 0 {
+        let postgres = match stored_before_open(RELAY_POSTGRES) {
+            0 => String::new(),
+            stored => format!(
+                " The relay on Postgres likewise keeps one database through its runs: more than \
+                 {} stored webhooks before its open-loop runs.",
+                num(stored as f64)
+            ),
+        };
         let _ = writeln!(
             out,
             "**Database size.** One relay process serves all ingest runs, and it keeps every \
              webhook (for redelivery deduplication, `queue.dedup_window_secs`, 7 days by \
              default), so its database grows through the runs as it would in production: the \
              open-loop runs, which come after the closed-loop ones, ran against more than {} \
-             stored webhooks (those counted inside measured windows alone).\n",
-            num(stored_before_open as f64)
+             stored webhooks (those counted inside measured windows alone).{postgres}\n",
+            num(stored_before_open(RELAY) as f64)
         );
     }
+    postgres_paragraph(&mut out, results.postgres.as_ref(), m.nproc);
+
+    // The servers of the ingest runs, in the order they ran; Postgres columns if it was measured.
+    let servers: Vec<&str> = [BASELINE, RELAY, RELAY_POSTGRES]
+        .into_iter()
+        .filter(|name| runs.iter().any(|r| r.server == *name))
+        .collect();
+    let with_postgres = runs.iter().any(|r| r.server == RELAY_POSTGRES);
+    let database_columns = |m: &Median, per_request: bool| {
+        if !with_postgres {
+            return String::new();
+        }
+        let cores = opt(m.database_cpu_cores, 2);
+        if per_request {
+            format!(" {} | {cores} |", opt(m.database_cpu_per_request_us, 0))
+        } else {
+            format!(" {cores} |")
+        }
+    };
 
     // Closed loop.
     let _ = writeln!(out, "## Ingest throughput (closed loop)\n");
     let _ = writeln!(
         out,
-        "| Concurrency | Baseline req/s | Relay req/s | Relay / baseline | Baseline p50 / p99 / p99.9 ms | Relay p50 / p99 / p99.9 ms | Baseline CPU µs/req | Relay CPU µs/req | Relay CPU (cores) | Generator CPU (cores) |"
+        "| Concurrency | Server | req/s | / baseline | p50 / p99 / p99.9 ms | Server CPU µs/req | Server CPU (cores) |{} Generator CPU (cores) |",
+        if with_postgres {
+            " Postgres CPU µs/req | Postgres CPU (cores) |"
+        } else {
+            ""
+        }
     );
-    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut best_baseline: Option<(f64, u64)> = None;
-    let mut best_relay: Option<(f64, u64)> = None;
+    let _ = writeln!(
+        out,
+        "|---:|---|---:|---:|---:|---:|---:|{}---:|",
+        if with_postgres { "---:|---:|" } else { "" }
+    );
+    // Best throughput of each server, and the concurrency it came at.
+    let mut best: Vec<(&str, f64, u64)> = Vec::new();
     for param in params(runs, "closed") {
-        let (Some(b), Some(r)) = (
-            summarize(runs, "baseline", "closed", param),
-            summarize(runs, "relay", "closed", param),
-        ) else {
+        let Some(b) = summarize(runs, BASELINE, "closed", param) else {
             continue;
         };
-        if best_baseline.is_none_or(|(t, _)| b.throughput > t) {
-            best_baseline = Some((b.throughput, param));
+        for &server in &servers {
+            let Some(r) = summarize(runs, server, "closed", param) else {
+                continue;
+            };
+            match best.iter_mut().find(|(name, _, _)| *name == server) {
+                Some(entry) if entry.1 >= r.throughput => {}
+                Some(entry) => *entry = (server, r.throughput, param),
+                None => best.push((server, r.throughput, param)),
+            }
+            let ratio = if server == BASELINE {
+                "–".to_owned()
+            } else {
+                format!("{:.2}", r.throughput / b.throughput.max(1e-9))
+            };
+            let _ = writeln!(
+                out,
+                "| {param} | {} | {}{} | {ratio} | {} | {} | {} |{} {} |",
+                label(server),
+                num(r.throughput),
+                flags(&r),
+                latencies(&r),
+                opt(r.cpu_per_request_us, 0),
+                opt(r.cpu_cores, 2),
+                database_columns(&r, true),
+                opt(r.client_cores, 2),
+            );
         }
-        if best_relay.is_none_or(|(t, _)| r.throughput > t) {
-            best_relay = Some((r.throughput, param));
-        }
-        let _ = writeln!(
-            out,
-            "| {param} | {}{} | {}{} | {:.2} | {} | {} | {} | {} | {} | {} |",
-            num(b.throughput),
-            flags(&b),
-            num(r.throughput),
-            flags(&r),
-            r.throughput / b.throughput.max(1e-9),
-            latencies(&b),
-            latencies(&r),
-            opt(b.cpu_per_request_us, 0),
-            opt(r.cpu_per_request_us, 0),
-            opt(r.cpu_cores, 2),
-            opt(r.client_cores, 2),
-        );
     }
+    let best_of = |server: &str| {
+        best.iter()
+            .find(|(name, _, _)| *name == server)
+            .map(|&(_, throughput, param)| (throughput, param))
+    };
+    let (best_baseline, best_relay) = (best_of(BASELINE), best_of(RELAY));
     let _ = writeln!(
         out,
         "\n† the prepared requests ran out before the window ended; that run's window was \
          shortened (its rate is still requests / measured seconds).\n"
     );
-    let cost = |best: Option<(f64, u64)>, server: &str| {
-        best.and_then(|(_, param)| summarize(runs, server, "closed", param))
-            .and_then(|m| m.cpu_per_request_us)
+    let cost = |server: &str| {
+        best_of(server)
+            .and_then(|(_, param)| summarize(runs, server, "closed", param))
+            .filter(|m| m.cpu_per_request_us.is_some())
     };
-    if let (Some(b), Some(r)) = (cost(best_baseline, "baseline"), cost(best_relay, "relay")) {
-        let _ = writeln!(
+    if let (Some(b), Some(r)) = (
+        cost(BASELINE).and_then(|m| m.cpu_per_request_us),
+        cost(RELAY).and_then(|m| m.cpu_per_request_us),
+    ) {
+        let _ = write!(
             out,
-            "**CPU cost.** At its best concurrency the relay used {r:.0} µs of CPU per webhook \
-             and the baseline {b:.0} µs ({:.1}×). On {} cores with nothing else running, CPU \
-             alone would cap the relay near {} webhooks/s (cores ÷ CPU per webhook, ignoring the \
-             load generator's share), if its single SQLite writer thread (about two thirds of \
-             its CPU in a profile) did not saturate first.\n",
+            "**CPU cost.** At its best concurrency the relay on SQLite used {r:.0} µs of CPU per \
+             webhook and the baseline {b:.0} µs ({:.1}×). On {} cores with nothing else running, \
+             CPU alone would cap the relay near {} webhooks/s (cores ÷ CPU per webhook, ignoring \
+             the load generator's share), if its single SQLite writer thread (about two thirds \
+             of its CPU in a profile) did not saturate first.",
             r / b.max(1e-9),
             m.nproc,
             num(m.nproc as f64 * 1e6 / r.max(1e-9)),
         );
+        if let Some(p) = cost(RELAY_POSTGRES)
+            && let Some(relay_us) = p.cpu_per_request_us
+        {
+            let database = match p.database_cpu_per_request_us {
+                Some(db) => format!(
+                    " and the Postgres server {db:.0} µs more: {:.0} µs per webhook together \
+                     ({:.1}× the baseline; the two share the machine's {} cores)",
+                    relay_us + db,
+                    (relay_us + db) / b.max(1e-9),
+                    m.nproc
+                ),
+                None => " (the Postgres server's CPU not counted)".into(),
+            };
+            let _ = write!(
+                out,
+                " On Postgres, at its best concurrency, the relay used {relay_us:.0} µs per \
+                 webhook{database}."
+            );
+        }
+        let _ = writeln!(out, "\n");
     }
 
     // Open loop.
@@ -292,47 +467,61 @@ pub fn render(results: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "| Rate /s | Baseline achieved /s | Relay achieved /s | Baseline p50 / p99 / p99.9 / max | Relay p50 / p99 / p99.9 / max | Relay p99 − baseline p99 | Baseline CPU (cores) | Relay CPU (cores) | Relay: most in flight |"
+        "| Rate /s | Server | Achieved /s | p50 / p99 / p99.9 / max | p99 − baseline p99 | Server CPU (cores) |{} Most in flight |",
+        if with_postgres {
+            " Postgres CPU (cores) |"
+        } else {
+            ""
+        }
     );
-    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "|---:|---|---:|---:|---:|---:|{}---:|",
+        if with_postgres { "---:|" } else { "" }
+    );
     for param in params(runs, "open") {
-        let (Some(b), Some(r)) = (
-            summarize(runs, "baseline", "open", param),
-            summarize(runs, "relay", "open", param),
-        ) else {
-            continue;
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {}{} | {}{} | {} / {} | {} / {} | {} | {} | {} | {} |",
-            num(param as f64),
-            num(b.throughput),
-            flags(&b),
-            num(r.throughput),
-            flags(&r),
-            latencies(&b),
-            ms(b.max),
-            latencies(&r),
-            ms(r.max),
-            ms(r.p99 - b.p99),
-            opt(b.cpu_cores, 2),
-            opt(r.cpu_cores, 2),
-            num(r.max_in_flight as f64),
-        );
-    }
-    for param in params(runs, "open") {
-        if let Some(f) = summarize(runs, FRESH, "open", param) {
+        let baseline = summarize(runs, BASELINE, "open", param);
+        for &server in &servers {
+            let Some(r) = summarize(runs, server, "open", param) else {
+                continue;
+            };
+            let over_baseline = match &baseline {
+                Some(b) if server != BASELINE => ms(r.p99 - b.p99),
+                _ => "–".into(),
+            };
             let _ = writeln!(
                 out,
-                "\nThe same at {} /s on a **fresh relay (empty database)**: p50 / p99 / p99.9 / \
-                 max {} / {} ms, {} /s achieved{}, relay CPU {} cores.",
+                "| {} | {} | {}{} | {} / {} | {over_baseline} | {} |{} {} |",
                 num(param as f64),
-                latencies(&f),
-                ms(f.max),
-                num(f.throughput),
-                flags(&f),
-                opt(f.cpu_cores, 2),
+                label(server),
+                num(r.throughput),
+                flags(&r),
+                latencies(&r),
+                ms(r.max),
+                opt(r.cpu_cores, 2),
+                database_columns(&r, false),
+                num(r.max_in_flight as f64),
             );
+        }
+    }
+    for param in params(runs, "open") {
+        for (server, what) in [(FRESH, "SQLite"), (FRESH_POSTGRES, "Postgres")] {
+            if let Some(f) = summarize(runs, server, "open", param) {
+                let database = f
+                    .database_cpu_cores
+                    .map_or(String::new(), |c| format!(", Postgres CPU {c:.2} cores"));
+                let _ = writeln!(
+                    out,
+                    "\nThe same at {} /s on a **fresh relay on {what} (empty queue)**: p50 / p99 / \
+                     p99.9 / max {} / {} ms, {} /s achieved{}, relay CPU {} cores{database}.",
+                    num(param as f64),
+                    latencies(&f),
+                    ms(f.max),
+                    num(f.throughput),
+                    flags(&f),
+                    opt(f.cpu_cores, 2),
+                );
+            }
         }
     }
     let _ = writeln!(
@@ -346,12 +535,31 @@ pub fn render(results: &Results) -> String {
     // Memory.
     let mem = &results.memory;
     let _ = writeln!(out, "## Memory (resident set)\n");
-    let _ = writeln!(out, "| | Baseline | Relay |\n|---|---:|---:|");
+    // The relay on Postgres gets a column when it was measured.
+    let postgres_mib = |value: Option<f64>| {
+        if with_postgres {
+            format!(" {} |", mib(value))
+        } else {
+            String::new()
+        }
+    };
+    let no_postgres = postgres_mib(None);
     let _ = writeln!(
         out,
-        "| Idle, 1 s after start (`VmRSS`) | {} | {} |",
+        "| | Baseline | Relay{} |\n|---|---:|---:|{}",
+        if with_postgres {
+            " (SQLite) | Relay (Postgres)"
+        } else {
+            ""
+        },
+        if with_postgres { "---:|" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "| Idle, 1 s after start (`VmRSS`) | {} | {} |{}",
         mib(mem.baseline_idle_mib),
-        mib(mem.relay_idle_mib)
+        mib(mem.relay_idle_mib),
+        postgres_mib(mem.relay_postgres_idle_mib)
     );
     let most_in_flight = |server: &str| {
         runs.iter()
@@ -362,26 +570,35 @@ pub fn render(results: &Results) -> String {
     };
     let _ = writeln!(
         out,
-        "| Peak during the ingest runs (`VmHWM`); most connections at once: baseline {}, relay {} | {} | {} |",
-        num(most_in_flight("baseline") as f64),
-        num(most_in_flight("relay") as f64),
+        "| Peak during the ingest runs (`VmHWM`); most connections at once: baseline {}, relay {}{} | {} | {} |{}",
+        num(most_in_flight(BASELINE) as f64),
+        num(most_in_flight(RELAY) as f64),
+        if with_postgres {
+            format!(
+                ", relay on Postgres {}",
+                num(most_in_flight(RELAY_POSTGRES) as f64)
+            )
+        } else {
+            String::new()
+        },
         mib(mem.baseline_peak_mib),
-        mib(mem.relay_peak_mib)
+        mib(mem.relay_peak_mib),
+        postgres_mib(mem.relay_postgres_peak_mib)
     );
     let _ = writeln!(
         out,
-        "| After the ingest runs (`VmRSS`) | – | {} |",
+        "| After the ingest runs (`VmRSS`) | – | {} |{no_postgres}",
         mib(mem.relay_after_load_mib)
     );
     let _ = writeln!(
         out,
-        "| Peak while forwarding at saturation and live (`VmHWM`) | – | {} |",
+        "| Peak while forwarding at saturation and live (`VmHWM`) | – | {} |{no_postgres}",
         mib(mem.forwarding_peak_mib)
     );
     if mem.drain_peak_mib.is_some() {
         let _ = writeln!(
             out,
-            "| Peak during the large backlog drain (`VmHWM`) | – | {} |",
+            "| Peak during the large backlog drain (`VmHWM`) | – | {} |{no_postgres}",
             mib(mem.drain_peak_mib)
         );
     }
@@ -536,7 +753,7 @@ pub fn render(results: &Results) -> String {
         }
     }
     let kept_up = |m: &Median| m.throughput >= P99_RATE as f64 * 0.98 && m.failed == 0;
-    match summarize(runs, "relay", "open", P99_RATE) {
+    match summarize(runs, RELAY, "open", P99_RATE) {
         Some(r) => {
             let fresh = summarize(runs, FRESH, "open", P99_RATE);
             let fresh_text = fresh.as_ref().map_or(String::new(), |f| {
@@ -599,7 +816,7 @@ pub fn render(results: &Results) -> String {
             let _ = writeln!(
                 out,
                 "| Peak RSS ≤ 64 MiB under max load | {peak:.1} MiB (ingest runs, up to {} connections at once; forwarding at saturation){over_text} | {}{over_verdict} |",
-                num(most_in_flight("relay") as f64),
+                num(most_in_flight(RELAY) as f64),
                 verdict(peak <= MAX_PEAK_MIB)
             );
         }
@@ -693,16 +910,27 @@ pub fn render(results: &Results) -> String {
     let _ = writeln!(out, "<details><summary>{} runs</summary>\n", runs.len());
     let _ = writeln!(
         out,
-        "| Server | Mode | N | Run | req/s | p50 | p99 | p99.9 | max | Server CPU s | Generator CPU s | Accepted | Refused | Failed | Events |"
+        "| Server | Mode | N | Run | req/s | p50 | p99 | p99.9 | max | Server CPU s |{} Generator CPU s | Accepted | Refused | Failed | Events |",
+        if with_postgres {
+            " Postgres CPU s |"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         out,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|{}---:|---:|---:|---:|---:|",
+        if with_postgres { "---:|" } else { "" }
     );
     for r in runs {
+        let database = if with_postgres {
+            format!(" {} |", opt(r.database_cpu_s, 2))
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} |{database} {} | {} | {} | {} | {} |",
             r.server,
             r.mode,
             r.param,
@@ -739,6 +967,121 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
+    }
+
+    fn run(server: &str, mode: &str, param: u64, throughput: f64) -> RunResult {
+        RunResult {
+            server: server.into(),
+            mode: mode.into(),
+            param,
+            run: 1,
+            elapsed_s: 1.0,
+            completed: throughput as u64,
+            accepted: throughput as u64,
+            duplicate: 0,
+            quarantined: 0,
+            refused: 0,
+            failed: 0,
+            events: throughput as u64,
+            throughput,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+            p999_ms: 3.0,
+            max_ms: 4.0,
+            mean_ms: 1.0,
+            server_cpu_s: Some(0.5),
+            client_cpu_s: Some(0.1),
+            database_cpu_s: (server == RELAY_POSTGRES).then_some(0.25),
+            exhausted: false,
+            max_in_flight: 8,
+        }
+    }
+
+    fn setup(fsync: &str, synchronous_commit: &str) -> Setup {
+        Setup {
+            address: "127.0.0.1:5434".into(),
+            database: "relay_bench".into(),
+            version: "15.18".into(),
+            fsync: fsync.into(),
+            synchronous_commit: synchronous_commit.into(),
+            full_page_writes: "on".into(),
+            wal_sync_method: "fdatasync".into(),
+            shared_buffers: "128MB".into(),
+            max_connections: "100".into(),
+            data_directory: None,
+            cpu_counted: true,
+        }
+    }
+
+    fn report(servers: &[&str], postgres: Option<Setup>) -> String {
+        let mut runs = Vec::new();
+        for &server in servers {
+            runs.push(run(server, "closed", 8, 1000.0));
+            runs.push(run(server, "open", 1000, 1000.0));
+        }
+        render(&Results {
+            machine: crate::suite::Machine {
+                cpu_model: "test".into(),
+                nproc: 2,
+                kernel: "test".into(),
+                load_before: String::new(),
+                load_after: String::new(),
+                commit: "test".into(),
+                date: "today".into(),
+                total_s: 60.0,
+            },
+            runs_per_mode: 1,
+            duration_s: 1.0,
+            warmup_s: 0.0,
+            users: 10,
+            runs,
+            memory: crate::suite::Memory::default(),
+            saturation: None,
+            live: None,
+            limit: None,
+            big_drain: None,
+            notes: Vec::new(),
+            postgres,
+        })
+    }
+
+    #[test]
+    fn postgres_rows_and_settings_appear_beside_sqlite() {
+        let markdown = report(&[BASELINE, RELAY, RELAY_POSTGRES], Some(setup("on", "on")));
+        for expected in [
+            "| 8 | relay, SQLite | 1,000 | 1.00 |",
+            "| 8 | relay, Postgres | 1,000 | 1.00 | 1.00 / 2.00 / 3.00 | 500 | 0.50 | 250 | 0.25 |",
+            "| 1,000 | relay, Postgres | 1,000 | 1.00 / 2.00 / 3.00 / 4.00 | 0.00 | 0.50 | 0.25 |",
+            "Postgres CPU µs/req",
+            "`fsync = on`, `synchronous_commit = on`, `full_page_writes = on`",
+            "Commits are durable",
+            "| relay-postgres | closed | 8 | 1 |",
+        ] {
+            assert!(
+                markdown.contains(expected),
+                "{expected:?} missing in:\n{markdown}"
+            );
+        }
+        assert!(!markdown.contains("not durable"));
+    }
+
+    #[test]
+    fn commits_without_fsync_or_synchronous_commit_are_called_not_durable() {
+        let no_fsync = report(&[BASELINE, RELAY, RELAY_POSTGRES], Some(setup("off", "on")));
+        assert!(no_fsync.contains("**These commits were not durable**: with `fsync = off`"));
+        let asynchronous = report(&[BASELINE, RELAY, RELAY_POSTGRES], Some(setup("on", "off")));
+        assert!(
+            asynchronous
+                .contains("**These commits were not durable**: with `synchronous_commit = off`")
+        );
+    }
+
+    #[test]
+    fn without_postgres_the_report_says_how_to_measure_it() {
+        let markdown = report(&[BASELINE, RELAY], None);
+        assert!(markdown.contains("**Postgres** was not measured in this run."));
+        assert!(!markdown.contains("Postgres CPU"));
+        assert!(markdown.contains("| 8 | baseline | 1,000 | – |"));
     }
 
     #[test]

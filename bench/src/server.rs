@@ -32,6 +32,15 @@ pub struct Server {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// Environment variables that put the relay's queue on Postgres, in the database `url`
+/// names (the relay creates its schema there at startup).
+pub fn postgres_queue(url: &str) -> [(&'static str, String); 2] {
+    [
+        ("RELAY_QUEUE__BACKEND", "postgres".into()),
+        ("RELAY_QUEUE__POSTGRES_URL", url.into()),
+    ]
+}
+
 /// A free loopback port (bound, then released for the child to take).
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -62,7 +71,7 @@ impl Server {
     }
 
     /// The relay binary with its queue in a fresh temporary folder, forwarding to `heap_url`.
-    /// `extra` environment variables override the defaults set here.
+    /// `extra` environment variables override the defaults set here (e.g. [`postgres_queue`]).
     pub async fn relay(
         client: &Client,
         binary: &Path,
@@ -111,6 +120,12 @@ impl Server {
         };
         server.wait_ready(client).await?;
         Ok(server)
+    }
+
+    /// The same server under another name (in progress lines and the report).
+    pub fn named(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
     }
 
     pub fn webhook_uri(&self) -> anyhow::Result<Uri> {

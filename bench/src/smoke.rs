@@ -2,6 +2,11 @@
 //! Starts the relay binary and the baseline, drives each briefly (closed and open loop),
 //! checks that the relay accepted webhooks and that their events reached the fake Heap, and
 //! renders a report from those runs (to a scratch file, not `BENCHMARKS.md`).
+//!
+//! With `RELAY_TEST_POSTGRES_URL` set (CI sets it; see `.ci/postgres.sh`), the relay on
+//! Postgres gets the same brief closed loop, in a database of its own
+//! ([`POSTGRES_DATABASE`], dropped and created again, then dropped), never the tests' one.
+//! With `RELAY_REQUIRE_POSTGRES=1` and no URL, the smoke fails instead of skipping that part.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,11 +16,15 @@ use anyhow::{Context, bail, ensure};
 use tokio::time::Instant;
 
 use crate::load::{self, Plan};
+use crate::postgres::BenchDatabase;
 use crate::procfs;
 use crate::report;
-use crate::server::{SECRET, Server};
+use crate::server::{SECRET, Server, postgres_queue};
 use crate::sink::{Endpoint, Sink};
-use crate::suite::{Machine, Memory, Results};
+use crate::suite::{Machine, Memory, RELAY_POSTGRES, Results};
+
+/// The smoke's database on the tests' Postgres server.
+pub const POSTGRES_DATABASE: &str = "relay_bench_smoke";
 
 pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
     let scratch = tempfile::Builder::new()
@@ -38,6 +47,7 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         warmup: Duration::from_millis(200),
         duration: Duration::from_secs_f64(seconds),
         server_pid: Some(server.pid),
+        database_pid: None,
     };
     let pool = Arc::new(load::prepare(5000, SECRET, "smoke-closed", 50)?);
     let mut closed = load::closed(&client, &relay.webhook_uri()?, pool, 8, plan(&relay, 1.0)).await;
@@ -106,6 +116,33 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
     );
     let relay_rss = procfs::rss_mib(relay.pid).context("no RSS for the relay")?;
     ensure!(closed.server_cpu_s.is_some(), "no CPU time for the relay");
+    let relay_peak = procfs::peak_rss_mib(relay.pid);
+    baseline.stop().await;
+    relay.stop().await;
+    println!(
+        "relay-bench smoke: relay on SQLite accepted {} webhooks ({:.0}/s, p99 {:.1} ms) in 1 s; \
+         the fake Heap got {events} events in {requests} requests",
+        closed.accepted, closed.throughput, closed.p99_ms
+    );
+
+    let postgres = match std::env::var("RELAY_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => {
+            let (run, setup) = postgres_smoke(&client, relay_bin, &sink, scratch.path(), &url)
+                .await
+                .context("the relay on Postgres")?;
+            runs.push(run);
+            Some(setup)
+        }
+        _ if std::env::var("RELAY_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+            bail!("RELAY_REQUIRE_POSTGRES=1 but RELAY_TEST_POSTGRES_URL is not set");
+        }
+        _ => {
+            println!(
+                "relay-bench smoke: Postgres skipped (set RELAY_TEST_POSTGRES_URL to include it)"
+            );
+            None
+        }
+    };
 
     let results = Results {
         machine: Machine {
@@ -125,7 +162,7 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         runs,
         memory: Memory {
             relay_idle_mib: Some(relay_rss),
-            relay_peak_mib: procfs::peak_rss_mib(relay.pid),
+            relay_peak_mib: relay_peak,
             ..Memory::default()
         },
         saturation: None,
@@ -133,20 +170,85 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         limit: None,
         big_drain: None,
         notes: Vec::new(),
+        postgres,
     };
     let markdown = report::render(&results);
     ensure!(
         markdown.contains("## Targets"),
         "the report has no Targets section"
     );
-    std::fs::write(scratch.path().join("BENCHMARKS.smoke.md"), &markdown)?;
-
-    println!(
-        "relay-bench smoke ok: relay accepted {} webhooks ({:.0}/s, p99 {:.1} ms) in 1 s; \
-         the fake Heap got {events} events in {requests} requests",
-        closed.accepted, closed.throughput, closed.p99_ms
+    ensure!(
+        results.postgres.is_none() || markdown.contains("| relay, Postgres |"),
+        "the report has no Postgres rows"
     );
-    baseline.stop().await;
-    relay.stop().await;
+    std::fs::write(scratch.path().join("BENCHMARKS.smoke.md"), &markdown)?;
+    println!("relay-bench smoke ok: the report renders");
+
     Ok(())
+}
+
+/// The relay on Postgres: a brief closed loop, then every event delivered to the fake Heap.
+async fn postgres_smoke(
+    client: &load::Client,
+    relay_bin: &Path,
+    sink: &Sink,
+    scratch: &Path,
+    url: &str,
+) -> anyhow::Result<(load::RunResult, crate::postgres::Setup)> {
+    let database = BenchDatabase::create(url, POSTGRES_DATABASE).await?;
+    let setup = database.setup().await?;
+    let mut env = postgres_queue(&database.url).to_vec();
+    env.push(("RELAY_HEAP__BATCH_LINGER_MS", "10".into()));
+    let relay = Server::relay(client, relay_bin, &sink.url(), &env, scratch)
+        .await?
+        .named(RELAY_POSTGRES);
+    sink.clear();
+    let pool = Arc::new(load::prepare(3000, SECRET, "smoke-postgres", 50)?);
+    let plan = Plan {
+        warmup: Duration::from_millis(200),
+        duration: Duration::from_millis(500),
+        server_pid: Some(relay.pid),
+        database_pid: database.postmaster,
+    };
+    let mut run = load::closed(client, &relay.webhook_uri()?, pool, 8, plan).await;
+    run.server = RELAY_POSTGRES.into();
+    ensure!(
+        run.accepted > 0 && run.refused + run.failed + run.duplicate + run.quarantined == 0,
+        "closed loop: {} accepted, {} refused, {} failed, {} duplicate, {} quarantined; log:\n{}",
+        run.accepted,
+        run.refused,
+        run.failed,
+        run.duplicate,
+        run.quarantined,
+        relay.log_tail()
+    );
+    ensure!(
+        !setup.cpu_counted || run.database_cpu_s.is_some(),
+        "no CPU time for the local Postgres server"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.unsent(client).await? > 0 || (sink.count(Endpoint::Track).1 as u64) < run.events {
+        if Instant::now() > deadline {
+            bail!(
+                "events did not reach the fake Heap within 30 s; log:\n{}",
+                relay.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "relay-bench smoke: relay on Postgres {} (fsync {}, synchronous_commit {}) accepted {} \
+         webhooks ({:.0}/s, p99 {:.1} ms, Postgres CPU {}); the fake Heap got them all",
+        setup.version,
+        setup.fsync,
+        setup.synchronous_commit,
+        run.accepted,
+        run.throughput,
+        run.p99_ms,
+        run.database_cpu_s
+            .map_or("not counted".into(), |s| format!("{s:.2} s")),
+    );
+    relay.stop().await;
+    database.drop_database().await?;
+    Ok((run, setup))
 }

@@ -1,8 +1,10 @@
 //! The whole benchmark, in phases, each against fresh server processes:
 //!
-//! 1. Ingest: the baseline and the relay (default Heap limits, forwarding to the sink), closed
-//!    loop at each concurrency, then open loop at each rate; runs interleaved baseline/relay so
-//!    drifting background load hits both alike. Idle RSS before, peak RSS (VmHWM) after.
+//! 1. Ingest: the baseline and the relay on SQLite (default Heap limits, forwarding to the
+//!    sink) and, with `--postgres`, the relay on Postgres; closed loop at each concurrency, then
+//!    open loop at each rate; runs interleaved (baseline, SQLite, Postgres, baseline, ...) so
+//!    drifting background load hits all alike. Idle RSS before, peak RSS (VmHWM) after. Then
+//!    the highest rate again on fresh relays (empty queues).
 //! 2. Forwarding at saturation: a relay with a high Heap limit; a backlog is queued while the
 //!    forwarder is paused, then released: Heap requests per 1,000 events and drain rate. Then
 //!    live: ingest and forwarding at once.
@@ -20,9 +22,10 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::load::{self, Client, Plan, RunResult};
+use crate::postgres::{BenchDatabase, Setup};
 use crate::procfs;
 use crate::report;
-use crate::server::{SECRET, Server};
+use crate::server::{SECRET, Server, postgres_queue};
 use crate::sink::{Endpoint, Sink, summarize};
 
 #[derive(clap::Args, Clone)]
@@ -80,6 +83,14 @@ pub struct Options {
     /// Folder for the relay's queue files and logs (default: the system temp folder).
     #[arg(long)]
     pub scratch: Option<PathBuf>,
+    /// Also measure ingest with the relay's queue on this Postgres server (a postgres:// URL
+    /// whose role may create databases; `bash bench/postgres.sh` sets up a durable one). The
+    /// harness works in its own database, `--postgres-database`, dropped and created again.
+    #[arg(long, env = "RELAY_BENCH_POSTGRES_URL", hide_env_values = true)]
+    pub postgres: Option<String>,
+    /// The harness's database on the `--postgres` server: dropped at the start and the end.
+    #[arg(long, default_value = "relay_bench")]
+    pub postgres_database: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +112,11 @@ pub struct Memory {
     pub baseline_peak_mib: Option<f64>,
     pub relay_peak_mib: Option<f64>,
     pub relay_after_load_mib: Option<f64>,
+    /// The relay on Postgres, during the ingest runs.
+    #[serde(default)]
+    pub relay_postgres_idle_mib: Option<f64>,
+    #[serde(default)]
+    pub relay_postgres_peak_mib: Option<f64>,
     /// Peak of the relay used for the forwarding measurements.
     pub forwarding_peak_mib: Option<f64>,
     pub drain_peak_mib: Option<f64>,
@@ -172,7 +188,20 @@ pub struct Results {
     pub limit: Option<LimitCheck>,
     pub big_drain: Option<Drain>,
     pub notes: Vec<String>,
+    /// The Postgres server measured (`--postgres`), as it described itself at bench time.
+    #[serde(default)]
+    pub postgres: Option<Setup>,
 }
+
+/// Server names in the runs (and the saved JSON).
+pub const BASELINE: &str = "baseline";
+/// The relay on SQLite.
+pub const RELAY: &str = "relay";
+/// The relay on Postgres.
+pub const RELAY_POSTGRES: &str = "relay-postgres";
+/// The relays on an empty queue.
+pub const FRESH: &str = "relay-fresh";
+pub const FRESH_POSTGRES: &str = "relay-postgres-fresh";
 
 /// Heap's largest bulk request, the relay's default `heap.batch_max_events`.
 const FULL_BATCH: usize = 1000;
@@ -224,10 +253,57 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         limit: None,
         big_drain: None,
         notes: Vec::new(),
+        postgres: None,
     };
 
-    ingest_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
-    fresh_latency_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
+    let database = match &options.postgres {
+        Some(url) => {
+            let database = BenchDatabase::create(url, &options.postgres_database).await?;
+            let setup = database.setup().await?;
+            eprintln!(
+                "== postgres {} at {}, database {}: fsync {}, synchronous_commit {}, \
+                 full_page_writes {}{}",
+                setup.version,
+                setup.address,
+                setup.database,
+                setup.fsync,
+                setup.synchronous_commit,
+                setup.full_page_writes,
+                if setup.durable() {
+                    ""
+                } else {
+                    " (NOT durable)"
+                }
+            );
+            results.postgres = Some(setup);
+            Some(database)
+        }
+        None => None,
+    };
+    let database = database.as_ref();
+    ingest_phase(
+        &options,
+        &client,
+        &sink,
+        scratch.path(),
+        database,
+        &mut results,
+    )
+    .await?;
+    fresh_latency_phase(
+        &options,
+        &client,
+        &sink,
+        scratch.path(),
+        database,
+        &mut results,
+    )
+    .await?;
+    if let Some(database) = database
+        && let Err(error) = database.drop_database().await
+    {
+        eprintln!("warning: {error:#}");
+    }
     memory_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
     forwarding_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
     limit_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
@@ -259,35 +335,65 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Phase 1: closed and open loop against the baseline and the relay.
+/// Phase 1: closed and open loop against the baseline and the relay, on SQLite and (with
+/// `database`) on Postgres. Each relay keeps one queue through all its runs, which grows.
 async fn ingest_phase(
     options: &Options,
     client: &Client,
     sink: &Sink,
     scratch: &std::path::Path,
+    database: Option<&BenchDatabase>,
     results: &mut Results,
 ) -> anyhow::Result<()> {
-    eprintln!("== ingest: baseline and relay");
+    eprintln!(
+        "== ingest: baseline, relay on SQLite{}",
+        if database.is_some() {
+            ", relay on Postgres"
+        } else {
+            ""
+        }
+    );
     let baseline = Server::baseline(client, scratch).await?;
     let relay = Server::relay(client, &options.relay_bin, &sink.url(), &[], scratch).await?;
-    // Let both settle (the relay's first forwarder pass, allocator warm-up) before "idle".
+    let relay_postgres = match database {
+        Some(database) => Some(
+            Server::relay(
+                client,
+                &options.relay_bin,
+                &sink.url(),
+                &postgres_queue(&database.url),
+                scratch,
+            )
+            .await?
+            .named(RELAY_POSTGRES),
+        ),
+        None => None,
+    };
+    // Let them settle (the relay's first forwarder pass, allocator warm-up) before "idle".
     tokio::time::sleep(Duration::from_secs(1)).await;
     results.memory.baseline_idle_mib = procfs::rss_mib(baseline.pid);
     results.memory.relay_idle_mib = procfs::rss_mib(relay.pid);
+    results.memory.relay_postgres_idle_mib =
+        relay_postgres.as_ref().and_then(|r| procfs::rss_mib(r.pid));
 
+    let mut servers = vec![&baseline, &relay];
+    servers.extend(relay_postgres.as_ref());
     let plan = |server: &Server| Plan {
         warmup: secs(options.warmup),
         duration: secs(options.duration),
         server_pid: Some(server.pid),
+        database_pid: database
+            .filter(|_| server.name == RELAY_POSTGRES)
+            .and_then(|d| d.postmaster),
     };
     let window = options.warmup + options.duration;
     // Requests prepared per closed-loop run: twice the fastest rate seen so far for that
     // server (a guess to start), so a run rarely runs out; if it does, its window is shortened
     // and the run is flagged.
-    let mut fastest = [20_000.0_f64, 8_000.0_f64];
+    let mut fastest = [20_000.0_f64, 8_000.0_f64, 8_000.0_f64];
     for &concurrency in &options.concurrency {
         for run in 1..=options.runs {
-            for (index, server) in [&baseline, &relay].into_iter().enumerate() {
+            for (index, &server) in servers.iter().enumerate() {
                 let count = (fastest[index] * 2.0 * window) as usize + 1000;
                 let pool = load::prepare(count, SECRET, &tag("closed"), options.users)?;
                 let uri = server.webhook_uri()?;
@@ -306,7 +412,7 @@ async fn ingest_phase(
     }
     for &rate in &options.rates {
         for run in 1..=options.runs {
-            for server in [&baseline, &relay] {
+            for &server in &servers {
                 let count = (rate as f64 * (window + 0.5)) as usize + 100;
                 let pool = load::prepare(count, SECRET, &tag("open"), options.users)?;
                 let uri = server.webhook_uri()?;
@@ -324,50 +430,86 @@ async fn ingest_phase(
     results.memory.baseline_peak_mib = procfs::peak_rss_mib(baseline.pid);
     results.memory.relay_peak_mib = procfs::peak_rss_mib(relay.pid);
     results.memory.relay_after_load_mib = procfs::rss_mib(relay.pid);
-    let warnings = relay.log_tail();
-    if !warnings.trim().is_empty() {
-        eprintln!("relay log (last lines):\n{warnings}");
+    results.memory.relay_postgres_peak_mib = relay_postgres
+        .as_ref()
+        .and_then(|r| procfs::peak_rss_mib(r.pid));
+    for relay in servers.iter().skip(1) {
+        let warnings = relay.log_tail();
+        if !warnings.trim().is_empty() {
+            eprintln!("{} log (last lines):\n{warnings}", relay.name);
+        }
     }
     baseline.stop().await;
     relay.stop().await;
+    if let Some(relay) = relay_postgres {
+        relay.stop().await;
+    }
     Ok(())
 }
 
-/// The name of the relay runs on an empty database.
-pub const FRESH: &str = "relay-fresh";
-
-/// Phase 1b: the highest open-loop rate again, on a fresh relay (empty database), since the
-/// ingest relay's database has grown by then.
+/// Phase 1b: the highest open-loop rate again, on fresh relays (empty queues: the Postgres
+/// database is dropped and created again), since the ingest relays' queues have grown by then.
 async fn fresh_latency_phase(
     options: &Options,
     client: &Client,
     sink: &Sink,
     scratch: &std::path::Path,
+    database: Option<&BenchDatabase>,
     results: &mut Results,
 ) -> anyhow::Result<()> {
     let Some(rate) = options.rates.iter().copied().max() else {
         return Ok(());
     };
-    eprintln!("== open loop at {rate}/s on a fresh relay (empty database)");
-    let relay = Server::relay(client, &options.relay_bin, &sink.url(), &[], scratch).await?;
+    eprintln!("== open loop at {rate}/s on fresh relays (empty queues)");
+    let relay = Server::relay(client, &options.relay_bin, &sink.url(), &[], scratch)
+        .await?
+        .named(FRESH);
+    let relay_postgres = match database {
+        Some(database) => {
+            database.recreate().await?;
+            Some(
+                Server::relay(
+                    client,
+                    &options.relay_bin,
+                    &sink.url(),
+                    &postgres_queue(&database.url),
+                    scratch,
+                )
+                .await?
+                .named(FRESH_POSTGRES),
+            )
+        }
+        None => None,
+    };
+    let mut servers = vec![&relay];
+    servers.extend(relay_postgres.as_ref());
     for run in 1..=options.runs {
-        let count = (rate as f64 * (options.warmup + options.duration + 0.5)) as usize + 100;
-        let pool = load::prepare(count, SECRET, &tag("fresh"), options.users)?;
-        let plan = Plan {
-            warmup: secs(options.warmup),
-            duration: secs(options.duration),
-            server_pid: Some(relay.pid),
-        };
-        let mut result =
-            load::open(client, &relay.webhook_uri()?, Arc::new(pool), rate, plan).await;
-        result.server = FRESH.into();
-        result.run = run;
-        progress(&result);
-        check_answers(&result)
-            .with_context(|| format!("relay log (last lines):\n{}", relay.log_tail()))?;
-        results.runs.push(result);
+        for &server in &servers {
+            let count = (rate as f64 * (options.warmup + options.duration + 0.5)) as usize + 100;
+            let pool = load::prepare(count, SECRET, &tag("fresh"), options.users)?;
+            let plan = Plan {
+                warmup: secs(options.warmup),
+                duration: secs(options.duration),
+                server_pid: Some(server.pid),
+                database_pid: database
+                    .filter(|_| server.name == FRESH_POSTGRES)
+                    .and_then(|d| d.postmaster),
+            };
+            let mut result =
+                load::open(client, &server.webhook_uri()?, Arc::new(pool), rate, plan).await;
+            result.server = server.name.into();
+            result.run = run;
+            progress(&result);
+            check_answers(&result).with_context(|| {
+                format!("{} log (last lines):\n{}", server.name, server.log_tail())
+            })?;
+            results.runs.push(result);
+        }
     }
     relay.stop().await;
+    if let Some(relay) = relay_postgres {
+        relay.stop().await;
+    }
     Ok(())
 }
 
@@ -392,6 +534,7 @@ async fn memory_phase(
             warmup: Duration::from_millis(500),
             duration: Duration::from_secs(2),
             server_pid: Some(relay.pid),
+            database_pid: None,
         };
         let uri = relay.webhook_uri()?;
         let result = load::closed(client, &uri, Arc::new(pool), connections, plan).await;
@@ -415,7 +558,7 @@ async fn memory_phase(
 fn progress(result: &RunResult) {
     let unit = if result.mode == "closed" { "c" } else { "rate" };
     eprintln!(
-        "{:<8} {} {unit}={:<5} run {}: {:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  cpu {:>5.2} s{}{}",
+        "{:<20} {} {unit}={:<5} run {}: {:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  cpu {:>5.2} s{}{}",
         result.server,
         result.mode,
         result.param,
@@ -481,6 +624,7 @@ async fn queue_backlog(
             warmup: Duration::ZERO,
             duration: Duration::from_secs(3600),
             server_pid: Some(relay.pid),
+            database_pid: None,
         };
         let part = load::closed(client, &uri, Arc::new(pool), 32, plan).await;
         if part.accepted != count as u64 {
@@ -664,11 +808,12 @@ async fn forwarding_phase(
         warmup: Duration::ZERO,
         duration: secs(window),
         server_pid: Some(relay.pid),
+        database_pid: None,
     };
     let cpu_before = procfs::cpu_seconds(relay.pid);
     let released = Instant::now();
     let mut ingest = load::closed(client, &relay.webhook_uri()?, Arc::new(pool), 32, plan).await;
-    ingest.server = "relay".into();
+    ingest.server = RELAY.into();
     // Only the requests answered inside the window are counted by `closed`; the few answered
     // after it are accepted too, so wait for the relay's own count of queued events instead.
     let within = Duration::from_secs(120);

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# A durable local PostgreSQL for the benchmarks: its own cluster `bench` (port 5434 unless
+# RELAY_BENCH_POSTGRES_PORT says otherwise), separate from the tests' cluster `main`, which
+# .ci/postgres.sh runs without fsync. Here the durability settings are Postgres's defaults,
+# written out so that nothing else can turn them off: fsync, synchronous_commit and
+# full_page_writes on, so a 202 from the relay follows a commit flushed to disk, as with SQLite.
+# A login role `relay_bench` (password `relay_bench`; may create databases; may read settings
+# such as data_directory) for the harness, which creates and drops its own database
+# (`relay_bench`) and connects to `postgres` to do so.
+#
+# Installs Postgres from Debian's packages when it is missing. Idempotent: safe when Postgres
+# is already installed, running or set up. Use either way:
+#   source bench/postgres.sh            # exports RELAY_BENCH_POSTGRES_URL into this shell
+#   eval "$(bash bench/postgres.sh)"    # the same, from its only output on stdout
+# `relay-bench suite` reads RELAY_BENCH_POSTGRES_URL (or --postgres URL); bench/run.sh calls
+# this script itself. Progress goes to stderr. Stop the cluster with
+#   pg_ctlcluster <version> bench stop
+
+_relay_bench_postgres_setup() (
+    set -euo pipefail
+    log() { echo "bench/postgres.sh: $*" >&2; }
+
+    if ! command -v pg_lsclusters >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+        log "installing postgresql"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq postgresql >&2
+    fi
+
+    # The newest installed server version; its cluster `bench` (created when missing).
+    version=$(ls /usr/lib/postgresql | sort -V | tail -1)
+    port="${RELAY_BENCH_POSTGRES_PORT:-5434}"
+    if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$version bench"; then
+        log "creating cluster $version/bench on port $port"
+        pg_createcluster "$version" bench --port "$port" >&2
+    fi
+
+    # Durable, as Postgres ships. (The default 100 connections are plenty: the harness runs one
+    # relay on Postgres at a time, and a relay keeps at most 17.)
+    conf_dir="/etc/postgresql/$version/bench/conf.d"
+    tuning="$conf_dir/relay-bench.conf"
+    wanted="fsync = on
+synchronous_commit = on
+full_page_writes = on"
+    changed=0
+    if [ "$(cat "$tuning" 2>/dev/null)" != "$wanted" ]; then
+        mkdir -p "$conf_dir"
+        printf '%s\n' "$wanted" > "$tuning"
+        changed=1
+    fi
+    if pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "bench" {print $4}' | grep -q online; then
+        if [ "$changed" = 1 ]; then
+            log "restarting cluster $version/bench with the bench settings"
+            pg_ctlcluster "$version" bench restart >&2
+        fi
+    else
+        log "starting cluster $version/bench"
+        pg_ctlcluster "$version" bench start >&2
+    fi
+    port=$(pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "bench" {print $3}')
+
+    for _ in $(seq 1 100); do
+        pg_isready -q -h 127.0.0.1 -p "$port" && break
+        sleep 0.1
+    done
+    pg_isready -h 127.0.0.1 -p "$port" >&2
+
+    as_postgres() { runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -p "$port" "$@"; }
+    as_postgres -d postgres >&2 <<'SQL'
+SET client_min_messages = warning;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'relay_bench') THEN
+        CREATE ROLE relay_bench LOGIN PASSWORD 'relay_bench' CREATEDB;
+    ELSE
+        ALTER ROLE relay_bench LOGIN PASSWORD 'relay_bench' CREATEDB NOSUPERUSER;
+    END IF;
+END
+$$;
+GRANT pg_read_all_settings TO relay_bench;
+SQL
+
+    url="postgres://relay_bench:relay_bench@127.0.0.1:${port}/postgres"
+    log "ready: $url"
+    echo "$url"
+)
+
+if _relay_bench_postgres_url=$(_relay_bench_postgres_setup); then
+    export RELAY_BENCH_POSTGRES_URL="$_relay_bench_postgres_url"
+    unset -f _relay_bench_postgres_setup
+    unset _relay_bench_postgres_url
+    echo "export RELAY_BENCH_POSTGRES_URL=$RELAY_BENCH_POSTGRES_URL"
+else
+    echo "bench/postgres.sh: could not set up Postgres" >&2
+    unset -f _relay_bench_postgres_setup
+    return 1 2>/dev/null || exit 1
+fi
