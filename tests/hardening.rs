@@ -1,6 +1,7 @@
-//! Hostile and heavy traffic: slow clients are cut off, oversize headers refused, a thousand
-//! concurrent connections served or shed (never a crash, never an unexplained error), admin
-//! routes closed without the token, and metrics exported.
+//! Hostile and heavy traffic: slow clients are cut off, oversize headers refused, connections
+//! beyond the cap kept waiting until one closes, a thousand concurrent connections served or
+//! shed (never a crash, never an unexplained error), admin routes closed without the token, and
+//! metrics exported.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -241,5 +242,58 @@ async fn metrics_export_the_spec_names() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    relay.stop().await;
+}
+
+/// Sends `GET /healthz` on `stream` and reads the response head within `wait`.
+async fn health_on(stream: &mut TcpStream, wait: Duration) -> Option<String> {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_head(stream, wait).await
+}
+
+/// Reads until the end of a response head, within `wait`; `None` when it did not come in time.
+async fn read_head(stream: &mut TcpStream, wait: Duration) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed");
+            head.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(wait, read).await.ok()?;
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_until_one_closes() {
+    use userpilot_heap_relay::http::serve::MAX_CONNECTIONS;
+    let heap = FakeHeap::start().await;
+    let relay = Relay::start(&heap, "").await;
+    let mut open = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut stream = TcpStream::connect(host(&relay.url)).await.unwrap();
+        let head = health_on(&mut stream, Duration::from_secs(10)).await;
+        assert!(head.unwrap().starts_with("HTTP/1.1 200"));
+        open.push(stream); // kept alive, idle
+    }
+
+    // The kernel completes the connection, but the relay does not take it while at the cap.
+    let mut extra = TcpStream::connect(host(&relay.url)).await.unwrap();
+    assert_eq!(
+        health_on(&mut extra, Duration::from_millis(500)).await,
+        None
+    );
+
+    // One closes: the waiting connection is served.
+    drop(open.pop());
+    let head = read_head(&mut extra, Duration::from_secs(10)).await;
+    let head = head.expect("the waiting connection was not served after one closed");
+    assert!(head.starts_with("HTTP/1.1 200"));
+    drop(open);
     relay.stop().await;
 }
