@@ -1,8 +1,8 @@
 //! The delivery path step by step (SPEC §3, §7), driven through the library with a manual
 //! clock and a fixed jitter: expiry, retry times stored in the queue (and surviving a reopen),
-//! `Retry-After` and the 429 floor, isolation of refused records — and retention: pruning
-//! forgets delivered webhooks (which may then be accepted again) but keeps pending work and
-//! dead letters until their own retention ends.
+//! `Retry-After` and the 429 floor, isolation of refused records, property updates merged per
+//! user — and retention: pruning forgets delivered webhooks (which may then be accepted again)
+//! but keeps pending work and dead letters until their own retention ends.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -491,4 +491,44 @@ async fn after_the_dedup_window_a_restart_forgets_delivered_webhooks() {
         events[0]["idempotency_key"], events[1]["idempotency_key"],
         "sent again, under the same key for Heap to drop"
     );
+}
+
+#[tokio::test]
+async fn property_updates_about_one_user_reach_heap_merged_with_the_latest_winning() {
+    let mut h = Harness::start(0.0).await;
+    let mapper = Mapper::new("user_id", true, false, &MappingSettings::default());
+    let update = |seq: usize, user: &str, plan: &str, extra: Value| {
+        let mut data = json!({ "type": "flow", "action": "started", "flow_id": "fl_1",
+                               "seq": seq, "user": { "user_id": user, "plan": plan } });
+        data["user"]
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        Bytes::from(serde_json::to_vec(&json!({ "timestamp": T0 / 1000, "data": data })).unwrap())
+    };
+    let webhooks = [
+        update(1, "u1", "free", json!({ "email": "a@x.io" })),
+        update(2, "u2", "trial", json!({})),
+        update(3, "u1", "pro", json!({})),
+    ];
+    for (i, body) in webhooks.into_iter().enumerate() {
+        enqueue(h.queue.as_ref(), &mapper, body, T0 - 10 + i as i64).await;
+    }
+
+    let pass = h.forwarder.forward_once(RecordKind::User).await.unwrap();
+    assert_eq!((pass.claimed, pass.delivered), (3, 3));
+    let requests: Vec<_> = h
+        .heap
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/api/add_user_properties")
+        .collect();
+    assert_eq!(requests.len(), 1);
+    let users = requests[0].body["users"].as_array().unwrap().clone();
+    assert_eq!(users.len(), 2, "one entry per user: {users:?}");
+    assert_eq!(users[0]["identity"], "u1");
+    assert_eq!(users[0]["properties"]["plan"], "pro");
+    assert_eq!(users[0]["properties"]["email"], "a@x.io");
+    assert_eq!(users[1]["identity"], "u2");
+    assert_eq!(h.queue.stats(T0).await.unwrap().delivered, 3);
 }

@@ -2,12 +2,14 @@
 //!
 //! One pass ([`Forwarder::forward_once`]) claims a batch of one record kind, dead-letters what
 //! is too old, holds back what is over its identity's rate budget, waits for the app's budget,
-//! posts the rest in one bulk request and records the verdict in the queue: ack, retry at a
-//! stored time, or — for a batch Heap refuses — split in halves until the bad records are
-//! isolated and dead-lettered alone. [`Forwarder::run`] repeats passes, lingers briefly for a
+//! posts the rest in one bulk request (property records merged per subject first, see
+//! [`entries`]) and records the verdict in the queue: ack, retry at a stored time, or — for a
+//! batch Heap refuses — split in halves until the bad records are isolated and dead-lettered
+//! alone. [`Forwarder::run`] repeats passes, lingers briefly for a
 //! batch to fill, backs off as a whole while Heap fails, and stops on shutdown within the
 //! grace period (an abandoned batch stays queued: its lease simply runs out).
 
+pub mod entries;
 pub mod limits;
 pub mod retry;
 
@@ -21,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::heap::client::HeapClient;
 use crate::heap::wire::RecordKind;
-use crate::queue::{Claimed, Queue, QueueError};
+use crate::queue::{Queue, QueueError};
+use entries::{Entry, entries};
 use limits::Limits;
 use retry::{Backoff, Verdict, classify};
 
@@ -118,9 +121,18 @@ pub struct Forwarder {
     failures: u32,
 }
 
-/// Ids of a slice of records.
-fn ids(records: &[Claimed]) -> Vec<i64> {
-    records.iter().map(|r| r.id).collect()
+/// Property records claimed per pass, as a multiple of the batch size: merged per subject
+/// (see [`entries`]), they usually fill far fewer requests than they number.
+const PROPERTY_CLAIM_FACTOR: usize = 10;
+
+/// Ids of the records in some entries.
+fn ids(entries: &[Entry]) -> Vec<i64> {
+    entries.iter().flat_map(|e| e.ids.iter().copied()).collect()
+}
+
+/// How many records some entries carry.
+fn records(entries: &[Entry]) -> usize {
+    entries.iter().map(|e| e.ids.len()).sum()
 }
 
 impl Forwarder {
@@ -154,7 +166,10 @@ impl Forwarder {
     /// the app rate budget, so tests can drive the forwarder step by step.
     pub async fn forward_once(&mut self, kind: RecordKind) -> Result<Pass, QueueError> {
         let now = self.clock.now_ms();
-        let max = self.max_batch();
+        let max = match kind {
+            RecordKind::Track => self.max_batch(),
+            RecordKind::User | RecordKind::Account => self.max_batch() * PROPERTY_CLAIM_FACTOR,
+        };
         let lease = self.config.lease.as_millis() as i64;
         let claimed = self.queue.claim(kind, max, now, lease).await?;
         let mut pass = Pass {
@@ -174,7 +189,8 @@ impl Forwarder {
                 "not delivered within retry.max_event_age_secs ({} s)",
                 self.config.max_event_age.as_secs()
             );
-            self.dead_letter(&expired, "expired", detail, &mut pass)
+            let expired: Vec<i64> = expired.iter().map(|r| r.id).collect();
+            self.dead_letter(expired, "expired", detail, &mut pass)
                 .await?;
         }
 
@@ -196,22 +212,28 @@ impl Forwarder {
         if kind == RecordKind::Track {
             self.limits.until_app_admits(admitted.len()).await;
         }
-        self.deliver(kind, admitted, &mut pass).await?;
+        let mut batches: Vec<Vec<Entry>> = entries(kind, admitted)
+            .chunks(self.max_batch().max(1))
+            .map(<[Entry]>::to_vec)
+            .collect();
+        batches.reverse(); // sent first to last
+        self.deliver(kind, batches, &mut pass).await?;
         Ok(pass)
     }
 
-    /// Sends records, splitting a refused batch in halves until the bad records stand alone.
+    /// Sends batches (the last one first), splitting a refused batch in halves until the bad
+    /// entries stand alone.
     async fn deliver(
         &mut self,
         kind: RecordKind,
-        records: Vec<Claimed>,
+        batches: Vec<Vec<Entry>>,
         pass: &mut Pass,
     ) -> Result<(), QueueError> {
-        let mut pending = vec![records];
+        let mut pending = batches;
         let mut first = true;
         while let Some(batch) = pending.pop() {
-            // The claim's lease covers the first request; the halves of a split batch each
-            // get a fresh one.
+            // The claim's lease covers the first request; later batches and the halves of a
+            // split one each get a fresh one.
             if !std::mem::take(&mut first) {
                 let lease_end = self.clock.now_ms() + self.config.lease.as_millis() as i64;
                 self.queue.renew(ids(&batch), lease_end).await?;
@@ -222,7 +244,7 @@ impl Forwarder {
                 Verdict::Delivered => {
                     self.failures = 0;
                     self.queue.ack(ids(&batch), self.clock.now_ms()).await?;
-                    pass.delivered += batch.len();
+                    pass.delivered += records(&batch);
                     if kind == RecordKind::Track {
                         metrics::counter!("relay_events_forwarded_total")
                             .increment(batch.len() as u64);
@@ -244,16 +266,16 @@ impl Forwarder {
                     let at = self.clock.now_ms() + delay.as_millis() as i64;
                     tracing::warn!(
                         endpoint = kind.as_str(),
-                        records = batch.len(),
+                        records = records(&batch),
                         retry_in_ms = delay.as_millis() as u64,
                         %error,
                         "heap request failed; will retry"
                     );
-                    pass.retried += batch.len();
+                    pass.retried += records(&batch);
                     self.queue.retry_at(ids(&batch), at, true, error).await?;
-                    // Heap is failing: the halves still waiting are not fired into it.
+                    // Heap is failing: the batches still waiting are not fired into it.
                     for rest in pending.drain(..) {
-                        pass.retried += rest.len();
+                        pass.retried += records(&rest);
                         self.queue
                             .retry_at(ids(&rest), at, false, String::new())
                             .await?;
@@ -263,7 +285,7 @@ impl Forwarder {
                 Verdict::Reject { status, .. } if batch.len() > 1 => {
                     tracing::info!(
                         endpoint = kind.as_str(),
-                        records = batch.len(),
+                        records = records(&batch),
                         status,
                         "heap refused a batch; splitting it to isolate the bad records"
                     );
@@ -276,11 +298,12 @@ impl Forwarder {
                     let detail = format!("heap answered {status}: {text}");
                     tracing::warn!(
                         endpoint = kind.as_str(),
-                        record = batch[0].id,
+                        records = ?ids(&batch),
                         status,
                         "heap refused a record; dead-lettered"
                     );
-                    self.dead_letter(&batch, "rejected", detail, pass).await?;
+                    self.dead_letter(ids(&batch), "rejected", detail, pass)
+                        .await?;
                 }
             }
         }
@@ -289,17 +312,17 @@ impl Forwarder {
 
     async fn dead_letter(
         &self,
-        records: &[Claimed],
+        ids: Vec<i64>,
         reason: &'static str,
         detail: String,
         pass: &mut Pass,
     ) -> Result<(), QueueError> {
-        pass.dead += records.len();
+        pass.dead += ids.len();
         metrics::counter!("relay_events_dead_lettered_total", "reason" => reason)
-            .increment(records.len() as u64);
+            .increment(ids.len() as u64);
         let now = self.clock.now_ms();
         self.queue
-            .dead_letter(ids(records), reason.to_owned(), detail, now)
+            .dead_letter(ids, reason.to_owned(), detail, now)
             .await
     }
 
