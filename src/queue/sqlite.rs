@@ -354,7 +354,6 @@ fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>) 
 /// One transaction for the group. Inserts do not fail in normal operation (conflicts are
 /// `DO NOTHING`), so the group first goes in as it is; only if an insert fails is it redone
 /// with a savepoint per webhook, so the failing one cannot take its neighbours down with it.
-/// (Savepoints on every webhook measured a tenth of the queue thread's time.)
 fn insert_group(
     conn: &mut Connection,
     group: &[(Prepared, Reply<Enqueued>)],
