@@ -2,7 +2,8 @@
 # Benchmarks of userpilot-heap-relay against a bare baseline server; writes BENCHMARKS.md.
 #
 #   bash bench/run.sh                  # the suite (release builds; a few minutes)
-#   bash bench/run.sh --drain 1000000  # also time the drain of a 1,000,000-webhook backlog (long)
+#   bash bench/run.sh --drain 1000000  # also drain a 1,000,000-webhook backlog at --drain-limit
+#                                      # events/min (default 600000), ingesting meanwhile (long)
 #   bash bench/run.sh --no-postgres    # the suite without the relay on Postgres
 #   bash bench/run.sh --smoke          # seconds: debug builds, ~1 s of load, checks (CI)
 #

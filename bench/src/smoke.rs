@@ -169,6 +169,7 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         live: None,
         limit: None,
         big_drain: None,
+        big_drain_watch: None,
         notes: Vec::new(),
         postgres,
     };

@@ -10,7 +10,8 @@
 //!    live: ingest and forwarding at once.
 //! 3. Rate limit: a relay with a low limit drains a backlog; the sink's arrival times show
 //!    whether the limit was reached and never exceeded.
-//! 4. Optionally (`--drain N`), a large backlog drain.
+//! 4. Optionally (`--drain N`), a large backlog drained at `--drain-limit` events/min, its
+//!    resident set sampled every second, and ingest measured while it drains.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +72,9 @@ pub struct Options {
     /// minutes). Off by default.
     #[arg(long)]
     pub drain: Option<usize>,
+    /// Heap events per minute configured for the large drain (the rate it should hold).
+    #[arg(long, default_value_t = 600_000)]
+    pub drain_limit: u32,
     /// Where the report goes.
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub out: PathBuf,
@@ -159,6 +163,17 @@ pub struct Drain {
     pub relay_cpu_s: Option<f64>,
 }
 
+/// The large drain, watched: the configured rate, the relay's resident set sampled every
+/// second from the release to the last event, and ingest measured while it drained.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DrainWatch {
+    pub events_per_minute: u32,
+    /// `VmRSS` (MiB) once a second from the release.
+    pub rss_mib: Vec<f64>,
+    /// Open loop at the p99 target's rate, then closed loop at 32 in flight, during the drain.
+    pub ingest: Vec<RunResult>,
+}
+
 /// The low-limit drain, checked against the GCRA bound `burst + rate * t`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LimitCheck {
@@ -187,6 +202,9 @@ pub struct Results {
     pub live: Option<Drain>,
     pub limit: Option<LimitCheck>,
     pub big_drain: Option<Drain>,
+    /// What was seen while the large backlog drained.
+    #[serde(default)]
+    pub big_drain_watch: Option<DrainWatch>,
     pub notes: Vec<String>,
     /// The Postgres server measured (`--postgres`), as it described itself at bench time.
     #[serde(default)]
@@ -252,6 +270,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         live: None,
         limit: None,
         big_drain: None,
+        big_drain_watch: None,
         notes: Vec::new(),
         postgres: None,
     };
@@ -926,24 +945,95 @@ async fn big_drain_phase(
     eprintln!("== large backlog: {webhooks} webhooks queued, then released");
     let limit = [(
         "RELAY_HEAP__EVENTS_PER_MINUTE",
-        options.saturation_limit.to_string(),
+        options.drain_limit.to_string(),
     )];
     let relay = Server::relay(client, &options.relay_bin, &sink.url(), &limit, scratch).await?;
-    let drain = backlog_drain(
-        client,
-        sink,
-        &relay,
-        webhooks,
-        options.users,
-        options.saturation_limit,
-    )
-    .await?;
+    relay
+        .admin(client, Method::POST, "/admin/forwarder/pause")
+        .await?;
+    let backlog = queue_backlog(client, &relay, webhooks, options.users).await?;
     eprintln!(
-        "   {} events drained in {:.1} s ({:.0}/s)",
-        drain.track_events, drain.drain_s, drain.events_per_s
+        "   queued in {:.0} s ({:.0}/s); releasing",
+        backlog.elapsed_s,
+        backlog.accepted as f64 / backlog.elapsed_s.max(1e-9)
+    );
+    sink.clear();
+    let cpu_before = procfs::cpu_seconds(relay.pid);
+    let released = Instant::now();
+    relay
+        .admin(client, Method::POST, "/admin/forwarder/resume")
+        .await?;
+
+    // Resident set once a second until the drain ends.
+    let (stop_sampling, mut stop) = tokio::sync::oneshot::channel::<()>();
+    let sampler = tokio::spawn({
+        let pid = relay.pid;
+        async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => samples.extend(procfs::rss_mib(pid)),
+                    _ = &mut stop => return samples,
+                }
+            }
+        }
+    });
+
+    // Ingest while it drains: the latency target's rate, then full speed.
+    let uri = relay.webhook_uri()?;
+    let plan = || Plan {
+        warmup: secs(options.warmup),
+        duration: secs(options.duration),
+        server_pid: Some(relay.pid),
+        database_pid: None,
+    };
+    let count = (report::P99_RATE as f64 * (options.warmup + options.duration) * 1.2) as usize;
+    let pool = Arc::new(load::prepare(
+        count,
+        SECRET,
+        &tag("drain-open"),
+        options.users,
+    )?);
+    let mut open = load::open(client, &uri, pool, report::P99_RATE, plan()).await;
+    open.server = "relay (draining)".into();
+    let pool = Arc::new(load::prepare(
+        400_000,
+        SECRET,
+        &tag("drain-closed"),
+        options.users,
+    )?);
+    let mut closed = load::closed(client, &uri, pool, 32, plan()).await;
+    closed.server = "relay (draining)".into();
+    let events = backlog.events + open.events + closed.events;
+
+    let pace = (options.drain_limit as f64 / 60.0).min(2000.0);
+    let within = Duration::from_secs_f64(events as f64 / pace + 60.0);
+    wait_delivered(client, sink, &relay, events, within).await?;
+    let _ = stop_sampling.send(());
+    let rss_mib = sampler.await.unwrap_or_default();
+    let cpu = procfs::cpu_seconds(relay.pid)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    let drain = drain_figures(sink, &backlog, released, cpu);
+    eprintln!(
+        "   {} events drained in {:.1} s ({:.0}/s of {:.0}/s configured); ingest while draining: \
+         {:.0}/s closed loop, p99 {:.2} ms at {}/s",
+        drain.track_events,
+        drain.drain_s,
+        drain.events_per_s,
+        options.drain_limit as f64 / 60.0,
+        closed.throughput,
+        open.p99_ms,
+        report::P99_RATE
     );
     results.memory.drain_peak_mib = procfs::peak_rss_mib(relay.pid);
     results.big_drain = Some(drain);
+    results.big_drain_watch = Some(DrainWatch {
+        events_per_minute: options.drain_limit,
+        rss_mib,
+        ingest: vec![open, closed],
+    });
     relay.stop().await;
     Ok(())
 }
