@@ -1,9 +1,10 @@
 //! One conformance suite for the `Queue` trait, written once against `Arc<dyn Queue>` and run
 //! on both backends: SQLite (a temp dir) and Postgres (a fresh schema per test on the server in
 //! `RELAY_TEST_POSTGRES_URL`; skipped, saying so, when it is not set). It covers enqueue
-//! (accepted, duplicate, quarantined, known keys), claim order / max / due time, leases (expiry,
-//! renew), ack, retry with and without an attempt, dead letters and their filters and paging,
-//! replay + requeue, purge, prune, stats, next_due_ms and ping.
+//! (accepted, duplicate, quarantined, keys unique per webhook, NUL characters), claim order /
+//! max / due time, leases (expiry, renew), ack, retry with and without an attempt, dead
+//! letters and their filters and paging, replay + requeue, purge, prune, stats, next_due_ms and
+//! ping.
 //!
 //! Postgres only: concurrent claimers never share a record, one leader per lock key with a
 //! fast takeover of a gone replica's leases, migrations racing at startup, and failing fast
@@ -174,6 +175,34 @@ async fn a_record_key_is_stored_once_per_webhook(queue: Arc<dyn Queue>) {
         keys(&claim_all(&queue, RecordKind::Track, T0).await),
         ["a", "b"]
     );
+}
+
+async fn text_with_nul_characters_is_stored_and_sent_intact(queue: Arc<dyn Queue>) {
+    // Postgres's TEXT cannot hold U+0000; the lookup columns get U+FFFD instead, on both
+    // backends, while the record sent to Heap keeps the identity as it came.
+    let result = queue
+        .enqueue(webhook("w1", T0, vec![track_for("a", "x\u{0}y")]))
+        .await
+        .unwrap();
+    assert_eq!(result, Enqueued::Accepted { events: 1 });
+    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    assert_eq!(claimed[0].subject, "x\u{FFFD}y");
+    let sent: Value = serde_json::from_str(&claimed[0].json).unwrap();
+    assert_eq!(sent["identity"], "x\u{0}y");
+    queue
+        .dead_letter(
+            ids(&claimed),
+            "rejected".into(),
+            "heap said \u{0}".into(),
+            T0,
+        )
+        .await
+        .unwrap();
+    let dead = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(dead[0].detail, "heap said \u{FFFD}");
 }
 
 async fn a_quarantined_webhook_is_kept_as_a_dead_letter_of_kind_webhook(queue: Arc<dyn Queue>) {
@@ -799,6 +828,7 @@ conformance!(
     a_new_webhook_is_accepted_with_its_track_event_count,
     a_redelivered_body_is_a_duplicate_and_stores_nothing,
     a_record_key_is_stored_once_per_webhook,
+    text_with_nul_characters_is_stored_and_sent_intact,
     a_quarantined_webhook_is_kept_as_a_dead_letter_of_kind_webhook,
     claims_are_oldest_first_per_kind_and_at_most_max,
     records_are_not_claimed_before_they_are_due,

@@ -9,6 +9,7 @@
 //! dead-letter end the lease. All times are unix milliseconds and come in as arguments.
 
 pub mod postgres;
+mod prepared;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
+use super::prepared::{Prepared, Rows, storable};
 use super::{
     Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook,
     QUARANTINE_KIND, Queue, QueueError, QueueStats, ReplayItem,
@@ -257,71 +258,6 @@ fn serve(mut conn: Connection, commands: mpsc::Receiver<Command>) {
     }
 }
 
-/// A webhook as the queue thread stores it: its records already serialized (by the caller's
-/// thread), so the one thread that owns the connection spends its time in SQLite alone.
-struct Prepared {
-    digest: [u8; 32],
-    body: Bytes,
-    received_at_ms: i64,
-    rows: Rows,
-}
-
-enum Rows {
-    Records(Vec<Row>),
-    Quarantined {
-        key: String,
-        reason: String,
-        detail: String,
-        subject: String,
-    },
-}
-
-struct Row {
-    key: String,
-    kind: RecordKind,
-    subject: String,
-    json: String,
-}
-
-impl Rows {
-    fn new(content: Content, digest: &[u8; 32]) -> Self {
-        match content {
-            Content::Records(records) => Rows::Records(
-                records
-                    .into_iter()
-                    .map(|outbound| Row {
-                        kind: outbound.record.kind(),
-                        subject: outbound.record.subject().to_owned(),
-                        json: outbound.record.to_json(),
-                        key: outbound.key,
-                    })
-                    .collect(),
-            ),
-            Content::Quarantined {
-                reason,
-                detail,
-                subject,
-            } => Rows::Quarantined {
-                key: format!("quarantine:{}", hex::encode(digest)),
-                reason,
-                detail,
-                subject,
-            },
-        }
-    }
-}
-
-impl From<NewWebhook> for Prepared {
-    fn from(webhook: NewWebhook) -> Self {
-        Prepared {
-            rows: Rows::new(webhook.content, &webhook.digest),
-            digest: webhook.digest,
-            body: webhook.body,
-            received_at_ms: webhook.received_at_ms,
-        }
-    }
-}
-
 /// Commits a group of webhooks with `synchronous = FULL`: the WAL is fsynced before anyone is
 /// told "committed", so an acknowledged webhook survives power loss, not only a crash. Every
 /// other write (claims, acks, retries, dead letters, replays) commits with NORMAL — no fsync of
@@ -405,10 +341,7 @@ fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enque
         &webhook.rows,
         webhook.received_at_ms,
     )?;
-    Ok(match webhook.rows {
-        Rows::Records(_) => Enqueued::Accepted { events },
-        Rows::Quarantined { .. } => Enqueued::Quarantined,
-    })
+    Ok(webhook.rows.outcome(events))
 }
 
 /// Inserts a webhook's records; returns how many track events were new.
@@ -605,6 +538,7 @@ impl Queue for SqliteQueue {
         failed: bool,
         error: String,
     ) -> Result<(), QueueError> {
+        let error = storable(error);
         let attempts = i64::from(failed);
         self.call(move |conn| {
             update_many(
@@ -626,6 +560,7 @@ impl Queue for SqliteQueue {
         detail: String,
         now_ms: i64,
     ) -> Result<(), QueueError> {
+        let (reason, detail) = (storable(reason), storable(detail));
         self.call(move |conn| {
             update_many(
                 conn,
