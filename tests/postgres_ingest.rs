@@ -17,18 +17,13 @@ mod support;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use serde_json::Map;
 use sha2::{Digest, Sha256};
-use userpilot_heap_relay::heap::wire::{
-    AccountProperties, HeapRecord, Outbound, RecordKind, TrackEvent, UserProperties,
-};
+use userpilot_heap_relay::heap::wire::RecordKind;
 use userpilot_heap_relay::queue::postgres::PostgresQueue;
-use userpilot_heap_relay::queue::{
-    Content, DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError,
-};
+use userpilot_heap_relay::queue::{DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError};
 
 use support::postgres::{Schema, base_url, connect};
+use support::records::{self, account, track, user, webhook};
 
 const T0: i64 = 1_700_000_000_000;
 const FAR: i64 = T0 + 1_000_000_000;
@@ -38,57 +33,8 @@ fn lock_key() -> i64 {
     fastrand::i64(..)
 }
 
-fn track(key: &str, identity: &str) -> Outbound {
-    Outbound {
-        key: key.to_owned(),
-        record: HeapRecord::Track(TrackEvent {
-            identity: identity.to_owned(),
-            event: "Userpilot Test".to_owned(),
-            timestamp: "2023-11-14T22:13:20Z".to_owned(),
-            idempotency_key: key.to_owned(),
-            properties: Map::new(),
-        }),
-    }
-}
-
-fn user(key: &str) -> Outbound {
-    Outbound {
-        key: format!("user:{key}"),
-        record: HeapRecord::User(UserProperties {
-            identity: format!("user-{key}"),
-            properties: Map::new(),
-        }),
-    }
-}
-
-fn account(key: &str) -> Outbound {
-    Outbound {
-        key: format!("account:{key}"),
-        record: HeapRecord::Account(AccountProperties {
-            account_id: format!("account-{key}"),
-            properties: Map::new(),
-        }),
-    }
-}
-
-fn webhook(body: &str, at: i64, records: Vec<Outbound>) -> NewWebhook {
-    NewWebhook {
-        digest: Sha256::digest(body.as_bytes()).into(),
-        body: Bytes::from(body.to_owned()),
-        received_at_ms: at,
-        content: Content::Records(records),
-    }
-}
-
 fn quarantined(body: &str, at: i64, detail: &str, subject: &str) -> NewWebhook {
-    NewWebhook {
-        content: Content::Quarantined {
-            reason: "unmapped".to_owned(),
-            detail: detail.to_owned(),
-            subject: subject.to_owned(),
-        },
-        ..webhook(body, at, Vec::new())
-    }
+    records::quarantined(body, at, "unmapped", detail, subject)
 }
 
 /// Enqueues every webhook at once (spawned together, so on the single-threaded runtime they

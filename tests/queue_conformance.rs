@@ -18,12 +18,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
-use userpilot_heap_relay::heap::wire::{
-    HeapRecord, Outbound, RecordKind, TrackEvent, UserProperties,
-};
+use userpilot_heap_relay::heap::wire::{Outbound, RecordKind};
 use userpilot_heap_relay::queue::postgres::PostgresQueue;
 use userpilot_heap_relay::queue::sqlite::SqliteQueue;
 use userpilot_heap_relay::queue::{
@@ -31,6 +28,7 @@ use userpilot_heap_relay::queue::{
 };
 
 use support::postgres::{Database, Schema, base_url};
+use support::records::{self, user, webhook};
 
 /// A fixed "now" for the tests; every time is an offset from it.
 const T0: i64 = 1_700_000_000_000;
@@ -43,54 +41,11 @@ const MIGRATIONS: i64 = 2;
 // Building blocks
 
 fn track(key: &str) -> Outbound {
-    Outbound {
-        key: key.to_owned(),
-        record: HeapRecord::Track(TrackEvent {
-            identity: format!("user-{key}"),
-            event: "Userpilot Test".to_owned(),
-            timestamp: "2023-11-14T22:13:20Z".to_owned(),
-            idempotency_key: key.to_owned(),
-            properties: Map::new(),
-        }),
-    }
-}
-
-fn track_for(key: &str, identity: &str) -> Outbound {
-    let mut outbound = track(key);
-    if let HeapRecord::Track(event) = &mut outbound.record {
-        event.identity = identity.to_owned();
-    }
-    outbound
-}
-
-fn user(key: &str) -> Outbound {
-    Outbound {
-        key: format!("user:{key}"),
-        record: HeapRecord::User(UserProperties {
-            identity: format!("user-{key}"),
-            properties: Map::new(),
-        }),
-    }
-}
-
-fn webhook(body: &str, at: i64, records: Vec<Outbound>) -> NewWebhook {
-    NewWebhook {
-        digest: Sha256::digest(body.as_bytes()).into(),
-        body: Bytes::from(body.to_owned()),
-        received_at_ms: at,
-        content: Content::Records(records),
-    }
+    records::track(key, &format!("user-{key}"))
 }
 
 fn quarantined(body: &str, at: i64, reason: &str, subject: &str) -> NewWebhook {
-    NewWebhook {
-        content: Content::Quarantined {
-            reason: reason.to_owned(),
-            detail: format!("{reason} detail"),
-            subject: subject.to_owned(),
-        },
-        ..webhook(body, at, Vec::new())
-    }
+    records::quarantined(body, at, reason, &format!("{reason} detail"), subject)
 }
 
 /// The idempotency keys of claimed track records, in claim order.
@@ -181,7 +136,7 @@ async fn text_with_nul_characters_is_stored_and_sent_intact(queue: Arc<dyn Queue
     // Postgres's TEXT cannot hold U+0000; the lookup columns get U+FFFD instead, on both
     // backends, while the record sent to Heap keeps the identity as it came.
     let result = queue
-        .enqueue(webhook("w1", T0, vec![track_for("a", "x\u{0}y")]))
+        .enqueue(webhook("w1", T0, vec![records::track("a", "x\u{0}y")]))
         .await
         .unwrap();
     assert_eq!(result, Enqueued::Accepted { events: 1 });
@@ -265,6 +220,33 @@ async fn claims_are_oldest_first_per_kind_and_at_most_max(queue: Arc<dyn Queue>)
             .is_empty()
     );
     assert_eq!(claim_all(&queue, RecordKind::User, T0 + 10).await.len(), 1);
+}
+
+async fn large_claims_and_acks_take_every_record_oldest_first(queue: Arc<dyn Queue>) {
+    // More than one bookkeeping chunk of the SQLite backend (which splits them into several
+    // transactions): the result must not show it.
+    for n in 0..300 {
+        let key = format!("k{n:03}");
+        queue
+            .enqueue(webhook(&key, T0 + n, vec![track(&key)]))
+            .await
+            .unwrap();
+    }
+    let claimed = queue
+        .claim(RecordKind::Track, 260, T0 + 300, LEASE)
+        .await
+        .unwrap();
+    let wanted: Vec<String> = (0..260).map(|n| format!("k{n:03}")).collect();
+    assert_eq!(keys(&claimed), wanted);
+    queue.ack(ids(&claimed), T0 + 301).await.unwrap();
+    let stats = queue.stats(T0 + 301).await.unwrap();
+    assert_eq!(
+        (stats.delivered, stats.pending, stats.in_flight),
+        (260, 40, 0)
+    );
+    let rest = claim_all(&queue, RecordKind::Track, T0 + 301).await;
+    assert_eq!(keys(&rest).first().map(String::as_str), Some("k260"));
+    assert_eq!(rest.len(), 40);
 }
 
 async fn records_are_not_claimed_before_they_are_due(queue: Arc<dyn Queue>) {
@@ -423,12 +405,12 @@ async fn four_dead_letters(queue: &Arc<dyn Queue>) -> [i64; 4] {
         .enqueue(webhook(
             "w1",
             T0,
-            vec![track_for("a", "alice"), track_for("b", "bob")],
+            vec![records::track("a", "alice"), records::track("b", "bob")],
         ))
         .await
         .unwrap();
     queue
-        .enqueue(webhook("w2", T0, vec![track_for("c", "alice")]))
+        .enqueue(webhook("w2", T0, vec![records::track("c", "alice")]))
         .await
         .unwrap();
     queue
@@ -831,6 +813,7 @@ conformance!(
     text_with_nul_characters_is_stored_and_sent_intact,
     a_quarantined_webhook_is_kept_as_a_dead_letter_of_kind_webhook,
     claims_are_oldest_first_per_kind_and_at_most_max,
+    large_claims_and_acks_take_every_record_oldest_first,
     records_are_not_claimed_before_they_are_due,
     an_expired_lease_makes_its_records_claimable_again,
     renew_extends_the_lease_of_records_in_flight,

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
@@ -27,6 +28,13 @@ const SCHEMA_VERSION: i64 = 2;
 
 /// The most webhooks committed in one transaction.
 const MAX_GROUP: usize = 1024;
+
+/// Records one bookkeeping transaction (a claim, ack, retry, dead letter) touches at most. The
+/// queue thread runs one command at a time and webhooks wait behind it. Measured at 2,000
+/// webhooks/s while the forwarder drained a backlog: claims and acks of up to 8,000 property
+/// records in one transaction gave a p99 acknowledgement latency of 39–52 ms; chunks of 250,
+/// 10–13 ms; chunks of 100, 9.4–11 ms (5.2–5.8 ms with the forwarder paused).
+const BOOKKEEPING_CHUNK: usize = 100;
 
 /// Rows deleted per pruning statement, so pruning never holds the writer for long.
 const PRUNE_CHUNK: i64 = 5000;
@@ -164,6 +172,35 @@ impl SqliteQueue {
         })
         .await
         .map_err(|_| QueueError::Closed)?
+    }
+
+    /// Runs `sql` — its last parameter a record id, the others `leading` — for each of `ids`,
+    /// in transactions of at most [`BOOKKEEPING_CHUNK`] records, each a command of its own on
+    /// the queue thread, so webhooks commit in between.
+    async fn update_many(
+        &self,
+        sql: &'static str,
+        ids: Vec<i64>,
+        leading: Vec<Value>,
+    ) -> Result<(), QueueError> {
+        for chunk in ids.chunks(BOOKKEEPING_CHUNK) {
+            let (chunk, leading) = (chunk.to_vec(), leading.clone());
+            self.call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                {
+                    let mut statement = tx.prepare_cached(sql)?;
+                    for id in &chunk {
+                        let mut values: Vec<&dyn rusqlite::ToSql> =
+                            leading.iter().map(|v| v as &dyn rusqlite::ToSql).collect();
+                        values.push(id);
+                        statement.execute(values.as_slice())?;
+                    }
+                }
+                tx.commit()
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Runs `op` on the queue thread and waits for its result.
@@ -406,7 +443,6 @@ fn insert_rows(
 
 /// `WHERE` clause and parameters for a dead-letter filter (always restricted to dead records).
 fn filter_sql(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
-    use rusqlite::types::Value;
     // `state <> 0` lets SQLite use the partial index `records_done`.
     let mut sql = String::from("r.state <> 0 AND r.state = 2");
     let mut values: Vec<Value> = Vec::new();
@@ -437,22 +473,42 @@ fn limit_sql(filter: &DeadLetterFilter) -> String {
         .unwrap_or_default()
 }
 
-fn update_many(
+/// Leases up to `limit` due records of `kind`, oldest first, until `lease_end_ms`.
+fn claim_chunk(
     conn: &mut Connection,
-    sql: &str,
-    ids: &[i64],
-    leading: &[&dyn rusqlite::ToSql],
-) -> rusqlite::Result<()> {
+    kind: RecordKind,
+    limit: usize,
+    now_ms: i64,
+    lease_end_ms: i64,
+) -> rusqlite::Result<Vec<Claimed>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let claimed = {
+        let mut select = tx.prepare_cached(
+            "SELECT id, subject, json, attempts, received_at FROM records
+             WHERE state = 0 AND kind = ?1 AND next_attempt_at <= ?2
+             ORDER BY next_attempt_at, id LIMIT ?3",
+        )?;
+        let rows = select.query_map(params![kind.as_str(), now_ms, limit as i64], |row| {
+            Ok(Claimed {
+                id: row.get(0)?,
+                kind,
+                subject: row.get(1)?,
+                json: row.get(2)?,
+                attempts: row.get(3)?,
+                received_at_ms: row.get(4)?,
+            })
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
     {
-        let mut statement = tx.prepare_cached(sql)?;
-        for id in ids {
-            let mut values: Vec<&dyn rusqlite::ToSql> = leading.to_vec();
-            values.push(id);
-            statement.execute(values.as_slice())?;
+        let mut lease = tx
+            .prepare_cached("UPDATE records SET claimed = 1, next_attempt_at = ?1 WHERE id = ?2")?;
+        for record in &claimed {
+            lease.execute(params![lease_end_ms, record.id])?;
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(claimed)
 }
 
 #[async_trait]
@@ -472,62 +528,39 @@ impl Queue for SqliteQueue {
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<Vec<Claimed>, QueueError> {
-        self.call(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let claimed = {
-                let mut select = tx.prepare_cached(
-                    "SELECT id, subject, json, attempts, received_at FROM records
-                     WHERE state = 0 AND kind = ?1 AND next_attempt_at <= ?2
-                     ORDER BY next_attempt_at, id LIMIT ?3",
-                )?;
-                let rows = select.query_map(params![kind.as_str(), now_ms, max as i64], |row| {
-                    Ok(Claimed {
-                        id: row.get(0)?,
-                        kind,
-                        subject: row.get(1)?,
-                        json: row.get(2)?,
-                        attempts: row.get(3)?,
-                        received_at_ms: row.get(4)?,
-                    })
-                })?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()?
-            };
-            {
-                let mut lease = tx.prepare_cached(
-                    "UPDATE records SET claimed = 1, next_attempt_at = ?1 WHERE id = ?2",
-                )?;
-                for record in &claimed {
-                    lease.execute(params![now_ms + lease_ms, record.id])?;
-                }
+        // In chunks (see BOOKKEEPING_CHUNK); each takes the oldest due records left, since
+        // the ones leased before are no longer due.
+        let mut claimed = Vec::new();
+        while claimed.len() < max {
+            let limit = (max - claimed.len()).min(BOOKKEEPING_CHUNK);
+            let chunk = self
+                .call(move |conn| claim_chunk(conn, kind, limit, now_ms, now_ms + lease_ms))
+                .await?;
+            let last = chunk.len() < limit;
+            claimed.extend(chunk);
+            if last {
+                break;
             }
-            tx.commit()?;
-            Ok(claimed)
-        })
-        .await
+        }
+        Ok(claimed)
     }
 
     async fn renew(&self, ids: Vec<i64>, until_ms: i64) -> Result<(), QueueError> {
-        self.call(move |conn| {
-            update_many(
-                conn,
-                "UPDATE records SET next_attempt_at = ?1 WHERE state = 0 AND claimed = 1 AND id = ?2",
-                &ids,
-                &[&until_ms],
-            )
-        })
+        self.update_many(
+            "UPDATE records SET next_attempt_at = ?1 WHERE state = 0 AND claimed = 1 AND id = ?2",
+            ids,
+            vec![Value::Integer(until_ms)],
+        )
         .await
     }
 
     async fn ack(&self, ids: Vec<i64>, now_ms: i64) -> Result<(), QueueError> {
-        self.call(move |conn| {
-            update_many(
-                conn,
-                "UPDATE records SET state = 1, claimed = 0, json = '', updated_at = ?1
-                 WHERE state = 0 AND id = ?2",
-                &ids,
-                &[&now_ms],
-            )
-        })
+        self.update_many(
+            "UPDATE records SET state = 1, claimed = 0, json = '', updated_at = ?1
+             WHERE state = 0 AND id = ?2",
+            ids,
+            vec![Value::Integer(now_ms)],
+        )
         .await
     }
 
@@ -538,18 +571,18 @@ impl Queue for SqliteQueue {
         failed: bool,
         error: String,
     ) -> Result<(), QueueError> {
-        let error = storable(error);
-        let attempts = i64::from(failed);
-        self.call(move |conn| {
-            update_many(
-                conn,
-                "UPDATE records SET claimed = 0, next_attempt_at = ?1,
-                        attempts = attempts + ?2, last_error = COALESCE(?3, last_error)
-                 WHERE state = 0 AND id = ?4",
-                &ids,
-                &[&at_ms, &attempts, &(failed.then_some(error))],
-            )
-        })
+        let error = failed.then(|| Value::Text(storable(error)));
+        self.update_many(
+            "UPDATE records SET claimed = 0, next_attempt_at = ?1,
+                    attempts = attempts + ?2, last_error = COALESCE(?3, last_error)
+             WHERE state = 0 AND id = ?4",
+            ids,
+            vec![
+                Value::Integer(at_ms),
+                Value::Integer(i64::from(failed)),
+                error.unwrap_or(Value::Null),
+            ],
+        )
         .await
     }
 
@@ -560,17 +593,17 @@ impl Queue for SqliteQueue {
         detail: String,
         now_ms: i64,
     ) -> Result<(), QueueError> {
-        let (reason, detail) = (storable(reason), storable(detail));
-        self.call(move |conn| {
-            update_many(
-                conn,
-                "UPDATE records SET state = 2, claimed = 0, dead_reason = ?1, dead_detail = ?2,
-                        updated_at = ?3
-                 WHERE state = 0 AND id = ?4",
-                &ids,
-                &[&reason, &detail, &now_ms],
-            )
-        })
+        self.update_many(
+            "UPDATE records SET state = 2, claimed = 0, dead_reason = ?1, dead_detail = ?2,
+                    updated_at = ?3
+             WHERE state = 0 AND id = ?4",
+            ids,
+            vec![
+                Value::Text(storable(reason)),
+                Value::Text(storable(detail)),
+                Value::Integer(now_ms),
+            ],
+        )
         .await
     }
 
