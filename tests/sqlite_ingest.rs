@@ -1,6 +1,7 @@
-//! The SQLite queue's group commit: webhooks arriving together are committed together, and one
+//! The SQLite queue's single writer: webhooks arriving together are committed together, and one
 //! whose insert fails (here: a trigger refuses its record) gets the error while every other
-//! webhook of its group is stored and accepted.
+//! webhook of its group is stored and accepted; large claims and acks that end their
+//! transactions early to let waiting webhooks in still cover every record.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
@@ -69,5 +70,41 @@ async fn a_failing_webhook_does_not_take_its_group_down() {
     assert_eq!(
         queue.enqueue(webhook(25, "u")).await.unwrap(),
         Enqueued::Accepted { events: 0 }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_claims_and_acks_cut_short_by_waiting_webhooks_still_cover_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Arc::new(SqliteQueue::open(&dir.path().join("queue.sqlite3")).unwrap());
+    let at = 1_700_000_000_000;
+    for n in 0..2000 {
+        queue.enqueue(webhook(n, "u")).await.unwrap();
+    }
+    // Webhooks keep arriving (due later) while the forwarder claims and acks: its
+    // transactions end early to let them in, and go on where they stopped.
+    let arrivals = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            for n in 2000..2400 {
+                let mut later = webhook(n, "later");
+                later.received_at_ms = at + 10_000;
+                queue.enqueue(later).await.unwrap();
+            }
+        })
+    };
+    let claimed = queue
+        .claim(RecordKind::User, 5000, at + 5000, 60_000)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = claimed.iter().map(|record| record.id).collect();
+    assert_eq!(claimed.len(), 2000);
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "oldest first");
+    queue.ack(ids, at + 5001).await.unwrap();
+    arrivals.await.unwrap();
+    let stats = queue.stats(at + 5001).await.unwrap();
+    assert_eq!(
+        (stats.delivered, stats.pending, stats.in_flight),
+        (2000, 400, 0)
     );
 }
