@@ -3,9 +3,11 @@
 //!
 //! One dedicated thread owns the connection and runs every operation in arrival order. Webhooks
 //! that arrive while it is busy are committed together in one transaction (group commit): many
-//! concurrent webhooks share one fsync instead of paying one each. Each webhook in a group gets
-//! its own savepoint, so one failing insert cannot take its neighbours down with it; if the
-//! commit itself fails, every webhook in the group gets the error and none is acknowledged.
+//! concurrent webhooks share one fsync instead of paying one each. Should one webhook's insert
+//! fail, the group is redone with a savepoint per webhook, so it cannot take its neighbours
+//! down with it; if the commit itself fails, every webhook in the group gets the error and none
+//! is acknowledged. The forwarder's bookkeeping (claims, acks, retries) shares the thread, and
+//! its transactions end early while webhooks wait, so a webhook never waits behind a large one.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
