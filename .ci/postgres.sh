@@ -12,51 +12,15 @@
 _relay_postgres_setup() (
     set -euo pipefail
     log() { echo "postgres.sh: $*" >&2; }
-
-    if ! command -v pg_lsclusters >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
-        log "installing postgresql"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq >&2
-        apt-get install -y -qq postgresql >&2
-    fi
-
-    # The newest installed server version; its cluster `main` (created when missing).
-    version=$(ls /usr/lib/postgresql | sort -V | tail -1)
-    if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$version main"; then
-        log "creating cluster $version/main"
-        pg_createcluster "$version" main >&2
-    fi
+    # shellcheck source=.ci/pg-cluster.sh
+    source "$(dirname "${BASH_SOURCE[0]}")/pg-cluster.sh"
 
     # A throwaway cluster for tests: no fsync (the tests kill relays, never the machine), so
     # that creating a schema or a database per test stays cheap on a busy disk.
-    conf_dir="/etc/postgresql/$version/main/conf.d"
-    tuning="$conf_dir/relay-tests.conf"
-    wanted="fsync = off
+    port=$(pg_cluster_up main "" relay-tests.conf "fsync = off
 synchronous_commit = off
 full_page_writes = off
-max_connections = 200"
-    changed=0
-    if [ "$(cat "$tuning" 2>/dev/null)" != "$wanted" ]; then
-        mkdir -p "$conf_dir"
-        printf '%s\n' "$wanted" > "$tuning"
-        changed=1
-    fi
-    if pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
-        if [ "$changed" = 1 ]; then
-            log "restarting cluster $version/main with the test settings"
-            pg_ctlcluster "$version" main restart >&2
-        fi
-    else
-        log "starting cluster $version/main"
-        pg_ctlcluster "$version" main start >&2
-    fi
-    port=$(pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $3}')
-
-    for _ in $(seq 1 100); do
-        pg_isready -q -h 127.0.0.1 -p "$port" && break
-        sleep 0.1
-    done
-    pg_isready -h 127.0.0.1 -p "$port" >&2
+max_connections = 200")
 
     as_postgres() { runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -p "$port" "$@"; }
     as_postgres -d postgres >&2 <<'SQL'

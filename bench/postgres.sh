@@ -19,51 +19,14 @@
 _relay_bench_postgres_setup() (
     set -euo pipefail
     log() { echo "bench/postgres.sh: $*" >&2; }
-
-    if ! command -v pg_lsclusters >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
-        log "installing postgresql"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq >&2
-        apt-get install -y -qq postgresql >&2
-    fi
-
-    # The newest installed server version; its cluster `bench` (created when missing).
-    version=$(ls /usr/lib/postgresql | sort -V | tail -1)
-    port="${RELAY_BENCH_POSTGRES_PORT:-5434}"
-    if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$version bench"; then
-        log "creating cluster $version/bench on port $port"
-        pg_createcluster "$version" bench --port "$port" >&2
-    fi
+    # shellcheck source=.ci/pg-cluster.sh
+    source "$(dirname "${BASH_SOURCE[0]}")/../.ci/pg-cluster.sh"
 
     # Durable, as Postgres ships. (The default 100 connections are plenty: the harness runs one
     # relay on Postgres at a time, and a relay keeps at most 17.)
-    conf_dir="/etc/postgresql/$version/bench/conf.d"
-    tuning="$conf_dir/relay-bench.conf"
-    wanted="fsync = on
+    port=$(pg_cluster_up bench "${RELAY_BENCH_POSTGRES_PORT:-5434}" relay-bench.conf "fsync = on
 synchronous_commit = on
-full_page_writes = on"
-    changed=0
-    if [ "$(cat "$tuning" 2>/dev/null)" != "$wanted" ]; then
-        mkdir -p "$conf_dir"
-        printf '%s\n' "$wanted" > "$tuning"
-        changed=1
-    fi
-    if pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "bench" {print $4}' | grep -q online; then
-        if [ "$changed" = 1 ]; then
-            log "restarting cluster $version/bench with the bench settings"
-            pg_ctlcluster "$version" bench restart >&2
-        fi
-    else
-        log "starting cluster $version/bench"
-        pg_ctlcluster "$version" bench start >&2
-    fi
-    port=$(pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "bench" {print $3}')
-
-    for _ in $(seq 1 100); do
-        pg_isready -q -h 127.0.0.1 -p "$port" && break
-        sleep 0.1
-    done
-    pg_isready -h 127.0.0.1 -p "$port" >&2
+full_page_writes = on")
 
     as_postgres() { runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -p "$port" "$@"; }
     as_postgres -d postgres >&2 <<'SQL'
