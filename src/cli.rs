@@ -1,4 +1,4 @@
-//! The command line (SPEC §6): `serve` (the default), `check-config`, `sign`, `send-test`,
+//! The command line (contract §6): `serve` (the default), `check-config`, `sign`, `send-test`,
 //! `dlq list|replay|purge` and `healthcheck`.
 
 use std::path::PathBuf;
@@ -112,17 +112,13 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn is_empty(&self) -> bool {
-        self.id.is_none()
-            && self.reason.is_none()
-            && self.identity.is_none()
-            && self.since.is_none()
-            && self.until.is_none()
-            && self.after.is_none()
-            && self.limit.is_none()
+    /// The filter as the admin API would receive it (listings; `all` is not a flag there).
+    pub fn params(&self) -> FilterParams {
+        self.params_with_all(false)
     }
 
-    pub fn params(&self) -> FilterParams {
+    /// The filter of a replay or purge, with its `--all` flag.
+    pub fn params_with_all(&self, all: bool) -> FilterParams {
         FilterParams {
             id: self.id,
             reason: self.reason.clone(),
@@ -131,6 +127,7 @@ impl Filter {
             until: self.until.clone(),
             after: self.after,
             limit: self.limit,
+            all,
         }
     }
 }

@@ -1,4 +1,7 @@
-//! Dead-letter operations shared by the admin API and the `dlq` command: list, replay, purge.
+//! Dead-letter operations shared by the admin API and the `dlq` command: list, replay, purge,
+//! and the rule that decides what they apply to ([`FilterParams::listing`],
+//! [`FilterParams::selection`]): a replay or purge without a scope is refused, never taken to
+//! mean "every dead letter".
 //!
 //! Replay re-maps each webhook from its original Userpilot body with the *current*
 //! configuration, so fixing `heap.identity` or `[mapping]` and replaying repairs quarantined
@@ -31,12 +34,22 @@ pub struct FilterParams {
     /// Paging: ids above this one.
     pub after: Option<i64>,
     pub limit: Option<usize>,
+    /// Replay or purge: every dead letter the other fields select, even with none of them set.
+    #[serde(default)]
+    pub all: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FilterError {
     #[error("`{0}` must be unix milliseconds or an RFC 3339 time")]
     BadTime(&'static str),
+    #[error("`limit` must be 1 or more (a listing returns at most {MAX_PAGE})")]
+    BadLimit,
+    #[error(
+        "no dead letters selected: give one `id`, a filter (`reason`, `identity`, `since`, \
+         `until`, `after`, `limit`), or `all` to take every dead letter"
+    )]
+    NoScope,
 }
 
 fn parse_time(field: &'static str, value: &Option<String>) -> Result<Option<i64>, FilterError> {
@@ -52,8 +65,36 @@ fn parse_time(field: &'static str, value: &Option<String>) -> Result<Option<i64>
 }
 
 impl FilterParams {
-    /// The queue filter; `paged` applies the listing's page size.
-    pub fn to_filter(&self, paged: bool) -> Result<DeadLetterFilter, FilterError> {
+    /// The filter of a listing: a page of at most [`MAX_PAGE`], [`DEFAULT_PAGE`] by default.
+    pub fn listing(&self) -> Result<DeadLetterFilter, FilterError> {
+        let mut filter = self.to_filter()?;
+        filter.limit = Some(filter.limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE));
+        Ok(filter)
+    }
+
+    /// The filter of a replay or purge. Without an `id`, a filter or `all`, nothing is selected:
+    /// an empty query string (a script's missing variable) must not delete every dead letter.
+    pub fn selection(&self) -> Result<DeadLetterFilter, FilterError> {
+        if !self.all && !self.has_filter() {
+            return Err(FilterError::NoScope);
+        }
+        self.to_filter()
+    }
+
+    fn has_filter(&self) -> bool {
+        self.id.is_some()
+            || self.reason.is_some()
+            || self.identity.is_some()
+            || self.since.is_some()
+            || self.until.is_some()
+            || self.after.is_some()
+            || self.limit.is_some()
+    }
+
+    fn to_filter(&self) -> Result<DeadLetterFilter, FilterError> {
+        if self.limit == Some(0) {
+            return Err(FilterError::BadLimit);
+        }
         Ok(DeadLetterFilter {
             ids: self.id.into_iter().collect(),
             reason: self.reason.clone(),
@@ -61,11 +102,7 @@ impl FilterParams {
             since_ms: parse_time("since", &self.since)?,
             until_ms: parse_time("until", &self.until)?,
             after_id: self.after,
-            limit: if paged {
-                Some(self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE))
-            } else {
-                self.limit
-            },
+            limit: self.limit,
         })
     }
 }
@@ -113,4 +150,79 @@ pub async fn replay(
         "dead letters replayed"
     );
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_or_purge_without_scope_is_refused() {
+        assert_eq!(
+            FilterParams::default().selection(),
+            Err(FilterError::NoScope)
+        );
+    }
+
+    #[test]
+    fn an_id_a_filter_or_all_is_a_scope() {
+        let by_id = FilterParams {
+            id: Some(7),
+            ..FilterParams::default()
+        };
+        assert_eq!(by_id.selection().unwrap().ids, vec![7]);
+        let by_reason = FilterParams {
+            reason: Some("rejected".into()),
+            ..FilterParams::default()
+        };
+        assert_eq!(
+            by_reason.selection().unwrap().reason.as_deref(),
+            Some("rejected")
+        );
+        let all = FilterParams {
+            all: true,
+            ..FilterParams::default()
+        };
+        assert_eq!(all.selection().unwrap(), DeadLetterFilter::default());
+    }
+
+    #[test]
+    fn a_listing_is_paged_and_needs_no_scope() {
+        assert_eq!(
+            FilterParams::default().listing().unwrap().limit,
+            Some(DEFAULT_PAGE)
+        );
+        let huge = FilterParams {
+            limit: Some(MAX_PAGE + 5),
+            ..FilterParams::default()
+        };
+        assert_eq!(huge.listing().unwrap().limit, Some(MAX_PAGE));
+    }
+
+    #[test]
+    fn a_limit_of_zero_is_an_error_not_one_row() {
+        let zero = FilterParams {
+            limit: Some(0),
+            ..FilterParams::default()
+        };
+        assert_eq!(zero.listing(), Err(FilterError::BadLimit));
+        assert_eq!(zero.selection(), Err(FilterError::BadLimit));
+    }
+
+    #[test]
+    fn times_are_unix_ms_or_rfc3339() {
+        let params = FilterParams {
+            since: Some("1700000000000".into()),
+            until: Some("2023-11-14T22:13:20Z".into()),
+            ..FilterParams::default()
+        };
+        let filter = params.listing().unwrap();
+        assert_eq!(filter.since_ms, Some(1_700_000_000_000));
+        assert_eq!(filter.until_ms, Some(1_700_000_000_000));
+        let bad = FilterParams {
+            since: Some("yesterday".into()),
+            ..FilterParams::default()
+        };
+        assert_eq!(bad.listing(), Err(FilterError::BadTime("since")));
+    }
 }

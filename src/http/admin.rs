@@ -15,7 +15,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::AppState;
-use crate::dead_letters::{self, FilterParams};
+use crate::dead_letters::{self, FilterError, FilterParams};
 use crate::queue::QueueError;
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -50,7 +50,7 @@ async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     let expected = state.admin_token.expose().as_bytes();
     if bool::from(presented.as_bytes().ct_eq(expected)) {
@@ -61,21 +61,35 @@ async fn require_token(
     }
 }
 
+/// The credentials of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 9110 §11.1), and one or more spaces may separate it from the token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
+}
+
 fn queue_error(err: QueueError) -> Response {
     tracing::error!(error = %err, "admin operation failed");
     error(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
 }
 
-fn bad_filter(err: impl std::fmt::Display) -> Response {
+/// 400: `no_scope` for a replay or purge that selects nothing, `invalid_filter` otherwise.
+fn bad_filter(err: FilterError) -> Response {
+    let code = match err {
+        FilterError::NoScope => "no_scope",
+        FilterError::BadTime(_) | FilterError::BadLimit => "invalid_filter",
+    };
     (
         StatusCode::BAD_REQUEST,
-        Json(json!({ "error": "invalid_filter", "detail": err.to_string() })),
+        Json(json!({ "error": code, "detail": err.to_string() })),
     )
         .into_response()
 }
 
 async fn list(State(state): State<Arc<AppState>>, Query(params): Query<FilterParams>) -> Response {
-    let filter = match params.to_filter(true) {
+    let filter = match params.listing() {
         Ok(filter) => filter,
         Err(err) => return bad_filter(err),
     };
@@ -95,7 +109,7 @@ async fn replay(
     State(state): State<Arc<AppState>>,
     Query(params): Query<FilterParams>,
 ) -> Response {
-    let filter = match params.to_filter(false) {
+    let filter = match params.selection() {
         Ok(filter) => filter,
         Err(err) => return bad_filter(err),
     };
@@ -116,7 +130,7 @@ async fn replay(
 }
 
 async fn purge(State(state): State<Arc<AppState>>, Query(params): Query<FilterParams>) -> Response {
-    let filter = match params.to_filter(false) {
+    let filter = match params.selection() {
         Ok(filter) => filter,
         Err(err) => return bad_filter(err),
     };
@@ -183,4 +197,19 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token(""), None);
+    }
 }

@@ -1,0 +1,73 @@
+//! The subcommands of the binary (contract §6), one module each; [`run`] picks the one the
+//! command line names. They are the imperative shell around the library: they read files,
+//! standard input, the environment and the network, print, and choose the exit code.
+
+mod check_config;
+mod dlq;
+mod healthcheck;
+mod send_test;
+mod serve;
+mod sign;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+
+use userpilot_heap_relay::cli::{Cli, Command};
+use userpilot_heap_relay::config::Settings;
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        None | Some(Command::Serve) => serve::run(settings(&cli)?).await,
+        Some(Command::CheckConfig) => check_config::run(&settings(&cli)?),
+        Some(Command::Sign {
+            file,
+            secret,
+            timestamp,
+        }) => sign::run(
+            file,
+            &secret_or_configured(&cli, secret.as_deref())?,
+            *timestamp,
+        ),
+        Some(Command::SendTest {
+            url,
+            secret,
+            user_id,
+        }) => {
+            send_test::run(
+                url,
+                &secret_or_configured(&cli, secret.as_deref())?,
+                user_id,
+            )
+            .await
+        }
+        Some(Command::Dlq { action }) => dlq::run(settings(&cli)?, action).await,
+        Some(Command::Healthcheck { url }) => {
+            let url = match url {
+                Some(url) => url.clone(),
+                None => healthcheck::readiness_url(&settings(&cli)?),
+            };
+            healthcheck::run(&url).await
+        }
+    }
+}
+
+/// Loads the configuration or explains in one line why not.
+fn settings(cli: &Cli) -> anyhow::Result<Settings> {
+    Ok(Settings::load(cli.config.as_deref())?)
+}
+
+/// The secret given on the command line, else the first configured webhook secret.
+fn secret_or_configured(cli: &Cli, secret: Option<&str>) -> anyhow::Result<String> {
+    match secret {
+        Some(secret) => Ok(secret.to_owned()),
+        None => {
+            let settings =
+                settings(cli).context("no --secret given and no usable configuration")?;
+            match settings.userpilot.secrets.first() {
+                Some(secret) => Ok(secret.expose().to_owned()),
+                None => bail!("no --secret given and userpilot.secrets is empty"),
+            }
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! `serve` (the default): runs the relay until SIGTERM or Ctrl-C, then drains.
+
+use std::process::ExitCode;
+
+use tokio_util::sync::CancellationToken;
+
+use userpilot_heap_relay::config::Settings;
+use userpilot_heap_relay::{app, telemetry};
+
+pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+    telemetry::init_tracing(&settings.log);
+    let app = match app::App::build(settings).await {
+        Ok(app) => app,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    match app.run(shutdown).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(error) => {
+            tracing::error!(%error, "relay failed");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+    shutdown.cancel();
+}
