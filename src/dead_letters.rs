@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::heap::mapping::Mapper;
 use crate::ingest;
-use crate::queue::{Content, DeadLetterFilter, Queue, QueueError};
+use crate::queue::{Content, DeadLetterFilter, Queue, QueueError, ReplayItem};
 use crate::userpilot::Verified;
 
 /// The most dead letters one listing returns.
@@ -141,7 +141,15 @@ pub async fn replay(
             summary.quarantined += 1;
         }
         summary.webhooks += 1;
-        summary.events += queue.requeue(item, content, now.timestamp_millis()).await?;
+        // The events keep the time they happened (mapped above from the original receipt), but
+        // `retry.max_event_age_secs` counts from the replay: the operator's replay is a new
+        // chance, and an `expired` letter must not expire again before its first attempt.
+        let now_ms = now.timestamp_millis();
+        let item = ReplayItem {
+            received_at_ms: now_ms,
+            ..item
+        };
+        summary.events += queue.requeue(item, content, now_ms).await?;
     }
     tracing::info!(
         webhooks = summary.webhooks,

@@ -532,3 +532,41 @@ async fn property_updates_about_one_user_reach_heap_merged_with_the_latest_winni
     assert_eq!(users[1]["identity"], "u2");
     assert_eq!(h.queue.stats(T0).await.unwrap().delivered, 3);
 }
+
+#[tokio::test]
+async fn a_replayed_expired_letter_is_sent_instead_of_expiring_again() {
+    use userpilot_heap_relay::clock::Clock;
+    let mut h = Harness::start(0.5).await;
+    h.enqueue(0).await;
+    h.clock.advance_ms(MAX_AGE_MS + 1);
+    let pass = h.step().await;
+    assert_eq!((pass.claimed, pass.dead), (1, 1));
+    assert_eq!(h.dead().await[0].reason, "expired");
+
+    let expired = DeadLetterFilter {
+        reason: Some("expired".into()),
+        ..DeadLetterFilter::default()
+    };
+    let summary = userpilot_heap_relay::dead_letters::replay(
+        h.queue.as_ref(),
+        &h.mapper,
+        expired,
+        h.clock.now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.events, 1);
+    let pass = h.step().await;
+    assert_eq!(
+        (pass.claimed, pass.delivered, pass.dead),
+        (1, 1, 0),
+        "the age limit counts from the replay"
+    );
+    let events = h.heap.events();
+    assert_eq!(seqs(&events), [0]);
+    let timestamp = events[0]["timestamp"].as_str().unwrap();
+    assert!(
+        timestamp.starts_with("2026-01-01T00:00:00"),
+        "the event keeps the time it happened: {timestamp}"
+    );
+}
