@@ -23,6 +23,11 @@ const REQUIRED_IN_COMPOSE: [(&str, &str); 2] = [
     ("RELAY_USERPILOT__SECRETS", "compose-test-secret"),
     ("RELAY_HEAP__APP_ID", "compose-test-app"),
 ];
+/// What the operator supplies in Kubernetes, which the shipped files leave empty.
+const REQUIRED_IN_KUBERNETES: [(&str, &str); 2] = [
+    ("RELAY_USERPILOT__SECRETS", "kubernetes-test-secret"),
+    ("RELAY_HEAP__APP_ID", "kubernetes-test-app"),
+];
 
 // --- reading -------------------------------------------------------------------------------
 
@@ -145,20 +150,42 @@ fn string_map(value: &Yaml) -> Env {
         .unwrap_or_default()
 }
 
-/// The environment the relay container gets: `envFrom` ConfigMaps and Secrets, then `env`.
-fn pod_env(manifests: &[Manifest], container: &Yaml) -> Env {
+/// The Secret `kustomization.yaml` generates (`secretGenerator`) from env files the operator
+/// creates; the repository ships each as `<file>.example`, which this reads.
+fn generated_secret(manifests: &[Manifest], name: &str) -> Env {
+    let kustomization = all_of(manifests, "Kustomization")[0];
+    let generator = kustomization["secretGenerator"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|g| g["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no secretGenerator makes the Secret {name:?}"));
+    let mut env = Env::new();
+    for file in generator["envs"].as_sequence().into_iter().flatten() {
+        let example = format!("deploy/kubernetes/{}.example", text(file));
+        for line in read(&example).lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (key, value) = line
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{example}: {line:?} is not KEY=value"));
+            env.insert(key.to_owned(), value.to_owned());
+        }
+    }
+    env
+}
+
+/// The environment the relay container gets as shipped: `envFrom` ConfigMaps and generated
+/// Secrets, then `env`. The values the operator must supply are empty.
+fn shipped_env(manifests: &[Manifest], container: &Yaml) -> Env {
     let mut env = Env::new();
     for source in container["envFrom"].as_sequence().into_iter().flatten() {
         if let Some(name) = source["configMapRef"]["name"].as_str() {
             env.extend(string_map(&one(manifests, "ConfigMap", name)["data"]));
         }
         if let Some(name) = source["secretRef"]["name"].as_str() {
-            let secret = one(manifests, "Secret", name);
-            assert!(
-                secret["data"].is_null(),
-                "the example Secret should use stringData (readable placeholders)"
-            );
-            env.extend(string_map(&secret["stringData"]));
+            env.extend(generated_secret(manifests, name));
         }
     }
     for var in container["env"].as_sequence().into_iter().flatten() {
@@ -166,6 +193,13 @@ fn pod_env(manifests: &[Manifest], container: &Yaml) -> Env {
             env.insert(text(&var["name"]), text(value));
         }
     }
+    env
+}
+
+/// The shipped environment with the operator's required values filled in.
+fn pod_env(manifests: &[Manifest], container: &Yaml) -> Env {
+    let mut env = shipped_env(manifests, container);
+    env.extend(REQUIRED_IN_KUBERNETES.map(|(k, v)| (k.to_owned(), v.to_owned())));
     env
 }
 
@@ -480,7 +514,6 @@ fn every_kubernetes_manifest_parses_and_is_listed_in_the_kustomization() {
         "Deployment",
         "Service",
         "ConfigMap",
-        "Secret",
         "PersistentVolumeClaim",
         "PodDisruptionBudget",
     ] {
@@ -926,19 +959,38 @@ fn replicas_share_postgres_behind_nginx_and_start_in_health_order() {
 }
 
 #[test]
-fn secret_example_holds_only_placeholders() {
+fn kubernetes_ships_no_secret_and_leaves_the_required_values_empty() {
     let manifests = kubernetes();
-    let secrets = all_of(&manifests, "Secret");
-    assert!(!secrets.is_empty());
-    for secret in secrets {
-        for (name, value) in string_map(&secret["stringData"]) {
-            assert!(
-                value.contains("REPLACE_ME"),
-                "{} {name} looks like a real secret; examples hold placeholders only",
-                name_of(secret)
-            );
-        }
+    // `kubectl apply -k` would overwrite the real Secret with whatever a shipped one holds.
+    assert!(
+        all_of(&manifests, "Secret").is_empty(),
+        "deploy/kubernetes ships a Secret object"
+    );
+    // Empty, the relay refuses to start; a placeholder would serve (or, for the app id, be
+    // accepted by Heap silently).
+    let shipped = shipped_env(&manifests, relay_container(deployment(&manifests)));
+    for (name, _) in REQUIRED_IN_KUBERNETES {
+        assert_eq!(
+            shipped.get(name).map(String::as_str),
+            Some(""),
+            "deploy/kubernetes should show {name} with an empty value"
+        );
     }
+    let example = generated_secret(&manifests, "userpilot-heap-relay");
+    for (name, value) in &example {
+        assert!(
+            value.is_empty(),
+            "secret.env.example holds a value for {name}"
+        );
+    }
+    // The file the operator fills in never gets committed.
+    let ignored = read(".gitignore");
+    assert!(
+        ignored
+            .lines()
+            .any(|l| l.trim() == "deploy/kubernetes/secret.env"),
+        ".gitignore does not list deploy/kubernetes/secret.env"
+    );
 }
 
 #[test]
