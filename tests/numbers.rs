@@ -1,7 +1,7 @@
-//! Numbers end to end, through the real binary against the fake Heap: a signed body is never
-//! refused for a valid JSON number, a numeric id beyond u64 reaches Heap exactly as written, a
-//! number Heap cannot read exactly arrives as its text, and a number beyond any range is no
-//! event time (contract §2.2, §2.4).
+//! Numbers and event times end to end, through the real binary against the fake Heap: a signed
+//! body is never refused for a valid JSON number, a numeric id beyond u64 reaches Heap exactly as
+//! written, a number Heap cannot read exactly arrives as its text, and an event time at or before
+//! the Unix epoch (or beyond any range) gives way to the receive time (contract §2.2, §2.4).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -109,4 +109,46 @@ async fn numbers_beyond_f64_and_u64_are_accepted_and_reach_heap_as_documented() 
         accounts[0]["properties"].to_string(),
         r#"{"revenue":1e+308}"#
     );
+}
+
+#[tokio::test]
+async fn event_times_at_or_before_the_epoch_reach_heap_as_the_receive_time() {
+    let heap = FakeHeap::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay(&heap, &dir);
+    // Every place the decoder reads a time from holds one that is no time: negative seconds,
+    // zero, negative milliseconds as text, and a huge number.
+    let cases = [
+        (r#""timestamp": -1726742461"#, "negative seconds"),
+        (r#""timestamp": 0"#, "zero"),
+        (r#""created_at": "-1726742461123""#, "negative milliseconds"),
+        (r#""inserted_at": -123456789012345678901234567890"#, "huge"),
+        (
+            r#""timestamp": -1, "created_at": "1969-12-31T23:59:59Z", "inserted_at": 0"#,
+            "all at once",
+        ),
+    ];
+    for (index, (time, label)) in cases.iter().enumerate() {
+        let body = format!(
+            r#"{{"timestamp": -1, "data": {{"type": "form", {time},
+                "user": {{"user_id": "u{index}"}}}}}}"#
+        );
+        let before = Utc::now();
+        let (status, _) = post_text(&relay, &body).await;
+        let after = Utc::now();
+        assert_eq!(status, 202, "{label}");
+
+        let identity = format!("u{index}");
+        let event = eventually(WAIT, || {
+            heap.events()
+                .into_iter()
+                .find(|event| event["identity"] == identity.as_str())
+        })
+        .await;
+        let sent_at = rfc3339(&event["timestamp"]);
+        assert!(
+            before <= sent_at && sent_at <= after,
+            "{label}: {sent_at} not within {before}..{after}"
+        );
+    }
 }

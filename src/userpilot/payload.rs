@@ -339,15 +339,22 @@ fn last_segment(value: &str) -> Option<&str> {
 }
 
 /// A point in time from a JSON number or string; `None` when it does not parse or lies outside
-/// the years 0000–9999 (RFC 3339's range, so Heap can read it), so that the caller tries the
-/// next place.
+/// [`in_range`], so that the caller tries the next place (and the mapper, in the end, uses the
+/// receive time).
 fn time(value: &Value) -> Option<DateTime<Utc>> {
-    let time = match value {
+    match value {
         Value::Number(number) => time_from_number(number),
         Value::String(raw) => time_from_text(raw.trim()),
         _ => None,
-    }?;
-    (0..=9999).contains(&time.year()).then_some(time)
+    }
+    .filter(in_range)
+}
+
+/// After the Unix epoch and before the year 10000. Userpilot has no events from before 1970, so
+/// a zero or negative Unix time (or a date before 1970) is a placeholder or a bug, not a time
+/// worth sending as 1969; past 9999 RFC 3339 has no form Heap can read.
+fn in_range(time: &DateTime<Utc>) -> bool {
+    *time > DateTime::UNIX_EPOCH && time.year() <= 9999
 }
 
 fn time_from_number(number: &Number) -> Option<DateTime<Utc>> {
@@ -1076,8 +1083,7 @@ mod tests {
             (json!(1726742461.5), "2024-09-19T10:41:01.500Z"),
             (json!(1726742461.123), "2024-09-19T10:41:01.123Z"),
             (json!(1726742461123.0), "2024-09-19T10:41:01.123Z"),
-            (json!(0), "1970-01-01T00:00:00Z"),
-            (json!(-1), "1969-12-31T23:59:59Z"),
+            (json!(1), "1970-01-01T00:00:01Z"),
             // One above the unit boundary is milliseconds (10^12 itself: see below).
             (json!(1_000_000_000_001_i64), "2001-09-09T01:46:40.001Z"),
             (json!("1726742461"), "2024-09-19T10:41:01Z"),
@@ -1128,6 +1134,16 @@ mod tests {
             json!(i64::MAX),
             json!(i64::MIN),
             json!(u64::MAX),
+            json!(0),
+            json!(-1),
+            json!(-1726742461),
+            json!(-1726742461123_i64),
+            json!(-0.5),
+            json!("0"),
+            json!("-1726742461"),
+            json!("1969-12-31T23:59:59Z"),
+            json!("1970-01-01T00:00:00Z"),
+            json!("0001-01-01T00:00:00Z"),
             json!(true),
             Value::Null,
             json!([1726742461]),
@@ -1136,6 +1152,25 @@ mod tests {
         for value in cases {
             assert_eq!(time(&value), None, "{value}");
         }
+    }
+
+    #[test]
+    fn zero_negative_and_pre_1970_times_fall_through_to_the_receive_time() {
+        // Every place holds a time at or before the epoch: none is used, so the mapper sends
+        // the receive time instead of 1969.
+        let body = json!({
+            "timestamp": -1726742461,
+            "data": {"type": "nps", "timestamp": 0, "created_at": "-1",
+                     "inserted_at": "1969-07-20T20:17:40Z"},
+        });
+        assert_eq!(decoded(&body).occurred_at, None);
+        // And one good place among them still wins over the receive time.
+        let mut body = body;
+        put(&mut body, &["data", "inserted_at"], json!(1726742461));
+        assert_eq!(
+            decoded(&body).occurred_at,
+            Some(utc("2024-09-19T10:41:01Z"))
+        );
     }
 
     #[test]
