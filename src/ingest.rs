@@ -43,3 +43,118 @@ pub fn prepare(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use chrono::TimeZone;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::heap::mapping::MappingSettings;
+    use crate::heap::wire::HeapRecord;
+    use crate::secret::Secret;
+    use crate::userpilot::{sign, verify};
+
+    const NOW: i64 = 1_726_742_461;
+
+    fn verified(body: &str) -> Verified {
+        let header = sign(body.as_bytes(), "s", NOW);
+        verify(
+            Bytes::copy_from_slice(body.as_bytes()),
+            Some(header.as_bytes()),
+            &[Secret::new("s")],
+            300,
+            NOW,
+        )
+        .unwrap()
+    }
+
+    fn received_at() -> DateTime<Utc> {
+        Utc.timestamp_opt(NOW, 0).unwrap()
+    }
+
+    /// The records `body` maps to with user and account properties on, as Heap JSON.
+    fn records(body: &str) -> Vec<Value> {
+        let mapper = Mapper::new("user_id", true, true, &MappingSettings::default());
+        match prepare(&mapper, &verified(body), received_at()) {
+            Ok(Content::Records(records)) => records
+                .iter()
+                .map(|o| serde_json::from_str(&o.record.to_json()).unwrap())
+                .collect(),
+            Ok(Content::Quarantined { reason, .. }) => panic!("quarantined as {reason}: {body}"),
+            Err(InvalidJson) => panic!("refused: {body}"),
+        }
+    }
+
+    #[test]
+    fn numbers_beyond_f64_and_u64_are_mapped_not_refused() {
+        let body = r#"{"timestamp": 1e400, "data": {"type": "nps", "score": 1e400,
+            "ratio": 1.50, "count": 9007199254740993, "ok": 12,
+            "user": {"user_id": 123456789012345678901234567890, "seats": -1e400},
+            "company": {"company_id": 98765432109876543210987654321, "arr": 1e-400}}}"#;
+        let records = records(body);
+        assert_eq!(records.len(), 3, "{records:?}");
+        let track = &records[0];
+        assert_eq!(track["identity"], "123456789012345678901234567890");
+        // No readable event time anywhere: the receive time.
+        assert_eq!(track["timestamp"], "2024-09-19T10:41:01Z");
+        let properties = track["properties"].to_string();
+        for expected in [
+            r#""score":"1e+400""#,
+            r#""ratio":1.5"#,
+            r#""count":"9007199254740993""#,
+            r#""ok":12"#,
+        ] {
+            assert!(properties.contains(expected), "{expected} in {properties}");
+        }
+        assert_eq!(records[1]["identity"], "123456789012345678901234567890");
+        assert_eq!(records[1]["properties"]["seats"], "-1e+400");
+        assert_eq!(records[2]["account_id"], "98765432109876543210987654321");
+        assert_eq!(records[2]["properties"]["arr"], "1e-400");
+    }
+
+    #[test]
+    fn a_record_with_converted_numbers_survives_the_queues_json_unchanged() {
+        // The queue stores `to_json` and the forwarder parses and re-serializes it: the text
+        // Heap gets must be the text the mapper made.
+        let body = r#"{"data": {"type": "form", "a": 1e400, "b": 0.1, "c": 1E2, "d": -0,
+            "user": {"user_id": "u"}}}"#;
+        let mapper = Mapper::new("user_id", false, false, &MappingSettings::default());
+        let Ok(Content::Records(records)) = prepare(&mapper, &verified(body), received_at()) else {
+            panic!("not mapped");
+        };
+        let stored = records[0].record.to_json();
+        let reread: Value = serde_json::from_str(&stored).unwrap();
+        let properties = reread["properties"].to_string();
+        assert!(
+            properties.starts_with(r#"{"a":"1e+400","b":0.1,"c":100.0,"d":-0,"#),
+            "{properties}"
+        );
+        let HeapRecord::Track(event) = &records[0].record else {
+            panic!("not a track event");
+        };
+        assert_eq!(
+            properties,
+            serde_json::to_string(&event.properties).unwrap()
+        );
+    }
+
+    #[test]
+    fn only_bodies_that_are_not_json_objects_are_refused() {
+        let mapper = Mapper::new("user_id", false, false, &MappingSettings::default());
+        for body in [
+            "[1e400]",
+            "1e400",
+            "{\"a\": 1e400",
+            "{\"a\": 01}",
+            "{\"a\": 1.}",
+        ] {
+            assert_eq!(
+                prepare(&mapper, &verified(body), received_at()).err(),
+                Some(InvalidJson),
+                "{body}"
+            );
+        }
+    }
+}

@@ -9,14 +9,15 @@
 //! - [`postgres`]: the harness's own database on a Postgres server (for the relay on
 //!   Postgres), and the server's durability settings as measured.
 //! - [`suite`]: runs everything against the relay binary (on SQLite, and on Postgres with
-//!   `--postgres`) and the baseline and writes the report ([`report`]); [`smoke`] is the
-//!   seconds-long version CI runs.
+//!   `--postgres`) and the baseline and writes the report ([`report`]) from its figures
+//!   ([`results`]); [`smoke`] is the seconds-long version CI runs.
 
 mod baseline;
 mod load;
 mod postgres;
 mod procfs;
 mod report;
+mod results;
 mod server;
 mod sink;
 mod smoke;

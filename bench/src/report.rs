@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use crate::load::RunResult;
 use crate::postgres::Setup;
-use crate::suite::{
+use crate::results::{
     BASELINE, Drain, DrainWatch, FRESH, FRESH_POSTGRES, RELAY, RELAY_POSTGRES, Results,
 };
 
@@ -1240,7 +1240,7 @@ mod tests {
             runs.push(run(server, "open", 1000, 1000.0));
         }
         render(&Results {
-            machine: crate::suite::Machine {
+            machine: crate::results::Machine {
                 cpu_model: "test".into(),
                 nproc: 2,
                 kernel: "test".into(),
@@ -1255,7 +1255,7 @@ mod tests {
             warmup_s: 0.0,
             users: 10,
             runs,
-            memory: crate::suite::Memory::default(),
+            memory: crate::results::Memory::default(),
             saturation: None,
             live: None,
             limit: None,

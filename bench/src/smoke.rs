@@ -19,9 +19,9 @@ use crate::load::{self, Plan};
 use crate::postgres::BenchDatabase;
 use crate::procfs;
 use crate::report;
+use crate::results::{Machine, Memory, RELAY_POSTGRES, Results};
 use crate::server::{SECRET, Server, postgres_queue};
 use crate::sink::{Endpoint, Sink};
-use crate::suite::{Machine, Memory, RELAY_POSTGRES, Results};
 
 /// The smoke's database on the tests' Postgres server.
 pub const POSTGRES_DATABASE: &str = "relay_bench_smoke";

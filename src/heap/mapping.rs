@@ -77,6 +77,7 @@ impl Identity {
                 .ok_or(Unmappable::NoUserId)?,
             Identity::Property(name) => match user.properties.get(name) {
                 Some(Value::String(text)) if !text.trim().is_empty() => text.clone(),
+                // As written in the body, so a 30-digit account number stays 30 digits.
                 Some(Value::Number(number)) => number.to_string(),
                 _ => return Err(Unmappable::NoIdentity(name.clone())),
             },
@@ -567,6 +568,10 @@ mod tests {
         user.properties
             .insert("account_number".to_owned(), json!(42));
         user.properties.insert("score".to_owned(), json!(4.5));
+        let big: Value = serde_json::from_str("123456789012345678901234567890").unwrap();
+        user.properties.insert("big".to_owned(), big);
+        let huge: Value = serde_json::from_str("1.50e400").unwrap();
+        user.properties.insert("huge".to_owned(), huge);
         user.properties.insert("blank".to_owned(), json!(""));
         user.properties.insert("admin".to_owned(), json!(true));
         user.properties
@@ -589,6 +594,12 @@ mod tests {
             ("email", &no_id, Ok("jane@example.com".to_owned())),
             ("account_number", &user, Ok("42".to_owned())),
             ("score", &user, Ok("4.5".to_owned())),
+            (
+                "big",
+                &user,
+                Ok("123456789012345678901234567890".to_owned()),
+            ),
+            ("huge", &user, Ok("1.50e+400".to_owned())),
             (
                 "phone",
                 &user,

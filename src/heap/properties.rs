@@ -1,6 +1,11 @@
-//! Heap's property rules (SPEC §2.4): flatten nested objects to `a.b.c` keys; keep numbers and
-//! strings; booleans become `"true"`/`"false"`; nulls are dropped; arrays of scalars are joined
-//! with `||`; strings and keys are cut to 1023 characters. Pure.
+//! Heap's property rules (contract §2.4): flatten nested objects to `a.b.c` keys; keep strings;
+//! booleans become `"true"`/`"false"`; nulls are dropped; arrays of scalars are joined with
+//! `||`; strings and keys are cut to 1023 characters. Pure.
+//!
+//! Numbers arrive exactly as written (serde_json's `arbitrary_precision`), so any valid JSON
+//! number reaches this module, and [`heap_number`] decides what Heap gets: a JSON number when
+//! Heap, which reads numbers as 64-bit floats, reads the value Userpilot sent; otherwise the
+//! number's text as a string, so that nothing is rounded or refused on the way.
 //!
 //! The input is attacker-shaped JSON (verified, but its content is whatever a Userpilot user
 //! typed), so the walk is bounded: content nested deeper than [`MAX_DEPTH`] is dropped rather
@@ -9,7 +14,7 @@
 
 use std::borrow::Cow;
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
 
 use crate::heap::wire::Properties;
 
@@ -20,6 +25,11 @@ pub const MAX_CHARS: usize = 1023;
 /// How many levels of objects and arrays are followed; a value at a deeper level is dropped.
 /// A top-level value of `object` is at level 1.
 pub const MAX_DEPTH: usize = 32;
+
+/// 2^53: integers up to this size, in either sign, are exact in a 64-bit float, so every
+/// JSON reader (JavaScript's included) reads them as written. Above it, `2^53 + 1` reads as
+/// `2^53`.
+pub const MAX_SAFE_INTEGER: u64 = 1 << 53;
 
 /// Flattens `object` into Heap properties, leaving out the top-level keys in `skip`.
 pub fn flatten(object: &Map<String, Value>, skip: &[&str]) -> Properties {
@@ -48,7 +58,7 @@ fn add(out: &mut Properties, key: String, value: &Value, depth: usize) {
     match value {
         Value::Null => {}
         Value::Bool(flag) => insert(out, key, Value::String(flag.to_string())),
-        Value::Number(_) => insert(out, key, value.clone()),
+        Value::Number(number) => insert(out, key, heap_number(number)),
         Value::String(text) => insert(out, key, Value::String(cut(text).to_owned())),
         Value::Object(map) => {
             for (name, child) in map {
@@ -69,6 +79,38 @@ fn add(out: &mut Properties, key: String, value: &Value, depth: usize) {
             }
         }
     }
+}
+
+/// A JSON number as Heap receives it (contract §2.4):
+/// - an integer (no fraction, no exponent) from -2^53 to 2^53: the number as written;
+/// - any other number whose nearest 64-bit float is finite, and not zero unless the number is
+///   zero: that float, in its shortest form (`1.50` -> `1.5`, `1E2` -> `100.0`), which is the
+///   value Heap would read from the original;
+/// - anything else (`1e400`, `1e-400`, a 30-digit integer): a string holding the number as
+///   written (serde_json spells an exponent `e+N` or `e-N`: `1e400` is `"1e+400"`), cut to
+///   [`MAX_CHARS`] like every string.
+pub fn heap_number(number: &Number) -> Value {
+    let written = number.to_string();
+    let (mantissa, exponent) = match written.find(['e', 'E']) {
+        Some(at) => (&written[..at], Some(&written[at..])),
+        None => (written.as_str(), None),
+    };
+    if exponent.is_none() && !mantissa.contains('.') {
+        // `as_i64` reads the written digits; a u64 above i64::MAX is far above 2^53 anyway.
+        if number
+            .as_i64()
+            .is_some_and(|int| int.unsigned_abs() <= MAX_SAFE_INTEGER)
+        {
+            return Value::Number(number.clone());
+        }
+    } else if let Some(float) = number.as_f64()
+        // An underflow to zero would send a different value, so it stays text.
+        && (float != 0.0 || mantissa.bytes().all(|b| matches!(b, b'0' | b'.' | b'-')))
+        && let Some(shortest) = Number::from_f64(float)
+    {
+        return Value::Number(shortest);
+    }
+    Value::String(cut(&written).to_owned())
 }
 
 /// Heap has no use for a property without a name, so an empty key is dropped.
@@ -93,6 +135,7 @@ fn join_scalars(items: &[Value]) -> String {
         .iter()
         .filter_map(|item| match item {
             Value::String(text) => Some(Cow::Borrowed(text.as_str())),
+            // Text as written: joining makes a string, so nothing needs rounding.
             Value::Number(number) => Some(Cow::Owned(number.to_string())),
             Value::Bool(true) => Some(Cow::Borrowed("true")),
             Value::Bool(false) => Some(Cow::Borrowed("false")),
@@ -135,6 +178,75 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(flat(input.clone()), expected, "input {input}");
         }
+    }
+
+    /// `literal` parsed as serde_json parses a webhook body (exactly as written).
+    fn number(literal: &str) -> Number {
+        match serde_json::from_str(literal) {
+            Ok(Value::Number(number)) => number,
+            other => panic!("{literal} is not a number: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn numbers_heap_reads_exactly_stay_numbers_and_any_other_number_becomes_its_text() {
+        // (as written in the webhook, what Heap receives as JSON text)
+        let cases = [
+            ("0", "0"),
+            ("-0", "-0"),
+            ("42", "42"),
+            ("-7", "-7"),
+            ("9007199254740992", "9007199254740992"), // 2^53
+            ("-9007199254740992", "-9007199254740992"), // -2^53
+            ("9007199254740993", r#""9007199254740993""#),
+            ("-9007199254740993", r#""-9007199254740993""#),
+            ("18446744073709551615", r#""18446744073709551615""#),
+            (
+                "123456789012345678901234567890",
+                r#""123456789012345678901234567890""#,
+            ),
+            ("4.5", "4.5"),
+            ("1.50", "1.5"),
+            ("1E2", "100.0"),
+            ("1e+2", "100.0"),
+            ("2.5e-3", "0.0025"),
+            ("0.1", "0.1"),
+            ("1e300", "1e+300"),
+            ("1.7976931348623157e308", "1.7976931348623157e+308"), // f64::MAX
+            ("5e-324", "5e-324"),                                  // the smallest float
+            ("0.0", "0.0"),
+            ("-0.0e10", "-0.0"),
+            // serde_json spells an exponent `e+N` or `e-N`: the same number, written one way.
+            ("1e400", r#""1e+400""#),
+            ("-1e400", r#""-1e+400""#),
+            ("1E400", r#""1e+400""#),
+            ("1e-400", r#""1e-400""#),
+            ("1.8e308", r#""1.8e+308""#),
+        ];
+        for (literal, expected) in cases {
+            let sent = heap_number(&number(literal));
+            assert_eq!(sent.to_string(), expected, "{literal}");
+        }
+    }
+
+    #[test]
+    fn numbers_inside_objects_and_arrays_follow_the_same_rule() {
+        let input: Value = serde_json::from_str(
+            r#"{"n": 1e400, "o": {"big": 123456789012345678901234567890, "ok": 7},
+                "list": [1e400, 1.50, 9007199254740993]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            flat(input).to_string(),
+            r#"{"list":"1e+400||1.50||9007199254740993","n":"1e+400","o.big":"123456789012345678901234567890","o.ok":7}"#
+        );
+    }
+
+    #[test]
+    fn a_number_written_longer_than_heaps_limit_is_cut_like_any_string() {
+        let literal = format!("1{}", "0".repeat(2000));
+        let sent = heap_number(&number(&literal));
+        assert_eq!(sent, Value::String(literal[..MAX_CHARS].to_owned()));
     }
 
     #[test]
@@ -281,6 +393,9 @@ mod tests {
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(Value::from),
             any::<f64>().prop_map(Value::from),
+            // Any number as written, including ones beyond f64 and beyond 2^53.
+            "-?(0|[1-9][0-9]{0,30})(\\.[0-9]{1,20})?([eE][+-]?[0-9]{1,4})?"
+                .prop_map(|literal| Value::Number(number(&literal))),
             "\\PC{0,12}".prop_map(Value::String),
             (any::<char>(), 1000..1100usize)
                 .prop_map(|(c, n)| Value::String(c.to_string().repeat(n))),
@@ -316,7 +431,11 @@ mod tests {
                 prop_assert!(key.chars().count() <= MAX_CHARS, "key {key:?} too long");
                 match value {
                     Value::String(text) => prop_assert!(text.chars().count() <= MAX_CHARS),
-                    Value::Number(_) => {}
+                    Value::Number(number) => prop_assert!(
+                        number.as_f64().is_some()
+                            && number.as_i64().is_none_or(|n| n.unsigned_abs() <= MAX_SAFE_INTEGER),
+                        "{key} holds {number}, which Heap cannot read exactly"
+                    ),
                     other => prop_assert!(false, "{key} holds {other}"),
                 }
             }

@@ -1,6 +1,11 @@
 //! Tolerant decoding of a verified Userpilot webhook body into a typed [`Interaction`]
-//! (SPEC §2.2). Userpilot publishes no schema, so every field is looked up in several places and
-//! unknown fields are never an error. Pure: no I/O, no clock.
+//! (contract §2.2). Userpilot publishes no schema, so every field is looked up in several places
+//! and unknown fields are never an error. Pure: no I/O, no clock.
+//!
+//! Numbers are kept exactly as written (serde_json's `arbitrary_precision`): a body is never
+//! refused for a number (`1e400` is valid JSON), and a numeric id above u64 becomes its digits,
+//! not a rounded float. The one change serde_json makes is to spell an exponent `e+N` or `e-N`
+//! (`1E400` reads back as `1e+400`): the same number, written one way.
 //!
 //! This module owns the lookup orders and the synonym tables; it must not decide Heap event
 //! names (that is `heap::mapping`) nor touch unverified bytes (only [`decode`] is public, and it
@@ -46,7 +51,8 @@ pub enum Action {
 /// The user the interaction belongs to.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct User {
-    /// From the first of the SPEC's user id places that holds a string or number.
+    /// From the first of the contract's user id places that holds a string or number (a number
+    /// as written).
     pub id: Option<String>,
     /// Every field of the user object (`data.user`, else top-level `user`), as sent.
     pub properties: Map<String, Value>,
@@ -55,7 +61,7 @@ pub struct User {
 /// The company, when the payload carries one.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Company {
-    /// `company_id`, else `id` (numbers become strings).
+    /// `company_id`, else `id` (numbers become strings, as written).
     pub id: Option<String>,
     /// Every field of the company object, as sent.
     pub properties: Map<String, Value>,
@@ -298,8 +304,8 @@ fn text(value: &Value) -> Option<&str> {
     value.as_str().map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// An identifier: a non-blank string (trimmed) or a number. Numbers print as serde_json prints
-/// them, so the integer 42 is `"42"` and not `"42.0"`.
+/// An identifier: a non-blank string (trimmed) or a number, as written in the body: `42` is
+/// `"42"`, `1.50` is `"1.50"` and a 30-digit number keeps all 30 digits.
 fn id(value: &Value) -> Option<String> {
     match value {
         Value::Number(number) => Some(number.to_string()),
@@ -333,15 +339,22 @@ fn last_segment(value: &str) -> Option<&str> {
 }
 
 /// A point in time from a JSON number or string; `None` when it does not parse or lies outside
-/// the years 0000–9999 (RFC 3339's range, so Heap can read it), so that the caller tries the
-/// next place.
+/// [`in_range`], so that the caller tries the next place (and the mapper, in the end, uses the
+/// receive time).
 fn time(value: &Value) -> Option<DateTime<Utc>> {
-    let time = match value {
+    match value {
         Value::Number(number) => time_from_number(number),
         Value::String(raw) => time_from_text(raw.trim()),
         _ => None,
-    }?;
-    (0..=9999).contains(&time.year()).then_some(time)
+    }
+    .filter(in_range)
+}
+
+/// After the Unix epoch and before the year 10000. Userpilot has no events from before 1970, so
+/// a zero or negative Unix time (or a date before 1970) is a placeholder or a bug, not a time
+/// worth sending as 1969; past 9999 RFC 3339 has no form Heap can read.
+fn in_range(time: &DateTime<Utc>) -> bool {
+    *time > DateTime::UNIX_EPOCH && time.year() <= 9999
 }
 
 fn time_from_number(number: &Number) -> Option<DateTime<Utc>> {
@@ -352,6 +365,8 @@ fn time_from_number(number: &Number) -> Option<DateTime<Utc>> {
         // Above i64::MAX: no representable instant in either unit.
         return None;
     }
+    // A fraction or exponent, or an integer beyond u64 (read as a float far out of range).
+    // `as_f64` is `None` for a number beyond f64 (`1e400`), which is then no time either.
     time_from_unix_float(number.as_f64()?)
 }
 
@@ -419,7 +434,8 @@ mod tests {
         decode_json(body).unwrap_or_else(|e| panic!("{body} did not decode: {e}"))
     }
 
-    /// Sets `value` at `path` in `root`, creating objects on the way.
+    /// Sets `value` at `path` in `root`, creating objects on the way (and replacing anything
+    /// else that is in the way).
     fn put(root: &mut Value, path: &[&str], value: Value) {
         let (last, parents) = path.split_last().unwrap();
         let mut node = root;
@@ -429,6 +445,9 @@ mod tests {
                 .unwrap()
                 .entry(*key)
                 .or_insert_with(|| json!({}));
+            if !node.is_object() {
+                *node = json!({});
+            }
         }
         node.as_object_mut()
             .unwrap()
@@ -1064,8 +1083,7 @@ mod tests {
             (json!(1726742461.5), "2024-09-19T10:41:01.500Z"),
             (json!(1726742461.123), "2024-09-19T10:41:01.123Z"),
             (json!(1726742461123.0), "2024-09-19T10:41:01.123Z"),
-            (json!(0), "1970-01-01T00:00:00Z"),
-            (json!(-1), "1969-12-31T23:59:59Z"),
+            (json!(1), "1970-01-01T00:00:01Z"),
             // One above the unit boundary is milliseconds (10^12 itself: see below).
             (json!(1_000_000_000_001_i64), "2001-09-09T01:46:40.001Z"),
             (json!("1726742461"), "2024-09-19T10:41:01Z"),
@@ -1116,6 +1134,16 @@ mod tests {
             json!(i64::MAX),
             json!(i64::MIN),
             json!(u64::MAX),
+            json!(0),
+            json!(-1),
+            json!(-1726742461),
+            json!(-1726742461123_i64),
+            json!(-0.5),
+            json!("0"),
+            json!("-1726742461"),
+            json!("1969-12-31T23:59:59Z"),
+            json!("1970-01-01T00:00:00Z"),
+            json!("0001-01-01T00:00:00Z"),
             json!(true),
             Value::Null,
             json!([1726742461]),
@@ -1124,6 +1152,91 @@ mod tests {
         for value in cases {
             assert_eq!(time(&value), None, "{value}");
         }
+    }
+
+    #[test]
+    fn zero_negative_and_pre_1970_times_fall_through_to_the_receive_time() {
+        // Every place holds a time at or before the epoch: none is used, so the mapper sends
+        // the receive time instead of 1969.
+        let body = json!({
+            "timestamp": -1726742461,
+            "data": {"type": "nps", "timestamp": 0, "created_at": "-1",
+                     "inserted_at": "1969-07-20T20:17:40Z"},
+        });
+        assert_eq!(decoded(&body).occurred_at, None);
+        // And one good place among them still wins over the receive time.
+        let mut body = body;
+        put(&mut body, &["data", "inserted_at"], json!(1726742461));
+        assert_eq!(
+            decoded(&body).occurred_at,
+            Some(utc("2024-09-19T10:41:01Z"))
+        );
+    }
+
+    #[test]
+    fn numeric_times_beyond_every_range_fall_through_to_the_next_place() {
+        let body = br#"{"timestamp": 1726742461, "data": {"type": "nps", "timestamp": 1e400,
+            "created_at": 123456789012345678901234567890, "inserted_at": -1e400}}"#;
+        assert_eq!(
+            decode_bytes(body).unwrap().occurred_at,
+            Some(utc("2024-09-19T10:41:01Z"))
+        );
+    }
+
+    // ---- numbers ----
+
+    /// `body_text` with `{n}` replaced by `literal`, decoded.
+    fn with_number(body_text: &str, literal: &str) -> Interaction {
+        let body = body_text.replace("{n}", literal);
+        decode_bytes(body.as_bytes()).unwrap_or_else(|e| panic!("{body} did not decode: {e}"))
+    }
+
+    #[test]
+    fn numeric_ids_are_kept_exactly_as_written() {
+        let cases = [
+            (
+                "123456789012345678901234567890",
+                "123456789012345678901234567890",
+            ),
+            (
+                "-123456789012345678901234567890",
+                "-123456789012345678901234567890",
+            ),
+            ("18446744073709551616", "18446744073709551616"), // u64::MAX + 1
+            ("9007199254740993", "9007199254740993"),         // 2^53 + 1
+            ("1.50", "1.50"),
+            ("2.5e-3", "2.5e-3"),
+            ("1e+2", "1e+2"),
+            // serde_json's one change: an exponent is spelled `e+N` or `e-N`.
+            ("1e400", "1e+400"),
+            ("1E400", "1e+400"),
+            ("1E-7", "1e-7"),
+            ("-0", "-0"),
+            ("0.0", "0.0"),
+        ];
+        let body = r#"{"data": {"type": "flow", "id": {n}, "user": {"user_id": {n}},
+            "company": {"company_id": {n}}}}"#;
+        for (literal, expected) in cases {
+            let interaction = with_number(body, literal);
+            assert_eq!(interaction.user.id.as_deref(), Some(expected), "{literal}");
+            assert_eq!(
+                interaction.content_id.as_deref(),
+                Some(expected),
+                "{literal}"
+            );
+            let company = interaction.company.unwrap();
+            assert_eq!(company.id.as_deref(), Some(expected), "{literal}");
+        }
+    }
+
+    #[test]
+    fn numbers_beyond_f64_are_kept_as_written_in_data_and_user_properties() {
+        let interaction = with_number(
+            r#"{"data": {"type": "nps", "score": {n}, "user": {"user_id": "u", "seats": {n}}}}"#,
+            "1e400",
+        );
+        assert_eq!(interaction.data["score"].to_string(), "1e+400");
+        assert_eq!(interaction.user.properties["seats"].to_string(), "1e+400");
     }
 
     // ---- never panics ----
@@ -1184,6 +1297,39 @@ mod tests {
         ]
     }
 
+    /// Any number RFC 8259's grammar allows, with up to 40 digits in each part and exponents
+    /// far beyond f64 in both directions.
+    const JSON_NUMBER: &str = "-?(0|[1-9][0-9]{0,40})(\\.[0-9]{1,40})?([eE][+-]?[0-9]{1,5})?";
+    /// Stands in for the number until the body is text; JSON-plain, so `to_string` keeps it.
+    const PLACEHOLDER: &str = "__number_placeholder__";
+
+    /// Every place the decoder reads, plus places it only carries (a property, a nested one).
+    fn number_places() -> Vec<Vec<&'static str>> {
+        let read = [
+            KIND_PLACES,
+            KIND_EVENT_PLACES,
+            ACTION_PLACES,
+            USER_PLACES,
+            USER_ID_PLACES,
+            COMPANY_PLACES,
+            CONTENT_ID_PLACES,
+            CONTENT_NAME_PLACES,
+            EVENT_NAME_PLACES,
+            TIME_PLACES,
+        ];
+        let mut places: Vec<Vec<&str>> = read
+            .iter()
+            .flat_map(|places| places.iter().map(|path| path.to_vec()))
+            // `data.type` must stay the kind for the body to decode at all.
+            .filter(|path| path != &["data", "type"])
+            .collect();
+        places.push(vec!["data", "company", "company_id"]);
+        places.push(vec!["data", "score"]);
+        places.push(vec!["data", "answers", "deep", "value"]);
+        places.push(vec!["data", "user", "seats"]);
+        places
+    }
+
     fn json_value() -> impl Strategy<Value = Value> {
         leaf().prop_recursive(4, 64, 8, |inner| {
             prop_oneof![
@@ -1213,6 +1359,39 @@ mod tests {
                     prop_assert_eq!(&interaction.data, &data.unwrap_or_default());
                 }
                 (_, result) => prop_assert_eq!(result, &Err(DecodeError::NotAnObject)),
+            }
+        }
+
+        #[test]
+        fn any_valid_json_number_in_any_place_never_makes_the_decoder_refuse_the_body(
+            literal in JSON_NUMBER,
+            place in proptest::sample::select(number_places()),
+            base in json_value(),
+        ) {
+            // A body that decodes, with the number placed by text (a `Value` could not hold
+            // `1e400` before it is parsed), over random other content.
+            let mut body = match base {
+                Value::Object(map) => Value::Object(map),
+                _ => json!({}),
+            };
+            put(&mut body, &["data"], json!({"type": "nps"}));
+            put(&mut body, &place, json!(PLACEHOLDER));
+            let text = body.to_string().replace(&format!("\"{PLACEHOLDER}\""), &literal);
+            let decoded = decode_bytes(text.as_bytes());
+            prop_assert!(decoded.is_ok(), "{} refused: {:?}", text, decoded);
+            let interaction = decoded.unwrap_or_else(|_| unreachable!());
+            // Where the number is an id, it is the text as written, with the exponent spelled
+            // `e+N` or `e-N`.
+            let written = match literal.replace('E', "e").split_once('e') {
+                Some((mantissa, exponent)) if !exponent.starts_with(['+', '-']) => {
+                    format!("{mantissa}e+{exponent}")
+                }
+                _ => literal.replace('E', "e"),
+            };
+            if place == ["data", "user", "user_id"] {
+                prop_assert_eq!(interaction.user.id, Some(written));
+            } else if place == ["data", "id"] {
+                prop_assert_eq!(interaction.content_id, Some(written));
             }
         }
 
