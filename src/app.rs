@@ -91,9 +91,7 @@ pub fn mapper(settings: &Settings) -> Result<Mapper, AppError> {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })
+    http::serve::listen(addr).map_err(|source| AppError::Bind { addr, source })
 }
 
 impl App {
