@@ -1,5 +1,6 @@
 //! `ApiError`: every way a public request can fail, mapped once to the status and JSON body of
-//! SPEC §4. Details stay in logs and metrics; clients see only the generic code.
+//! contract §4 (`docs/contract.md`). Details stay in logs and metrics; clients see only the
+//! generic code.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};

@@ -1,4 +1,4 @@
-//! The two HTTP faces of the relay (SPEC §4): the public router (webhook, health) and the
+//! The two HTTP faces of the relay (contract §4): the public router (webhook, health) and the
 //! admin router (metrics, dead letters, forwarder control). Handlers are thin: they translate
 //! HTTP to calls on [`AppState`]'s parts and back.
 

@@ -212,7 +212,7 @@ async fn take_budget(
         .map_err(|_| ApiError::Draining)
 }
 
-/// SPEC §4: a content type, when present, must be JSON (`application/json` or `*/*+json`).
+/// Contract §4: a content type, when present, must be JSON (`application/json` or `*/*+json`).
 fn is_json_or_absent(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return true;
