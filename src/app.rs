@@ -91,9 +91,7 @@ pub fn mapper(settings: &Settings) -> Result<Mapper, AppError> {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })
+    http::serve::listen(addr).map_err(|source| AppError::Bind { addr, source })
 }
 
 impl App {
@@ -150,6 +148,7 @@ impl App {
             readiness: http::health::Readiness::default(),
             max_body_bytes: settings.server.max_body_bytes,
             webhook_permits: tokio::sync::Semaphore::new(http::MAX_WEBHOOKS_IN_FLIGHT),
+            body_budget: http::body_budget(settings.server.max_body_bytes),
             metrics: crate::telemetry::metrics(),
         });
         let public = bind(settings.server.listen).await?;

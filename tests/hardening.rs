@@ -1,7 +1,7 @@
-//! Hostile and heavy traffic: slow clients are cut off, oversize headers refused, connections
-//! beyond the cap kept waiting until one closes, a thousand concurrent connections served or
-//! shed (never a crash, never an unexplained error), admin routes closed without the token, and
-//! metrics exported.
+//! Hostile and heavy traffic: slow clients are cut off, oversize headers refused, idle
+//! connections cut sooner at the cap so a waiting one is served, a thousand concurrent
+//! connections served or shed (never a crash, never an unexplained error), admin routes closed
+//! without the token, and metrics exported.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -270,8 +270,8 @@ async fn read_head(stream: &mut TcpStream, wait: Duration) -> Option<String> {
 }
 
 #[tokio::test]
-async fn connections_beyond_the_cap_wait_until_one_closes() {
-    use userpilot_heap_relay::http::serve::MAX_CONNECTIONS;
+async fn at_the_cap_idle_connections_are_cut_so_a_waiting_one_is_served() {
+    use userpilot_heap_relay::http::serve::{CLOSE_GRACE, IDLE_TIMEOUT_AT_CAP, MAX_CONNECTIONS};
     let heap = FakeHeap::start().await;
     let relay = Relay::start(&heap, "").await;
     let mut open = Vec::new();
@@ -282,18 +282,20 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
         open.push(stream); // kept alive, idle
     }
 
-    // The kernel completes the connection, but the relay does not take it while at the cap.
+    // The kernel completes the connection; the relay, at its cap, takes it once idle
+    // connections have been cut on the short deadline.
     let mut extra = TcpStream::connect(host(&relay.url)).await.unwrap();
-    assert_eq!(
-        health_on(&mut extra, Duration::from_millis(500)).await,
-        None
-    );
-
-    // One closes: the waiting connection is served.
-    drop(open.pop());
-    let head = read_head(&mut extra, Duration::from_secs(10)).await;
-    let head = head.expect("the waiting connection was not served after one closed");
+    let wait = IDLE_TIMEOUT_AT_CAP + CLOSE_GRACE + Duration::from_secs(3);
+    let head = health_on(&mut extra, wait).await;
+    let head = head.expect("the waiting connection was not served");
     assert!(head.starts_with("HTTP/1.1 200"));
+    // The oldest idle connection was the one cut.
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while open[0].read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the oldest idle connection is still open");
     drop(open);
     relay.stop().await;
 }

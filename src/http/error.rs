@@ -1,5 +1,6 @@
 //! `ApiError`: every way a public request can fail, mapped once to the status and JSON body of
-//! SPEC §4. Details stay in logs and metrics; clients see only the generic code.
+//! contract §4 (`docs/contract.md`). Details stay in logs and metrics; clients see only the
+//! generic code.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -23,6 +24,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("body could not be read")]
     BadBody,
+    #[error("body not received within the deadline")]
+    RequestTimeout,
     #[error("the relay is shutting down")]
     Draining,
     #[error("too many webhooks in flight")]
@@ -40,6 +43,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::BadBody => "bad_request",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::Draining | ApiError::Overloaded | ApiError::Unavailable(_) => "unavailable",
         }
     }
@@ -50,6 +54,7 @@ impl ApiError {
             ApiError::InvalidJson | ApiError::BadBody => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Draining | ApiError::Overloaded | ApiError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

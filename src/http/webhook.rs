@@ -1,19 +1,23 @@
 //! `POST /webhooks/userpilot`: raw bytes -> verified bytes -> queue content -> committed -> 202.
-//! Nothing is answered 2xx before the queue has committed it.
+//! Nothing is answered 2xx before the queue has committed it. The body must arrive within
+//! [`BODY_READ_TIMEOUT`] (else 408) and is paid for from the shared body byte budget; a
+//! webhook permit is taken only once the signature is verified.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
+use axum::body::HttpBody;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde_json::json;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::AppState;
 use super::error::ApiError;
+use super::{AppState, BODY_READ_TIMEOUT};
 use crate::ingest::{self, InvalidJson};
 use crate::queue::{Content, Enqueued, NewWebhook};
 use crate::userpilot::verify;
@@ -90,13 +94,15 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Enq
     if !is_json_or_absent(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    // A permit before the body is read: waiting requests hold a connection but no body, so
-    // memory stays bounded by permits × `server.max_body_bytes` however many clients pile up.
-    let _permit = tokio::time::timeout(PERMIT_WAIT, state.webhook_permits.acquire())
-        .await
-        .map_err(|_| ApiError::Overloaded)?
-        .map_err(|_| ApiError::Draining)?;
-    let body = read_body(body, state.max_body_bytes).await?;
+    // No webhook permit yet: an unauthenticated client trickling its body holds only the
+    // budget bytes it has actually sent, and only until the body deadline.
+    let (body, _budget) = read_body(
+        body,
+        state.max_body_bytes,
+        &state.body_budget,
+        Instant::now() + BODY_READ_TIMEOUT,
+    )
+    .await?;
     let received_at = state.clock.now();
     let signature = headers.get("x-signature").map(|v| v.as_bytes());
     let verified = verify(
@@ -106,6 +112,12 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Enq
         state.tolerance_secs,
         received_at.timestamp(),
     )?;
+    // Permits cover verified work only (decoding, mapping, the commit), so a flood of
+    // unsigned requests cannot make signed ones wait.
+    let _permit = tokio::time::timeout(PERMIT_WAIT, state.webhook_permits.acquire())
+        .await
+        .map_err(|_| ApiError::Overloaded)?
+        .map_err(|_| ApiError::Draining)?;
     let content = ingest::prepare(&state.mapper, &verified, received_at)
         .map_err(|InvalidJson| ApiError::InvalidJson)?;
     let quarantine_reason = match &content {
@@ -134,19 +146,73 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Enq
     Ok(outcome)
 }
 
-/// How long a webhook may wait for a permit before it is shed with 503 + `Retry-After`.
+/// How long a verified webhook may wait for a permit, or any body for budget bytes, before it
+/// is shed with 503 + `Retry-After`.
 const PERMIT_WAIT: Duration = Duration::from_secs(5);
 
-/// Reads the whole body, refusing it with 413 as soon as it passes `limit` bytes.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge),
-        Err(_) => Err(ApiError::BadBody),
+/// Reads the whole body by `deadline` (else 408), refusing it with 413 as soon as it passes
+/// `limit` bytes (or declares more). The body is copied into one buffer whose capacity is
+/// taken from `budget` as it grows, so the bytes of all bodies being read or handled stay
+/// within the budget (hyper's own chunks are not kept: a body trickled a byte at a time
+/// would otherwise pin one read buffer per byte). The permit returned holds those bytes
+/// until the caller is done with the body. Waiting for budget longer than [`PERMIT_WAIT`],
+/// or past the deadline, is the relay's doing, not the client's: 503.
+async fn read_body(
+    body: Body,
+    limit: usize,
+    budget: &Semaphore,
+    deadline: Instant,
+) -> Result<(Bytes, SemaphorePermit<'_>), ApiError> {
+    let mut body = body;
+    // A declared `Content-Length` over the limit is refused before anything is read.
+    if u64::try_from(limit).is_ok_and(|limit| body.size_hint().lower() > limit) {
+        return Err(ApiError::PayloadTooLarge);
     }
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut held = take_budget(budget, 0, deadline).await?;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ApiError::RequestTimeout),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(ApiError::BadBody),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let needed = buffer.len() + data.len();
+        if needed > limit {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        if needed > buffer.capacity() {
+            // Grow by doubling (at most to the limit), paying for the new capacity first.
+            let capacity = needed.max(buffer.capacity().saturating_mul(2).min(limit));
+            let more = take_budget(budget, capacity - held.num_permits(), deadline).await?;
+            held.merge(more);
+            buffer.reserve_exact(capacity - buffer.len());
+        }
+        buffer.extend_from_slice(&data);
+    }
+    Ok((Bytes::from(buffer), held))
 }
 
-/// SPEC §4: a content type, when present, must be JSON (`application/json` or `*/*+json`).
+/// `bytes` permits from the body budget, waiting at most [`PERMIT_WAIT`] and not past
+/// `deadline`.
+async fn take_budget(
+    budget: &Semaphore,
+    bytes: usize,
+    deadline: tokio::time::Instant,
+) -> Result<SemaphorePermit<'_>, ApiError> {
+    let bytes = u32::try_from(bytes).map_err(|_| ApiError::PayloadTooLarge)?;
+    let until = deadline.min(tokio::time::Instant::now() + PERMIT_WAIT);
+    tokio::time::timeout_at(until, budget.acquire_many(bytes))
+        .await
+        .map_err(|_| ApiError::Overloaded)?
+        .map_err(|_| ApiError::Draining)
+}
+
+/// Contract §4: a content type, when present, must be JSON (`application/json` or `*/*+json`).
 fn is_json_or_absent(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return true;
