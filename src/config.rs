@@ -1,4 +1,4 @@
-//! Configuration (SPEC §5): the embedded `config/default.toml`, an optional `--config` file,
+//! Configuration (contract §5): the embedded `config/default.toml`, an optional `--config` file,
 //! then `RELAY_<SECTION>__<KEY>` environment variables, later layers winning. Loaded and
 //! validated once at startup into [`Settings`]; a bad value stops startup with one line naming
 //! the key. Secrets are [`Secret`]s, so printing the settings never shows them.

@@ -230,7 +230,15 @@ impl Forwarder {
             return Ok(pass);
         }
         if kind == RecordKind::Track {
+            let before = self.clock.monotonic();
             self.limits.until_app_admits(admitted.len()).await;
+            // A budget pre-charged at start can make the wait long: the claim's lease must
+            // still cover the request.
+            if self.clock.monotonic().saturating_sub(before) > self.config.lease / 2 {
+                let ids = admitted.iter().map(|r| r.id).collect();
+                let lease_end = self.clock.now_ms() + lease;
+                self.queue.renew(ids, lease_end).await?;
+            }
         }
         let mut batches: Vec<Vec<Entry>> = entries(kind, admitted)
             .chunks(self.max_batch().max(1))
