@@ -1,6 +1,7 @@
 //! Wiring: [`App::build`] turns validated [`Settings`] into bound listeners, a queue, the
 //! forwarder and the routers; [`App::run`] serves until the shutdown token is cancelled, then
-//! drains within `server.shutdown_grace_ms`.
+//! drains within `server.shutdown_grace_ms`. It reads no clock itself: time comes from the
+//! [`Clock`] it is built with.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,22 +61,37 @@ pub async fn open_queue(settings: &Settings) -> Result<Arc<dyn Queue>, AppError>
     }
 }
 
-/// Opens the configured queue backend for the relay that forwards from it.
-async fn open_queue_for_serving(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
+/// Whether this process forwards for the app id right now.
+type Leadership = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// Opens the configured queue backend for the relay that forwards from it, with how its
+/// forwarder learns whether it is the one forwarding.
+async fn open_queue_for_serving(
+    settings: &Settings,
+) -> Result<(Arc<dyn Queue>, Leadership), AppError> {
     match settings.queue.backend {
-        Backend::Sqlite => Ok(Arc::new(
-            SqliteQueue::open_for_serving(&settings.queue.path).await?,
-        )),
+        Backend::Sqlite => {
+            let queue = SqliteQueue::open_for_serving(&settings.queue.path).await?;
+            Ok((Arc::new(queue), Box::new(|| true)))
+        }
         // Shared by replicas: leases are never released at startup (another replica may be
         // sending them); the leader frees those of replicas that are gone.
-        Backend::Postgres => open_postgres(settings).await,
+        Backend::Postgres => {
+            let queue = connect_postgres(settings).await?;
+            let leader = queue.clone();
+            Ok((queue, Box::new(move || leader.is_leader())))
+        }
     }
 }
 
 /// The shared Postgres queue. The replicas serving one Heap app id elect one forwarder among
 /// themselves (see [`crate::queue::postgres`]).
 async fn open_postgres(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
-    let lock_key = leader_lock_key(&settings.heap.app_id);
+    Ok(connect_postgres(settings).await?)
+}
+
+async fn connect_postgres(settings: &Settings) -> Result<Arc<PostgresQueue>, AppError> {
+    let lock_key = leader_lock_key(settings.heap.app_id.as_str());
     let url = settings.queue.postgres_url.expose();
     Ok(Arc::new(PostgresQueue::connect(url, lock_key).await?))
 }
@@ -103,29 +119,25 @@ impl App {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AppError> {
-        let queue = open_queue_for_serving(&settings).await?;
+        let (queue, leadership) = open_queue_for_serving(&settings).await?;
         let heap = &settings.heap;
-        let client = HeapClient::new(
-            &heap.base_url,
-            &heap.app_id,
-            Duration::from_millis(heap.timeout_ms),
-        )?;
+        let client = HeapClient::new(&heap.base_url, &heap.app_id, heap.timeout, clock.clone())?;
         let limits = Limits::new(
             heap.events_per_minute,
             heap.identity_events_per_minute,
-            heap.batch_max_events as u32,
+            heap.batch_max_events,
+            clock.clone(),
         );
         let forwarder_config = ForwarderConfig {
-            batch_max: heap.batch_max_events,
-            linger: Duration::from_millis(heap.batch_linger_ms),
+            linger: heap.batch_linger,
             backoff: Backoff {
-                initial: Duration::from_millis(settings.retry.initial_backoff_ms),
-                max: Duration::from_millis(settings.retry.max_backoff_ms),
+                initial: settings.retry.initial_backoff,
+                max: settings.retry.max_backoff,
             },
-            max_event_age: Duration::from_secs(settings.retry.max_event_age_secs),
+            max_event_age: settings.retry.max_event_age,
             // Long enough for the app budget to admit a full batch and Heap to answer.
-            lease: Duration::from_millis(heap.timeout_ms) + Duration::from_secs(60),
-            shutdown_grace: settings.shutdown_grace(),
+            lease: heap.timeout + Duration::from_secs(60),
+            shutdown_grace: settings.server.shutdown_grace,
         };
         let control = Arc::new(Control::default());
         let forwarder = Forwarder::new(
@@ -135,10 +147,11 @@ impl App {
             limits,
             forwarder_config,
             control.clone(),
-        );
+        )
+        .with_leadership(leadership);
         let state = Arc::new(AppState {
             secrets: settings.userpilot.secrets.clone(),
-            tolerance_secs: settings.userpilot.tolerance_secs,
+            tolerance_secs: settings.userpilot.tolerance.as_secs(),
             mapper: mapper(&settings)?,
             queue,
             clock,
@@ -146,7 +159,7 @@ impl App {
             shutdown: CancellationToken::new(),
             admin_token: settings.admin.token.clone(),
             readiness: http::health::Readiness::default(),
-            max_body_bytes: settings.server.max_body_bytes,
+            max_body_bytes: settings.server.max_body_bytes.get(),
             webhook_permits: tokio::sync::Semaphore::new(http::MAX_WEBHOOKS_IN_FLIGHT),
             body_budget: http::body_budget(settings.server.max_body_bytes),
             metrics: crate::telemetry::metrics(),
@@ -181,7 +194,7 @@ impl App {
             public,
             admin,
         } = self;
-        let grace = settings.shutdown_grace();
+        let grace = settings.server.shutdown_grace;
         let draining = state.shutdown.clone();
         let listen = public.local_addr().map_err(AppError::Serve)?;
         let admin_listen = admin.local_addr().map_err(AppError::Serve)?;
@@ -211,7 +224,8 @@ impl App {
             Some(done) = tasks.join_next() => Some(done),
         };
         tracing::info!("shutting down: draining");
-        let deadline = tokio::time::Instant::now() + grace;
+        // The forwarder honours the same grace on its own; the margin lets it log.
+        let deadline = tokio::time::sleep(grace + Duration::from_millis(100));
         draining.cancel();
         match early {
             Some(Ok(Err(error))) => {
@@ -231,16 +245,18 @@ impl App {
         }
         tokio::time::sleep(drain_delay(grace)).await;
         closing.cancel();
-        // The forwarder honours the same deadline on its own; the margin lets it log.
-        let drained = tokio::time::timeout_at(deadline + Duration::from_millis(100), async {
+        let drained = async {
             while let Some(done) = tasks.join_next().await {
                 if let Ok(Err(error)) = done {
                     tracing::error!(%error, "task failed during shutdown");
                 }
             }
-        })
-        .await;
-        if drained.is_err() {
+        };
+        let drained = tokio::select! {
+            () = drained => true,
+            () = deadline => false,
+        };
+        if !drained {
             tracing::warn!("grace period over; stopping what is still running");
             tasks.abort_all();
         }
@@ -270,14 +286,16 @@ impl<F: std::future::Future<Output = ()>> MapOk for F {}
 /// Retention: forgets delivered records after `queue.dedup_window_secs` and dead letters after
 /// `queue.dead_letter_retention_secs`, so the queue does not grow without bound.
 async fn prune_periodically(state: Arc<AppState>, settings: Settings, shutdown: CancellationToken) {
-    let dedup_ms = settings.queue.dedup_window_secs.saturating_mul(1000) as i64;
-    let dead_ms = settings
-        .queue
-        .dead_letter_retention_secs
-        .saturating_mul(1000) as i64;
+    let dedup_ms = i64::try_from(settings.queue.dedup_window.as_millis()).unwrap_or(i64::MAX);
+    let dead_ms =
+        i64::try_from(settings.queue.dead_letter_retention.as_millis()).unwrap_or(i64::MAX);
     loop {
         let now = state.clock.now_ms();
-        match state.queue.prune(now - dedup_ms, now - dead_ms).await {
+        match state
+            .queue
+            .prune(now.saturating_sub(dedup_ms), now.saturating_sub(dead_ms))
+            .await
+        {
             Ok(0) => {}
             Ok(pruned) => tracing::info!(pruned, "old records pruned"),
             Err(error) => tracing::warn!(%error, "pruning failed; will try again"),

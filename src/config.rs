@@ -1,12 +1,21 @@
-//! Configuration (SPEC §5): the embedded `config/default.toml`, an optional `--config` file,
+//! Configuration (contract §5): the embedded `config/default.toml`, an optional `--config` file,
 //! then `RELAY_<SECTION>__<KEY>` environment variables, later layers winning. Loaded and
 //! validated once at startup into [`Settings`]; a bad value stops startup with one line naming
 //! the key. Secrets are [`Secret`]s, so printing the settings never shows them.
+//!
+//! Values are parsed into the types the rest of the relay uses — `Duration`s (the keys keep
+//! their `_ms` / `_secs` names and units, and `check-config` prints them back in those units),
+//! non-zero integers where 0 means nothing, a [`Url`] and an [`AppId`] — so nothing downstream
+//! converts or re-checks them.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use reqwest::Url;
 
 use config::builder::DefaultState;
 use config::{Config, ConfigBuilder, Environment, File, FileFormat};
@@ -52,8 +61,10 @@ pub struct Settings {
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub max_body_bytes: usize,
-    pub shutdown_grace_ms: u64,
+    #[serde(deserialize_with = "non_zero")]
+    pub max_body_bytes: NonZeroUsize,
+    #[serde(rename = "shutdown_grace_ms", with = "millis")]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,30 +72,79 @@ pub struct ServerSettings {
 pub struct UserpilotSettings {
     #[serde(deserialize_with = "comma_list")]
     pub secrets: Vec<Secret>,
-    pub tolerance_secs: u64,
+    #[serde(rename = "tolerance_secs", with = "secs")]
+    pub tolerance: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeapSettings {
-    pub app_id: String,
-    pub base_url: String,
+    pub app_id: AppId,
+    #[serde(with = "http_url")]
+    pub base_url: Url,
     pub identity: String,
-    pub batch_max_events: usize,
-    pub batch_linger_ms: u64,
-    pub timeout_ms: u64,
-    pub events_per_minute: u32,
-    pub identity_events_per_minute: u32,
+    /// At most [`MAX_BATCH_EVENTS`].
+    #[serde(deserialize_with = "non_zero")]
+    pub batch_max_events: NonZeroU32,
+    #[serde(rename = "batch_linger_ms", with = "millis")]
+    pub batch_linger: Duration,
+    #[serde(rename = "timeout_ms", with = "non_zero_millis")]
+    pub timeout: Duration,
+    #[serde(deserialize_with = "non_zero")]
+    pub events_per_minute: NonZeroU32,
+    #[serde(deserialize_with = "non_zero")]
+    pub identity_events_per_minute: NonZeroU32,
     pub user_properties: bool,
     pub account_properties: bool,
 }
 
+/// The most events Heap takes in one bulk request.
+pub const MAX_BATCH_EVENTS: u32 = 1000;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
-    pub initial_backoff_ms: u64,
-    pub max_backoff_ms: u64,
-    pub max_event_age_secs: u64,
+    #[serde(rename = "initial_backoff_ms", with = "non_zero_millis")]
+    pub initial_backoff: Duration,
+    #[serde(rename = "max_backoff_ms", with = "millis")]
+    pub max_backoff: Duration,
+    #[serde(rename = "max_event_age_secs", with = "secs")]
+    pub max_event_age: Duration,
+}
+
+/// A Heap environment id, as the operator typed it (never blank). Heap accepts unknown ids
+/// silently, so it is only ever copied, never parsed or trimmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AppId(String);
+
+impl AppId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for AppId {
+    type Error = &'static str;
+
+    fn try_from(id: String) -> Result<Self, Self::Error> {
+        if id.trim().is_empty() {
+            return Err("is required: set your Heap environment id (RELAY_HEAP__APP_ID)");
+        }
+        Ok(Self(id))
+    }
+}
+
+impl From<AppId> for String {
+    fn from(id: AppId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for AppId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,8 +169,10 @@ pub struct QueueSettings {
     pub backend: Backend,
     pub path: PathBuf,
     pub postgres_url: Secret,
-    pub dedup_window_secs: u64,
-    pub dead_letter_retention_secs: u64,
+    #[serde(rename = "dedup_window_secs", with = "secs")]
+    pub dedup_window: Duration,
+    #[serde(rename = "dead_letter_retention_secs", with = "secs")]
+    pub dead_letter_retention: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +225,91 @@ where
         Either::Text(text) if text.is_empty() => Vec::new(),
         Either::Text(text) => text.split(',').map(|s| T::from(s.to_owned())).collect(),
     })
+}
+
+/// Problems found while deserializing start with one of these words; [`describe`] then puts
+/// the key first, as validation's messages read.
+const PROBLEM_STARTS: [&str; 2] = ["must ", "is "];
+
+/// A non-zero integer, refused with a message naming the rule (serde's own names the type).
+fn non_zero<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<NonZeroU64>,
+{
+    let value = u64::deserialize(deserializer)?;
+    let Some(value) = NonZeroU64::new(value) else {
+        return Err(serde::de::Error::custom("must be above 0"));
+    };
+    T::try_from(value).map_err(|_| serde::de::Error::custom("must be a smaller number"))
+}
+
+/// A `Duration` written as whole milliseconds (`*_ms` keys).
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(u64::try_from(value.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_millis)
+    }
+}
+
+/// As [`millis`], refusing 0.
+mod non_zero_millis {
+    use std::time::Duration;
+
+    use serde::Deserializer;
+
+    pub use super::millis::serialize;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let millis: std::num::NonZeroU64 = super::non_zero(deserializer)?;
+        Ok(Duration::from_millis(millis.get()))
+    }
+}
+
+/// A `Duration` written as whole seconds (`*_secs` keys).
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_secs)
+    }
+}
+
+/// An http(s) URL. Printed without the trailing `/` the parser adds to a bare host, so
+/// `check-config` shows what was written.
+mod http_url {
+    use reqwest::Url;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Url, serializer: S) -> Result<S::Ok, S::Error> {
+        let text = value.as_str();
+        serializer.serialize_str(if value.path() == "/" {
+            text.trim_end_matches('/')
+        } else {
+            text
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Url, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match Url::parse(&text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+            _ => Err(serde::de::Error::custom("must be an http(s) URL")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,52 +368,25 @@ impl Settings {
         if self.userpilot.secrets.iter().any(Secret::is_empty) {
             return Err(invalid("userpilot.secrets", "contains an empty secret"));
         }
-        if self.heap.app_id.trim().is_empty() {
-            return Err(invalid(
-                "heap.app_id",
-                "is required: set your Heap environment id (RELAY_HEAP__APP_ID)",
-            ));
-        }
-        match reqwest::Url::parse(&self.heap.base_url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-            _ => return Err(invalid("heap.base_url", "must be an http(s) URL")),
-        }
         if self.heap.identity.trim().is_empty() {
             return Err(invalid(
                 "heap.identity",
                 "must name `user_id` or a user property",
             ));
         }
-        if !(1..=1000).contains(&self.heap.batch_max_events) {
+        if self.heap.batch_max_events.get() > MAX_BATCH_EVENTS {
             return Err(invalid(
                 "heap.batch_max_events",
-                "must be between 1 and 1000",
+                format!("must be between 1 and {MAX_BATCH_EVENTS}"),
             ));
         }
-        for (key, value) in [
-            ("heap.timeout_ms", self.heap.timeout_ms),
-            (
-                "heap.events_per_minute",
-                u64::from(self.heap.events_per_minute),
-            ),
-            (
-                "heap.identity_events_per_minute",
-                u64::from(self.heap.identity_events_per_minute),
-            ),
-            ("server.max_body_bytes", self.server.max_body_bytes as u64),
-            ("retry.initial_backoff_ms", self.retry.initial_backoff_ms),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be above 0"));
-            }
-        }
-        if self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
+        if self.retry.max_backoff < self.retry.initial_backoff {
             return Err(invalid(
                 "retry.max_backoff_ms",
                 "must be at least retry.initial_backoff_ms",
             ));
         }
-        if self.queue.dedup_window_secs < self.userpilot.tolerance_secs {
+        if self.queue.dedup_window < self.userpilot.tolerance {
             // A replayed webhook is recognised only while its first delivery is remembered;
             // within the tolerance an attacker could otherwise replay a captured request.
             return Err(invalid(
@@ -302,10 +422,6 @@ impl Settings {
             rename,
             drop: self.mapping.drop.clone(),
         })
-    }
-
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.server.shutdown_grace_ms)
     }
 
     /// The effective configuration as TOML, secrets redacted (`check-config`).
@@ -365,6 +481,13 @@ fn describe(error: &config::ConfigError) -> String {
     if SECRET_KEYS.contains(&key) {
         return format!("`{key}` has an invalid value (not shown: it is a secret)");
     }
+    if let Some((problem, _)) = text.split_once(" for key `")
+        && PROBLEM_STARTS
+            .iter()
+            .any(|start| problem.starts_with(start))
+    {
+        return format!("`{key}` {problem}");
+    }
     match CHOICES.iter().find(|(k, _)| *k == key) {
         Some((_, choices)) => format!("`{key}` must be {choices}"),
         None => text,
@@ -386,11 +509,65 @@ mod tests {
 
     #[test]
     fn the_embedded_defaults_parse_and_only_lack_the_required_keys() {
-        let settings: Settings = defaults()
-            .build()
-            .and_then(Config::try_deserialize)
-            .unwrap();
-        let err = settings.validate().unwrap_err().to_string();
-        assert!(err.contains("userpilot.secrets"), "{err}");
+        let err = Settings::from_toml("").unwrap_err().to_string();
+        assert!(err.contains("`heap.app_id` is required"), "{err}");
+        let err = Settings::from_toml("[heap]\napp_id = \"1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`userpilot.secrets` is required"), "{err}");
+        let settings =
+            Settings::from_toml("[heap]\napp_id = \"1\"\n[userpilot]\nsecrets = [\"s\"]").unwrap();
+        assert_eq!(settings.heap.app_id.to_string(), "1");
+    }
+
+    #[test]
+    fn values_are_parsed_into_their_types_and_printed_back_in_their_units() {
+        let settings = Settings::from_toml(
+            "[heap]\napp_id = \"0123\"\nbase_url = \"http://heap.test:81\"\ntimeout_ms = 2500\n\
+             [userpilot]\nsecrets = [\"s\"]\ntolerance_secs = 90\n[queue]\ndedup_window_secs = 90",
+        )
+        .unwrap();
+        assert_eq!(settings.heap.timeout, Duration::from_millis(2500));
+        assert_eq!(settings.userpilot.tolerance, Duration::from_secs(90));
+        assert_eq!(settings.heap.base_url.host_str(), Some("heap.test"));
+        assert_eq!(settings.heap.app_id.as_str(), "0123");
+        let printed: toml::Table = settings.to_redacted_toml().parse().unwrap();
+        assert_eq!(printed["heap"]["timeout_ms"].as_integer(), Some(2500));
+        assert_eq!(
+            printed["heap"]["base_url"].as_str(),
+            Some("http://heap.test:81")
+        );
+        assert_eq!(printed["heap"]["app_id"].as_str(), Some("0123"));
+        assert_eq!(
+            printed["userpilot"]["tolerance_secs"].as_integer(),
+            Some(90)
+        );
+        assert_eq!(
+            printed["server"]["shutdown_grace_ms"].as_integer(),
+            Some(10_000)
+        );
+    }
+
+    #[test]
+    fn zero_where_zero_means_nothing_is_refused_naming_the_key() {
+        for key in [
+            "heap.timeout_ms",
+            "heap.events_per_minute",
+            "heap.identity_events_per_minute",
+            "heap.batch_max_events",
+            "server.max_body_bytes",
+            "retry.initial_backoff_ms",
+        ] {
+            let (section, name) = key.split_once('.').unwrap();
+            let toml = if section == "heap" {
+                format!("[heap]\napp_id = \"1\"\n{name} = 0\n[userpilot]\nsecrets = [\"s\"]")
+            } else {
+                format!(
+                    "[heap]\napp_id = \"1\"\n[userpilot]\nsecrets = [\"s\"]\n[{section}]\n{name} = 0"
+                )
+            };
+            let err = Settings::from_toml(&toml).unwrap_err().to_string();
+            assert_eq!(err, format!("configuration: `{key}` must be above 0"));
+        }
     }
 }

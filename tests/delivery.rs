@@ -4,16 +4,21 @@
 //! user — and retention: pruning forgets delivered webhooks (which may then be accepted again)
 //! but keeps pending work and dead letters until their own retention ends.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Tests may read the real clock; the relay's code may not (clippy.toml).
+#![allow(clippy::disallowed_methods)]
 
 mod support;
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
 use support::{Answer, FakeHeap, RelayProcess, admin_call, eventually, post_signed, set_env};
 use userpilot_heap_relay::clock::ManualClock;
+use userpilot_heap_relay::config::AppId;
 use userpilot_heap_relay::forwarder::limits::Limits;
 use userpilot_heap_relay::forwarder::retry::{Backoff, THROTTLED_FLOOR};
 use userpilot_heap_relay::forwarder::{Control, Forwarder, ForwarderConfig, Pass};
@@ -67,6 +72,8 @@ struct Harness {
     forwarder: Forwarder,
     mapper: Mapper,
     dir: tempfile::TempDir,
+    /// Whether the forwarder is the one forwarding (as the Postgres leader would be).
+    leading: Arc<AtomicBool>,
 }
 
 impl Harness {
@@ -75,9 +82,15 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let queue = Arc::new(SqliteQueue::open(&dir.path().join("queue.sqlite3")).unwrap());
         let clock = ManualClock::at_ms(T0);
-        let client = HeapClient::new(&heap.url(), support::APP_ID, Duration::from_secs(5)).unwrap();
+        let app_id = AppId::try_from(support::APP_ID.to_owned()).unwrap();
+        let client = HeapClient::new(
+            &heap.url().parse().unwrap(),
+            &app_id,
+            Duration::from_secs(5),
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
         let config = ForwarderConfig {
-            batch_max: 1000,
             linger: Duration::ZERO,
             backoff: Backoff {
                 initial: Duration::from_secs(1),
@@ -91,11 +104,21 @@ impl Harness {
             queue.clone(),
             client,
             Arc::new(clock.clone()),
-            Limits::new(15_000, 1_000, 1_000),
+            Limits::new(
+                NonZeroU32::new(15_000).unwrap(),
+                NonZeroU32::new(1_000).unwrap(),
+                NonZeroU32::new(1_000).unwrap(),
+                Arc::new(clock.clone()),
+            ),
             config,
             Arc::new(Control::default()),
         )
         .with_jitter(move || jitter);
+        let leading = Arc::new(AtomicBool::new(true));
+        let forwarder = forwarder.with_leadership({
+            let leading = leading.clone();
+            move || leading.load(Ordering::SeqCst)
+        });
         Harness {
             heap,
             queue,
@@ -103,6 +126,7 @@ impl Harness {
             forwarder,
             mapper: track_only(),
             dir,
+            leading,
         }
     }
 
@@ -165,6 +189,45 @@ async fn an_event_older_than_max_event_age_is_dead_lettered_as_expired_without_b
         "{}",
         dead[0].detail
     );
+}
+
+#[tokio::test]
+async fn becoming_the_forwarder_first_charges_the_app_budget_with_the_last_minutes_deliveries() {
+    // 15,000/min: each event delivered in the last minute costs 4 ms of waiting, on the clock.
+    let mut h = Harness::start(0.5).await;
+    h.leading.store(false, Ordering::SeqCst);
+    for seq in 0..50 {
+        h.enqueue(seq).await;
+    }
+    assert_eq!(
+        h.step().await.delivered,
+        50,
+        "delivered by the forwarder before"
+    );
+
+    h.leading.store(true, Ordering::SeqCst);
+    for seq in 50..60 {
+        h.enqueue(seq).await;
+    }
+    assert_eq!(h.step().await.delivered, 10);
+    assert_eq!(h.now(), T0 + 50 * 4, "waited for the 50 delivered before");
+
+    h.enqueue(60).await;
+    assert_eq!(h.step().await.delivered, 1);
+    assert_eq!(
+        h.now(),
+        T0 + 200,
+        "still forwarding: nothing to learn again"
+    );
+
+    // Losing and regaining the lead charges again, for all 61 of the last minute.
+    h.leading.store(false, Ordering::SeqCst);
+    assert_eq!(h.step().await.claimed, 0);
+    h.leading.store(true, Ordering::SeqCst);
+    h.enqueue(61).await;
+    assert_eq!(h.step().await.delivered, 1);
+    assert_eq!(h.now(), T0 + 200 + 61 * 4);
+    assert_eq!(h.heap.events().len(), 62);
 }
 
 #[tokio::test]

@@ -5,6 +5,8 @@
 //! event, and recovers without restarting the relay. Skipped, saying so, without
 //! `RELAY_TEST_POSTGRES_URL`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Tests may read the real clock; the relay's code may not (clippy.toml).
+#![allow(clippy::disallowed_methods)]
 
 mod support;
 

@@ -8,6 +8,10 @@
 //! alone. [`Forwarder::run`] repeats passes, lingers briefly for a
 //! batch to fill, backs off as a whole while Heap fails, and stops on shutdown within the
 //! grace period (an abandoned batch stays queued: its lease simply runs out).
+//!
+//! When it starts forwarding — at process start, or when this replica becomes the Postgres
+//! leader — it charges the app rate budget with what the queue delivered in the last minute
+//! (see [`limits`]), so restarts and takeovers do not reset Heap's budget.
 
 pub mod entries;
 pub mod limits;
@@ -31,7 +35,6 @@ use retry::{Backoff, Verdict, classify};
 /// How the forwarder is set up (from `[heap]` and `[retry]`).
 #[derive(Debug, Clone)]
 pub struct ForwarderConfig {
-    pub batch_max: usize,
     pub linger: Duration,
     pub backoff: Backoff,
     pub max_event_age: Duration,
@@ -119,6 +122,11 @@ pub struct Forwarder {
     jitter: Box<dyn FnMut() -> f64 + Send + Sync>,
     /// Consecutive failed Heap calls; the forwarder-wide backoff grows with it.
     failures: u32,
+    /// Whether this process is the one forwarding for the app id (the Postgres leader);
+    /// always, on a queue of its own.
+    leading: Box<dyn Fn() -> bool + Send + Sync>,
+    /// `leading` at the last pass: a change to true means the budget must be re-learnt.
+    was_leading: bool,
 }
 
 /// Property records claimed per pass, as a multiple of the batch size: merged per subject
@@ -153,7 +161,17 @@ impl Forwarder {
             control,
             jitter: Box::new(fastrand::f64),
             failures: 0,
+            leading: Box::new(|| true),
+            was_leading: false,
         }
+    }
+
+    /// Tells the forwarder whether this process currently forwards for the app id (the
+    /// Postgres queue's leadership, as of the last claim). Each time it becomes true the app
+    /// budget is charged with the last minute's deliveries, made by whoever forwarded before.
+    pub fn with_leadership(mut self, leading: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.leading = Box::new(leading);
+        self
     }
 
     /// Replaces the random source of the backoff jitter (`[0, 1)`), for exact tests.
@@ -172,6 +190,8 @@ impl Forwarder {
         };
         let lease = self.config.lease.as_millis() as i64;
         let claimed = self.queue.claim(kind, max, now, lease).await?;
+        // The claim is where leadership is taken: learn the budget before sending anything.
+        self.charge_if_newly_leading(now).await;
         let mut pass = Pass {
             claimed: claimed.len(),
             ..Pass::default()
@@ -210,7 +230,15 @@ impl Forwarder {
             return Ok(pass);
         }
         if kind == RecordKind::Track {
+            let before = self.clock.monotonic();
             self.limits.until_app_admits(admitted.len()).await;
+            // A budget pre-charged at start can make the wait long: the claim's lease must
+            // still cover the request.
+            if self.clock.monotonic().saturating_sub(before) > self.config.lease / 2 {
+                let ids = admitted.iter().map(|r| r.id).collect();
+                let lease_end = self.clock.now_ms() + lease;
+                self.queue.renew(ids, lease_end).await?;
+            }
         }
         let mut batches: Vec<Vec<Entry>> = entries(kind, admitted)
             .chunks(self.max_batch().max(1))
@@ -310,6 +338,34 @@ impl Forwarder {
         Ok(())
     }
 
+    /// On starting to forward (see [`Forwarder::with_leadership`]): charges the app budget
+    /// with the track events delivered in the last [`limits::RATE_WINDOW`], as if sent now.
+    /// If the queue cannot say, a whole minute's budget is assumed spent.
+    async fn charge_if_newly_leading(&mut self, now_ms: i64) {
+        let leading = (self.leading)();
+        let became_leader = leading && !self.was_leading;
+        self.was_leading = leading;
+        if !became_leader {
+            return;
+        }
+        let since = now_ms - limits::RATE_WINDOW.as_millis() as i64;
+        match self.queue.delivered_since(RecordKind::Track, since).await {
+            Ok(delivered) => {
+                self.limits.precharge(delivered);
+                if delivered > 0 {
+                    tracing::info!(
+                        delivered,
+                        "events delivered in the last minute count against Heap's rate budget"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot count recent deliveries; assuming a full minute's budget spent");
+                self.limits.precharge(self.limits.per_minute());
+            }
+        }
+    }
+
     async fn dead_letter(
         &self,
         ids: Vec<i64>,
@@ -338,7 +394,7 @@ impl Forwarder {
             }
         };
         tokio::pin!(deadline);
-        let mut last_cleanup = tokio::time::Instant::now();
+        let mut last_cleanup = self.clock.monotonic();
         while !shutdown.is_cancelled() {
             if self.control.is_paused() {
                 self.control.set_state(State::Paused);
@@ -374,9 +430,10 @@ impl Forwarder {
                     break;
                 }
             }
-            if last_cleanup.elapsed() > Duration::from_secs(60) {
+            let now = self.clock.monotonic();
+            if now.saturating_sub(last_cleanup) > Duration::from_secs(60) {
                 self.limits.forget_idle_identities();
-                last_cleanup = tokio::time::Instant::now();
+                last_cleanup = now;
             }
             if let Some(backoff) = pass_total.backoff {
                 self.control.set_state(State::BackingOff);
@@ -397,9 +454,9 @@ impl Forwarder {
         }
     }
 
-    /// The largest batch a pass claims.
+    /// The largest batch a pass claims: `heap.batch_max_events`, capped by the app budget.
     fn max_batch(&self) -> usize {
-        self.config.batch_max.min(self.limits.max_batch())
+        self.limits.max_batch()
     }
 
     /// Nothing to send: sleep until new records arrive (then linger so a batch can fill),

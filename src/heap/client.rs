@@ -2,10 +2,14 @@
 //! its `Retry-After` and a capped body, or a transport failure — and leaves the verdict to
 //! [`crate::forwarder::retry`].
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use reqwest::Url;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 
+use crate::clock::{Clock, Stopwatch};
+use crate::config::AppId;
 use crate::heap::wire::{RecordKind, bulk_body};
 
 /// How much of Heap's response body is kept for a dead letter's detail.
@@ -31,15 +35,24 @@ pub enum TransportError {
     Other(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HeapClient {
     http: reqwest::Client,
+    /// `heap.base_url` without its trailing `/`: endpoint paths are appended to it, so a base
+    /// with a path (a proxy's prefix) keeps it.
     base_url: String,
-    app_id: String,
+    app_id: AppId,
+    /// For `Retry-After` given as an HTTP date.
+    clock: Arc<dyn Clock>,
 }
 
 impl HeapClient {
-    pub fn new(base_url: &str, app_id: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        base_url: &Url,
+        app_id: &AppId,
+        timeout: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -48,8 +61,9 @@ impl HeapClient {
             .build()?;
         Ok(Self {
             http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            app_id: app_id.to_owned(),
+            base_url: base_url.as_str().trim_end_matches('/').to_owned(),
+            app_id: app_id.clone(),
+            clock,
         })
     }
 
@@ -59,8 +73,8 @@ impl HeapClient {
         kind: RecordKind,
         records: &[&str],
     ) -> Result<HeapResponse, TransportError> {
-        let body = bulk_body(&self.app_id, kind, records);
-        let started = Instant::now();
+        let body = bulk_body(self.app_id.as_str(), kind, records);
+        let started = Stopwatch::start();
         let result = self
             .http
             .post(format!("{}{}", self.base_url, kind.path()))
@@ -75,7 +89,7 @@ impl HeapClient {
                     .headers()
                     .get(RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+                    .and_then(|v| parse_retry_after(v, self.clock.now()));
                 let text = response.text().await.unwrap_or_default();
                 Ok(HeapResponse {
                     status,

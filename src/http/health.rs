@@ -3,7 +3,7 @@
 //! draining).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -17,9 +17,9 @@ use super::{AppState, READINESS_CACHE};
 /// The longest a readiness write may take before the queue counts as unavailable.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The last readiness check's time and result.
+/// The last readiness check's time (the clock's monotonic time) and result.
 #[derive(Debug, Default)]
-pub struct Readiness(Mutex<Option<(Instant, bool)>>);
+pub struct Readiness(Mutex<Option<(Duration, bool)>>);
 
 impl Readiness {
     /// Whether the queue accepts writes, from cache when fresh.
@@ -27,7 +27,7 @@ impl Readiness {
         // Held across the ping on purpose: concurrent probes share one round trip.
         let mut last = self.0.lock().await;
         if let Some((at, ready)) = *last
-            && at.elapsed() < READINESS_CACHE
+            && state.clock.monotonic().saturating_sub(at) < READINESS_CACHE
         {
             return ready;
         }
@@ -35,7 +35,7 @@ impl Readiness {
             tokio::time::timeout(PING_TIMEOUT, state.queue.ping()).await,
             Ok(Ok(()))
         );
-        *last = Some((Instant::now(), ready));
+        *last = Some((state.clock.monotonic(), ready));
         ready
     }
 }

@@ -228,4 +228,8 @@ pub trait Queue: Send + Sync + 'static {
     /// `delivered_before_ms` (after which a redelivery is no longer recognised).
     async fn prune(&self, delivered_before_ms: i64, dead_before_ms: i64)
     -> Result<u64, QueueError>;
+
+    /// How many records of `kind` were acknowledged by Heap at or after `since_ms`: what a
+    /// forwarder starting up (or taking over) has already spent of Heap's per-minute budget.
+    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError>;
 }

@@ -38,7 +38,8 @@
 //! the leader, when it takes over and then every probe, releases leases whose replica has no
 //! session left (`pg_stat_activity`). A replica that is alive but lost only its dedicated
 //! connection keeps its leases until they expire, so its batch in flight is not sent twice.
-//! A new leader starts with a full rate budget: a takeover may add one burst. The gauge
+//! A new leader's forwarder charges its rate budget with what was delivered in the last
+//! minute ([`Queue::delivered_since`]), so a takeover does not reset Heap's budget. The gauge
 //! `relay_queue_leader` is 1 on the replica that forwards.
 //! Consequences: one app id per database (the lock key space is per database); no
 //! transaction-pooling proxy (pgbouncer in transaction mode) in front, since session locks need
@@ -1189,6 +1190,21 @@ impl Queue for PostgresQueue {
             }
         }
         Ok(total)
+    }
+
+    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError> {
+        let rows = self
+            .query(
+                "SELECT COUNT(*) FROM records
+                 WHERE state <> 0 AND state = 1 AND updated_at >= $1 AND kind = $2",
+                &[&since_ms, &kind.as_str()],
+            )
+            .await?;
+        let count: i64 = match rows.first() {
+            Some(row) => row.try_get(0).map_err(storage)?,
+            None => 0,
+        };
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 }
 

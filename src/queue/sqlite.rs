@@ -842,4 +842,18 @@ impl Queue for SqliteQueue {
         })
         .await
     }
+
+    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError> {
+        // `state <> 0` lets SQLite use the partial index `records_done`.
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM records
+                 WHERE state <> 0 AND state = 1 AND updated_at >= ?1 AND kind = ?2",
+                params![since_ms, kind.as_str()],
+                |row| row.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|count| u64::try_from(count).unwrap_or(0))
+    }
 }
