@@ -161,7 +161,7 @@ impl App {
             readiness: http::health::Readiness::default(),
             max_body_bytes: settings.server.max_body_bytes.get(),
             webhook_permits: tokio::sync::Semaphore::new(http::MAX_WEBHOOKS_IN_FLIGHT),
-            body_budget: http::body_budget(settings.server.max_body_bytes),
+            body_budget: http::body_budget(settings.server.max_body_bytes.get()),
             metrics: crate::telemetry::metrics(),
         });
         let public = bind(settings.server.listen).await?;

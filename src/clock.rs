@@ -104,6 +104,13 @@ impl Clock for ManualClock {
     }
 }
 
+/// Now on tokio's timer, for the deadlines of network I/O (a request's headers and body, an
+/// idle connection). They guard real sockets, so their tests run on real (or tokio's paused)
+/// time; decisions that a test must pin take a [`Clock`] instead.
+pub fn io_instant() -> tokio::time::Instant {
+    tokio::time::Instant::now()
+}
+
 /// Real elapsed time, for durations that only feed metrics and logs (a request's latency, how
 /// long since a warning was last logged). Decisions a test must pin take a [`Clock`] instead.
 #[derive(Debug, Clone, Copy)]

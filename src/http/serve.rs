@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Bytes, HttpBody};
@@ -29,6 +29,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tower::{BoxError, Service};
+
+use crate::clock::{self, Stopwatch};
 
 /// How long a client may take to send a request's headers (hyper's HTTP/1 timeout; the
 /// watchdog enforces the same deadline in every other state).
@@ -108,7 +110,7 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
         at_cap: watch::channel(false).0,
     });
     let slots = &capacity.slots;
-    let mut last_warning: Option<Instant> = None;
+    let mut last_warning: Option<Stopwatch> = None;
     loop {
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
@@ -122,7 +124,7 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
                         "connection limit reached; idle connections are cut sooner, new ones \
                          wait until one closes"
                     );
-                    last_warning = Some(Instant::now());
+                    last_warning = Some(Stopwatch::start());
                 }
                 tokio::select! {
                     slot = slots.clone().acquire_owned() => match slot {
@@ -243,7 +245,7 @@ async fn serve_connection(
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let mut connection = pin!(connection);
     // `Some(since)` while no request is in flight.
-    let mut idle_since = Some(tokio::time::Instant::now());
+    let mut idle_since = Some(clock::io_instant());
     loop {
         let deadline = idle_since.map(|since| {
             since
@@ -264,7 +266,7 @@ async fn serve_connection(
             _ = connection.as_mut() => break,
             Ok(()) = requests.changed() => {
                 idle_since = (*requests.borrow_and_update() == 0)
-                    .then(tokio::time::Instant::now);
+                    .then(clock::io_instant);
             }
             // A change of the cap state recomputes the deadline.
             Ok(()) = at_cap.changed() => {}

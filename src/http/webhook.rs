@@ -4,7 +4,7 @@
 //! webhook permit is taken only once the signature is verified.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::HttpBody;
@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::error::ApiError;
 use super::{AppState, BODY_READ_TIMEOUT};
+use crate::clock::{self, Stopwatch};
 use crate::ingest::{self, InvalidJson};
 use crate::queue::{Content, Enqueued, NewWebhook};
 use crate::userpilot::verify;
@@ -27,7 +28,7 @@ pub async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let started = Instant::now();
+    let started = Stopwatch::start();
     let result = handle(&state, &headers, body).await;
     let outcome = match &result {
         Ok(Enqueued::Accepted { events }) => {
@@ -100,7 +101,7 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Enq
         body,
         state.max_body_bytes,
         &state.body_budget,
-        Instant::now() + BODY_READ_TIMEOUT,
+        clock::io_instant() + BODY_READ_TIMEOUT,
     )
     .await?;
     let received_at = state.clock.now();
@@ -161,14 +162,13 @@ async fn read_body(
     body: Body,
     limit: usize,
     budget: &Semaphore,
-    deadline: Instant,
+    deadline: tokio::time::Instant,
 ) -> Result<(Bytes, SemaphorePermit<'_>), ApiError> {
     let mut body = body;
     // A declared `Content-Length` over the limit is refused before anything is read.
     if u64::try_from(limit).is_ok_and(|limit| body.size_hint().lower() > limit) {
         return Err(ApiError::PayloadTooLarge);
     }
-    let deadline = tokio::time::Instant::from_std(deadline);
     let mut buffer: Vec<u8> = Vec::new();
     let mut held = take_budget(budget, 0, deadline).await?;
     loop {
@@ -205,7 +205,7 @@ async fn take_budget(
     deadline: tokio::time::Instant,
 ) -> Result<SemaphorePermit<'_>, ApiError> {
     let bytes = u32::try_from(bytes).map_err(|_| ApiError::PayloadTooLarge)?;
-    let until = deadline.min(tokio::time::Instant::now() + PERMIT_WAIT);
+    let until = deadline.min(clock::io_instant() + PERMIT_WAIT);
     tokio::time::timeout_at(until, budget.acquire_many(bytes))
         .await
         .map_err(|_| ApiError::Overloaded)?
