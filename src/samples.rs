@@ -1,9 +1,9 @@
-//! Realistic sample webhooks of every event kind, in the shapes SPEC §2.2 accepts. Used by
+//! Realistic sample webhooks of every event kind, in the shapes contract §2.2 accepts. Used by
 //! `send-test` to check a deployment end to end, and by the tests and the benchmark.
 
 use serde_json::{Value, json};
 
-/// One sample per event kind of SPEC §2.3: `(label, body)`. `nonce` makes each body unique
+/// One sample per event kind of contract §2.3: `(label, body)`. `nonce` makes each body unique
 /// (so redelivery deduplication does not swallow a second run); `now` is unix seconds.
 pub fn all(user_id: &str, now: i64, nonce: &str) -> Vec<(&'static str, Value)> {
     let user =

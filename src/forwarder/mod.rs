@@ -46,18 +46,18 @@ pub struct ForwarderConfig {
 /// What the forwarder is doing, for `/metrics` and the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum State {
+pub enum ForwarderState {
     Running = 0,
     BackingOff = 1,
     Paused = 2,
 }
 
-impl State {
+impl ForwarderState {
     pub fn as_str(self) -> &'static str {
         match self {
-            State::Running => "running",
-            State::BackingOff => "backing_off",
-            State::Paused => "paused",
+            ForwarderState::Running => "running",
+            ForwarderState::BackingOff => "backing_off",
+            ForwarderState::Paused => "paused",
         }
     }
 }
@@ -86,15 +86,15 @@ impl Control {
         self.paused.load(Ordering::SeqCst)
     }
 
-    pub fn state(&self) -> State {
+    pub fn state(&self) -> ForwarderState {
         match self.state.load(Ordering::SeqCst) {
-            1 => State::BackingOff,
-            2 => State::Paused,
-            _ => State::Running,
+            1 => ForwarderState::BackingOff,
+            2 => ForwarderState::Paused,
+            _ => ForwarderState::Running,
         }
     }
 
-    fn set_state(&self, state: State) {
+    fn set_state(&self, state: ForwarderState) {
         self.state.store(state as u8, Ordering::SeqCst);
     }
 }
@@ -397,14 +397,14 @@ impl Forwarder {
         let mut last_cleanup = self.clock.monotonic();
         while !shutdown.is_cancelled() {
             if self.control.is_paused() {
-                self.control.set_state(State::Paused);
+                self.control.set_state(ForwarderState::Paused);
                 tokio::select! {
                     _ = self.control.wake.notified() => {}
                     _ = shutdown.cancelled() => {}
                 }
                 continue;
             }
-            self.control.set_state(State::Running);
+            self.control.set_state(ForwarderState::Running);
             let mut pass_total = Pass::default();
             let mut full = false;
             for kind in RecordKind::ALL {
@@ -436,7 +436,7 @@ impl Forwarder {
                 last_cleanup = now;
             }
             if let Some(backoff) = pass_total.backoff {
-                self.control.set_state(State::BackingOff);
+                self.control.set_state(ForwarderState::BackingOff);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => {}

@@ -1,4 +1,4 @@
-//! The failure policy, pure: what a Heap outcome means (SPEC §3) and how long to wait before
+//! The failure policy, pure: what a Heap outcome means (contract §3) and how long to wait before
 //! trying again. The random source comes in as an argument, so tests are exact.
 //!
 //! Why not a backoff crate: the delay here is a function of the attempt count stored in the

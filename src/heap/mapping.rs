@@ -1,4 +1,4 @@
-//! The pure mapping from a decoded Userpilot [`Interaction`] to Heap records (SPEC §2.3–2.4):
+//! The pure mapping from a decoded Userpilot [`Interaction`] to Heap records (contract §2.3–2.4):
 //! event names matching Userpilot's native Heap integration, the NPS split, identity choice,
 //! timestamps, idempotency keys, user/account properties, and the operator's `[mapping]`
 //! renames and drops. No I/O, no clock: the receive time comes in as an argument.
@@ -222,7 +222,7 @@ fn idempotency_key(body_digest: &[u8; 32], event: &str) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// The Heap event names of an interaction (SPEC §2.3), before `[mapping]` renames and drops.
+/// The Heap event names of an interaction (contract §2.3), before `[mapping]` renames and drops.
 /// Names are cut to 1023 characters, like every other string Heap receives.
 pub fn event_names(interaction: &Interaction) -> Vec<String> {
     let kind = &interaction.kind;

@@ -185,9 +185,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     let current = state.control.state();
     for candidate in [
-        crate::forwarder::State::Running,
-        crate::forwarder::State::BackingOff,
-        crate::forwarder::State::Paused,
+        crate::forwarder::ForwarderState::Running,
+        crate::forwarder::ForwarderState::BackingOff,
+        crate::forwarder::ForwarderState::Paused,
     ] {
         metrics::gauge!("relay_forwarder_state", "state" => candidate.as_str())
             .set(if candidate == current { 1.0 } else { 0.0 });

@@ -16,7 +16,7 @@ use serde_json::{Map, Number, Value};
 
 use super::signature::Verified;
 
-/// What kind of Userpilot content the interaction is about (SPEC §2.3).
+/// What kind of Userpilot content the interaction is about (contract §2.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     Experience,
@@ -29,7 +29,7 @@ pub enum Kind {
     Other(String),
 }
 
-/// What happened (SPEC §2.2 actions, synonyms folded).
+/// What happened (contract §2.2 actions, synonyms folded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Started,
@@ -109,7 +109,7 @@ pub fn decode(body: &Verified) -> Result<Interaction, DecodeError> {
 /// A place in the body: object keys from the top level down.
 type Path = &'static [&'static str];
 
-// The lookup orders of SPEC §2.2, earliest place first. The first place holding a usable value
+// The lookup orders of contract §2.2, earliest place first. The first place holding a usable value
 // wins; later places are fallbacks for shapes nobody has seen yet.
 
 /// Kind as a whole string.
@@ -523,7 +523,7 @@ mod tests {
         }
     }
 
-    // ---- the SPEC's example and the reference doc's shapes ----
+    // ---- the contract's example and the reference doc's shapes ----
 
     #[test]
     fn the_spec_nps_example_decodes_completely() {

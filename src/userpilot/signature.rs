@@ -1,4 +1,4 @@
-//! The `X-Signature` check (SPEC §2.1): HMAC-SHA256 over `raw body . t`, hex or base64, several
+//! The `X-Signature` check (contract §2.1): HMAC-SHA256 over `raw body . t`, hex or base64, several
 //! `v1` entries and several secrets, a tolerance both ways, millisecond `t`, and the body's
 //! `timestamp` as fallback. Pure: `now` comes in as an argument. Constant-time comparison.
 //!
