@@ -8,6 +8,23 @@
 //! to the lease's end, so a crashed worker's records come back by themselves; ack, retry and
 //! dead-letter end the lease. All times are unix milliseconds and come in as arguments.
 
+/// The stored integer of a [`RecordState`] as a literal token, so SQL text can spell it with
+/// `concat!` and stay a `&'static str` with the literal in it: SQLite uses a partial index
+/// (`WHERE state = 0`) only for a query that names the same literal, which a bound parameter
+/// is not. The one place the integers are written; [`RecordState`] takes its discriminants
+/// from here. They are a durable format: never renumber them.
+macro_rules! stored_state {
+    (Pending) => {
+        0
+    };
+    (Delivered) => {
+        1
+    };
+    (Dead) => {
+        2
+    };
+}
+
 pub mod postgres;
 mod prepared;
 pub mod sqlite;
@@ -27,6 +44,33 @@ pub enum QueueError {
     Storage(String),
     #[error("queue is closed")]
     Closed,
+}
+
+/// Where a record is in its life, stored as an integer in `records.state` by both backends
+/// (see [`stored_state!`] for why SQL spells it as a literal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum RecordState {
+    /// Waiting to be sent, due at `next_attempt_at` (or leased until then while `claimed`).
+    Pending = stored_state!(Pending),
+    /// Acknowledged by Heap at `updated_at`.
+    Delivered = stored_state!(Delivered),
+    /// A dead letter since `updated_at`: refused, expired, or quarantined at ingest.
+    Dead = stored_state!(Dead),
+}
+
+impl RecordState {
+    /// The integer stored in `records.state`.
+    pub const fn stored(self) -> i32 {
+        self as i32
+    }
+
+    /// The state a stored integer stands for; `None` for one this code never writes.
+    pub fn from_stored(stored: i64) -> Option<Self> {
+        [Self::Pending, Self::Delivered, Self::Dead]
+            .into_iter()
+            .find(|state| i64::from(state.stored()) == stored)
+    }
 }
 
 /// A verified webhook and what the mapper made of it.
@@ -228,4 +272,33 @@ pub trait Queue: Send + Sync + 'static {
     /// `delivered_before_ms` (after which a redelivery is no longer recognised).
     async fn prune(&self, delivered_before_ms: i64, dead_before_ms: i64)
     -> Result<u64, QueueError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_states_keep_their_stored_integers() {
+        // A durable format: files and databases written by earlier versions hold these.
+        let stored = [
+            (RecordState::Pending, 0),
+            (RecordState::Delivered, 1),
+            (RecordState::Dead, 2),
+        ];
+        for (state, integer) in stored {
+            assert_eq!(state.stored(), integer, "{state:?}");
+            assert_eq!(RecordState::from_stored(i64::from(integer)), Some(state));
+        }
+        assert_eq!(RecordState::from_stored(3), None);
+        assert_eq!(
+            concat!(
+                "state = ",
+                stored_state!(Pending),
+                " OR state = ",
+                stored_state!(Dead)
+            ),
+            "state = 0 OR state = 2"
+        );
+    }
 }

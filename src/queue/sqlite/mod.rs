@@ -8,6 +8,10 @@
 //! down with it; if the commit itself fails, every webhook in the group gets the error and none
 //! is acknowledged. The forwarder's bookkeeping (claims, acks, retries) shares the thread, and
 //! its transactions end early while webhooks wait, so a webhook never waits behind a large one.
+//!
+//! Here: the handle ([`SqliteQueue`]) and the [`Queue`] operations, which send their work to
+//! the thread or, for slow reads, run on a second read-only connection. The thread and its
+//! transactions live in `writer`, the DDL and migrations in `schema`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,18 +23,17 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
-use super::prepared::{Prepared, Rows, storable};
+use super::prepared::{Rows, storable};
 use super::{
-    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook,
-    QUARANTINE_KIND, Queue, QueueError, QueueStats, ReplayItem,
+    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook, Queue,
+    QueueError, QueueStats, RecordState, ReplayItem,
 };
 use crate::heap::wire::RecordKind;
 
-/// The schema version this code writes (`PRAGMA user_version`). Bump it with a migration.
-const SCHEMA_VERSION: i64 = 2;
+mod schema;
+mod writer;
 
-/// The most webhooks committed in one transaction.
-const MAX_GROUP: usize = 1024;
+use writer::{Command, claim_some, insert_rows};
 
 /// Records a bookkeeping transaction (a claim, ack, retry, dead letter) touches before it looks
 /// whether webhooks are waiting for the queue thread, and if so commits early and lets them go
@@ -44,67 +47,6 @@ const BOOKKEEPING_CHUNK: usize = 100;
 
 /// Rows deleted per pruning statement, so pruning never holds the writer for long.
 const PRUNE_CHUNK: i64 = 5000;
-
-/// Pages of SQLite's own cache (negative: KiB), 16 MiB. The digest index takes random inserts;
-/// with SQLite's default 2 MiB, a queue holding a week of webhooks read most of its pages back
-/// from the kernel on every insert.
-const CACHE_KIB: i64 = 16 * 1024;
-
-const WEBHOOKS: &str = "
-CREATE TABLE IF NOT EXISTS webhooks (
-    id          INTEGER PRIMARY KEY,
-    digest      BLOB    NOT NULL UNIQUE,  -- SHA-256 of the verified body
-    body        BLOB    NOT NULL,         -- the verified body, for replay
-    received_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhooks_received ON webhooks (received_at);
-CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
-";
-
-/// The records table and its indexes; `{table}` is `records`, or the new table a migration
-/// fills before renaming it.
-///
-/// A key is unique within its webhook, not globally: keys derive from the webhook's digest,
-/// which is unique already, so `(webhook_id, key)` — appended in id order, one right-hand leaf
-/// page per commit — does the job that a global index on random keys did at two random b-tree
-/// inserts per webhook (schema version 1). Replay relies on it to skip records a webhook
-/// still has.
-const RECORDS: &str = "
-CREATE TABLE IF NOT EXISTS {table} (
-    id              INTEGER PRIMARY KEY,
-    webhook_id      INTEGER NOT NULL,
-    key             TEXT    NOT NULL,         -- idempotency key (track) or kind:digest
-    kind            TEXT    NOT NULL,         -- RecordKind::as_str() or 'webhook' (quarantine)
-    subject         TEXT    NOT NULL,         -- identity or account id
-    json            TEXT    NOT NULL,         -- element of Heap's bulk array; '' once delivered
-    state           INTEGER NOT NULL,         -- 0 pending, 1 delivered, 2 dead
-    claimed         INTEGER NOT NULL DEFAULT 0,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    received_at     INTEGER NOT NULL,
-    next_attempt_at INTEGER NOT NULL,         -- due time, or the lease's end while claimed
-    updated_at      INTEGER NOT NULL,         -- delivered / dead since
-    last_error      TEXT,
-    dead_reason     TEXT,
-    dead_detail     TEXT
-);
-";
-
-const RECORDS_INDEXES: &str = "
-CREATE UNIQUE INDEX IF NOT EXISTS records_webhook_key ON records (webhook_id, key);
-CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at) WHERE state = 0;
-CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> 0;
-";
-
-const PENDING: i64 = 0;
-const DELIVERED: i64 = 1;
-const DEAD: i64 = 2;
-
-type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
-
-enum Command {
-    Enqueue(Prepared, Reply<Enqueued>),
-    Call(Box<dyn FnOnce(&mut Connection) + Send>),
-}
 
 /// Handle to the queue thread. Cheap to share behind an `Arc`.
 pub struct SqliteQueue {
@@ -133,8 +75,12 @@ impl SqliteQueue {
         queue
             .call(move |conn| {
                 conn.execute(
-                    "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
-                     WHERE state = 0 AND claimed = 1",
+                    concat!(
+                        "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
+                     WHERE state = ",
+                        stored_state!(Pending),
+                        " AND claimed = 1"
+                    ),
                     params![now],
                 )
             })
@@ -150,13 +96,13 @@ impl SqliteQueue {
             })?;
         }
         let mut conn = Connection::open(path).map_err(storage)?;
-        prepare(&mut conn).map_err(storage)?;
+        schema::prepare(&mut conn).map_err(storage)?;
         let (commands, receiver) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let taken = Arc::clone(&waiting);
         std::thread::Builder::new()
             .name("sqlite-queue".into())
-            .spawn(move || serve(conn, receiver, &taken))
+            .spawn(move || writer::serve(conn, receiver, &taken))
             .map_err(|e| QueueError::Storage(format!("cannot start the queue thread: {e}")))?;
         let reader =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage)?;
@@ -241,236 +187,15 @@ impl SqliteQueue {
     }
 }
 
-fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // Durability is chosen per transaction (see `commit_group`): webhooks commit with FULL,
-    // the forwarder's bookkeeping with NORMAL.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // Temporary b-trees (statement journals of the per-webhook savepoints) in memory: measured
-    // 18 % less CPU on the writer thread. Checkpoints stay on the writer (SQLite's default
-    // every 1,000 pages): a separate checkpointing thread measured a worse p99 on a large file.
-    conn.pragma_update(None, "temp_store", "MEMORY")?;
-    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
-    migrate(conn)
-}
-
-/// Brings the file to [`SCHEMA_VERSION`] in one transaction (a crash leaves the old version),
-/// under SQLite's write lock, so a `dlq` command opening the file at the same time waits.
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(rusqlite::Error::InvalidParameterName(format!(
-            "queue schema version {version} is newer than this relay understands ({SCHEMA_VERSION})"
-        )));
-    }
-    if version == SCHEMA_VERSION {
-        return Ok(());
-    }
-    tx.execute_batch(WEBHOOKS)?;
-    if version == 1 {
-        // Version 1 declared `key UNIQUE` on the column, which only a rebuild can drop.
-        tx.execute_batch(&RECORDS.replace("{table}", "records_v2"))?;
-        tx.execute_batch(
-            "INSERT INTO records_v2 SELECT * FROM records;
-             DROP TABLE records;
-             ALTER TABLE records_v2 RENAME TO records;",
-        )?;
-        tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated");
-    } else {
-        tx.execute_batch(&RECORDS.replace("{table}", "records"))?;
-    }
-    tx.execute_batch(RECORDS_INDEXES)?;
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    tx.commit()
-}
-
-/// The queue thread: runs commands in order, grouping consecutive enqueues into one commit.
-fn serve(mut conn: Connection, commands: mpsc::Receiver<Command>, waiting: &AtomicUsize) {
-    let mut next: Option<Command> = None;
-    loop {
-        let command = match next.take() {
-            Some(command) => command,
-            None => match commands.recv() {
-                Ok(command) => command,
-                Err(_) => return, // every handle dropped
-            },
-        };
-        match command {
-            Command::Call(job) => job(&mut conn),
-            Command::Enqueue(webhook, reply) => {
-                waiting.fetch_sub(1, Ordering::SeqCst);
-                let mut group = vec![(webhook, reply)];
-                while group.len() < MAX_GROUP {
-                    match commands.try_recv() {
-                        Ok(Command::Enqueue(webhook, reply)) => {
-                            waiting.fetch_sub(1, Ordering::SeqCst);
-                            group.push((webhook, reply));
-                        }
-                        Ok(other) => {
-                            next = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                commit_group(&mut conn, group);
-            }
-        }
-    }
-}
-
-/// Commits a group of webhooks with `synchronous = FULL`: the WAL is fsynced before anyone is
-/// told "committed", so an acknowledged webhook survives power loss, not only a crash. Every
-/// other write (claims, acks, retries, dead letters, replays) commits with NORMAL — no fsync of
-/// its own — because losing one to power loss only repeats work: a lost ack resends under the
-/// same idempotency key, a lost claim or retry time makes a record due again, a lost replay
-/// leaves the dead letter in place. The next webhook commit's fsync persists them anyway.
-fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>) {
-    let outcome = (|| {
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = insert_group(conn, &group);
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        result
-    })();
-
-    match outcome {
-        Ok(results) => {
-            for ((_, reply), result) in group.into_iter().zip(results) {
-                let _ = reply.send(result);
-            }
-        }
-        Err(error) => {
-            let message = error.to_string();
-            for (_, reply) in group {
-                let _ = reply.send(Err(QueueError::Storage(message.clone())));
-            }
-        }
-    }
-}
-
-/// One transaction for the group. Inserts do not fail in normal operation (conflicts are
-/// `DO NOTHING`), so the group first goes in as it is; only if an insert fails is it redone
-/// with a savepoint per webhook, so the failing one cannot take its neighbours down with it.
-fn insert_group(
-    conn: &mut Connection,
-    group: &[(Prepared, Reply<Enqueued>)],
-) -> rusqlite::Result<Vec<Result<Enqueued, QueueError>>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let all: rusqlite::Result<Vec<Enqueued>> = group
-        .iter()
-        .map(|(webhook, _)| insert_webhook(&tx, webhook))
-        .collect();
-    if let Ok(results) = all {
-        tx.commit()?;
-        return Ok(results.into_iter().map(Ok).collect());
-    }
-    drop(tx); // rolls back
-
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut results = Vec::with_capacity(group.len());
-    for (webhook, _) in group {
-        let savepoint = tx.savepoint()?;
-        let result = insert_webhook(&savepoint, webhook);
-        if result.is_ok() {
-            savepoint.commit()?;
-        } // else: the savepoint rolls back when dropped
-        results.push(result.map_err(storage));
-    }
-    tx.commit()?;
-    Ok(results)
-}
-
-fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enqueued> {
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO webhooks (digest, body, received_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (digest) DO NOTHING",
-        )?
-        .execute(params![
-            &webhook.digest[..],
-            &webhook.body[..],
-            webhook.received_at_ms
-        ])?;
-    if inserted == 0 {
-        return Ok(Enqueued::Duplicate);
-    }
-    let webhook_id = tx.last_insert_rowid();
-    let events = insert_rows(
-        tx,
-        webhook_id,
-        webhook.received_at_ms,
-        &webhook.rows,
-        webhook.received_at_ms,
-    )?;
-    Ok(webhook.rows.outcome(events))
-}
-
-/// Inserts a webhook's records; returns how many track events were new.
-fn insert_rows(
-    tx: &Connection,
-    webhook_id: i64,
-    received_at_ms: i64,
-    rows: &Rows,
-    now_ms: i64,
-) -> rusqlite::Result<usize> {
-    match rows {
-        Rows::Records(rows) => {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                                      next_attempt_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?7)
-                 ON CONFLICT (webhook_id, key) DO NOTHING",
-            )?;
-            let mut events = 0;
-            for row in rows {
-                let new = insert.execute(params![
-                    webhook_id,
-                    row.key,
-                    row.kind.as_str(),
-                    row.subject,
-                    row.json,
-                    received_at_ms,
-                    now_ms,
-                ])?;
-                if new > 0 && row.kind == RecordKind::Track {
-                    events += 1;
-                }
-            }
-            Ok(events)
-        }
-        Rows::Quarantined {
-            key,
-            reason,
-            detail,
-            subject,
-        } => {
-            tx.prepare_cached(
-                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                                      next_attempt_at, updated_at, dead_reason, dead_detail)
-                 VALUES (?1, ?2, ?3, ?4, '', 2, ?5, ?6, ?6, ?7, ?8)
-                 ON CONFLICT (webhook_id, key) DO NOTHING",
-            )?
-            .execute(params![
-                webhook_id,
-                key,
-                QUARANTINE_KIND,
-                subject,
-                received_at_ms,
-                now_ms,
-                reason,
-                detail,
-            ])?;
-            Ok(0)
-        }
-    }
-}
-
 /// `WHERE` clause and parameters for a dead-letter filter (always restricted to dead records).
 fn filter_sql(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
     // `state <> 0` lets SQLite use the partial index `records_done`.
-    let mut sql = String::from("r.state <> 0 AND r.state = 2");
+    let mut sql = String::from(concat!(
+        "r.state <> ",
+        stored_state!(Pending),
+        " AND r.state = ",
+        stored_state!(Dead)
+    ));
     let mut values: Vec<Value> = Vec::new();
     if !filter.ids.is_empty() {
         let marks = vec!["?"; filter.ids.len()].join(",");
@@ -497,53 +222,6 @@ fn limit_sql(filter: &DeadLetterFilter) -> String {
         .limit
         .map(|limit| format!(" LIMIT {limit}"))
         .unwrap_or_default()
-}
-
-/// Leases up to `limit` due records of `kind`, oldest first, until `lease_end_ms`, in one
-/// transaction that ends early when webhooks are `waiting`; also whether fewer were due.
-fn claim_some(
-    conn: &mut Connection,
-    kind: RecordKind,
-    limit: usize,
-    now_ms: i64,
-    lease_end_ms: i64,
-    waiting: &AtomicUsize,
-) -> rusqlite::Result<(Vec<Claimed>, bool)> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut claimed: Vec<Claimed> = Vec::new();
-    let exhausted = loop {
-        let want = (limit - claimed.len()).min(BOOKKEEPING_CHUNK);
-        let chunk = {
-            let mut select = tx.prepare_cached(
-                "SELECT id, subject, json, attempts, received_at FROM records
-                 WHERE state = 0 AND kind = ?1 AND next_attempt_at <= ?2
-                 ORDER BY next_attempt_at, id LIMIT ?3",
-            )?;
-            let rows = select.query_map(params![kind.as_str(), now_ms, want as i64], |row| {
-                Ok(Claimed {
-                    id: row.get(0)?,
-                    kind,
-                    subject: row.get(1)?,
-                    json: row.get(2)?,
-                    attempts: row.get(3)?,
-                    received_at_ms: row.get(4)?,
-                })
-            })?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()?
-        };
-        let mut lease = tx
-            .prepare_cached("UPDATE records SET claimed = 1, next_attempt_at = ?1 WHERE id = ?2")?;
-        for record in &chunk {
-            lease.execute(params![lease_end_ms, record.id])?;
-        }
-        let exhausted = chunk.len() < want;
-        claimed.extend(chunk);
-        if exhausted || claimed.len() >= limit || waiting.load(Ordering::SeqCst) > 0 {
-            break exhausted;
-        }
-    };
-    tx.commit()?;
-    Ok((claimed, exhausted))
 }
 
 #[async_trait]
@@ -586,7 +264,11 @@ impl Queue for SqliteQueue {
 
     async fn renew(&self, ids: Vec<i64>, until_ms: i64) -> Result<(), QueueError> {
         self.update_many(
-            "UPDATE records SET next_attempt_at = ?1 WHERE state = 0 AND claimed = 1 AND id = ?2",
+            concat!(
+                "UPDATE records SET next_attempt_at = ?1 WHERE state = ",
+                stored_state!(Pending),
+                " AND claimed = 1 AND id = ?2"
+            ),
             ids,
             vec![Value::Integer(until_ms)],
         )
@@ -595,8 +277,14 @@ impl Queue for SqliteQueue {
 
     async fn ack(&self, ids: Vec<i64>, now_ms: i64) -> Result<(), QueueError> {
         self.update_many(
-            "UPDATE records SET state = 1, claimed = 0, json = '', updated_at = ?1
-             WHERE state = 0 AND id = ?2",
+            concat!(
+                "UPDATE records SET state = ",
+                stored_state!(Delivered),
+                ", claimed = 0, json = '', updated_at = ?1
+             WHERE state = ",
+                stored_state!(Pending),
+                " AND id = ?2"
+            ),
             ids,
             vec![Value::Integer(now_ms)],
         )
@@ -612,9 +300,13 @@ impl Queue for SqliteQueue {
     ) -> Result<(), QueueError> {
         let error = failed.then(|| Value::Text(storable(error)));
         self.update_many(
-            "UPDATE records SET claimed = 0, next_attempt_at = ?1,
+            concat!(
+                "UPDATE records SET claimed = 0, next_attempt_at = ?1,
                     attempts = attempts + ?2, last_error = COALESCE(?3, last_error)
-             WHERE state = 0 AND id = ?4",
+             WHERE state = ",
+                stored_state!(Pending),
+                " AND id = ?4"
+            ),
             ids,
             vec![
                 Value::Integer(at_ms),
@@ -633,9 +325,15 @@ impl Queue for SqliteQueue {
         now_ms: i64,
     ) -> Result<(), QueueError> {
         self.update_many(
-            "UPDATE records SET state = 2, claimed = 0, dead_reason = ?1, dead_detail = ?2,
+            concat!(
+                "UPDATE records SET state = ",
+                stored_state!(Dead),
+                ", claimed = 0, dead_reason = ?1, dead_detail = ?2,
                     updated_at = ?3
-             WHERE state = 0 AND id = ?4",
+             WHERE state = ",
+                stored_state!(Pending),
+                " AND id = ?4"
+            ),
             ids,
             vec![
                 Value::Text(storable(reason)),
@@ -658,14 +356,15 @@ impl Queue for SqliteQueue {
                 let (state, claimed, count): (i64, i64, i64) =
                     (row.get(0)?, row.get(1)?, row.get(2)?);
                 let count = count as u64;
+                let state = RecordState::from_stored(state);
                 match (state, claimed) {
-                    (PENDING, 1) => stats.in_flight += count,
-                    (PENDING, _) => stats.pending += count,
-                    (DELIVERED, _) => stats.delivered += count,
-                    (DEAD, _) => stats.dead += count,
+                    (Some(RecordState::Pending), 1) => stats.in_flight += count,
+                    (Some(RecordState::Pending), _) => stats.pending += count,
+                    (Some(RecordState::Delivered), _) => stats.delivered += count,
+                    (Some(RecordState::Dead), _) => stats.dead += count,
                     _ => {}
                 }
-                if state == PENDING {
+                if state == Some(RecordState::Pending) {
                     let oldest: Option<i64> = row.get(3)?;
                     stats.oldest_pending_ms = match (stats.oldest_pending_ms, oldest) {
                         (Some(a), Some(b)) => Some(a.min(b)),
@@ -764,8 +463,10 @@ impl Queue for SqliteQueue {
         self.call(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
-                let mut delete =
-                    tx.prepare_cached("DELETE FROM records WHERE id = ?1 AND state = 2")?;
+                let mut delete = tx.prepare_cached(concat!(
+                    "DELETE FROM records WHERE id = ?1 AND state = ",
+                    stored_state!(Dead)
+                ))?;
                 for id in &item.dead_ids {
                     delete.execute(params![id])?;
                 }
@@ -800,13 +501,25 @@ impl Queue for SqliteQueue {
         // One chunk per call into the thread, so webhooks are never stuck behind a long purge.
         for (sql, cutoff) in [
             (
-                "DELETE FROM records WHERE id IN (SELECT id FROM records
-                 WHERE state <> 0 AND state = 1 AND updated_at < ?1 LIMIT ?2)",
+                concat!(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records
+                 WHERE state <> ",
+                    stored_state!(Pending),
+                    " AND state = ",
+                    stored_state!(Delivered),
+                    " AND updated_at < ?1 LIMIT ?2)"
+                ),
                 delivered_before_ms,
             ),
             (
-                "DELETE FROM records WHERE id IN (SELECT id FROM records
-                 WHERE state <> 0 AND state = 2 AND updated_at < ?1 LIMIT ?2)",
+                concat!(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records
+                 WHERE state <> ",
+                    stored_state!(Pending),
+                    " AND state = ",
+                    stored_state!(Dead),
+                    " AND updated_at < ?1 LIMIT ?2)"
+                ),
                 dead_before_ms,
             ),
             (
@@ -833,7 +546,11 @@ impl Queue for SqliteQueue {
     async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError> {
         self.call(move |conn| {
             conn.query_row(
-                "SELECT MIN(next_attempt_at) FROM records WHERE state = 0 AND kind = ?1",
+                concat!(
+                    "SELECT MIN(next_attempt_at) FROM records WHERE state = ",
+                    stored_state!(Pending),
+                    " AND kind = ?1"
+                ),
                 params![kind.as_str()],
                 |row| row.get(0),
             )
