@@ -232,14 +232,21 @@ pub trait Queue: Send + Sync + 'static {
         error: String,
     ) -> Result<(), QueueError>;
 
-    /// Moves records to the dead letters.
+    /// Moves records to the dead letters. `failed` counts the attempt that killed them (Heap
+    /// refused the record), as [`Queue::retry_at`] counts one; without it they died unsent
+    /// (too old to send), and their count stays that of the attempts before.
     async fn dead_letter(
         &self,
         ids: Vec<i64>,
         reason: String,
         detail: String,
+        failed: bool,
         now_ms: i64,
     ) -> Result<(), QueueError>;
+
+    /// How many records of `kind` were acknowledged at or after `since_ms`: what Heap already
+    /// received in its current rate window, so a restarted forwarder starts within the budget.
+    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError>;
 
     /// When the earliest pending record of `kind` is due (or its lease ends), if any: how
     /// long the forwarder may sleep.

@@ -4,7 +4,7 @@
 //! touches records except through [`RELEASE_ORPHANS`].
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -40,8 +40,9 @@ pub fn leader_lock_key(app_id: &str) -> i64 {
 pub(super) struct Leadership {
     session: Option<tokio_postgres::Client>,
     leading: bool,
-    /// When the lock was last tried (follower) or the session last probed (leader).
-    checked_at: Option<Instant>,
+    /// When the lock was last tried (follower) or the session last probed (leader), unix ms
+    /// on the queue's clock.
+    checked_at_ms: Option<i64>,
 }
 
 impl PostgresQueue {
@@ -59,15 +60,20 @@ impl PostgresQueue {
             }
             self.step_down(&mut state);
             // Try to reconnect right away rather than after the check interval.
-            state.checked_at = None;
+            state.checked_at_ms = None;
         }
+        // The queue's clock, not the caller's `now_ms`, paces the checks: a forwarder may claim
+        // with a time of its own (tests pin it), but leadership must still be retried. A clock
+        // stepped back counts as time passed.
+        let now = self.clock.now_ms();
+        let every = LEADER_CHECK_EVERY.as_millis() as i64;
         if state
-            .checked_at
-            .is_some_and(|at| at.elapsed() < LEADER_CHECK_EVERY)
+            .checked_at_ms
+            .is_some_and(|at| (0..every).contains(&(now - at)))
         {
             return Ok(state.leading);
         }
-        state.checked_at = Some(Instant::now());
+        state.checked_at_ms = Some(now);
         let outcome = self.check_leadership(&mut state, now_ms).await;
         if outcome.is_err() {
             if state.leading {

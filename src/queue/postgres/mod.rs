@@ -84,6 +84,7 @@ use super::{
     Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook, Queue,
     QueueError, QueueStats, RecordState, ReplayItem,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
 
 mod ingest;
@@ -163,12 +164,23 @@ pub struct PostgresQueue {
     replica: String,
     leadership: Mutex<Leadership>,
     role: AtomicU8,
+    /// Paces the leadership checks (see [`LEADER_CHECK_EVERY`]).
+    clock: Arc<dyn Clock>,
 }
 
 impl PostgresQueue {
     /// Connects, applies migrations and starts the group-commit tasks. `lock_key` names the
     /// leadership lock: replicas sharing an app id pass the same key ([`leader_lock_key`]).
     pub async fn connect(url: &str, lock_key: i64) -> Result<Self, QueueError> {
+        Self::connect_with_clock(url, lock_key, Arc::new(SystemClock)).await
+    }
+
+    /// [`PostgresQueue::connect`] on the given clock.
+    pub async fn connect_with_clock(
+        url: &str,
+        lock_key: i64,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, QueueError> {
         let (url, requested) = tls::take_params(url)?;
         let mut config: tokio_postgres::Config = url
             .parse()
@@ -224,6 +236,7 @@ impl PostgresQueue {
             replica,
             leadership: Mutex::default(),
             role: AtomicU8::new(ROLE_UNKNOWN),
+            clock,
         })
     }
 
@@ -427,23 +440,47 @@ impl Queue for PostgresQueue {
         ids: Vec<i64>,
         reason: String,
         detail: String,
+        failed: bool,
         now_ms: i64,
     ) -> Result<(), QueueError> {
         let (reason, detail) = (storable(reason), storable(detail));
+        let attempts = i32::from(failed);
         self.execute(
             concat!(
                 "UPDATE records SET state = ",
                 stored_state!(Dead),
-                ", claimed = 0, claimed_by = NULL, dead_reason = $1,
-                    dead_detail = $2, updated_at = $3
-             WHERE state = ",
+                ", claimed = 0, claimed_by = NULL, dead_reason = $1, dead_detail = $2, ",
+                "updated_at = $3, attempts = attempts + $4 ",
+                "WHERE state = ",
                 stored_state!(Pending),
-                " AND id = ANY($4)"
+                " AND id = ANY($5)"
             ),
-            &[&reason, &detail, &now_ms, &ids],
+            &[&reason, &detail, &now_ms, &attempts, &ids],
         )
         .await
         .map(drop)
+    }
+
+    /// A range of the partial index `records_done` (`(state, updated_at) WHERE state <> 0`):
+    /// only the delivered records of the window are read, whatever the table's size.
+    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError> {
+        let rows = self
+            .query(
+                concat!(
+                    "SELECT COUNT(*) FROM records WHERE state <> ",
+                    stored_state!(Pending),
+                    " AND state = ",
+                    stored_state!(Delivered),
+                    " AND updated_at >= $2 AND kind = $1"
+                ),
+                &[&kind.as_str(), &since_ms],
+            )
+            .await?;
+        let count: i64 = match rows.first() {
+            Some(row) => row.try_get(0).map_err(storage)?,
+            None => 0,
+        };
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError> {

@@ -9,9 +9,14 @@
 //! is acknowledged. The forwarder's bookkeeping (claims, acks, retries) shares the thread, and
 //! its transactions end early while webhooks wait, so a webhook never waits behind a large one.
 //!
+//! A queue file removed or replaced under the running relay is noticed after the next webhook
+//! commit or readiness ping (`file`): from then on webhooks are refused, never acknowledged
+//! into an unlinked file. A file that is not an SQLite database fails at open, naming it.
+//!
 //! Here: the handle ([`SqliteQueue`]) and the [`Queue`] operations, which send their work to
 //! the thread or, for slow reads, run on a second read-only connection. The thread and its
-//! transactions live in `writer`, the DDL and migrations in `schema`.
+//! transactions live in `writer`, the DDL and migrations in `schema`, the file's identity in
+//! `file`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,10 +33,14 @@ use super::{
     Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook, Queue,
     QueueError, QueueStats, RecordState, ReplayItem,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
 
+mod file;
 mod schema;
 mod writer;
+
+use file::QueueFile;
 
 use writer::{Command, claim_some, insert_rows};
 
@@ -48,6 +57,15 @@ const BOOKKEEPING_CHUNK: usize = 100;
 /// Rows deleted per pruning statement, so pruning never holds the writer for long.
 const PRUNE_CHUNK: i64 = 5000;
 
+/// Counts delivered records of kind `?1` acknowledged (`updated_at`) since `?2`.
+const DELIVERED_SINCE: &str = concat!(
+    "SELECT COUNT(*) FROM records WHERE state <> ",
+    stored_state!(Pending),
+    " AND state = ",
+    stored_state!(Delivered),
+    " AND updated_at >= ?2 AND kind = ?1"
+);
+
 /// Handle to the queue thread. Cheap to share behind an `Arc`.
 pub struct SqliteQueue {
     commands: mpsc::Sender<Command>,
@@ -58,6 +76,10 @@ pub struct SqliteQueue {
     /// while the queue thread writes, so a metrics scrape over a large backlog never stalls
     /// ingest.
     reader: Arc<Mutex<Connection>>,
+    /// The file as opened: webhooks are refused once its path names another (or none).
+    file: Arc<QueueFile>,
+    /// Dates the heartbeat and the release of leases at start.
+    clock: Arc<dyn Clock>,
 }
 
 fn storage(error: rusqlite::Error) -> QueueError {
@@ -70,14 +92,22 @@ impl SqliteQueue {
     /// of when they run out, since only one relay forwards from a SQLite file. Tools (`dlq`)
     /// use `open`, so they never release a running relay's leases.
     pub async fn open_for_serving(path: &Path) -> Result<Self, QueueError> {
-        let queue = Self::open(path)?;
-        let now = chrono::Utc::now().timestamp_millis();
+        Self::open_for_serving_with_clock(path, Arc::new(SystemClock)).await
+    }
+
+    /// [`SqliteQueue::open_for_serving`] on the given clock.
+    pub async fn open_for_serving_with_clock(
+        path: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, QueueError> {
+        let queue = Self::open_with_clock(path, clock)?;
+        let now = queue.clock.now_ms();
         queue
             .call(move |conn| {
                 conn.execute(
                     concat!(
-                        "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
-                     WHERE state = ",
+                        "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1) ",
+                        "WHERE state = ",
                         stored_state!(Pending),
                         " AND claimed = 1"
                     ),
@@ -90,29 +120,44 @@ impl SqliteQueue {
 
     /// Opens (creating when missing) the queue file and starts its thread.
     pub fn open(path: &Path) -> Result<Self, QueueError> {
+        Self::open_with_clock(path, Arc::new(SystemClock))
+    }
+
+    /// [`SqliteQueue::open`] on the given clock. Every error names the file: a file that is
+    /// not an SQLite database (its header overwritten, say) fails here, not at the first
+    /// webhook.
+    pub fn open_with_clock(path: &Path, clock: Arc<dyn Clock>) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 QueueError::Storage(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let mut conn = Connection::open(path).map_err(storage)?;
-        schema::prepare(&mut conn).map_err(storage)?;
-        let (commands, receiver) = mpsc::channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let taken = Arc::clone(&waiting);
-        std::thread::Builder::new()
-            .name("sqlite-queue".into())
-            .spawn(move || writer::serve(conn, receiver, &taken))
-            .map_err(|e| QueueError::Storage(format!("cannot start the queue thread: {e}")))?;
+        let in_file = |error: rusqlite::Error| {
+            QueueError::Storage(format!("queue file {}: {error}", path.display()))
+        };
+        let mut conn = Connection::open(path).map_err(in_file)?;
+        schema::prepare(&mut conn).map_err(in_file)?;
         let reader =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage)?;
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(in_file)?;
         reader
             .busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(storage)?;
+            .map_err(in_file)?;
+        // After the connections: they keep the database, its WAL and shared memory open, so
+        // SQLite never recreates them under the names recorded.
+        let file = Arc::new(QueueFile::record(path)?);
+        let (commands, receiver) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let (taken, checked) = (Arc::clone(&waiting), Arc::clone(&file));
+        std::thread::Builder::new()
+            .name("sqlite-queue".into())
+            .spawn(move || writer::serve(conn, receiver, &taken, &checked))
+            .map_err(|e| QueueError::Storage(format!("cannot start the queue thread: {e}")))?;
         Ok(Self {
             commands,
             waiting,
             reader: Arc::new(Mutex::new(reader)),
+            file,
+            clock,
         })
     }
 
@@ -227,6 +272,8 @@ fn limit_sql(filter: &DeadLetterFilter) -> String {
 #[async_trait]
 impl Queue for SqliteQueue {
     async fn enqueue(&self, webhook: NewWebhook) -> Result<Enqueued, QueueError> {
+        // The queue thread checks the file after each commit; once it is lost, refuse here.
+        self.file.refuse_if_lost()?;
         let (reply, result) = oneshot::channel();
         let webhook = Command::Enqueue(webhook.into(), reply);
         self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -322,25 +369,38 @@ impl Queue for SqliteQueue {
         ids: Vec<i64>,
         reason: String,
         detail: String,
+        failed: bool,
         now_ms: i64,
     ) -> Result<(), QueueError> {
         self.update_many(
             concat!(
                 "UPDATE records SET state = ",
                 stored_state!(Dead),
-                ", claimed = 0, dead_reason = ?1, dead_detail = ?2,
-                    updated_at = ?3
-             WHERE state = ",
+                ", claimed = 0, dead_reason = ?1, dead_detail = ?2, updated_at = ?3, ",
+                "attempts = attempts + ?4 ",
+                "WHERE state = ",
                 stored_state!(Pending),
-                " AND id = ?4"
+                " AND id = ?5"
             ),
             ids,
             vec![
                 Value::Text(storable(reason)),
                 Value::Text(storable(detail)),
                 Value::Integer(now_ms),
+                Value::Integer(i64::from(failed)),
             ],
         )
+        .await
+    }
+
+    /// A range of the partial index `records_done` (`state <> 0`, then `(state, updated_at)`):
+    /// only the delivered records of the window are read, whatever the table's size.
+    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError> {
+        self.read(move |conn| {
+            conn.prepare_cached(DELIVERED_SINCE)?
+                .query_row(params![kind.as_str(), since_ms], |row| row.get::<_, i64>(0))
+                .map(|count| count as u64)
+        })
         .await
     }
 
@@ -377,16 +437,19 @@ impl Queue for SqliteQueue {
         .await
     }
 
+    /// A heartbeat write, then whether the path still names the file written to (a write to
+    /// a removed file succeeds, and is lost at the next start).
     async fn ping(&self) -> Result<(), QueueError> {
-        self.call(|conn| {
+        let (now, file) = (self.clock.now_ms(), Arc::clone(&self.file));
+        self.call(move |conn| {
             conn.execute(
                 "INSERT INTO heartbeat (id, at) VALUES (1, ?1)
                  ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                params![chrono::Utc::now().timestamp_millis()],
-            )
-            .map(|_| ())
+                params![now],
+            )?;
+            Ok(file.check())
         })
-        .await
+        .await?
     }
 
     async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
@@ -558,5 +621,49 @@ impl Queue for SqliteQueue {
             .map(Option::flatten)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What SQLite's planner makes of `sql` on a fresh queue file.
+    fn plan(sql: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        drop(SqliteQueue::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = statement
+            .query_map(params!["track", 0], |row| row.get::<_, String>(3))
+            .unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+    }
+
+    #[test]
+    fn delivered_since_reads_a_range_of_the_done_index_not_the_table() {
+        let plan = plan(DELIVERED_SINCE);
+        assert!(
+            plan.contains("USING INDEX records_done (state=? AND updated_at>?)"),
+            "{plan}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_fails_at_open_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        // A queue file closed cleanly (no WAL left whose copy of page 1 would stand in for it).
+        let conn = Connection::open(&path).unwrap();
+        schema::prepare(&mut { conn }).unwrap();
+        assert!(!dir.path().join("queue.sqlite3-wal").exists());
+        // The 100-byte header overwritten, as by a stray `dd` or a restore gone wrong.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..100].fill(b'x');
+        std::fs::write(&path, bytes).unwrap();
+        let error = SqliteQueue::open(&path).err().unwrap().to_string();
+        assert!(error.contains(&path.display().to_string()), "{error}");
+        assert!(error.contains("not a database"), "{error}");
     }
 }

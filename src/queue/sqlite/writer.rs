@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
+use super::file::QueueFile;
 use super::{BOOKKEEPING_CHUNK, storage};
 use crate::heap::wire::RecordKind;
 use crate::queue::prepared::{Prepared, Rows};
@@ -29,6 +30,7 @@ pub(super) fn serve(
     mut conn: Connection,
     commands: mpsc::Receiver<Command>,
     waiting: &AtomicUsize,
+    file: &QueueFile,
 ) {
     let mut next: Option<Command> = None;
     loop {
@@ -57,7 +59,7 @@ pub(super) fn serve(
                         Err(_) => break,
                     }
                 }
-                commit_group(&mut conn, group);
+                commit_group(&mut conn, group, file);
             }
         }
     }
@@ -69,7 +71,12 @@ pub(super) fn serve(
 /// its own — because losing one to power loss only repeats work: a lost ack resends under the
 /// same idempotency key, a lost claim or retry time makes a record due again, a lost replay
 /// leaves the dead letter in place. The next webhook commit's fsync persists them anyway.
-fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>) {
+///
+/// After the commit, and before anyone hears of it, the group makes sure the path still names
+/// the file it went into (see [`QueueFile`]): one `stat` of each of the three files, a few
+/// microseconds against the commit's fsync. A group committed into a removed file is answered
+/// with the error, so nothing is acknowledged that the next start would not find.
+fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>, file: &QueueFile) {
     let outcome = (|| {
         conn.pragma_update(None, "synchronous", "FULL")?;
         let result = insert_group(conn, &group);
@@ -77,8 +84,14 @@ fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>) 
         result
     })();
 
-    match outcome {
-        Ok(results) => {
+    match outcome.map(|results| (results, file.check())) {
+        Ok((_, Err(lost))) => {
+            let message = lost.to_string();
+            for (_, reply) in group {
+                let _ = reply.send(Err(QueueError::Storage(message.clone())));
+            }
+        }
+        Ok((results, Ok(()))) => {
             for ((_, reply), result) in group.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
