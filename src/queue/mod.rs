@@ -8,21 +8,17 @@
 //! to the lease's end, so a crashed worker's records come back by themselves; ack, retry and
 //! dead-letter end the lease. All times are unix milliseconds and come in as arguments.
 
-/// The stored integer of a [`RecordState`] as a literal token, so SQL text can spell it with
-/// `concat!` and stay a `&'static str` with the literal in it: SQLite uses a partial index
-/// (`WHERE state = 0`) only for a query that names the same literal, which a bound parameter
-/// is not. The one place the integers are written; [`RecordState`] takes its discriminants
-/// from here. They are a durable format: never renumber them.
-macro_rules! stored_state {
-    (Pending) => {
-        0
-    };
-    (Delivered) => {
-        1
-    };
-    (Dead) => {
-        2
-    };
+/// The SQL text `template` (a constant) with `{pending}`, `{delivered}` and `{dead}` spelled as
+/// the [`RecordState`]s' stored integers, made once per call site and kept as a `&'static str`
+/// (statements are prepared from it, and cached). Literals, not bound parameters: SQLite uses
+/// a partial index (`WHERE state = 0`) only for a query that names the same literal.
+macro_rules! sql {
+    ($template:expr) => {{
+        const TEMPLATE: &str = $template;
+        static SQL: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| $crate::queue::spell_states(TEMPLATE));
+        SQL.as_str()
+    }};
 }
 
 pub mod postgres;
@@ -46,17 +42,18 @@ pub enum QueueError {
     Closed,
 }
 
-/// Where a record is in its life, stored as an integer in `records.state` by both backends
-/// (see [`stored_state!`] for why SQL spells it as a literal).
+/// Where a record is in its life, stored as an integer in `records.state` by both backends.
+/// The integers are a durable format (files and databases hold them): never renumber them.
+/// SQL text spells them through [`spell_states`] (the `sql!` macro), never by hand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
 pub enum RecordState {
     /// Waiting to be sent, due at `next_attempt_at` (or leased until then while `claimed`).
-    Pending = stored_state!(Pending),
+    Pending = 0,
     /// Acknowledged by Heap at `updated_at`.
-    Delivered = stored_state!(Delivered),
+    Delivered = 1,
     /// A dead letter since `updated_at`: refused, expired, or quarantined at ingest.
-    Dead = stored_state!(Dead),
+    Dead = 2,
 }
 
 impl RecordState {
@@ -71,6 +68,19 @@ impl RecordState {
             .into_iter()
             .find(|state| i64::from(state.stored()) == stored)
     }
+}
+
+/// `template` with `{pending}`, `{delivered}` and `{dead}` replaced by the stored integers.
+pub(crate) fn spell_states(template: &str) -> String {
+    [
+        ("{pending}", RecordState::Pending),
+        ("{delivered}", RecordState::Delivered),
+        ("{dead}", RecordState::Dead),
+    ]
+    .into_iter()
+    .fold(template.to_owned(), |sql, (name, state)| {
+        sql.replace(name, &state.stored().to_string())
+    })
 }
 
 /// A verified webhook and what the mapper made of it.
@@ -299,13 +309,9 @@ mod tests {
         }
         assert_eq!(RecordState::from_stored(3), None);
         assert_eq!(
-            concat!(
-                "state = ",
-                stored_state!(Pending),
-                " OR state = ",
-                stored_state!(Dead)
-            ),
-            "state = 0 OR state = 2"
+            spell_states("state IN ({pending}, {delivered}) OR state = {dead}"),
+            "state IN (0, 1) OR state = 2"
         );
+        assert_eq!(sql!("WHERE state = {pending}"), "WHERE state = 0");
     }
 }

@@ -302,14 +302,12 @@ pub(super) async fn insert_rows(
         Rows::Records(rows) if rows.is_empty() => Ok(0),
         Rows::Records(rows) => {
             let statement = tx
-                .prepare_cached(concat!(
+                .prepare_cached(sql!(
                     "INSERT INTO records (webhook_id, key, kind, subject, json, state,
-                                          received_at, next_attempt_at, updated_at)
-                     SELECT $1, u.key, u.kind, u.subject, u.json, ",
-                    stored_state!(Pending),
-                    ", $6, $7, $7
+                     received_at, next_attempt_at, updated_at)
+                     SELECT $1, u.key, u.kind, u.subject, u.json, {pending}, $6, $7, $7
                      FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[])
-                          WITH ORDINALITY AS u(key, kind, subject, json, n)
+                     WITH ORDINALITY AS u(key, kind, subject, json, n)
                      ORDER BY u.n
                      ON CONFLICT (webhook_id, key) DO NOTHING
                      RETURNING kind"
@@ -351,13 +349,11 @@ pub(super) async fn insert_rows(
             subject,
         } => {
             let statement = tx
-                .prepare_cached(concat!(
+                .prepare_cached(sql!(
                     "INSERT INTO records (webhook_id, key, kind, subject, json, state,
-                                          received_at, next_attempt_at, updated_at,
-                                          dead_reason, dead_detail)
-                     VALUES ($1, $2, $3, $4, '', ",
-                    stored_state!(Dead),
-                    ", $5, $6, $6, $7, $8)
+                     received_at, next_attempt_at, updated_at,
+                     dead_reason, dead_detail)
+                     VALUES ($1, $2, $3, $4, '', {dead}, $5, $6, $6, $7, $8)
                      ON CONFLICT (webhook_id, key) DO NOTHING"
                 ))
                 .await

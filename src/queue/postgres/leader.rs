@@ -14,14 +14,10 @@ use super::{CONNECT_TIMEOUT, PostgresQueue, QueueError, storage, timed_out};
 pub const LEADER_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Releases the leases of replicas that have no session left; `$1` now, `$2` this replica.
-const RELEASE_ORPHANS: &str = concat!(
-    "
+const RELEASE_ORPHANS: &str = "
 UPDATE records SET claimed = 0, claimed_by = NULL, next_attempt_at = LEAST(next_attempt_at, $1)
-WHERE state = ",
-    stored_state!(Pending),
-    " AND claimed = 1 AND claimed_by IS DISTINCT FROM $2
-  AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = records.claimed_by)"
-);
+WHERE state = {pending} AND claimed = 1 AND claimed_by IS DISTINCT FROM $2
+  AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = records.claimed_by)";
 
 pub(super) const ROLE_UNKNOWN: u8 = 0;
 pub(super) const ROLE_LEADER: u8 = 1;
@@ -126,7 +122,7 @@ impl PostgresQueue {
         // The probe: proves the session alive and frees the leases of replicas that are gone.
         let released = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            session.execute(RELEASE_ORPHANS, &[&now_ms, &self.replica]),
+            session.execute(sql!(RELEASE_ORPHANS), &[&now_ms, &self.replica]),
         )
         .await
         .map_err(|_| timed_out("leader probe"))?

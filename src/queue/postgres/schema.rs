@@ -5,6 +5,7 @@
 use deadpool_postgres::Pool;
 
 use super::{QueueError, storage, unavailable};
+use crate::queue::spell_states;
 
 /// The schema version this code writes (table `schema_version`). Add a migration to bump it.
 const SCHEMA_VERSION: i32 = 2;
@@ -13,8 +14,9 @@ const SCHEMA_VERSION: i32 = 2;
 const MIGRATION_LOCK: i64 = 0x7265_6c61_796d_6967;
 
 /// Version 1. Mirrors the SQLite schema, plus `claimed_by` (which replica holds the lease).
-const SCHEMA_V1: &str = concat!(
-    "
+/// Migrations are templates: `{pending}` and the others are [`crate::queue::RecordState`]'s
+/// integers, spelled by [`spell_states`] when applied.
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS webhooks (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     digest      BYTEA  NOT NULL UNIQUE,  -- SHA-256 of the verified body
@@ -29,14 +31,7 @@ CREATE TABLE IF NOT EXISTS records (
     kind            TEXT    NOT NULL,         -- RecordKind::as_str() or 'webhook' (quarantine)
     subject         TEXT    NOT NULL,         -- identity or account id
     json            TEXT    NOT NULL,         -- element of Heap's bulk array; '' once delivered
-    state           INTEGER NOT NULL,         -- ",
-    stored_state!(Pending),
-    " pending, ",
-    stored_state!(Delivered),
-    " delivered, ",
-    stored_state!(Dead),
-    " dead",
-    "
+    state           INTEGER NOT NULL,         -- {pending} pending, {delivered} delivered, {dead} dead
     claimed         INTEGER NOT NULL DEFAULT 0,
     claimed_by      TEXT,                     -- application_name of the claiming replica
     attempts        INTEGER NOT NULL DEFAULT 0,
@@ -47,22 +42,15 @@ CREATE TABLE IF NOT EXISTS records (
     dead_reason     TEXT,
     dead_detail     TEXT
 );
-CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at, id) WHERE state = ",
-    stored_state!(Pending),
-    ";
-CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> ",
-    stored_state!(Pending),
-    ";
+CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at, id) WHERE state = {pending};
+CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> {pending};
 CREATE INDEX IF NOT EXISTS records_webhook ON records (webhook_id);
-CREATE INDEX IF NOT EXISTS records_leased ON records (claimed_by) WHERE state = ",
-    stored_state!(Pending),
-    " AND claimed = 1;
+CREATE INDEX IF NOT EXISTS records_leased ON records (claimed_by) WHERE state = {pending} AND claimed = 1;
 CREATE TABLE IF NOT EXISTS heartbeat (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     at TIMESTAMPTZ NOT NULL
 );
-"
-);
+";
 
 /// Version 2: a record key is unique within its webhook instead of globally. Keys derive from
 /// the webhook's digest, unique already; `(webhook_id, key)` grows at its right edge, where the
@@ -103,7 +91,9 @@ pub(super) async fn migrate(pool: &Pool) -> Result<(), QueueError> {
         )));
     }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-        tx.batch_execute(sql).await.map_err(storage)?;
+        tx.batch_execute(&spell_states(sql))
+            .await
+            .map_err(storage)?;
         tx.execute(
             "INSERT INTO schema_version (version) VALUES ($1)",
             &[version],

@@ -1,6 +1,6 @@
-//! TLS for every connection: libpq's `sslmode` and `sslrootcert` over rustls (see the
-//! [`super`] docs). tokio-postgres itself knows only `disable`, `prefer` and `require`, so the URL's
-//! `sslmode` and `sslrootcert` are taken out of it here and the rest is handed over.
+//! TLS for every connection: libpq's `sslmode` and `sslrootcert` over rustls (see [`super`]).
+//! tokio-postgres itself knows only `disable`, `prefer` and `require`, so the URL's `sslmode`
+//! and `sslrootcert` are taken out of it here and the rest is handed over.
 
 use std::sync::Arc;
 

@@ -58,13 +58,8 @@ const BOOKKEEPING_CHUNK: usize = 100;
 const PRUNE_CHUNK: i64 = 5000;
 
 /// Counts delivered records of kind `?1` acknowledged (`updated_at`) since `?2`.
-const DELIVERED_SINCE: &str = concat!(
-    "SELECT COUNT(*) FROM records WHERE state <> ",
-    stored_state!(Pending),
-    " AND state = ",
-    stored_state!(Delivered),
-    " AND updated_at >= ?2 AND kind = ?1"
-);
+const DELIVERED_SINCE: &str = "SELECT COUNT(*) FROM records
+    WHERE state <> {pending} AND state = {delivered} AND updated_at >= ?2 AND kind = ?1";
 
 /// Handle to the queue thread. Cheap to share behind an `Arc`.
 pub struct SqliteQueue {
@@ -105,11 +100,9 @@ impl SqliteQueue {
         queue
             .call(move |conn| {
                 conn.execute(
-                    concat!(
-                        "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1) ",
-                        "WHERE state = ",
-                        stored_state!(Pending),
-                        " AND claimed = 1"
+                    sql!(
+                        "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
+                         WHERE state = {pending} AND claimed = 1"
                     ),
                     params![now],
                 )
@@ -235,12 +228,7 @@ impl SqliteQueue {
 /// `WHERE` clause and parameters for a dead-letter filter (always restricted to dead records).
 fn filter_sql(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
     // `state <> 0` lets SQLite use the partial index `records_done`.
-    let mut sql = String::from(concat!(
-        "r.state <> ",
-        stored_state!(Pending),
-        " AND r.state = ",
-        stored_state!(Dead)
-    ));
+    let mut sql = String::from(sql!("r.state <> {pending} AND r.state = {dead}"));
     let mut values: Vec<Value> = Vec::new();
     if !filter.ids.is_empty() {
         let marks = vec!["?"; filter.ids.len()].join(",");
@@ -311,10 +299,9 @@ impl Queue for SqliteQueue {
 
     async fn renew(&self, ids: Vec<i64>, until_ms: i64) -> Result<(), QueueError> {
         self.update_many(
-            concat!(
-                "UPDATE records SET next_attempt_at = ?1 WHERE state = ",
-                stored_state!(Pending),
-                " AND claimed = 1 AND id = ?2"
+            sql!(
+                "UPDATE records SET next_attempt_at = ?1
+                 WHERE state = {pending} AND claimed = 1 AND id = ?2"
             ),
             ids,
             vec![Value::Integer(until_ms)],
@@ -324,13 +311,9 @@ impl Queue for SqliteQueue {
 
     async fn ack(&self, ids: Vec<i64>, now_ms: i64) -> Result<(), QueueError> {
         self.update_many(
-            concat!(
-                "UPDATE records SET state = ",
-                stored_state!(Delivered),
-                ", claimed = 0, json = '', updated_at = ?1
-             WHERE state = ",
-                stored_state!(Pending),
-                " AND id = ?2"
+            sql!(
+                "UPDATE records SET state = {delivered}, claimed = 0, json = '', updated_at = ?1
+                 WHERE state = {pending} AND id = ?2"
             ),
             ids,
             vec![Value::Integer(now_ms)],
@@ -347,12 +330,10 @@ impl Queue for SqliteQueue {
     ) -> Result<(), QueueError> {
         let error = failed.then(|| Value::Text(storable(error)));
         self.update_many(
-            concat!(
+            sql!(
                 "UPDATE records SET claimed = 0, next_attempt_at = ?1,
-                    attempts = attempts + ?2, last_error = COALESCE(?3, last_error)
-             WHERE state = ",
-                stored_state!(Pending),
-                " AND id = ?4"
+                 attempts = attempts + ?2, last_error = COALESCE(?3, last_error)
+                 WHERE state = {pending} AND id = ?4"
             ),
             ids,
             vec![
@@ -373,14 +354,10 @@ impl Queue for SqliteQueue {
         now_ms: i64,
     ) -> Result<(), QueueError> {
         self.update_many(
-            concat!(
-                "UPDATE records SET state = ",
-                stored_state!(Dead),
-                ", claimed = 0, dead_reason = ?1, dead_detail = ?2, updated_at = ?3, ",
-                "attempts = attempts + ?4 ",
-                "WHERE state = ",
-                stored_state!(Pending),
-                " AND id = ?5"
+            sql!(
+                "UPDATE records SET state = {dead}, claimed = 0, dead_reason = ?1, dead_detail = ?2,
+                        updated_at = ?3, attempts = attempts + ?4
+                 WHERE state = {pending} AND id = ?5"
             ),
             ids,
             vec![
@@ -397,7 +374,7 @@ impl Queue for SqliteQueue {
     /// only the delivered records of the window are read, whatever the table's size.
     async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError> {
         self.read(move |conn| {
-            conn.prepare_cached(DELIVERED_SINCE)?
+            conn.prepare_cached(sql!(DELIVERED_SINCE))?
                 .query_row(params![kind.as_str(), since_ms], |row| row.get::<_, i64>(0))
                 .map(|count| count as u64)
         })
@@ -526,10 +503,8 @@ impl Queue for SqliteQueue {
         self.call(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
-                let mut delete = tx.prepare_cached(concat!(
-                    "DELETE FROM records WHERE id = ?1 AND state = ",
-                    stored_state!(Dead)
-                ))?;
+                let mut delete = tx
+                    .prepare_cached(sql!("DELETE FROM records WHERE id = ?1 AND state = {dead}"))?;
                 for id in &item.dead_ids {
                     delete.execute(params![id])?;
                 }
@@ -564,24 +539,16 @@ impl Queue for SqliteQueue {
         // One chunk per call into the thread, so webhooks are never stuck behind a long purge.
         for (sql, cutoff) in [
             (
-                concat!(
+                sql!(
                     "DELETE FROM records WHERE id IN (SELECT id FROM records
-                 WHERE state <> ",
-                    stored_state!(Pending),
-                    " AND state = ",
-                    stored_state!(Delivered),
-                    " AND updated_at < ?1 LIMIT ?2)"
+                     WHERE state <> {pending} AND state = {delivered} AND updated_at < ?1 LIMIT ?2)"
                 ),
                 delivered_before_ms,
             ),
             (
-                concat!(
+                sql!(
                     "DELETE FROM records WHERE id IN (SELECT id FROM records
-                 WHERE state <> ",
-                    stored_state!(Pending),
-                    " AND state = ",
-                    stored_state!(Dead),
-                    " AND updated_at < ?1 LIMIT ?2)"
+                     WHERE state <> {pending} AND state = {dead} AND updated_at < ?1 LIMIT ?2)"
                 ),
                 dead_before_ms,
             ),
@@ -609,10 +576,8 @@ impl Queue for SqliteQueue {
     async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError> {
         self.call(move |conn| {
             conn.query_row(
-                concat!(
-                    "SELECT MIN(next_attempt_at) FROM records WHERE state = ",
-                    stored_state!(Pending),
-                    " AND kind = ?1"
+                sql!(
+                    "SELECT MIN(next_attempt_at) FROM records WHERE state = {pending} AND kind = ?1"
                 ),
                 params![kind.as_str()],
                 |row| row.get(0),
@@ -635,17 +600,31 @@ mod tests {
         drop(SqliteQueue::open(&path).unwrap());
         let conn = Connection::open(&path).unwrap();
         let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let parameters = rusqlite::params_from_iter(
+            ["track", "0", "10"]
+                .iter()
+                .take(statement.parameter_count()),
+        );
         let rows = statement
-            .query_map(params!["track", 0], |row| row.get::<_, String>(3))
+            .query_map(parameters, |row| row.get::<_, String>(3))
             .unwrap();
         rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
     }
 
     #[test]
     fn delivered_since_reads_a_range_of_the_done_index_not_the_table() {
-        let plan = plan(DELIVERED_SINCE);
+        let plan = plan(sql!(DELIVERED_SINCE));
         assert!(
             plan.contains("USING INDEX records_done (state=? AND updated_at>?)"),
+            "{plan}"
+        );
+    }
+
+    #[test]
+    fn claims_read_a_range_of_the_due_index_not_the_table() {
+        let plan = plan(sql!(writer::CLAIM_DUE));
+        assert!(
+            plan.contains("USING INDEX records_due (kind=? AND next_attempt_at<?)"),
             "{plan}"
         );
     }

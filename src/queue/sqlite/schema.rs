@@ -5,6 +5,8 @@
 
 use rusqlite::{Connection, TransactionBehavior};
 
+use crate::queue::spell_states;
+
 /// The schema version this code writes (`PRAGMA user_version`). Bump it with a migration.
 pub(super) const SCHEMA_VERSION: i64 = 2;
 
@@ -24,16 +26,16 @@ CREATE INDEX IF NOT EXISTS webhooks_received ON webhooks (received_at);
 CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
 ";
 
-/// The records table and its indexes; `{table}` is `records`, or the new table a migration
-/// fills before renaming it.
+/// The records table; `{table}` is `records`, or the new table a migration fills before
+/// renaming it. A template, as every statement naming a state: `{pending}` and the others
+/// are [`crate::queue::RecordState`]'s integers, spelled by [`spell_states`].
 ///
 /// A key is unique within its webhook, not globally: keys derive from the webhook's digest,
 /// which is unique already, so `(webhook_id, key)` — appended in id order, one right-hand leaf
 /// page per commit — does the job that a global index on random keys did at two random b-tree
 /// inserts per webhook (schema version 1). Replay relies on it to skip records a webhook
 /// still has.
-pub(super) const RECORDS: &str = concat!(
-    "
+const RECORDS: &str = "
 CREATE TABLE IF NOT EXISTS {table} (
     id              INTEGER PRIMARY KEY,
     webhook_id      INTEGER NOT NULL,
@@ -41,14 +43,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     kind            TEXT    NOT NULL,         -- RecordKind::as_str() or 'webhook' (quarantine)
     subject         TEXT    NOT NULL,         -- identity or account id
     json            TEXT    NOT NULL,         -- element of Heap's bulk array; '' once delivered
-    state           INTEGER NOT NULL,         -- ",
-    stored_state!(Pending),
-    " pending, ",
-    stored_state!(Delivered),
-    " delivered, ",
-    stored_state!(Dead),
-    " dead",
-    "
+    state           INTEGER NOT NULL,         -- {pending} pending, {delivered} delivered, {dead} dead
     claimed         INTEGER NOT NULL DEFAULT 0,
     attempts        INTEGER NOT NULL DEFAULT 0,
     received_at     INTEGER NOT NULL,
@@ -58,20 +53,15 @@ CREATE TABLE IF NOT EXISTS {table} (
     dead_reason     TEXT,
     dead_detail     TEXT
 );
-"
-);
+";
 
-const RECORDS_INDEXES: &str = concat!(
-    "
+/// The records' indexes. The partial ones serve only statements that name the same state
+/// literal as their `WHERE`, which holds because both are spelled from one template.
+const RECORDS_INDEXES: &str = "
 CREATE UNIQUE INDEX IF NOT EXISTS records_webhook_key ON records (webhook_id, key);
-CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at) WHERE state = ",
-    stored_state!(Pending),
-    ";
-CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> ",
-    stored_state!(Pending),
-    ";
-"
-);
+CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at) WHERE state = {pending};
+CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> {pending};
+";
 
 pub(super) fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -103,7 +93,7 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.execute_batch(WEBHOOKS)?;
     if version == 1 {
         // Version 1 declared `key UNIQUE` on the column, which only a rebuild can drop.
-        tx.execute_batch(&RECORDS.replace("{table}", "records_v2"))?;
+        tx.execute_batch(&spell_states(RECORDS).replace("{table}", "records_v2"))?;
         tx.execute_batch(
             "INSERT INTO records_v2 SELECT * FROM records;
              DROP TABLE records;
@@ -111,9 +101,9 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         )?;
         tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated");
     } else {
-        tx.execute_batch(&RECORDS.replace("{table}", "records"))?;
+        tx.execute_batch(&spell_states(RECORDS).replace("{table}", "records"))?;
     }
-    tx.execute_batch(RECORDS_INDEXES)?;
+    tx.execute_batch(&spell_states(RECORDS_INDEXES))?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
 }

@@ -172,12 +172,10 @@ pub(super) fn insert_rows(
 ) -> rusqlite::Result<usize> {
     match rows {
         Rows::Records(rows) => {
-            let mut insert = tx.prepare_cached(concat!(
+            let mut insert = tx.prepare_cached(sql!(
                 "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                                      next_attempt_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ",
-                stored_state!(Pending),
-                ", ?6, ?7, ?7)
+                 next_attempt_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, {pending}, ?6, ?7, ?7)
                  ON CONFLICT (webhook_id, key) DO NOTHING"
             ))?;
             let mut events = 0;
@@ -203,12 +201,10 @@ pub(super) fn insert_rows(
             detail,
             subject,
         } => {
-            tx.prepare_cached(concat!(
+            tx.prepare_cached(sql!(
                 "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                                      next_attempt_at, updated_at, dead_reason, dead_detail)
-                 VALUES (?1, ?2, ?3, ?4, '', ",
-                stored_state!(Dead),
-                ", ?5, ?6, ?6, ?7, ?8)
+                 next_attempt_at, updated_at, dead_reason, dead_detail)
+                 VALUES (?1, ?2, ?3, ?4, '', {dead}, ?5, ?6, ?6, ?7, ?8)
                  ON CONFLICT (webhook_id, key) DO NOTHING"
             ))?
             .execute(params![
@@ -226,6 +222,12 @@ pub(super) fn insert_rows(
     }
 }
 
+/// The oldest due records of kind `?1` at `?2`, at most `?3`: a range of the partial index
+/// `records_due`, which only a statement naming its `state = 0` literal may use.
+pub(super) const CLAIM_DUE: &str = "SELECT id, subject, json, attempts, received_at FROM records
+    WHERE state = {pending} AND kind = ?1 AND next_attempt_at <= ?2
+    ORDER BY next_attempt_at, id LIMIT ?3";
+
 /// Leases up to `limit` due records of `kind`, oldest first, until `lease_end_ms`, in one
 /// transaction that ends early when webhooks are `waiting`; also whether fewer were due.
 pub(super) fn claim_some(
@@ -241,13 +243,7 @@ pub(super) fn claim_some(
     let exhausted = loop {
         let want = (limit - claimed.len()).min(BOOKKEEPING_CHUNK);
         let chunk = {
-            let mut select = tx.prepare_cached(concat!(
-                "SELECT id, subject, json, attempts, received_at FROM records
-                 WHERE state = ",
-                stored_state!(Pending),
-                " AND kind = ?1 AND next_attempt_at <= ?2
-                 ORDER BY next_attempt_at, id LIMIT ?3"
-            ))?;
+            let mut select = tx.prepare_cached(sql!(CLAIM_DUE))?;
             let rows = select.query_map(params![kind.as_str(), now_ms, want as i64], |row| {
                 Ok(Claimed {
                     id: row.get(0)?,
