@@ -68,16 +68,18 @@ type Leadership = Box<dyn Fn() -> bool + Send + Sync>;
 /// forwarder learns whether it is the one forwarding.
 async fn open_queue_for_serving(
     settings: &Settings,
+    clock: Arc<dyn Clock>,
 ) -> Result<(Arc<dyn Queue>, Leadership), AppError> {
     match settings.queue.backend {
         Backend::Sqlite => {
-            let queue = SqliteQueue::open_for_serving(&settings.queue.path).await?;
+            let queue =
+                SqliteQueue::open_for_serving_with_clock(&settings.queue.path, clock).await?;
             Ok((Arc::new(queue), Box::new(|| true)))
         }
         // Shared by replicas: leases are never released at startup (another replica may be
         // sending them); the leader frees those of replicas that are gone.
         Backend::Postgres => {
-            let queue = connect_postgres(settings).await?;
+            let queue = connect_postgres(settings, clock).await?;
             let leader = queue.clone();
             Ok((queue, Box::new(move || leader.is_leader())))
         }
@@ -87,13 +89,18 @@ async fn open_queue_for_serving(
 /// The shared Postgres queue. The replicas serving one Heap app id elect one forwarder among
 /// themselves (see [`crate::queue::postgres`]).
 async fn open_postgres(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
-    Ok(connect_postgres(settings).await?)
+    Ok(connect_postgres(settings, Arc::new(SystemClock)).await?)
 }
 
-async fn connect_postgres(settings: &Settings) -> Result<Arc<PostgresQueue>, AppError> {
+async fn connect_postgres(
+    settings: &Settings,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<PostgresQueue>, AppError> {
     let lock_key = leader_lock_key(settings.heap.app_id.as_str());
     let url = settings.queue.postgres_url.expose();
-    Ok(Arc::new(PostgresQueue::connect(url, lock_key).await?))
+    Ok(Arc::new(
+        PostgresQueue::connect_with_clock(url, lock_key, clock).await?,
+    ))
 }
 
 /// The mapper as configured.
@@ -119,7 +126,7 @@ impl App {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AppError> {
-        let (queue, leadership) = open_queue_for_serving(&settings).await?;
+        let (queue, leadership) = open_queue_for_serving(&settings, clock.clone()).await?;
         let heap = &settings.heap;
         let client = HeapClient::new(&heap.base_url, &heap.app_id, heap.timeout, clock.clone())?;
         let limits = Limits::new(

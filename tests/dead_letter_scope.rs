@@ -1,7 +1,12 @@
 //! What a replay or purge applies to (contract §4, §6): one `id`, a filter, or `all`; an empty
 //! selection is refused with 400 `no_scope` (HTTP) or an error naming the choices (CLI), never
 //! taken to mean every dead letter. Also `limit=0` and the admin token's scheme spelling.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::disallowed_methods
+)]
 
 mod support;
 

@@ -411,6 +411,7 @@ async fn queue_in_every_state() -> (SqliteQueue, Mapper, tempfile::TempDir) {
             vec![id_of(&track, "u2")],
             "rejected".into(),
             "heap answered 400".into(),
+            false,
             T0,
         )
         .await

@@ -3,8 +3,8 @@
 //! `RELAY_TEST_POSTGRES_URL`; skipped, saying so, when it is not set). It covers enqueue
 //! (accepted, duplicate, quarantined, keys unique per webhook, NUL characters), claim order /
 //! max / due time, leases (expiry, renew), ack, retry with and without an attempt, dead
-//! letters and their filters and paging, replay + requeue, purge, prune, stats, next_due_ms and
-//! ping.
+//! letters (with the attempts that led to them) and their filters and paging, replay +
+//! requeue, purge, prune, stats, next_due_ms, delivered_since and ping.
 //!
 //! Postgres only: concurrent claimers never share a record, one leader per lock key with a
 //! fast takeover of a gone replica's leases, migrations racing at startup, and failing fast
@@ -151,6 +151,7 @@ async fn text_with_nul_characters_is_stored_and_sent_intact(queue: Arc<dyn Queue
             ids(&claimed),
             "rejected".into(),
             "heap said \u{0}".into(),
+            false,
             T0,
         )
         .await
@@ -347,7 +348,13 @@ async fn retry_counts_an_attempt_only_for_a_failure(queue: Arc<dyn Queue>) {
     let claimed = claim_all(&queue, RecordKind::Track, T0 + 20).await;
     assert_eq!(claimed[0].attempts, 1);
     queue
-        .dead_letter(ids(&claimed), "rejected".into(), "no".into(), T0 + 30)
+        .dead_letter(
+            ids(&claimed),
+            "rejected".into(),
+            "no".into(),
+            false,
+            T0 + 30,
+        )
         .await
         .unwrap();
     let letters = queue
@@ -355,6 +362,100 @@ async fn retry_counts_an_attempt_only_for_a_failure(queue: Arc<dyn Queue>) {
         .await
         .unwrap();
     assert_eq!(letters[0].attempts, 1);
+}
+
+async fn dead_letters_count_every_failed_attempt_the_last_one_included(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook("w", T0, vec![track("refused"), track("expired")]))
+        .await
+        .unwrap();
+    // Three failed requests, each due again 10 ms later.
+    let failures = 3;
+    let mut now = T0;
+    for _ in 0..failures {
+        let claimed = claim_all(&queue, RecordKind::Track, now).await;
+        assert_eq!(claimed.len(), 2);
+        now += 10;
+        queue
+            .retry_at(ids(&claimed), now, true, "heap answered 503".into())
+            .await
+            .unwrap();
+    }
+    let claimed = claim_all(&queue, RecordKind::Track, now).await;
+    assert_eq!(
+        claimed.iter().map(|c| c.attempts).collect::<Vec<_>>(),
+        [failures; 2]
+    );
+    let by_key = |key: &str| claimed[keys(&claimed).iter().position(|k| k == key).unwrap()].id;
+    // Refused by Heap on a fourth request: that request counts. Too old to send: no request.
+    queue
+        .dead_letter(
+            vec![by_key("refused")],
+            "rejected".into(),
+            "400".into(),
+            true,
+            now,
+        )
+        .await
+        .unwrap();
+    queue
+        .dead_letter(
+            vec![by_key("expired")],
+            "expired".into(),
+            "old".into(),
+            false,
+            now,
+        )
+        .await
+        .unwrap();
+    let letters = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap();
+    let attempts: Vec<(String, u32)> = letters
+        .iter()
+        .map(|l| (l.reason.clone(), l.attempts))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            ("rejected".to_owned(), failures + 1),
+            ("expired".to_owned(), failures)
+        ]
+    );
+}
+
+async fn delivered_since_counts_the_acks_of_one_kind_from_the_window_start(queue: Arc<dyn Queue>) {
+    queue
+        .enqueue(webhook(
+            "w",
+            T0,
+            vec![track("a"), track("b"), track("c"), track("d"), user("u")],
+        ))
+        .await
+        .unwrap();
+    let tracks = claim_all(&queue, RecordKind::Track, T0).await;
+    let users = claim_all(&queue, RecordKind::User, T0).await;
+    let id = |key: &str| tracks[keys(&tracks).iter().position(|k| k == key).unwrap()].id;
+    queue.ack(vec![id("a")], T0 + 10).await.unwrap();
+    queue.ack(vec![id("b"), id("c")], T0 + 20).await.unwrap();
+    queue.ack(ids(&users), T0 + 20).await.unwrap();
+    // Dead at T0 + 30, and still pending: neither was received by Heap.
+    queue
+        .dead_letter(vec![id("d")], "rejected".into(), "no".into(), true, T0 + 30)
+        .await
+        .unwrap();
+
+    let since = |kind, at| {
+        let queue = Arc::clone(&queue);
+        async move { queue.delivered_since(kind, at).await.unwrap() }
+    };
+    assert_eq!(since(RecordKind::Track, T0).await, 3);
+    assert_eq!(since(RecordKind::Track, T0 + 10).await, 3, "inclusive");
+    assert_eq!(since(RecordKind::Track, T0 + 11).await, 2);
+    assert_eq!(since(RecordKind::Track, T0 + 21).await, 0);
+    assert_eq!(since(RecordKind::User, T0).await, 1);
+    assert_eq!(since(RecordKind::Account, T0).await, 0);
 }
 
 async fn dead_lettered_records_leave_the_queue_with_their_reason(queue: Arc<dyn Queue>) {
@@ -368,6 +469,7 @@ async fn dead_lettered_records_leave_the_queue_with_their_reason(queue: Arc<dyn 
             vec![claimed[1].id],
             "rejected".into(),
             "heap answered 400".into(),
+            false,
             T0 + 7,
         )
         .await
@@ -427,7 +529,7 @@ async fn four_dead_letters(queue: &Arc<dyn Queue>) -> [i64; 4] {
         (c, "rejected", 300),
     ] {
         queue
-            .dead_letter(vec![id], reason.into(), "why".into(), T0 + at)
+            .dead_letter(vec![id], reason.into(), "why".into(), false, T0 + at)
             .await
             .unwrap();
     }
@@ -507,7 +609,13 @@ async fn requeue_replaces_dead_records_and_leaves_delivered_siblings_alone(queue
     let claimed = claim_all(&queue, RecordKind::Track, T0).await;
     queue.ack(vec![claimed[0].id], T0 + 1).await.unwrap();
     queue
-        .dead_letter(vec![claimed[1].id], "rejected".into(), "no".into(), T0 + 1)
+        .dead_letter(
+            vec![claimed[1].id],
+            "rejected".into(),
+            "no".into(),
+            false,
+            T0 + 1,
+        )
         .await
         .unwrap();
 
@@ -631,7 +739,13 @@ async fn prune_forgets_old_delivered_and_dead_records_then_their_webhooks(queue:
     queue.ack(vec![by_key("d")], T0 + 10).await.unwrap();
     queue.ack(vec![by_key("r")], T0 + 60).await.unwrap();
     queue
-        .dead_letter(vec![by_key("x")], "rejected".into(), "no".into(), T0 + 20)
+        .dead_letter(
+            vec![by_key("x")],
+            "rejected".into(),
+            "no".into(),
+            false,
+            T0 + 20,
+        )
         .await
         .unwrap();
     queue
@@ -821,6 +935,8 @@ conformance!(
     renew_extends_the_lease_of_records_in_flight,
     acked_records_are_delivered_and_never_claimed_again,
     retry_counts_an_attempt_only_for_a_failure,
+    dead_letters_count_every_failed_attempt_the_last_one_included,
+    delivered_since_counts_the_acks_of_one_kind_from_the_window_start,
     dead_lettered_records_leave_the_queue_with_their_reason,
     dead_letters_filter_by_reason_subject_and_time_and_page_by_id,
     requeue_replaces_dead_records_and_leaves_delivered_siblings_alone,

@@ -210,7 +210,7 @@ impl Forwarder {
                 self.config.max_event_age.as_secs()
             );
             let expired: Vec<i64> = expired.iter().map(|r| r.id).collect();
-            self.dead_letter(expired, "expired", detail, &mut pass)
+            self.dead_letter(expired, "expired", detail, false, &mut pass)
                 .await?;
         }
 
@@ -330,7 +330,7 @@ impl Forwarder {
                         status,
                         "heap refused a record; dead-lettered"
                     );
-                    self.dead_letter(ids(&batch), "rejected", detail, pass)
+                    self.dead_letter(ids(&batch), "rejected", detail, true, pass)
                         .await?;
                 }
             }
@@ -371,6 +371,7 @@ impl Forwarder {
         ids: Vec<i64>,
         reason: &'static str,
         detail: String,
+        failed: bool,
         pass: &mut Pass,
     ) -> Result<(), QueueError> {
         pass.dead += ids.len();
@@ -378,7 +379,7 @@ impl Forwarder {
             .increment(ids.len() as u64);
         let now = self.clock.now_ms();
         self.queue
-            .dead_letter(ids, reason.to_owned(), detail, now)
+            .dead_letter(ids, reason.to_owned(), detail, failed, now)
             .await
     }
 

@@ -8,6 +8,19 @@
 //! to the lease's end, so a crashed worker's records come back by themselves; ack, retry and
 //! dead-letter end the lease. All times are unix milliseconds and come in as arguments.
 
+/// The SQL text `template` (a constant) with `{pending}`, `{delivered}` and `{dead}` spelled as
+/// the [`RecordState`]s' stored integers, made once per call site and kept as a `&'static str`
+/// (statements are prepared from it, and cached). Literals, not bound parameters: SQLite uses
+/// a partial index (`WHERE state = 0`) only for a query that names the same literal.
+macro_rules! sql {
+    ($template:expr) => {{
+        const TEMPLATE: &str = $template;
+        static SQL: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| $crate::queue::spell_states(TEMPLATE));
+        SQL.as_str()
+    }};
+}
+
 pub mod postgres;
 mod prepared;
 pub mod sqlite;
@@ -27,6 +40,47 @@ pub enum QueueError {
     Storage(String),
     #[error("queue is closed")]
     Closed,
+}
+
+/// Where a record is in its life, stored as an integer in `records.state` by both backends.
+/// The integers are a durable format (files and databases hold them): never renumber them.
+/// SQL text spells them through [`spell_states`] (the `sql!` macro), never by hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum RecordState {
+    /// Waiting to be sent, due at `next_attempt_at` (or leased until then while `claimed`).
+    Pending = 0,
+    /// Acknowledged by Heap at `updated_at`.
+    Delivered = 1,
+    /// A dead letter since `updated_at`: refused, expired, or quarantined at ingest.
+    Dead = 2,
+}
+
+impl RecordState {
+    /// The integer stored in `records.state`.
+    pub const fn stored(self) -> i32 {
+        self as i32
+    }
+
+    /// The state a stored integer stands for; `None` for one this code never writes.
+    pub fn from_stored(stored: i64) -> Option<Self> {
+        [Self::Pending, Self::Delivered, Self::Dead]
+            .into_iter()
+            .find(|state| i64::from(state.stored()) == stored)
+    }
+}
+
+/// `template` with `{pending}`, `{delivered}` and `{dead}` replaced by the stored integers.
+pub(crate) fn spell_states(template: &str) -> String {
+    [
+        ("{pending}", RecordState::Pending),
+        ("{delivered}", RecordState::Delivered),
+        ("{dead}", RecordState::Dead),
+    ]
+    .into_iter()
+    .fold(template.to_owned(), |sql, (name, state)| {
+        sql.replace(name, &state.stored().to_string())
+    })
 }
 
 /// A verified webhook and what the mapper made of it.
@@ -188,14 +242,21 @@ pub trait Queue: Send + Sync + 'static {
         error: String,
     ) -> Result<(), QueueError>;
 
-    /// Moves records to the dead letters.
+    /// Moves records to the dead letters. `failed` counts the attempt that killed them (Heap
+    /// refused the record), as [`Queue::retry_at`] counts one; without it they died unsent
+    /// (too old to send), and their count stays that of the attempts before.
     async fn dead_letter(
         &self,
         ids: Vec<i64>,
         reason: String,
         detail: String,
+        failed: bool,
         now_ms: i64,
     ) -> Result<(), QueueError>;
+
+    /// How many records of `kind` were acknowledged at or after `since_ms`: what Heap already
+    /// received in its current rate window, so a restarted forwarder starts within the budget.
+    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError>;
 
     /// When the earliest pending record of `kind` is due (or its lease ends), if any: how
     /// long the forwarder may sleep.
@@ -228,8 +289,29 @@ pub trait Queue: Send + Sync + 'static {
     /// `delivered_before_ms` (after which a redelivery is no longer recognised).
     async fn prune(&self, delivered_before_ms: i64, dead_before_ms: i64)
     -> Result<u64, QueueError>;
+}
 
-    /// How many records of `kind` were acknowledged by Heap at or after `since_ms`: what a
-    /// forwarder starting up (or taking over) has already spent of Heap's per-minute budget.
-    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError>;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_states_keep_their_stored_integers() {
+        // A durable format: files and databases written by earlier versions hold these.
+        let stored = [
+            (RecordState::Pending, 0),
+            (RecordState::Delivered, 1),
+            (RecordState::Dead, 2),
+        ];
+        for (state, integer) in stored {
+            assert_eq!(state.stored(), integer, "{state:?}");
+            assert_eq!(RecordState::from_stored(i64::from(integer)), Some(state));
+        }
+        assert_eq!(RecordState::from_stored(3), None);
+        assert_eq!(
+            spell_states("state IN ({pending}, {delivered}) OR state = {dead}"),
+            "state IN (0, 1) OR state = 2"
+        );
+        assert_eq!(sql!("WHERE state = {pending}"), "WHERE state = 0");
+    }
 }

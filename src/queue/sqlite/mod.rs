@@ -8,6 +8,15 @@
 //! down with it; if the commit itself fails, every webhook in the group gets the error and none
 //! is acknowledged. The forwarder's bookkeeping (claims, acks, retries) shares the thread, and
 //! its transactions end early while webhooks wait, so a webhook never waits behind a large one.
+//!
+//! A queue file removed or replaced under the running relay is noticed after the next webhook
+//! commit or readiness ping (`file`): from then on webhooks are refused, never acknowledged
+//! into an unlinked file. A file that is not an SQLite database fails at open, naming it.
+//!
+//! Here: the handle ([`SqliteQueue`]) and the [`Queue`] operations, which send their work to
+//! the thread or, for slow reads, run on a second read-only connection. The thread and its
+//! transactions live in `writer`, the DDL and migrations in `schema`, the file's identity in
+//! `file`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,18 +28,21 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
-use super::prepared::{Prepared, Rows, storable};
+use super::prepared::{Rows, storable};
 use super::{
-    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook,
-    QUARANTINE_KIND, Queue, QueueError, QueueStats, ReplayItem,
+    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook, Queue,
+    QueueError, QueueStats, RecordState, ReplayItem,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
 
-/// The schema version this code writes (`PRAGMA user_version`). Bump it with a migration.
-const SCHEMA_VERSION: i64 = 2;
+mod file;
+mod schema;
+mod writer;
 
-/// The most webhooks committed in one transaction.
-const MAX_GROUP: usize = 1024;
+use file::QueueFile;
+
+use writer::{Command, claim_some, insert_rows};
 
 /// Records a bookkeeping transaction (a claim, ack, retry, dead letter) touches before it looks
 /// whether webhooks are waiting for the queue thread, and if so commits early and lets them go
@@ -45,66 +57,9 @@ const BOOKKEEPING_CHUNK: usize = 100;
 /// Rows deleted per pruning statement, so pruning never holds the writer for long.
 const PRUNE_CHUNK: i64 = 5000;
 
-/// Pages of SQLite's own cache (negative: KiB), 16 MiB. The digest index takes random inserts;
-/// with SQLite's default 2 MiB, a queue holding a week of webhooks read most of its pages back
-/// from the kernel on every insert.
-const CACHE_KIB: i64 = 16 * 1024;
-
-const WEBHOOKS: &str = "
-CREATE TABLE IF NOT EXISTS webhooks (
-    id          INTEGER PRIMARY KEY,
-    digest      BLOB    NOT NULL UNIQUE,  -- SHA-256 of the verified body
-    body        BLOB    NOT NULL,         -- the verified body, for replay
-    received_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhooks_received ON webhooks (received_at);
-CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
-";
-
-/// The records table and its indexes; `{table}` is `records`, or the new table a migration
-/// fills before renaming it.
-///
-/// A key is unique within its webhook, not globally: keys derive from the webhook's digest,
-/// which is unique already, so `(webhook_id, key)` — appended in id order, one right-hand leaf
-/// page per commit — does the job that a global index on random keys did at two random b-tree
-/// inserts per webhook (schema version 1). Replay relies on it to skip records a webhook
-/// still has.
-const RECORDS: &str = "
-CREATE TABLE IF NOT EXISTS {table} (
-    id              INTEGER PRIMARY KEY,
-    webhook_id      INTEGER NOT NULL,
-    key             TEXT    NOT NULL,         -- idempotency key (track) or kind:digest
-    kind            TEXT    NOT NULL,         -- RecordKind::as_str() or 'webhook' (quarantine)
-    subject         TEXT    NOT NULL,         -- identity or account id
-    json            TEXT    NOT NULL,         -- element of Heap's bulk array; '' once delivered
-    state           INTEGER NOT NULL,         -- 0 pending, 1 delivered, 2 dead
-    claimed         INTEGER NOT NULL DEFAULT 0,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    received_at     INTEGER NOT NULL,
-    next_attempt_at INTEGER NOT NULL,         -- due time, or the lease's end while claimed
-    updated_at      INTEGER NOT NULL,         -- delivered / dead since
-    last_error      TEXT,
-    dead_reason     TEXT,
-    dead_detail     TEXT
-);
-";
-
-const RECORDS_INDEXES: &str = "
-CREATE UNIQUE INDEX IF NOT EXISTS records_webhook_key ON records (webhook_id, key);
-CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at) WHERE state = 0;
-CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> 0;
-";
-
-const PENDING: i64 = 0;
-const DELIVERED: i64 = 1;
-const DEAD: i64 = 2;
-
-type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
-
-enum Command {
-    Enqueue(Prepared, Reply<Enqueued>),
-    Call(Box<dyn FnOnce(&mut Connection) + Send>),
-}
+/// Counts delivered records of kind `?1` acknowledged (`updated_at`) since `?2`.
+const DELIVERED_SINCE: &str = "SELECT COUNT(*) FROM records
+    WHERE state <> {pending} AND state = {delivered} AND updated_at >= ?2 AND kind = ?1";
 
 /// Handle to the queue thread. Cheap to share behind an `Arc`.
 pub struct SqliteQueue {
@@ -116,6 +71,10 @@ pub struct SqliteQueue {
     /// while the queue thread writes, so a metrics scrape over a large backlog never stalls
     /// ingest.
     reader: Arc<Mutex<Connection>>,
+    /// The file as opened: webhooks are refused once its path names another (or none).
+    file: Arc<QueueFile>,
+    /// Dates the heartbeat and the release of leases at start.
+    clock: Arc<dyn Clock>,
 }
 
 fn storage(error: rusqlite::Error) -> QueueError {
@@ -128,13 +87,23 @@ impl SqliteQueue {
     /// of when they run out, since only one relay forwards from a SQLite file. Tools (`dlq`)
     /// use `open`, so they never release a running relay's leases.
     pub async fn open_for_serving(path: &Path) -> Result<Self, QueueError> {
-        let queue = Self::open(path)?;
-        let now = chrono::Utc::now().timestamp_millis();
+        Self::open_for_serving_with_clock(path, Arc::new(SystemClock)).await
+    }
+
+    /// [`SqliteQueue::open_for_serving`] on the given clock.
+    pub async fn open_for_serving_with_clock(
+        path: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, QueueError> {
+        let queue = Self::open_with_clock(path, clock)?;
+        let now = queue.clock.now_ms();
         queue
             .call(move |conn| {
                 conn.execute(
-                    "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
-                     WHERE state = 0 AND claimed = 1",
+                    sql!(
+                        "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
+                         WHERE state = {pending} AND claimed = 1"
+                    ),
                     params![now],
                 )
             })
@@ -144,29 +113,44 @@ impl SqliteQueue {
 
     /// Opens (creating when missing) the queue file and starts its thread.
     pub fn open(path: &Path) -> Result<Self, QueueError> {
+        Self::open_with_clock(path, Arc::new(SystemClock))
+    }
+
+    /// [`SqliteQueue::open`] on the given clock. Every error names the file: a file that is
+    /// not an SQLite database (its header overwritten, say) fails here, not at the first
+    /// webhook.
+    pub fn open_with_clock(path: &Path, clock: Arc<dyn Clock>) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 QueueError::Storage(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let mut conn = Connection::open(path).map_err(storage)?;
-        prepare(&mut conn).map_err(storage)?;
-        let (commands, receiver) = mpsc::channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let taken = Arc::clone(&waiting);
-        std::thread::Builder::new()
-            .name("sqlite-queue".into())
-            .spawn(move || serve(conn, receiver, &taken))
-            .map_err(|e| QueueError::Storage(format!("cannot start the queue thread: {e}")))?;
+        let in_file = |error: rusqlite::Error| {
+            QueueError::Storage(format!("queue file {}: {error}", path.display()))
+        };
+        let mut conn = Connection::open(path).map_err(in_file)?;
+        schema::prepare(&mut conn).map_err(in_file)?;
         let reader =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(storage)?;
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(in_file)?;
         reader
             .busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(storage)?;
+            .map_err(in_file)?;
+        // After the connections: they keep the database, its WAL and shared memory open, so
+        // SQLite never recreates them under the names recorded.
+        let file = Arc::new(QueueFile::record(path)?);
+        let (commands, receiver) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let (taken, checked) = (Arc::clone(&waiting), Arc::clone(&file));
+        std::thread::Builder::new()
+            .name("sqlite-queue".into())
+            .spawn(move || writer::serve(conn, receiver, &taken, &checked))
+            .map_err(|e| QueueError::Storage(format!("cannot start the queue thread: {e}")))?;
         Ok(Self {
             commands,
             waiting,
             reader: Arc::new(Mutex::new(reader)),
+            file,
+            clock,
         })
     }
 
@@ -241,236 +225,10 @@ impl SqliteQueue {
     }
 }
 
-fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // Durability is chosen per transaction (see `commit_group`): webhooks commit with FULL,
-    // the forwarder's bookkeeping with NORMAL.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // Temporary b-trees (statement journals of the per-webhook savepoints) in memory: measured
-    // 18 % less CPU on the writer thread. Checkpoints stay on the writer (SQLite's default
-    // every 1,000 pages): a separate checkpointing thread measured a worse p99 on a large file.
-    conn.pragma_update(None, "temp_store", "MEMORY")?;
-    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
-    migrate(conn)
-}
-
-/// Brings the file to [`SCHEMA_VERSION`] in one transaction (a crash leaves the old version),
-/// under SQLite's write lock, so a `dlq` command opening the file at the same time waits.
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(rusqlite::Error::InvalidParameterName(format!(
-            "queue schema version {version} is newer than this relay understands ({SCHEMA_VERSION})"
-        )));
-    }
-    if version == SCHEMA_VERSION {
-        return Ok(());
-    }
-    tx.execute_batch(WEBHOOKS)?;
-    if version == 1 {
-        // Version 1 declared `key UNIQUE` on the column, which only a rebuild can drop.
-        tx.execute_batch(&RECORDS.replace("{table}", "records_v2"))?;
-        tx.execute_batch(
-            "INSERT INTO records_v2 SELECT * FROM records;
-             DROP TABLE records;
-             ALTER TABLE records_v2 RENAME TO records;",
-        )?;
-        tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated");
-    } else {
-        tx.execute_batch(&RECORDS.replace("{table}", "records"))?;
-    }
-    tx.execute_batch(RECORDS_INDEXES)?;
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    tx.commit()
-}
-
-/// The queue thread: runs commands in order, grouping consecutive enqueues into one commit.
-fn serve(mut conn: Connection, commands: mpsc::Receiver<Command>, waiting: &AtomicUsize) {
-    let mut next: Option<Command> = None;
-    loop {
-        let command = match next.take() {
-            Some(command) => command,
-            None => match commands.recv() {
-                Ok(command) => command,
-                Err(_) => return, // every handle dropped
-            },
-        };
-        match command {
-            Command::Call(job) => job(&mut conn),
-            Command::Enqueue(webhook, reply) => {
-                waiting.fetch_sub(1, Ordering::SeqCst);
-                let mut group = vec![(webhook, reply)];
-                while group.len() < MAX_GROUP {
-                    match commands.try_recv() {
-                        Ok(Command::Enqueue(webhook, reply)) => {
-                            waiting.fetch_sub(1, Ordering::SeqCst);
-                            group.push((webhook, reply));
-                        }
-                        Ok(other) => {
-                            next = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                commit_group(&mut conn, group);
-            }
-        }
-    }
-}
-
-/// Commits a group of webhooks with `synchronous = FULL`: the WAL is fsynced before anyone is
-/// told "committed", so an acknowledged webhook survives power loss, not only a crash. Every
-/// other write (claims, acks, retries, dead letters, replays) commits with NORMAL — no fsync of
-/// its own — because losing one to power loss only repeats work: a lost ack resends under the
-/// same idempotency key, a lost claim or retry time makes a record due again, a lost replay
-/// leaves the dead letter in place. The next webhook commit's fsync persists them anyway.
-fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>) {
-    let outcome = (|| {
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = insert_group(conn, &group);
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        result
-    })();
-
-    match outcome {
-        Ok(results) => {
-            for ((_, reply), result) in group.into_iter().zip(results) {
-                let _ = reply.send(result);
-            }
-        }
-        Err(error) => {
-            let message = error.to_string();
-            for (_, reply) in group {
-                let _ = reply.send(Err(QueueError::Storage(message.clone())));
-            }
-        }
-    }
-}
-
-/// One transaction for the group. Inserts do not fail in normal operation (conflicts are
-/// `DO NOTHING`), so the group first goes in as it is; only if an insert fails is it redone
-/// with a savepoint per webhook, so the failing one cannot take its neighbours down with it.
-fn insert_group(
-    conn: &mut Connection,
-    group: &[(Prepared, Reply<Enqueued>)],
-) -> rusqlite::Result<Vec<Result<Enqueued, QueueError>>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let all: rusqlite::Result<Vec<Enqueued>> = group
-        .iter()
-        .map(|(webhook, _)| insert_webhook(&tx, webhook))
-        .collect();
-    if let Ok(results) = all {
-        tx.commit()?;
-        return Ok(results.into_iter().map(Ok).collect());
-    }
-    drop(tx); // rolls back
-
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut results = Vec::with_capacity(group.len());
-    for (webhook, _) in group {
-        let savepoint = tx.savepoint()?;
-        let result = insert_webhook(&savepoint, webhook);
-        if result.is_ok() {
-            savepoint.commit()?;
-        } // else: the savepoint rolls back when dropped
-        results.push(result.map_err(storage));
-    }
-    tx.commit()?;
-    Ok(results)
-}
-
-fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enqueued> {
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO webhooks (digest, body, received_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (digest) DO NOTHING",
-        )?
-        .execute(params![
-            &webhook.digest[..],
-            &webhook.body[..],
-            webhook.received_at_ms
-        ])?;
-    if inserted == 0 {
-        return Ok(Enqueued::Duplicate);
-    }
-    let webhook_id = tx.last_insert_rowid();
-    let events = insert_rows(
-        tx,
-        webhook_id,
-        webhook.received_at_ms,
-        &webhook.rows,
-        webhook.received_at_ms,
-    )?;
-    Ok(webhook.rows.outcome(events))
-}
-
-/// Inserts a webhook's records; returns how many track events were new.
-fn insert_rows(
-    tx: &Connection,
-    webhook_id: i64,
-    received_at_ms: i64,
-    rows: &Rows,
-    now_ms: i64,
-) -> rusqlite::Result<usize> {
-    match rows {
-        Rows::Records(rows) => {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                                      next_attempt_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?7)
-                 ON CONFLICT (webhook_id, key) DO NOTHING",
-            )?;
-            let mut events = 0;
-            for row in rows {
-                let new = insert.execute(params![
-                    webhook_id,
-                    row.key,
-                    row.kind.as_str(),
-                    row.subject,
-                    row.json,
-                    received_at_ms,
-                    now_ms,
-                ])?;
-                if new > 0 && row.kind == RecordKind::Track {
-                    events += 1;
-                }
-            }
-            Ok(events)
-        }
-        Rows::Quarantined {
-            key,
-            reason,
-            detail,
-            subject,
-        } => {
-            tx.prepare_cached(
-                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                                      next_attempt_at, updated_at, dead_reason, dead_detail)
-                 VALUES (?1, ?2, ?3, ?4, '', 2, ?5, ?6, ?6, ?7, ?8)
-                 ON CONFLICT (webhook_id, key) DO NOTHING",
-            )?
-            .execute(params![
-                webhook_id,
-                key,
-                QUARANTINE_KIND,
-                subject,
-                received_at_ms,
-                now_ms,
-                reason,
-                detail,
-            ])?;
-            Ok(0)
-        }
-    }
-}
-
 /// `WHERE` clause and parameters for a dead-letter filter (always restricted to dead records).
 fn filter_sql(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
     // `state <> 0` lets SQLite use the partial index `records_done`.
-    let mut sql = String::from("r.state <> 0 AND r.state = 2");
+    let mut sql = String::from(sql!("r.state <> {pending} AND r.state = {dead}"));
     let mut values: Vec<Value> = Vec::new();
     if !filter.ids.is_empty() {
         let marks = vec!["?"; filter.ids.len()].join(",");
@@ -499,56 +257,11 @@ fn limit_sql(filter: &DeadLetterFilter) -> String {
         .unwrap_or_default()
 }
 
-/// Leases up to `limit` due records of `kind`, oldest first, until `lease_end_ms`, in one
-/// transaction that ends early when webhooks are `waiting`; also whether fewer were due.
-fn claim_some(
-    conn: &mut Connection,
-    kind: RecordKind,
-    limit: usize,
-    now_ms: i64,
-    lease_end_ms: i64,
-    waiting: &AtomicUsize,
-) -> rusqlite::Result<(Vec<Claimed>, bool)> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut claimed: Vec<Claimed> = Vec::new();
-    let exhausted = loop {
-        let want = (limit - claimed.len()).min(BOOKKEEPING_CHUNK);
-        let chunk = {
-            let mut select = tx.prepare_cached(
-                "SELECT id, subject, json, attempts, received_at FROM records
-                 WHERE state = 0 AND kind = ?1 AND next_attempt_at <= ?2
-                 ORDER BY next_attempt_at, id LIMIT ?3",
-            )?;
-            let rows = select.query_map(params![kind.as_str(), now_ms, want as i64], |row| {
-                Ok(Claimed {
-                    id: row.get(0)?,
-                    kind,
-                    subject: row.get(1)?,
-                    json: row.get(2)?,
-                    attempts: row.get(3)?,
-                    received_at_ms: row.get(4)?,
-                })
-            })?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()?
-        };
-        let mut lease = tx
-            .prepare_cached("UPDATE records SET claimed = 1, next_attempt_at = ?1 WHERE id = ?2")?;
-        for record in &chunk {
-            lease.execute(params![lease_end_ms, record.id])?;
-        }
-        let exhausted = chunk.len() < want;
-        claimed.extend(chunk);
-        if exhausted || claimed.len() >= limit || waiting.load(Ordering::SeqCst) > 0 {
-            break exhausted;
-        }
-    };
-    tx.commit()?;
-    Ok((claimed, exhausted))
-}
-
 #[async_trait]
 impl Queue for SqliteQueue {
     async fn enqueue(&self, webhook: NewWebhook) -> Result<Enqueued, QueueError> {
+        // The queue thread checks the file after each commit; once it is lost, refuse here.
+        self.file.refuse_if_lost()?;
         let (reply, result) = oneshot::channel();
         let webhook = Command::Enqueue(webhook.into(), reply);
         self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -586,7 +299,10 @@ impl Queue for SqliteQueue {
 
     async fn renew(&self, ids: Vec<i64>, until_ms: i64) -> Result<(), QueueError> {
         self.update_many(
-            "UPDATE records SET next_attempt_at = ?1 WHERE state = 0 AND claimed = 1 AND id = ?2",
+            sql!(
+                "UPDATE records SET next_attempt_at = ?1
+                 WHERE state = {pending} AND claimed = 1 AND id = ?2"
+            ),
             ids,
             vec![Value::Integer(until_ms)],
         )
@@ -595,8 +311,10 @@ impl Queue for SqliteQueue {
 
     async fn ack(&self, ids: Vec<i64>, now_ms: i64) -> Result<(), QueueError> {
         self.update_many(
-            "UPDATE records SET state = 1, claimed = 0, json = '', updated_at = ?1
-             WHERE state = 0 AND id = ?2",
+            sql!(
+                "UPDATE records SET state = {delivered}, claimed = 0, json = '', updated_at = ?1
+                 WHERE state = {pending} AND id = ?2"
+            ),
             ids,
             vec![Value::Integer(now_ms)],
         )
@@ -612,9 +330,11 @@ impl Queue for SqliteQueue {
     ) -> Result<(), QueueError> {
         let error = failed.then(|| Value::Text(storable(error)));
         self.update_many(
-            "UPDATE records SET claimed = 0, next_attempt_at = ?1,
-                    attempts = attempts + ?2, last_error = COALESCE(?3, last_error)
-             WHERE state = 0 AND id = ?4",
+            sql!(
+                "UPDATE records SET claimed = 0, next_attempt_at = ?1,
+                 attempts = attempts + ?2, last_error = COALESCE(?3, last_error)
+                 WHERE state = {pending} AND id = ?4"
+            ),
             ids,
             vec![
                 Value::Integer(at_ms),
@@ -630,19 +350,34 @@ impl Queue for SqliteQueue {
         ids: Vec<i64>,
         reason: String,
         detail: String,
+        failed: bool,
         now_ms: i64,
     ) -> Result<(), QueueError> {
         self.update_many(
-            "UPDATE records SET state = 2, claimed = 0, dead_reason = ?1, dead_detail = ?2,
-                    updated_at = ?3
-             WHERE state = 0 AND id = ?4",
+            sql!(
+                "UPDATE records SET state = {dead}, claimed = 0, dead_reason = ?1, dead_detail = ?2,
+                        updated_at = ?3, attempts = attempts + ?4
+                 WHERE state = {pending} AND id = ?5"
+            ),
             ids,
             vec![
                 Value::Text(storable(reason)),
                 Value::Text(storable(detail)),
                 Value::Integer(now_ms),
+                Value::Integer(i64::from(failed)),
             ],
         )
+        .await
+    }
+
+    /// A range of the partial index `records_done` (`state <> 0`, then `(state, updated_at)`):
+    /// only the delivered records of the window are read, whatever the table's size.
+    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError> {
+        self.read(move |conn| {
+            conn.prepare_cached(sql!(DELIVERED_SINCE))?
+                .query_row(params![kind.as_str(), since_ms], |row| row.get::<_, i64>(0))
+                .map(|count| count as u64)
+        })
         .await
     }
 
@@ -658,14 +393,15 @@ impl Queue for SqliteQueue {
                 let (state, claimed, count): (i64, i64, i64) =
                     (row.get(0)?, row.get(1)?, row.get(2)?);
                 let count = count as u64;
+                let state = RecordState::from_stored(state);
                 match (state, claimed) {
-                    (PENDING, 1) => stats.in_flight += count,
-                    (PENDING, _) => stats.pending += count,
-                    (DELIVERED, _) => stats.delivered += count,
-                    (DEAD, _) => stats.dead += count,
+                    (Some(RecordState::Pending), 1) => stats.in_flight += count,
+                    (Some(RecordState::Pending), _) => stats.pending += count,
+                    (Some(RecordState::Delivered), _) => stats.delivered += count,
+                    (Some(RecordState::Dead), _) => stats.dead += count,
                     _ => {}
                 }
-                if state == PENDING {
+                if state == Some(RecordState::Pending) {
                     let oldest: Option<i64> = row.get(3)?;
                     stats.oldest_pending_ms = match (stats.oldest_pending_ms, oldest) {
                         (Some(a), Some(b)) => Some(a.min(b)),
@@ -678,16 +414,19 @@ impl Queue for SqliteQueue {
         .await
     }
 
+    /// A heartbeat write, then whether the path still names the file written to (a write to
+    /// a removed file succeeds, and is lost at the next start).
     async fn ping(&self) -> Result<(), QueueError> {
-        self.call(|conn| {
+        let (now, file) = (self.clock.now_ms(), Arc::clone(&self.file));
+        self.call(move |conn| {
             conn.execute(
                 "INSERT INTO heartbeat (id, at) VALUES (1, ?1)
                  ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                params![chrono::Utc::now().timestamp_millis()],
-            )
-            .map(|_| ())
+                params![now],
+            )?;
+            Ok(file.check())
         })
-        .await
+        .await?
     }
 
     async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
@@ -764,8 +503,8 @@ impl Queue for SqliteQueue {
         self.call(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
-                let mut delete =
-                    tx.prepare_cached("DELETE FROM records WHERE id = ?1 AND state = 2")?;
+                let mut delete = tx
+                    .prepare_cached(sql!("DELETE FROM records WHERE id = ?1 AND state = {dead}"))?;
                 for id in &item.dead_ids {
                     delete.execute(params![id])?;
                 }
@@ -800,13 +539,17 @@ impl Queue for SqliteQueue {
         // One chunk per call into the thread, so webhooks are never stuck behind a long purge.
         for (sql, cutoff) in [
             (
-                "DELETE FROM records WHERE id IN (SELECT id FROM records
-                 WHERE state <> 0 AND state = 1 AND updated_at < ?1 LIMIT ?2)",
+                sql!(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records
+                     WHERE state <> {pending} AND state = {delivered} AND updated_at < ?1 LIMIT ?2)"
+                ),
                 delivered_before_ms,
             ),
             (
-                "DELETE FROM records WHERE id IN (SELECT id FROM records
-                 WHERE state <> 0 AND state = 2 AND updated_at < ?1 LIMIT ?2)",
+                sql!(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records
+                     WHERE state <> {pending} AND state = {dead} AND updated_at < ?1 LIMIT ?2)"
+                ),
                 dead_before_ms,
             ),
             (
@@ -833,7 +576,9 @@ impl Queue for SqliteQueue {
     async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError> {
         self.call(move |conn| {
             conn.query_row(
-                "SELECT MIN(next_attempt_at) FROM records WHERE state = 0 AND kind = ?1",
+                sql!(
+                    "SELECT MIN(next_attempt_at) FROM records WHERE state = {pending} AND kind = ?1"
+                ),
                 params![kind.as_str()],
                 |row| row.get(0),
             )
@@ -842,18 +587,62 @@ impl Queue for SqliteQueue {
         })
         .await
     }
+}
 
-    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError> {
-        // `state <> 0` lets SQLite use the partial index `records_done`.
-        self.read(move |conn| {
-            conn.query_row(
-                "SELECT COUNT(*) FROM records
-                 WHERE state <> 0 AND state = 1 AND updated_at >= ?1 AND kind = ?2",
-                params![since_ms, kind.as_str()],
-                |row| row.get::<_, i64>(0),
-            )
-        })
-        .await
-        .map(|count| u64::try_from(count).unwrap_or(0))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What SQLite's planner makes of `sql` on a fresh queue file.
+    fn plan(sql: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        drop(SqliteQueue::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let parameters = rusqlite::params_from_iter(
+            ["track", "0", "10"]
+                .iter()
+                .take(statement.parameter_count()),
+        );
+        let rows = statement
+            .query_map(parameters, |row| row.get::<_, String>(3))
+            .unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+    }
+
+    #[test]
+    fn delivered_since_reads_a_range_of_the_done_index_not_the_table() {
+        let plan = plan(sql!(DELIVERED_SINCE));
+        assert!(
+            plan.contains("USING INDEX records_done (state=? AND updated_at>?)"),
+            "{plan}"
+        );
+    }
+
+    #[test]
+    fn claims_read_a_range_of_the_due_index_not_the_table() {
+        let plan = plan(sql!(writer::CLAIM_DUE));
+        assert!(
+            plan.contains("USING INDEX records_due (kind=? AND next_attempt_at<?)"),
+            "{plan}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_fails_at_open_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        // A queue file closed cleanly (no WAL left whose copy of page 1 would stand in for it).
+        let conn = Connection::open(&path).unwrap();
+        schema::prepare(&mut { conn }).unwrap();
+        assert!(!dir.path().join("queue.sqlite3-wal").exists());
+        // The 100-byte header overwritten, as by a stray `dd` or a restore gone wrong.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..100].fill(b'x');
+        std::fs::write(&path, bytes).unwrap();
+        let error = SqliteQueue::open(&path).err().unwrap().to_string();
+        assert!(error.contains(&path.display().to_string()), "{error}");
+        assert!(error.contains("not a database"), "{error}");
     }
 }

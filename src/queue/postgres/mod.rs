@@ -1,0 +1,697 @@
+//! The shared queue: PostgreSQL, for several relay replicas behind one load balancer. Same
+//! model and semantics as [`super::sqlite`] (the reference): a `webhooks` table (unique digest,
+//! verified body) and a `records` table (unique key, [`RecordState`] pending / delivered / dead,
+//! `next_attempt_at` = due time, or the lease's end while claimed). All times are unix
+//! milliseconds passed in by the caller, except the heartbeat, which uses the server's clock.
+//!
+//! **Ingest.** [`COMMITTERS`] background tasks commit concurrent [`Queue::enqueue`] calls in
+//! groups (group commit): a committer takes the webhooks waiting, up to [`MAX_GROUP`], and
+//! stores the whole group in one statement (its new webhooks, then all their records) that
+//! commits on its own: one round trip and one flush per group, and while a committer waits for
+//! it, another takes the next group. A caller hears back only after the commit. Deduplication
+//! is `INSERT ... ON CONFLICT (digest) DO NOTHING`, which holds across replicas; of the same
+//! body twice in one group, the first is new and the second a duplicate. If the server refuses
+//! the statement for something in it (a value Postgres cannot store), the group is redone in
+//! one transaction with a savepoint per webhook, so the webhook at fault fails alone. If the
+//! connection breaks or the commit fails, every webhook of the group gets the error (a 503):
+//! none is acknowledged unless committed. Every group, on every replica, inserts its webhooks
+//! in digest order, so two transactions inserting the same new bodies take the digest index's
+//! locks in the same order: one waits for the other and then finds duplicates, and they cannot
+//! deadlock. (Records cannot collide across transactions: their keys are unique per webhook.)
+//!
+//! **Claims.** `SELECT ... FOR UPDATE SKIP LOCKED` picks due records and the same statement
+//! leases them (`claimed = 1`, `next_attempt_at` = lease end, `claimed_by` = this replica), so
+//! two claimers never get the same record. An expired lease makes a record claimable again;
+//! there is no reset at startup as with SQLite, since other replicas may hold live leases.
+//!
+//! **One forwarder at a time (leadership).** Heap's rate limits are per app id, and each
+//! replica's limiter only knows its own traffic, so only one replica forwards at a time: the
+//! one holding the session-level advisory lock `pg_try_advisory_lock(lock_key)` (derive the key
+//! from the app id with [`leader_lock_key`]) on a dedicated connection. [`Queue::claim`]
+//! returns nothing on the other replicas, which retry the lock at most every
+//! [`LEADER_CHECK_EVERY`] (and [`Queue::next_due_ms`] tells their forwarder nothing is due).
+//! The leader probes its dedicated connection at the same pace; if it breaks, leadership is
+//! dropped at once (the server has released the lock with the session). A killed replica's
+//! session ends, so another replica takes over at its next claim, within about two seconds.
+//! The dead leader's claimed records come back when their lease expires — or sooner: every
+//! connection of a replica carries `application_name = userpilot-heap-relay/<replica id>`, and
+//! the leader, when it takes over and then every probe, releases leases whose replica has no
+//! session left (`pg_stat_activity`). A replica that is alive but lost only its dedicated
+//! connection keeps its leases until they expire, so its batch in flight is not sent twice.
+//! A new leader's forwarder charges its rate budget with what was delivered in the last
+//! minute ([`Queue::delivered_since`]), so a takeover does not reset Heap's budget. The gauge
+//! `relay_queue_leader` is 1 on the replica that forwards.
+//! Consequences: one app id per database (the lock key space is per database); no
+//! transaction-pooling proxy (pgbouncer in transaction mode) in front, since session locks need
+//! sessions; replicas' clocks should agree to well within a lease.
+//!
+//! **TLS.** `sslmode` in the URL means what it means to libpq (rustls underneath):
+//! `disable`: plain text; `prefer` (the default): TLS if the server offers it, else plain;
+//! `require`: TLS or no connection, the certificate not checked (encrypted, but not proof of
+//! who answers); `verify-ca`: TLS with a certificate signed by a trusted root; `verify-full`: the
+//! same, and issued for the host named in the URL. Trusted roots: those in the PEM file
+//! `sslrootcert=PATH` (only those; as in libpq, naming one makes `prefer` and `require` check
+//! the chain too), else the system's CA certificates (the OpenSSL locations, `SSL_CERT_FILE`,
+//! `SSL_CERT_DIR`), so an operator's private CA works once installed there; on a system with
+//! none, the Mozilla roots built in. `sslrootcert=system` names the system's explicitly and, as
+//! in libpq 16, implies `verify-full`. A failed check fails the connection: it never falls
+//! back to plain text. Unlike libpq: no `allow`; `~/.postgresql/root.crt` is not read; a failed
+//! handshake under `prefer` is an error, not a retry in the clear; no client certificates; and
+//! a key=value connection string (not a URL) knows only `disable`, `prefer` and `require`.
+//!
+//! **Failures.** Pool waits, connects and recycles are bounded by [`CONNECT_TIMEOUT`], statements
+//! by `statement_timeout`; while Postgres is unreachable every call fails quickly with
+//! [`QueueError::Storage`] (webhooks get 503, `/readyz` 503), and the pool reconnects by itself
+//! when it is back. Migrations run at startup in one transaction under an advisory lock, so
+//! replicas starting together apply them once.
+//!
+//! Here: the handle ([`PostgresQueue`]), its pool and the [`Queue`] operations; group commit
+//! lives in `ingest`, leadership in `leader`, the DDL and migrations in `schema`, `sslmode` in
+//! `tls`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::prepared::{Prepared, Rows, storable};
+use super::{
+    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook, Queue,
+    QueueError, QueueStats, RecordState, ReplayItem,
+};
+use crate::clock::{Clock, SystemClock};
+use crate::heap::wire::RecordKind;
+
+mod ingest;
+mod leader;
+mod schema;
+mod tls;
+
+pub use leader::{LEADER_CHECK_EVERY, leader_lock_key};
+use leader::{Leadership, ROLE_FOLLOWER, ROLE_LEADER, ROLE_UNKNOWN};
+
+/// Connections in the pool (the dedicated leadership connection is extra).
+const POOL_SIZE: usize = 16;
+
+/// Bound on waiting for a pooled connection, on connecting, and on recycling one.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Server-side bound on any one statement.
+const STATEMENT_TIMEOUT_MS: u64 = 10_000;
+
+/// The most webhooks committed in one transaction. A group goes in as one statement whatever
+/// its size, but the fallback gives each webhook a savepoint, and Postgres slows every session
+/// down once a transaction has more than 64 subtransactions. Larger groups would save little:
+/// with [`COMMITTERS`] groups in flight at once, 256 webhooks are being committed already.
+const MAX_GROUP: usize = 64;
+
+/// Group-commit tasks, each committing one group at a time on a connection of its own, so that
+/// one group's wait for the server's flush (and the network) overlaps the next group's work.
+/// Measured (relay-bench, 32 webhooks in flight, the durable cluster on a 2-core machine): with
+/// commits made to take 3 ms (`commit_delay`), as on a database across a network, 1, 2 and 4
+/// committers took 3,450, 3,750 and 4,950 webhooks/s; with the local disk's 0.1 ms flush,
+/// where the machine's CPU is the limit and smaller groups cost more of it, 15,100, 12,200 and
+/// 10,300/s (medians of 2 to 5 runs). A shared database is across a network, hence 4. They
+/// hold at most 4 of the pool's [`POOL_SIZE`] connections.
+pub const COMMITTERS: usize = 4;
+
+/// Rows deleted per pruning statement.
+const PRUNE_CHUNK: i64 = 5000;
+
+/// Prefix of `application_name`, followed by the replica id.
+const APPLICATION: &str = "userpilot-heap-relay/";
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+type Param = Box<dyn ToSql + Sync + Send>;
+
+fn storage(error: tokio_postgres::Error) -> QueueError {
+    match error.as_db_error() {
+        Some(db) => {
+            QueueError::Storage(format!("postgres: {} ({})", db.message(), db.code().code()))
+        }
+        None => match std::error::Error::source(&error) {
+            Some(cause) => QueueError::Storage(format!("postgres: {error}: {cause}")),
+            None => QueueError::Storage(format!("postgres: {error}")),
+        },
+    }
+}
+
+fn unavailable(error: deadpool_postgres::PoolError) -> QueueError {
+    match error {
+        deadpool_postgres::PoolError::Backend(error) => storage(error),
+        other => QueueError::Storage(format!("postgres unavailable: {other}")),
+    }
+}
+
+fn timed_out(what: &str) -> QueueError {
+    QueueError::Storage(format!("postgres: {what} timed out"))
+}
+
+/// Handle to the shared queue. Cheap to share behind an `Arc`.
+pub struct PostgresQueue {
+    pool: Pool,
+    config: tokio_postgres::Config,
+    /// TLS for the dedicated session, as for the pool's.
+    connector: MakeRustlsConnect,
+    enqueues: mpsc::Sender<ingest::Waiting>,
+    lock_key: i64,
+    /// This replica's `application_name`, also stored in `claimed_by`.
+    replica: String,
+    leadership: Mutex<Leadership>,
+    role: AtomicU8,
+    /// Paces the leadership checks (see [`LEADER_CHECK_EVERY`]).
+    clock: Arc<dyn Clock>,
+}
+
+impl PostgresQueue {
+    /// Connects, applies migrations and starts the group-commit tasks. `lock_key` names the
+    /// leadership lock: replicas sharing an app id pass the same key ([`leader_lock_key`]).
+    pub async fn connect(url: &str, lock_key: i64) -> Result<Self, QueueError> {
+        Self::connect_with_clock(url, lock_key, Arc::new(SystemClock)).await
+    }
+
+    /// [`PostgresQueue::connect`] on the given clock.
+    pub async fn connect_with_clock(
+        url: &str,
+        lock_key: i64,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, QueueError> {
+        let (url, requested) = tls::take_params(url)?;
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| QueueError::Storage(format!("postgres_url: {e}")))?;
+        let tls = tls::Tls::resolve(requested, config.get_ssl_mode())?;
+        config.ssl_mode(tls.wire_mode());
+        let connector = tls.connector()?;
+        let replica = format!("{APPLICATION}{}", uuid::Uuid::new_v4().simple());
+        let options = format!(
+            "{} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            config.get_options().unwrap_or_default()
+        );
+        config
+            .application_name(&replica)
+            .options(options.trim_start())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        config.tcp_user_timeout(Duration::from_secs(10));
+
+        let manager = Manager::from_config(
+            config.clone(),
+            connector.clone(),
+            ManagerConfig {
+                // A closed connection is noticed by `is_closed`; a broken one fails its next
+                // statement, which then closes it.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| QueueError::Storage(format!("postgres pool: {e}")))?;
+        schema::migrate(&pool).await?;
+
+        let (enqueues, receiver) = mpsc::channel(COMMITTERS * MAX_GROUP);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..COMMITTERS {
+            tokio::spawn(ingest::group_commit(pool.clone(), Arc::clone(&receiver)));
+        }
+        Ok(Self {
+            pool,
+            config,
+            connector,
+            enqueues,
+            lock_key,
+            replica,
+            leadership: Mutex::default(),
+            role: AtomicU8::new(ROLE_UNKNOWN),
+            clock,
+        })
+    }
+
+    /// Whether this replica held the leader lock at its last check.
+    pub fn is_leader(&self) -> bool {
+        self.role.load(Ordering::Relaxed) == ROLE_LEADER
+    }
+
+    /// This replica's id as seen by Postgres (`application_name`).
+    pub fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    /// Runs one statement on a pooled connection; returns the rows affected.
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(storage)?;
+        client.execute(&statement, params).await.map_err(storage)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(storage)?;
+        client.query(&statement, params).await.map_err(storage)
+    }
+}
+
+/// `WHERE` clause and parameters for a dead-letter filter (always restricted to dead records).
+fn filter_sql(filter: &DeadLetterFilter) -> (String, Vec<Param>) {
+    let mut sql = String::from(sql!("r.state = {dead}"));
+    let mut values: Vec<Param> = Vec::new();
+    // `?` in the condition becomes the parameter's `$n`.
+    let mut clause = |condition: &str, value: Param| {
+        values.push(value);
+        sql.push_str(" AND ");
+        sql.push_str(&condition.replace('?', &format!("${}", values.len())));
+    };
+    if !filter.ids.is_empty() {
+        clause("r.id = ANY(?)", Box::new(filter.ids.clone()));
+    }
+    for (condition, value) in filter.conditions() {
+        let value: Param = match value {
+            FilterValue::Text(text) => Box::new(text),
+            FilterValue::Integer(int) => Box::new(int),
+        };
+        clause(condition, value);
+    }
+    (sql, values)
+}
+
+/// ` LIMIT $n` when the filter has a limit, bound as the next parameter (so the statement
+/// text, which the connection caches, does not vary with the limit).
+fn limit_sql(filter: &DeadLetterFilter, values: &mut Vec<Param>) -> String {
+    match filter.limit {
+        Some(limit) => {
+            values.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
+            format!(" LIMIT ${}", values.len())
+        }
+        None => String::new(),
+    }
+}
+
+fn refs(values: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    values
+        .iter()
+        .map(|value| value.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+fn attempts(value: i32) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}
+
+#[async_trait]
+impl Queue for PostgresQueue {
+    async fn enqueue(&self, webhook: NewWebhook) -> Result<Enqueued, QueueError> {
+        let (reply, result) = oneshot::channel();
+        self.enqueues
+            .send((Prepared::from(webhook), reply))
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        result.await.map_err(|_| QueueError::Closed)?
+    }
+
+    async fn claim(
+        &self,
+        kind: RecordKind,
+        max: usize,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<Claimed>, QueueError> {
+        if max == 0 || !self.lead(now_ms).await? {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .query(
+                sql!(
+                    "WITH picked AS (
+                     SELECT id, next_attempt_at AS due FROM records
+                     WHERE state = {pending} AND kind = $1 AND next_attempt_at <= $2
+                     ORDER BY next_attempt_at, id LIMIT $3
+                     FOR UPDATE SKIP LOCKED
+                     )
+                     UPDATE records r SET claimed = 1, claimed_by = $5, next_attempt_at = $4
+                     FROM picked WHERE r.id = picked.id
+                     RETURNING r.id, r.subject, r.json, r.attempts, r.received_at, picked.due"
+                ),
+                &[
+                    &kind.as_str(),
+                    &now_ms,
+                    &(max as i64),
+                    &(now_ms + lease_ms),
+                    &self.replica,
+                ],
+            )
+            .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let due: i64 = row.try_get(5).map_err(storage)?;
+            let record = Claimed {
+                id: row.try_get(0).map_err(storage)?,
+                kind,
+                subject: row.try_get(1).map_err(storage)?,
+                json: row.try_get(2).map_err(storage)?,
+                attempts: attempts(row.try_get(3).map_err(storage)?),
+                received_at_ms: row.try_get(4).map_err(storage)?,
+            };
+            claimed.push((due, record));
+        }
+        claimed.sort_by_key(|(due, record)| (*due, record.id));
+        Ok(claimed.into_iter().map(|(_, record)| record).collect())
+    }
+
+    async fn renew(&self, ids: Vec<i64>, until_ms: i64) -> Result<(), QueueError> {
+        self.execute(
+            sql!(
+                "UPDATE records SET next_attempt_at = $1
+                 WHERE state = {pending} AND claimed = 1 AND id = ANY($2)"
+            ),
+            &[&until_ms, &ids],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn ack(&self, ids: Vec<i64>, now_ms: i64) -> Result<(), QueueError> {
+        self.execute(
+            sql!(
+                "UPDATE records SET state = {delivered}, claimed = 0, claimed_by = NULL, json = '',
+                 updated_at = $1
+                 WHERE state = {pending} AND id = ANY($2)"
+            ),
+            &[&now_ms, &ids],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn retry_at(
+        &self,
+        ids: Vec<i64>,
+        at_ms: i64,
+        failed: bool,
+        error: String,
+    ) -> Result<(), QueueError> {
+        let error = storable(error);
+        let attempts = i32::from(failed);
+        let error = failed.then_some(error);
+        self.execute(
+            sql!(
+                "UPDATE records SET claimed = 0, claimed_by = NULL, next_attempt_at = $1,
+                 attempts = attempts + $2, last_error = COALESCE($3, last_error)
+                 WHERE state = {pending} AND id = ANY($4)"
+            ),
+            &[&at_ms, &attempts, &error, &ids],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn dead_letter(
+        &self,
+        ids: Vec<i64>,
+        reason: String,
+        detail: String,
+        failed: bool,
+        now_ms: i64,
+    ) -> Result<(), QueueError> {
+        let (reason, detail) = (storable(reason), storable(detail));
+        let attempts = i32::from(failed);
+        self.execute(
+            sql!(
+                "UPDATE records SET state = {dead}, claimed = 0, claimed_by = NULL,
+                        dead_reason = $1, dead_detail = $2, updated_at = $3,
+                        attempts = attempts + $4
+                 WHERE state = {pending} AND id = ANY($5)"
+            ),
+            &[&reason, &detail, &now_ms, &attempts, &ids],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// A range of the partial index `records_done` (`(state, updated_at) WHERE state <> 0`):
+    /// only the delivered records of the window are read, whatever the table's size (on
+    /// 500,000 records, a bitmap index scan of the window's 800 rows: 0.25 ms).
+    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError> {
+        let rows = self
+            .query(
+                sql!(
+                    "SELECT COUNT(*) FROM records
+                     WHERE state <> {pending} AND state = {delivered} AND updated_at >= $2
+                       AND kind = $1"
+                ),
+                &[&kind.as_str(), &since_ms],
+            )
+            .await?;
+        let count: i64 = match rows.first() {
+            Some(row) => row.try_get(0).map_err(storage)?,
+            None => 0,
+        };
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError> {
+        // A follower has nothing to send: its forwarder sleeps until the next claim, which
+        // is when it tries the lock again.
+        if self.role.load(Ordering::Relaxed) == ROLE_FOLLOWER {
+            return Ok(None);
+        }
+        let rows = self
+            .query(
+                sql!(
+                    "SELECT MIN(next_attempt_at) FROM records WHERE state = {pending} AND kind = $1"
+                ),
+                &[&kind.as_str()],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => row.try_get(0).map_err(storage),
+            None => Ok(None),
+        }
+    }
+
+    async fn stats(&self, _now_ms: i64) -> Result<QueueStats, QueueError> {
+        let rows = self
+            .query(
+                "SELECT state, claimed, COUNT(*), MIN(received_at) FROM records
+                 GROUP BY state, claimed",
+                &[],
+            )
+            .await?;
+        let mut stats = QueueStats::default();
+        for row in rows {
+            let state: i32 = row.try_get(0).map_err(storage)?;
+            let claimed: i32 = row.try_get(1).map_err(storage)?;
+            let count = row.try_get::<_, i64>(2).map_err(storage)? as u64;
+            let state = RecordState::from_stored(i64::from(state));
+            match (state, claimed) {
+                (Some(RecordState::Pending), 1) => stats.in_flight += count,
+                (Some(RecordState::Pending), _) => stats.pending += count,
+                (Some(RecordState::Delivered), _) => stats.delivered += count,
+                (Some(RecordState::Dead), _) => stats.dead += count,
+                _ => {}
+            }
+            if state == Some(RecordState::Pending) {
+                let oldest: Option<i64> = row.try_get(3).map_err(storage)?;
+                stats.oldest_pending_ms = match (stats.oldest_pending_ms, oldest) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.execute(
+            "INSERT INTO heartbeat (id, at) VALUES (1, now())
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            &[],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
+        let (clause, mut values) = filter_sql(&filter);
+        let limit = limit_sql(&filter, &mut values);
+        let sql = format!(
+            "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
+                    COALESCE(r.dead_detail, ''), r.subject, r.attempts, r.received_at,
+                    r.updated_at
+             FROM records r WHERE {clause} ORDER BY r.id{limit}"
+        );
+        let rows = self.query(&sql, &refs(&values)).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    id: row.try_get(0)?,
+                    webhook_id: row.try_get(1)?,
+                    kind: row.try_get(2)?,
+                    reason: row.try_get(3)?,
+                    detail: row.try_get(4)?,
+                    subject: row.try_get(5)?,
+                    attempts: attempts(row.try_get(6)?),
+                    received_at_ms: row.try_get(7)?,
+                    dead_at_ms: row.try_get(8)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(storage)
+    }
+
+    async fn replay_items(&self, filter: DeadLetterFilter) -> Result<Vec<ReplayItem>, QueueError> {
+        let (clause, mut values) = filter_sql(&filter);
+        let limit = limit_sql(&filter, &mut values);
+        let sql = format!(
+            "SELECT r.id, w.id, w.digest, w.body, w.received_at
+             FROM records r JOIN webhooks w ON w.id = r.webhook_id
+             WHERE {clause} ORDER BY w.id, r.id{limit}"
+        );
+        let rows = self.query(&sql, &refs(&values)).await?;
+        let mut items: Vec<ReplayItem> = Vec::new();
+        for row in rows {
+            let record_id: i64 = row.try_get(0).map_err(storage)?;
+            let webhook_id: i64 = row.try_get(1).map_err(storage)?;
+            match items.last_mut() {
+                Some(item) if item.webhook_id == webhook_id => item.dead_ids.push(record_id),
+                _ => {
+                    let digest: Vec<u8> = row.try_get(2).map_err(storage)?;
+                    let body: Vec<u8> = row.try_get(3).map_err(storage)?;
+                    items.push(ReplayItem {
+                        webhook_id,
+                        digest: digest.try_into().unwrap_or([0; 32]),
+                        body: Bytes::from(body),
+                        received_at_ms: row.try_get(4).map_err(storage)?,
+                        dead_ids: vec![record_id],
+                    });
+                }
+            }
+        }
+        Ok(items)
+    }
+
+    async fn requeue(
+        &self,
+        item: ReplayItem,
+        content: Content,
+        now_ms: i64,
+    ) -> Result<usize, QueueError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(storage)?;
+        tx.execute(
+            sql!("DELETE FROM records WHERE id = ANY($1) AND state = {dead}"),
+            &[&item.dead_ids],
+        )
+        .await
+        .map_err(storage)?;
+        let rows = Rows::new(content, &item.digest);
+        let events =
+            ingest::insert_rows(&tx, item.webhook_id, item.received_at_ms, &rows, now_ms).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(events)
+    }
+
+    async fn purge(&self, filter: DeadLetterFilter) -> Result<u64, QueueError> {
+        let (clause, mut values) = filter_sql(&filter);
+        let limit = limit_sql(&filter, &mut values);
+        let sql = format!(
+            "DELETE FROM records WHERE id IN
+                 (SELECT r.id FROM records r WHERE {clause} ORDER BY r.id{limit})"
+        );
+        self.execute(&sql, &refs(&values)).await
+    }
+
+    async fn prune(
+        &self,
+        delivered_before_ms: i64,
+        dead_before_ms: i64,
+    ) -> Result<u64, QueueError> {
+        let mut total = 0;
+        // In chunks, skipping rows another replica is pruning at the same time.
+        for (sql, cutoff) in [
+            (
+                sql!(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records
+                     WHERE state = {delivered} AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                ),
+                delivered_before_ms,
+            ),
+            (
+                sql!(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records
+                     WHERE state = {dead} AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                ),
+                dead_before_ms,
+            ),
+            (
+                "DELETE FROM webhooks WHERE id IN (SELECT w.id FROM webhooks w
+                 WHERE w.received_at < $1
+                   AND NOT EXISTS (SELECT 1 FROM records r WHERE r.webhook_id = w.id)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                delivered_before_ms,
+            ),
+        ] {
+            loop {
+                let deleted = self.execute(sql, &[&cutoff, &PRUNE_CHUNK]).await?;
+                total += deleted;
+                if (deleted as i64) < PRUNE_CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_leader_lock_key_depends_on_the_app_id_only() {
+        assert_eq!(leader_lock_key("app-1"), leader_lock_key("app-1"));
+        assert_ne!(leader_lock_key("app-1"), leader_lock_key("app-2"));
+    }
+
+    #[test]
+    fn dead_letter_filters_number_their_parameters_in_order() {
+        let filter = DeadLetterFilter {
+            ids: vec![1, 2],
+            reason: Some("rejected".into()),
+            subject: None,
+            since_ms: Some(10),
+            until_ms: None,
+            after_id: Some(5),
+            limit: Some(3),
+        };
+        let (sql, mut values) = filter_sql(&filter);
+        assert_eq!(
+            sql,
+            "r.state = 2 AND r.id = ANY($1) AND r.dead_reason = $2 AND r.updated_at >= $3 \
+             AND r.id > $4"
+        );
+        assert_eq!(limit_sql(&filter, &mut values), " LIMIT $5");
+        assert_eq!(values.len(), 5);
+    }
+}

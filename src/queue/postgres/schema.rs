@@ -1,0 +1,106 @@
+//! The Postgres schema: its DDL, one migration per version, and [`migrate`], which applies
+//! them once under an advisory lock whatever the number of replicas starting together. The
+//! stored formats written here are durable: change them only with a new migration.
+
+use deadpool_postgres::Pool;
+
+use super::{QueueError, storage, unavailable};
+use crate::queue::spell_states;
+
+/// The schema version this code writes (table `schema_version`). Add a migration to bump it.
+const SCHEMA_VERSION: i32 = 2;
+
+/// `pg_advisory_xact_lock` key serializing migrations ("relaymig").
+const MIGRATION_LOCK: i64 = 0x7265_6c61_796d_6967;
+
+/// Version 1. Mirrors the SQLite schema, plus `claimed_by` (which replica holds the lease).
+/// Migrations are templates: `{pending}` and the others are [`crate::queue::RecordState`]'s
+/// integers, spelled by [`spell_states`] when applied.
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS webhooks (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    digest      BYTEA  NOT NULL UNIQUE,  -- SHA-256 of the verified body
+    body        BYTEA  NOT NULL,         -- the verified body, for replay
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhooks_received ON webhooks (received_at);
+CREATE TABLE IF NOT EXISTS records (
+    id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    webhook_id      BIGINT  NOT NULL,
+    key             TEXT    NOT NULL UNIQUE,  -- idempotency key (track) or kind:digest
+    kind            TEXT    NOT NULL,         -- RecordKind::as_str() or 'webhook' (quarantine)
+    subject         TEXT    NOT NULL,         -- identity or account id
+    json            TEXT    NOT NULL,         -- element of Heap's bulk array; '' once delivered
+    state           INTEGER NOT NULL,         -- {pending} pending, {delivered} delivered, {dead} dead
+    claimed         INTEGER NOT NULL DEFAULT 0,
+    claimed_by      TEXT,                     -- application_name of the claiming replica
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    received_at     BIGINT  NOT NULL,
+    next_attempt_at BIGINT  NOT NULL,         -- due time, or the lease's end while claimed
+    updated_at      BIGINT  NOT NULL,         -- delivered / dead since
+    last_error      TEXT,
+    dead_reason     TEXT,
+    dead_detail     TEXT
+);
+CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at, id) WHERE state = {pending};
+CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> {pending};
+CREATE INDEX IF NOT EXISTS records_webhook ON records (webhook_id);
+CREATE INDEX IF NOT EXISTS records_leased ON records (claimed_by) WHERE state = {pending} AND claimed = 1;
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at TIMESTAMPTZ NOT NULL
+);
+";
+
+/// Version 2: a record key is unique within its webhook instead of globally. Keys derive from
+/// the webhook's digest, unique already; `(webhook_id, key)` grows at its right edge, where the
+/// global index took two random b-tree inserts per webhook. Replay relies on it to skip the
+/// records a webhook still has.
+const SCHEMA_V2: &str = "
+CREATE UNIQUE INDEX IF NOT EXISTS records_webhook_key ON records (webhook_id, key);
+ALTER TABLE records DROP CONSTRAINT IF EXISTS records_key_key;
+DROP INDEX IF EXISTS records_webhook;
+";
+
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+
+/// Creates or upgrades the schema, once, whatever the number of replicas starting at once.
+pub(super) async fn migrate(pool: &Pool) -> Result<(), QueueError> {
+    let mut client = pool.get().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(storage)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(storage)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version    INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(storage)?;
+    let current: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+        .await
+        .map_err(storage)?
+        .try_get(0)
+        .map_err(storage)?;
+    if current > SCHEMA_VERSION {
+        return Err(QueueError::Storage(format!(
+            "queue schema version {current} is newer than this relay understands ({SCHEMA_VERSION})"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(&spell_states(sql))
+            .await
+            .map_err(storage)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(storage)?;
+        tracing::info!(version, "queue schema migrated");
+    }
+    tx.commit().await.map_err(storage)
+}

@@ -1,0 +1,272 @@
+//! The queue thread, the only writer of the file: it runs commands in arrival order, commits
+//! the webhooks waiting together (group commit, `synchronous = FULL`), and runs the
+//! forwarder's bookkeeping transactions between groups (see [`super`]). It never waits for
+//! anything but the database.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use tokio::sync::oneshot;
+
+use super::file::QueueFile;
+use super::{BOOKKEEPING_CHUNK, storage};
+use crate::heap::wire::RecordKind;
+use crate::queue::prepared::{Prepared, Rows};
+use crate::queue::{Claimed, Enqueued, QUARANTINE_KIND, QueueError};
+
+/// The most webhooks committed in one transaction.
+pub(super) const MAX_GROUP: usize = 1024;
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+
+pub(super) enum Command {
+    Enqueue(Prepared, Reply<Enqueued>),
+    Call(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
+/// The queue thread: runs commands in order, grouping consecutive enqueues into one commit.
+pub(super) fn serve(
+    mut conn: Connection,
+    commands: mpsc::Receiver<Command>,
+    waiting: &AtomicUsize,
+    file: &QueueFile,
+) {
+    let mut next: Option<Command> = None;
+    loop {
+        let command = match next.take() {
+            Some(command) => command,
+            None => match commands.recv() {
+                Ok(command) => command,
+                Err(_) => return, // every handle dropped
+            },
+        };
+        match command {
+            Command::Call(job) => job(&mut conn),
+            Command::Enqueue(webhook, reply) => {
+                waiting.fetch_sub(1, Ordering::SeqCst);
+                let mut group = vec![(webhook, reply)];
+                while group.len() < MAX_GROUP {
+                    match commands.try_recv() {
+                        Ok(Command::Enqueue(webhook, reply)) => {
+                            waiting.fetch_sub(1, Ordering::SeqCst);
+                            group.push((webhook, reply));
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                commit_group(&mut conn, group, file);
+            }
+        }
+    }
+}
+
+/// Commits a group of webhooks with `synchronous = FULL`: the WAL is fsynced before anyone is
+/// told "committed", so an acknowledged webhook survives power loss, not only a crash. Every
+/// other write (claims, acks, retries, dead letters, replays) commits with NORMAL — no fsync of
+/// its own — because losing one to power loss only repeats work: a lost ack resends under the
+/// same idempotency key, a lost claim or retry time makes a record due again, a lost replay
+/// leaves the dead letter in place. The next webhook commit's fsync persists them anyway.
+///
+/// After the commit, and before anyone hears of it, the group makes sure the path still names
+/// the file it went into (see [`QueueFile`]): one `stat` of each of the three files, a few
+/// microseconds against the commit's fsync. A group committed into a removed file is answered
+/// with the error, so nothing is acknowledged that the next start would not find.
+fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>, file: &QueueFile) {
+    let outcome = (|| {
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let result = insert_group(conn, &group);
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        result
+    })();
+
+    match outcome.map(|results| (results, file.check())) {
+        Ok((_, Err(lost))) => {
+            let message = lost.to_string();
+            for (_, reply) in group {
+                let _ = reply.send(Err(QueueError::Storage(message.clone())));
+            }
+        }
+        Ok((results, Ok(()))) => {
+            for ((_, reply), result) in group.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+        Err(error) => {
+            let message = error.to_string();
+            for (_, reply) in group {
+                let _ = reply.send(Err(QueueError::Storage(message.clone())));
+            }
+        }
+    }
+}
+
+/// One transaction for the group. Inserts do not fail in normal operation (conflicts are
+/// `DO NOTHING`), so the group first goes in as it is; only if an insert fails is it redone
+/// with a savepoint per webhook, so the failing one cannot take its neighbours down with it.
+fn insert_group(
+    conn: &mut Connection,
+    group: &[(Prepared, Reply<Enqueued>)],
+) -> rusqlite::Result<Vec<Result<Enqueued, QueueError>>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let all: rusqlite::Result<Vec<Enqueued>> = group
+        .iter()
+        .map(|(webhook, _)| insert_webhook(&tx, webhook))
+        .collect();
+    if let Ok(results) = all {
+        tx.commit()?;
+        return Ok(results.into_iter().map(Ok).collect());
+    }
+    drop(tx); // rolls back
+
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(group.len());
+    for (webhook, _) in group {
+        let savepoint = tx.savepoint()?;
+        let result = insert_webhook(&savepoint, webhook);
+        if result.is_ok() {
+            savepoint.commit()?;
+        } // else: the savepoint rolls back when dropped
+        results.push(result.map_err(storage));
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enqueued> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO webhooks (digest, body, received_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (digest) DO NOTHING",
+        )?
+        .execute(params![
+            &webhook.digest[..],
+            &webhook.body[..],
+            webhook.received_at_ms
+        ])?;
+    if inserted == 0 {
+        return Ok(Enqueued::Duplicate);
+    }
+    let webhook_id = tx.last_insert_rowid();
+    let events = insert_rows(
+        tx,
+        webhook_id,
+        webhook.received_at_ms,
+        &webhook.rows,
+        webhook.received_at_ms,
+    )?;
+    Ok(webhook.rows.outcome(events))
+}
+
+/// Inserts a webhook's records; returns how many track events were new.
+pub(super) fn insert_rows(
+    tx: &Connection,
+    webhook_id: i64,
+    received_at_ms: i64,
+    rows: &Rows,
+    now_ms: i64,
+) -> rusqlite::Result<usize> {
+    match rows {
+        Rows::Records(rows) => {
+            let mut insert = tx.prepare_cached(sql!(
+                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
+                 next_attempt_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, {pending}, ?6, ?7, ?7)
+                 ON CONFLICT (webhook_id, key) DO NOTHING"
+            ))?;
+            let mut events = 0;
+            for row in rows {
+                let new = insert.execute(params![
+                    webhook_id,
+                    row.key,
+                    row.kind.as_str(),
+                    row.subject,
+                    row.json,
+                    received_at_ms,
+                    now_ms,
+                ])?;
+                if new > 0 && row.kind == RecordKind::Track {
+                    events += 1;
+                }
+            }
+            Ok(events)
+        }
+        Rows::Quarantined {
+            key,
+            reason,
+            detail,
+            subject,
+        } => {
+            tx.prepare_cached(sql!(
+                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
+                 next_attempt_at, updated_at, dead_reason, dead_detail)
+                 VALUES (?1, ?2, ?3, ?4, '', {dead}, ?5, ?6, ?6, ?7, ?8)
+                 ON CONFLICT (webhook_id, key) DO NOTHING"
+            ))?
+            .execute(params![
+                webhook_id,
+                key,
+                QUARANTINE_KIND,
+                subject,
+                received_at_ms,
+                now_ms,
+                reason,
+                detail,
+            ])?;
+            Ok(0)
+        }
+    }
+}
+
+/// The oldest due records of kind `?1` at `?2`, at most `?3`: a range of the partial index
+/// `records_due`, which only a statement naming its `state = 0` literal may use.
+pub(super) const CLAIM_DUE: &str = "SELECT id, subject, json, attempts, received_at FROM records
+    WHERE state = {pending} AND kind = ?1 AND next_attempt_at <= ?2
+    ORDER BY next_attempt_at, id LIMIT ?3";
+
+/// Leases up to `limit` due records of `kind`, oldest first, until `lease_end_ms`, in one
+/// transaction that ends early when webhooks are `waiting`; also whether fewer were due.
+pub(super) fn claim_some(
+    conn: &mut Connection,
+    kind: RecordKind,
+    limit: usize,
+    now_ms: i64,
+    lease_end_ms: i64,
+    waiting: &AtomicUsize,
+) -> rusqlite::Result<(Vec<Claimed>, bool)> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut claimed: Vec<Claimed> = Vec::new();
+    let exhausted = loop {
+        let want = (limit - claimed.len()).min(BOOKKEEPING_CHUNK);
+        let chunk = {
+            let mut select = tx.prepare_cached(sql!(CLAIM_DUE))?;
+            let rows = select.query_map(params![kind.as_str(), now_ms, want as i64], |row| {
+                Ok(Claimed {
+                    id: row.get(0)?,
+                    kind,
+                    subject: row.get(1)?,
+                    json: row.get(2)?,
+                    attempts: row.get(3)?,
+                    received_at_ms: row.get(4)?,
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let mut lease = tx
+            .prepare_cached("UPDATE records SET claimed = 1, next_attempt_at = ?1 WHERE id = ?2")?;
+        for record in &chunk {
+            lease.execute(params![lease_end_ms, record.id])?;
+        }
+        let exhausted = chunk.len() < want;
+        claimed.extend(chunk);
+        if exhausted || claimed.len() >= limit || waiting.load(Ordering::SeqCst) > 0 {
+            break exhausted;
+        }
+    };
+    tx.commit()?;
+    Ok((claimed, exhausted))
+}
