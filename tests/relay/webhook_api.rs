@@ -2,15 +2,12 @@
 //! fake Heap: every row of the webhook table (202 accepted / duplicate / quarantined, 401, 400,
 //! 413, 415, 503 with `Retry-After`), the signature variants of SPEC §2.1 that must be accepted
 //! (secret rotation, base64 MAC, body-timestamp fallback), and `/healthz` and `/readyz`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
 
 use std::time::Duration;
 
+use crate::support::{FakeHeap, Relay, SECRET, eventually};
 use base64::Engine as _;
 use serde_json::{Value, json};
-use support::{FakeHeap, Relay, SECRET};
 use userpilot_heap_relay::userpilot::sign;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -485,19 +482,6 @@ async fn a_content_type_that_is_not_json_is_rejected_with_415_and_an_absent_one_
     relay.stop().await;
 }
 
-/// Polls the admin status until `done` says so.
-async fn wait_for_status(relay: &Relay, done: impl Fn(&Value) -> bool) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, status) = relay.admin(reqwest::Method::GET, "/admin/status").await;
-        if done(&status) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_not_stored() {
     let heap = FakeHeap::start().await;
@@ -509,12 +493,16 @@ async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_
     assert_eq!(status, 202);
     // The forwarder's writes (its ack, its claims) would wait out the lock too and delay
     // the webhook's turn: let it deliver, then pause it and wait until it is idle.
-    wait_for_status(&relay, |s| s["queue"]["delivered"] == 1).await;
+    relay
+        .wait_for_status(WAIT, |s| s["queue"]["delivered"] == 1)
+        .await;
     let (status, _) = relay
         .admin(reqwest::Method::POST, "/admin/forwarder/pause")
         .await;
     assert_eq!(status, 200);
-    wait_for_status(&relay, |s| s["forwarder"] == "paused").await;
+    relay
+        .wait_for_status(WAIT, |s| s["forwarder"] == "paused")
+        .await;
     let lock = rusqlite::Connection::open(relay.dir.path().join("queue.sqlite3")).unwrap();
     lock.busy_timeout(WAIT).unwrap();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
@@ -559,14 +547,13 @@ async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_
         json!({"status": "accepted", "events": 1})
     );
     // Readiness recovers once the queue accepts writes again (answers are cached briefly).
-    let deadline = std::time::Instant::now() + WAIT;
-    while ready().await.unwrap().status().as_u16() != 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "readyz did not recover"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(WAIT, async || {
+        match ready().await.unwrap().status().as_u16() {
+            200 => Ok(()),
+            status => Err(format!("readyz still answers {status}")),
+        }
+    })
+    .await;
     relay
         .admin(reqwest::Method::POST, "/admin/forwarder/resume")
         .await;
