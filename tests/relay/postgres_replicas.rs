@@ -238,15 +238,7 @@ async fn a_postgres_outage_answers_503_loses_no_accepted_event_and_recovers_by_i
         &database.url,
         &unique_app(),
     ));
-    let ready = async |relay: &Client| {
-        relay
-            .http
-            .get(format!("{}/readyz", relay.url))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    };
+    let ready = async |relay: &Client| relay.get("/readyz").await.0;
     assert_eq!(ready(&relay).await, 200);
 
     // Load throughout: a webhook every 20 ms, remembering what was answered.

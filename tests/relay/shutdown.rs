@@ -154,26 +154,12 @@ async fn sigterm_under_load_exits_in_grace_and_loses_no_acknowledged_webhook() {
 async fn draining_turns_readiness_and_webhooks_to_503_before_the_listener_closes() {
     let heap = crate::support::FakeHeap::start().await;
     let relay = crate::support::Relay::start(&heap, "").await;
-    let ready = relay
-        .http
-        .get(format!("{}/readyz", relay.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status().as_u16(), 200);
+    assert_eq!(relay.get("/readyz").await.0, 200);
     relay.shutdown.cancel();
     // The base test config has a 2 s grace, so the listener stays open for 500 ms.
-    let ready = relay
-        .http
-        .get(format!("{}/readyz", relay.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status().as_u16(), 503);
-    assert_eq!(
-        ready.json::<serde_json::Value>().await.unwrap()["status"],
-        "draining"
-    );
+    let (status, ready) = relay.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(ready["status"], "draining");
     let body = serde_json::json!({ "timestamp": chrono::Utc::now().timestamp(),
         "data": { "type": "nps", "score": 3, "user": { "user_id": "d1" } } });
     let (status, answer) = relay.post(&body).await;
@@ -181,12 +167,6 @@ async fn draining_turns_readiness_and_webhooks_to_503_before_the_listener_closes
         (status, answer["error"].as_str()),
         (503, Some("unavailable"))
     );
-    let live = relay
-        .http
-        .get(format!("{}/healthz", relay.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(live.status().as_u16(), 200);
+    assert_eq!(relay.get("/healthz").await.0, 200);
     relay.task.await.unwrap();
 }

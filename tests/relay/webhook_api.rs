@@ -392,9 +392,8 @@ async fn a_signed_body_that_is_not_a_json_object_is_rejected_with_400() {
         b"42",
         b"null",
     ] {
-        let header = sign(body, SECRET, now());
         let (status, answer) = relay
-            .post_raw(body.to_vec(), Some(&header), Some("application/json"))
+            .post_bytes(body.to_vec(), Some("application/json"))
             .await;
         assert_eq!(
             (status, answer),
@@ -423,20 +422,14 @@ async fn a_body_over_max_body_bytes_is_rejected_with_413() {
     }
 
     let over = body_of(513);
-    let header = sign(&over, SECRET, now());
-    let (status, answer) = relay
-        .post_raw(over, Some(&header), Some("application/json"))
-        .await;
+    let (status, answer) = relay.post_bytes(over, Some("application/json")).await;
     assert_eq!(
         (status, answer),
         (413, json!({"error": "payload_too_large"}))
     );
 
     let at_limit = body_of(512);
-    let header = sign(&at_limit, SECRET, now());
-    let (status, answer) = relay
-        .post_raw(at_limit, Some(&header), Some("application/json"))
-        .await;
+    let (status, answer) = relay.post_bytes(at_limit, Some("application/json")).await;
     assert_eq!(
         (status, answer),
         (202, json!({"status": "accepted", "events": 1}))
@@ -451,10 +444,7 @@ async fn a_content_type_that_is_not_json_is_rejected_with_415_and_an_absent_one_
 
     for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
         let body = bytes(&flow_started("u_text"));
-        let header = sign(&body, SECRET, now());
-        let (status, answer) = relay
-            .post_raw(body, Some(&header), Some(content_type))
-            .await;
+        let (status, answer) = relay.post_bytes(body, Some(content_type)).await;
         assert_eq!(
             (status, answer),
             (415, json!({"error": "unsupported_media_type"})),
@@ -463,8 +453,7 @@ async fn a_content_type_that_is_not_json_is_rejected_with_415_and_an_absent_one_
     }
 
     let body = bytes(&flow_started("u_none"));
-    let header = sign(&body, SECRET, now());
-    let (status, answer) = relay.post_raw(body, Some(&header), None).await;
+    let (status, answer) = relay.post_bytes(body, None).await;
     assert_eq!(
         (status, answer),
         (202, json!({"status": "accepted", "events": 1}))
@@ -517,7 +506,6 @@ async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_
             .body(body.clone())
             .send()
     };
-    let ready = || relay.http.get(format!("{}/readyz", relay.url)).send();
     // One after the other: the queue serves one operation at a time, each waiting out the lock.
     let refused = post().await.unwrap();
     assert_eq!(refused.status().as_u16(), 503);
@@ -531,11 +519,11 @@ async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_
         refused.json::<Value>().await.unwrap(),
         json!({"error": "unavailable"})
     );
-    let readiness = ready().await.unwrap();
-    assert_eq!(readiness.status().as_u16(), 503, "readyz while locked");
+    let readiness = relay.get("/readyz").await;
     assert_eq!(
-        readiness.json::<Value>().await.unwrap(),
-        json!({"status": "queue_unavailable"})
+        readiness,
+        (503, json!({"status": "queue_unavailable"})),
+        "readyz while locked"
     );
 
     lock.execute_batch("ROLLBACK").unwrap();
@@ -547,11 +535,9 @@ async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_
         json!({"status": "accepted", "events": 1})
     );
     // Readiness recovers once the queue accepts writes again (answers are cached briefly).
-    eventually(WAIT, async || {
-        match ready().await.unwrap().status().as_u16() {
-            200 => Ok(()),
-            status => Err(format!("readyz still answers {status}")),
-        }
+    eventually(WAIT, async || match relay.get("/readyz").await.0 {
+        200 => Ok(()),
+        status => Err(format!("readyz still answers {status}")),
     })
     .await;
     relay
@@ -566,13 +552,7 @@ async fn healthz_and_readyz_answer_200_while_serving() {
     let heap = FakeHeap::start().await;
     let relay = Relay::start(&heap, "").await;
     for path in ["/healthz", "/readyz"] {
-        let response = relay
-            .http
-            .get(format!("{}{path}", relay.url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200, "{path}");
+        assert_eq!(relay.get(path).await.0, 200, "{path}");
     }
     relay.stop().await;
 }

@@ -311,6 +311,12 @@ impl Client {
             .await
     }
 
+    /// Posts `body` as it is, signed now, with `content_type` (or none).
+    pub async fn post_bytes(&self, body: Vec<u8>, content_type: Option<&str>) -> (u16, Value) {
+        let signature = signature(&body);
+        self.post_raw(body, Some(&signature), content_type).await
+    }
+
     /// Posts `body` as it is, with the given signature and content type (or none).
     pub async fn post_raw(
         &self,
@@ -346,6 +352,18 @@ impl Client {
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         ))
+    }
+
+    /// `GET path` on the public port (`/healthz`, `/readyz`): status and JSON answer.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// `method` on `path` of the admin port, with the admin token.
