@@ -46,6 +46,18 @@ fn bytes(body: &Value) -> Vec<u8> {
     serde_json::to_vec(body).unwrap()
 }
 
+/// The answer to a webhook stored with `events` track events.
+fn accepted(events: usize) -> (u16, Value) {
+    (202, json!({"status": "accepted", "events": events}))
+}
+
+/// Posts JSON `body` with the `X-Signature` header `header`, as built by the test.
+async fn post_as(relay: &Relay, body: Vec<u8>, header: &str) -> (u16, Value) {
+    relay
+        .post_raw(body, Some(header), Some("application/json"))
+        .await
+}
+
 /// The `v1` value of a header made by [`sign`].
 fn v1_of(header: &str) -> &str {
     header.split_once(",v1=").unwrap().1
@@ -68,17 +80,11 @@ async fn a_stored_webhook_is_answered_202_accepted_with_its_event_count() {
     let relay = Relay::start(&heap, "").await;
 
     let (status, answer) = relay.post(&flow_started("u_one")).await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!((status, answer), accepted(1));
 
     // NPS with a score and feedback and no action is two Heap events.
     let (status, answer) = relay.post(&nps("u_two", "a")).await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 2}))
-    );
+    assert_eq!((status, answer), accepted(2));
 
     let events = heap.wait_for_events(3, WAIT).await;
     assert_eq!(events.len(), 3);
@@ -95,10 +101,7 @@ async fn a_redelivered_body_is_a_duplicate_and_reaches_heap_once() {
     let (status, answer) = relay
         .post_raw(body.clone(), Some(&first), Some("application/json"))
         .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!((status, answer), accepted(1));
 
     // Userpilot retries with the same bytes; a retry signed later carries another `t`.
     for t in [now(), now() - 60] {
@@ -272,14 +275,8 @@ secrets = ["old-secret", "new-secret"]"#,
     for (user, secret) in [("u_new", "new-secret"), ("u_old", "old-secret")] {
         let body = bytes(&flow_started(user));
         let header = sign(&body, secret, now());
-        let (status, answer) = relay
-            .post_raw(body, Some(&header), Some("application/json"))
-            .await;
-        assert_eq!(
-            (status, answer),
-            (202, json!({"status": "accepted", "events": 1})),
-            "{secret}"
-        );
+        let (status, answer) = post_as(&relay, body, &header).await;
+        assert_eq!((status, answer), accepted(1), "{secret}");
     }
     // The test secret is not configured here.
     let (status, _) = relay.post(&flow_started("u_retired")).await;
@@ -299,13 +296,7 @@ async fn a_base64_signature_is_accepted() {
         base64::engine::general_purpose::STANDARD.encode(mac)
     );
 
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!(post_as(&relay, body, &header).await, accepted(1));
     relay.stop().await;
 }
 
@@ -318,13 +309,7 @@ async fn a_millisecond_t_unknown_header_keys_and_extra_v1_entries_are_accepted()
     let t_ms = chrono::Utc::now().timestamp_millis();
     let header = sign(&body, SECRET, t_ms);
     assert!(header.starts_with(&format!("t={t_ms},")), "{header}");
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!(post_as(&relay, body, &header).await, accepted(1));
 
     let body = bytes(&flow_started("u_extra"));
     let t = now();
@@ -335,13 +320,7 @@ async fn a_millisecond_t_unknown_header_keys_and_extra_v1_entries_are_accepted()
         v1_of(&wrong),
         v1_of(&good)
     );
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!(post_as(&relay, body, &header).await, accepted(1));
     relay.stop().await;
 }
 
@@ -355,13 +334,7 @@ async fn without_t_in_the_header_the_body_timestamp_is_signed_and_checked() {
     fresh["timestamp"] = json!(t);
     let body = bytes(&fresh);
     let header = format!("v1={}", v1_of(&sign(&body, SECRET, t)));
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!(post_as(&relay, body, &header).await, accepted(1));
 
     // The fallback timestamp is held to the same tolerance.
     let old = t - 1000;
@@ -369,9 +342,7 @@ async fn without_t_in_the_header_the_body_timestamp_is_signed_and_checked() {
     stale["timestamp"] = json!(old);
     let body = bytes(&stale);
     let header = format!("v1={}", v1_of(&sign(&body, SECRET, old)));
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
+    let (status, answer) = post_as(&relay, body, &header).await;
     assert_eq!(
         (status, answer),
         (401, json!({"error": "invalid_signature"}))
@@ -430,10 +401,7 @@ async fn a_body_over_max_body_bytes_is_rejected_with_413() {
 
     let at_limit = body_of(512);
     let (status, answer) = relay.post_bytes(at_limit, Some("application/json")).await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!((status, answer), accepted(1));
     relay.stop().await;
 }
 
@@ -454,20 +422,14 @@ async fn a_content_type_that_is_not_json_is_rejected_with_415_and_an_absent_one_
 
     let body = bytes(&flow_started("u_none"));
     let (status, answer) = relay.post_bytes(body, None).await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!((status, answer), accepted(1));
 
     let body = bytes(&flow_started("u_charset"));
     let header = sign(&body, SECRET, now());
     let (status, answer) = relay
         .post_raw(body, Some(&header), Some("application/json; charset=utf-8"))
         .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!((status, answer), accepted(1));
     relay.stop().await;
 }
 
