@@ -19,17 +19,13 @@ use userpilot_heap_relay::heap::wire::RecordKind;
 use userpilot_heap_relay::queue::postgres::PostgresQueue;
 use userpilot_heap_relay::queue::{DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError};
 
-use crate::support::postgres::{Schema, base_url, connect};
+use crate::support::postgres::{Schema, connect};
 use crate::support::records::{self, account, track, user, webhook};
 
 const T0: i64 = 1_700_000_000_000;
 const FAR: i64 = T0 + 1_000_000_000;
 
 /// A leadership lock of its own, so that claims here never wait on another test's leader.
-fn lock_key() -> i64 {
-    fastrand::i64(..)
-}
-
 fn quarantined(body: &str, at: i64, detail: &str, subject: &str) -> NewWebhook {
     records::quarantined(body, at, "unmapped", detail, subject)
 }
@@ -131,13 +127,8 @@ async fn stored_webhooks(client: &tokio_postgres::Client) -> HashMap<String, i64
 )]
 #[tokio::test]
 async fn a_mixed_group_answers_and_stores_what_one_by_one_enqueues_would() {
-    let base = base_url();
-    let schema = Schema::create(&base).await;
-    let queue = Arc::new(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
+    let schema = Schema::fresh().await;
+    let queue = Arc::new(schema.queue().await);
     let client = connect(&schema.url).await;
 
     // Stored before the group, which redelivers them.
@@ -358,13 +349,8 @@ async fn a_mixed_group_answers_and_stores_what_one_by_one_enqueues_would() {
 )]
 #[tokio::test]
 async fn a_webhook_postgres_refuses_fails_alone_and_its_group_neighbours_are_stored() {
-    let base = base_url();
-    let schema = Schema::create(&base).await;
-    let queue = Arc::new(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
+    let schema = Schema::fresh().await;
+    let queue = Arc::new(schema.queue().await);
     let client = connect(&schema.url).await;
     queue
         .enqueue(webhook("old", T0, vec![track("old", "ann")]))
@@ -486,18 +472,9 @@ async fn a_webhook_postgres_refuses_fails_alone_and_its_group_neighbours_are_sto
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_enqueuing_the_same_webhooks_in_crossed_order_all_succeed() {
-    let base = base_url();
-    let schema = Schema::create(&base).await;
-    let one = Arc::new(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
-    let two = Arc::new(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
+    let schema = Schema::fresh().await;
+    let one = Arc::new(schema.queue().await);
+    let two = Arc::new(schema.queue().await);
 
     const ROUNDS: usize = 5;
     const BODIES: usize = 60;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::support::postgres::{Database, Schema, base_url};
+use crate::support::postgres::{Database, Schema};
 use crate::support::{Answer, Client, FakeHeap, RelayProcess, eventually};
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -140,8 +140,7 @@ fn assert_within_rate(heap: &FakeHeap, per_second: f64, allowance: usize) {
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_deliver_every_accepted_event_within_the_rate_when_one_is_killed() {
-    let base = base_url();
-    let schema = Schema::create(&base).await;
+    let schema = Schema::fresh().await;
     let heap = FakeHeap::start().await;
     let app = unique_app();
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
@@ -228,8 +227,7 @@ async fn two_replicas_deliver_every_accepted_event_within_the_rate_when_one_is_k
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_answers_503_loses_no_accepted_event_and_recovers_by_itself() {
-    let base = base_url();
-    let database = Database::create(&base).await;
+    let database = Database::fresh().await;
     let heap = FakeHeap::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut relay = RelayProcess::spawn(&replica_env(

@@ -24,7 +24,7 @@ use userpilot_heap_relay::queue::{
 };
 
 use crate::support::eventually;
-use crate::support::postgres::{Database, Schema, base_url};
+use crate::support::postgres::{Database, Schema, lock_key};
 use crate::support::records::{self, user, webhook};
 
 /// A fixed "now" for the tests; every time is an offset from it.
@@ -635,10 +635,6 @@ async fn sqlite_queue() -> (Arc<dyn Queue>, tempfile::TempDir) {
     (Arc::new(queue), dir)
 }
 
-fn lock_key() -> i64 {
-    fastrand::i64(..)
-}
-
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -659,11 +655,8 @@ macro_rules! conformance {
                 )]
                 #[tokio::test]
                 async fn $name() {
-                    let base = super::base_url();
-                    let schema = super::Schema::create(&base).await;
-                    let queue = super::PostgresQueue::connect(&schema.url, super::lock_key())
-                        .await
-                        .unwrap();
+                    let schema = super::Schema::fresh().await;
+                    let queue = schema.queue().await;
                     super::$name(std::sync::Arc::new(queue)).await;
                     schema.drop().await;
                 }
@@ -724,19 +717,10 @@ async fn enqueue_tracks(queue: &PostgresQueue, webhooks: usize, per_webhook: usi
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claimers_never_get_the_same_record() {
-    let base = base_url();
-    let schema = Schema::create(&base).await;
+    let schema = Schema::fresh().await;
     // Different lock keys: both are leaders, so both really claim.
-    let one = Arc::new(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
-    let two = Arc::new(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
+    let one = Arc::new(schema.queue().await);
+    let two = Arc::new(schema.queue().await);
     let total = enqueue_tracks(&one, 40, 10).await;
 
     let claimer = |queue: Arc<PostgresQueue>| {
@@ -771,8 +755,7 @@ async fn concurrent_claimers_never_get_the_same_record() {
 )]
 #[tokio::test]
 async fn one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_leases() {
-    let base = base_url();
-    let schema = Schema::create(&base).await;
+    let schema = Schema::fresh().await;
     let key = lock_key();
     let first = PostgresQueue::connect(&schema.url, key).await.unwrap();
     let second = PostgresQueue::connect(&schema.url, key).await.unwrap();
@@ -829,8 +812,7 @@ async fn one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_lea
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_starting_together_migrate_the_schema_once() {
-    let base = base_url();
-    let schema = Schema::create(&base).await;
+    let schema = Schema::fresh().await;
     let starts = (0..4).map(|_| {
         let url = schema.url.clone();
         tokio::spawn(async move { PostgresQueue::connect(&url, lock_key()).await })
@@ -846,11 +828,7 @@ async fn replicas_starting_together_migrate_the_schema_once() {
         MIGRATIONS
     );
     // And a later start finds it done.
-    queues.push(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
+    queues.push(schema.queue().await);
     assert_eq!(
         schema
             .count("SELECT COUNT(*) FROM {schema}.schema_version")
@@ -875,8 +853,7 @@ fn assert_storage_error<T: std::fmt::Debug>(result: Result<T, QueueError>, what:
 )]
 #[tokio::test]
 async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_restart() {
-    let base = base_url();
-    let database = Database::create(&base).await;
+    let database = Database::fresh().await;
     let queue = PostgresQueue::connect(&database.url, lock_key())
         .await
         .unwrap();

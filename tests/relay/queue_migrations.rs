@@ -10,7 +10,7 @@ use userpilot_heap_relay::queue::postgres::PostgresQueue;
 use userpilot_heap_relay::queue::sqlite::SqliteQueue;
 use userpilot_heap_relay::queue::{Content, Enqueued, NewWebhook, Queue};
 
-use crate::support::postgres::{Schema, base_url};
+use crate::support::postgres::Schema;
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -124,8 +124,7 @@ async fn a_version_1_sqlite_file_is_upgraded_keeping_its_records() {
 )]
 #[tokio::test]
 async fn a_version_1_postgres_schema_is_upgraded_keeping_its_records() {
-    let base = base_url();
-    let schema = Schema::create(&base).await;
+    let schema = Schema::fresh().await;
     let admin = crate::support::postgres::connect(&schema.url).await;
     admin
         .batch_execute(

@@ -8,6 +8,7 @@
 //! them as ignored instead of passing them without running anything.
 
 use tokio_postgres::{Client, NoTls};
+use userpilot_heap_relay::queue::postgres::PostgresQueue;
 
 pub const URL_VAR: &str = "RELAY_TEST_POSTGRES_URL";
 
@@ -21,6 +22,11 @@ pub fn base_url() -> String {
              set it again, or rebuild without it to ignore the Postgres tests"
         ),
     }
+}
+
+/// A lock key of its own, so that the queues of different tests never wait for one leader.
+pub fn lock_key() -> i64 {
+    fastrand::i64(..)
 }
 
 /// A plain connection, its driver running in the background.
@@ -61,6 +67,16 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// A schema on the server of [`URL_VAR`].
+    pub async fn fresh() -> Schema {
+        Schema::create(&base_url()).await
+    }
+
+    /// A queue on this schema, under a lock key of its own.
+    pub async fn queue(&self) -> PostgresQueue {
+        PostgresQueue::connect(&self.url, lock_key()).await.unwrap()
+    }
+
     pub async fn create(base: &str) -> Schema {
         let admin = connect(base).await;
         let name = unique("relay_test");
@@ -97,6 +113,11 @@ pub struct Database {
 }
 
 impl Database {
+    /// A database on the server of [`URL_VAR`].
+    pub async fn fresh() -> Database {
+        Database::create(&base_url()).await
+    }
+
     pub async fn create(base: &str) -> Database {
         let admin = connect(base).await;
         let name = unique("relay_test");
