@@ -9,16 +9,14 @@
 //! `verify-full` refuses a certificate that no trusted root signed, and one that is signed but
 //! issued for another host, failing with an error saying so rather than connecting in the clear.
 
-use bytes::Bytes;
-use serde_json::Map;
-use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 use tokio_postgres::config::Host;
-use userpilot_heap_relay::heap::wire::{HeapRecord, Outbound, RecordKind, TrackEvent};
+use userpilot_heap_relay::heap::wire::RecordKind;
 use userpilot_heap_relay::queue::postgres::{PostgresQueue, leader_lock_key};
-use userpilot_heap_relay::queue::{Content, Enqueued, NewWebhook, Queue, QueueError};
+use userpilot_heap_relay::queue::{Enqueued, Queue, QueueError};
 
 use crate::support::postgres::{Schema, base_url, connect};
+use crate::support::records;
 
 const NOW: i64 = 1_700_000_000_000;
 
@@ -110,22 +108,7 @@ async fn sessions(admin: &Client, queue: &PostgresQueue) -> (i64, i64) {
 /// session): the queue works over this connection.
 async fn round_trip(queue: &PostgresQueue) {
     let body = format!("webhook {}", uuid::Uuid::new_v4());
-    let record = Outbound {
-        key: "tls-1".to_owned(),
-        record: HeapRecord::Track(TrackEvent {
-            identity: "user-tls".to_owned(),
-            event: "Userpilot Test".to_owned(),
-            timestamp: "2023-11-14T22:13:20Z".to_owned(),
-            idempotency_key: "tls-1".to_owned(),
-            properties: Map::new(),
-        }),
-    };
-    let webhook = NewWebhook {
-        digest: Sha256::digest(body.as_bytes()).into(),
-        body: Bytes::from(body),
-        received_at_ms: NOW,
-        content: Content::Records(vec![record]),
-    };
+    let webhook = records::webhook(&body, NOW, vec![records::track("tls-1", "user-tls")]);
     assert_eq!(
         queue.enqueue(webhook).await.unwrap(),
         Enqueued::Accepted { events: 1 }
