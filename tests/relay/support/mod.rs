@@ -13,6 +13,7 @@
 
 pub mod postgres;
 pub mod records;
+mod tests;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
