@@ -2,17 +2,12 @@
 //! fake Heap: every row of the webhook table (202 accepted / duplicate / quarantined, 401, 400,
 //! 413, 415, 503 with `Retry-After`), the signature variants of SPEC §2.1 that must be accepted
 //! (secret rotation, base64 MAC, body-timestamp fallback), and `/healthz` and `/readyz`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::time::Duration;
 
+use crate::support::{FakeHeap, Relay, SECRET, eventually};
 use base64::Engine as _;
 use serde_json::{Value, json};
-use support::{FakeHeap, Relay, SECRET};
 use userpilot_heap_relay::userpilot::sign;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -51,6 +46,18 @@ fn bytes(body: &Value) -> Vec<u8> {
     serde_json::to_vec(body).unwrap()
 }
 
+/// The answer to a webhook stored with `events` track events.
+fn accepted(events: usize) -> (u16, Value) {
+    (202, json!({"status": "accepted", "events": events}))
+}
+
+/// Posts JSON `body` with the `X-Signature` header `header`, as built by the test.
+async fn post_as(relay: &Relay, body: Vec<u8>, header: &str) -> (u16, Value) {
+    relay
+        .post_raw(body, Some(header), Some("application/json"))
+        .await
+}
+
 /// The `v1` value of a header made by [`sign`].
 fn v1_of(header: &str) -> &str {
     header.split_once(",v1=").unwrap().1
@@ -73,17 +80,11 @@ async fn a_stored_webhook_is_answered_202_accepted_with_its_event_count() {
     let relay = Relay::start(&heap, "").await;
 
     let (status, answer) = relay.post(&flow_started("u_one")).await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!((status, answer), accepted(1));
 
     // NPS with a score and feedback and no action is two Heap events.
     let (status, answer) = relay.post(&nps("u_two", "a")).await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 2}))
-    );
+    assert_eq!((status, answer), accepted(2));
 
     let events = heap.wait_for_events(3, WAIT).await;
     assert_eq!(events.len(), 3);
@@ -100,10 +101,7 @@ async fn a_redelivered_body_is_a_duplicate_and_reaches_heap_once() {
     let (status, answer) = relay
         .post_raw(body.clone(), Some(&first), Some("application/json"))
         .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!((status, answer), accepted(1));
 
     // Userpilot retries with the same bytes; a retry signed later carries another `t`.
     for t in [now(), now() - 60] {
@@ -277,14 +275,8 @@ secrets = ["old-secret", "new-secret"]"#,
     for (user, secret) in [("u_new", "new-secret"), ("u_old", "old-secret")] {
         let body = bytes(&flow_started(user));
         let header = sign(&body, secret, now());
-        let (status, answer) = relay
-            .post_raw(body, Some(&header), Some("application/json"))
-            .await;
-        assert_eq!(
-            (status, answer),
-            (202, json!({"status": "accepted", "events": 1})),
-            "{secret}"
-        );
+        let (status, answer) = post_as(&relay, body, &header).await;
+        assert_eq!((status, answer), accepted(1), "{secret}");
     }
     // The test secret is not configured here.
     let (status, _) = relay.post(&flow_started("u_retired")).await;
@@ -304,13 +296,7 @@ async fn a_base64_signature_is_accepted() {
         base64::engine::general_purpose::STANDARD.encode(mac)
     );
 
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!(post_as(&relay, body, &header).await, accepted(1));
     relay.stop().await;
 }
 
@@ -323,13 +309,7 @@ async fn a_millisecond_t_unknown_header_keys_and_extra_v1_entries_are_accepted()
     let t_ms = chrono::Utc::now().timestamp_millis();
     let header = sign(&body, SECRET, t_ms);
     assert!(header.starts_with(&format!("t={t_ms},")), "{header}");
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!(post_as(&relay, body, &header).await, accepted(1));
 
     let body = bytes(&flow_started("u_extra"));
     let t = now();
@@ -340,13 +320,7 @@ async fn a_millisecond_t_unknown_header_keys_and_extra_v1_entries_are_accepted()
         v1_of(&wrong),
         v1_of(&good)
     );
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!(post_as(&relay, body, &header).await, accepted(1));
     relay.stop().await;
 }
 
@@ -360,13 +334,7 @@ async fn without_t_in_the_header_the_body_timestamp_is_signed_and_checked() {
     fresh["timestamp"] = json!(t);
     let body = bytes(&fresh);
     let header = format!("v1={}", v1_of(&sign(&body, SECRET, t)));
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!(post_as(&relay, body, &header).await, accepted(1));
 
     // The fallback timestamp is held to the same tolerance.
     let old = t - 1000;
@@ -374,9 +342,7 @@ async fn without_t_in_the_header_the_body_timestamp_is_signed_and_checked() {
     stale["timestamp"] = json!(old);
     let body = bytes(&stale);
     let header = format!("v1={}", v1_of(&sign(&body, SECRET, old)));
-    let (status, answer) = relay
-        .post_raw(body, Some(&header), Some("application/json"))
-        .await;
+    let (status, answer) = post_as(&relay, body, &header).await;
     assert_eq!(
         (status, answer),
         (401, json!({"error": "invalid_signature"}))
@@ -397,9 +363,8 @@ async fn a_signed_body_that_is_not_a_json_object_is_rejected_with_400() {
         b"42",
         b"null",
     ] {
-        let header = sign(body, SECRET, now());
         let (status, answer) = relay
-            .post_raw(body.to_vec(), Some(&header), Some("application/json"))
+            .post_bytes(body.to_vec(), Some("application/json"))
             .await;
         assert_eq!(
             (status, answer),
@@ -428,24 +393,15 @@ async fn a_body_over_max_body_bytes_is_rejected_with_413() {
     }
 
     let over = body_of(513);
-    let header = sign(&over, SECRET, now());
-    let (status, answer) = relay
-        .post_raw(over, Some(&header), Some("application/json"))
-        .await;
+    let (status, answer) = relay.post_bytes(over, Some("application/json")).await;
     assert_eq!(
         (status, answer),
         (413, json!({"error": "payload_too_large"}))
     );
 
     let at_limit = body_of(512);
-    let header = sign(&at_limit, SECRET, now());
-    let (status, answer) = relay
-        .post_raw(at_limit, Some(&header), Some("application/json"))
-        .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    let (status, answer) = relay.post_bytes(at_limit, Some("application/json")).await;
+    assert_eq!((status, answer), accepted(1));
     relay.stop().await;
 }
 
@@ -456,10 +412,7 @@ async fn a_content_type_that_is_not_json_is_rejected_with_415_and_an_absent_one_
 
     for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
         let body = bytes(&flow_started("u_text"));
-        let header = sign(&body, SECRET, now());
-        let (status, answer) = relay
-            .post_raw(body, Some(&header), Some(content_type))
-            .await;
+        let (status, answer) = relay.post_bytes(body, Some(content_type)).await;
         assert_eq!(
             (status, answer),
             (415, json!({"error": "unsupported_media_type"})),
@@ -468,36 +421,16 @@ async fn a_content_type_that_is_not_json_is_rejected_with_415_and_an_absent_one_
     }
 
     let body = bytes(&flow_started("u_none"));
-    let header = sign(&body, SECRET, now());
-    let (status, answer) = relay.post_raw(body, Some(&header), None).await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    let (status, answer) = relay.post_bytes(body, None).await;
+    assert_eq!((status, answer), accepted(1));
 
     let body = bytes(&flow_started("u_charset"));
     let header = sign(&body, SECRET, now());
     let (status, answer) = relay
         .post_raw(body, Some(&header), Some("application/json; charset=utf-8"))
         .await;
-    assert_eq!(
-        (status, answer),
-        (202, json!({"status": "accepted", "events": 1}))
-    );
+    assert_eq!((status, answer), accepted(1));
     relay.stop().await;
-}
-
-/// Polls the admin status until `done` says so.
-async fn wait_for_status(relay: &Relay, done: impl Fn(&Value) -> bool) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, status) = relay.admin(reqwest::Method::GET, "/admin/status").await;
-        if done(&status) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -511,12 +444,16 @@ async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_
     assert_eq!(status, 202);
     // The forwarder's writes (its ack, its claims) would wait out the lock too and delay
     // the webhook's turn: let it deliver, then pause it and wait until it is idle.
-    wait_for_status(&relay, |s| s["queue"]["delivered"] == 1).await;
+    relay
+        .wait_for_status(WAIT, |s| s["queue"]["delivered"] == 1)
+        .await;
     let (status, _) = relay
         .admin(reqwest::Method::POST, "/admin/forwarder/pause")
         .await;
     assert_eq!(status, 200);
-    wait_for_status(&relay, |s| s["forwarder"] == "paused").await;
+    relay
+        .wait_for_status(WAIT, |s| s["forwarder"] == "paused")
+        .await;
     let lock = rusqlite::Connection::open(relay.dir.path().join("queue.sqlite3")).unwrap();
     lock.busy_timeout(WAIT).unwrap();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
@@ -531,7 +468,6 @@ async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_
             .body(body.clone())
             .send()
     };
-    let ready = || relay.http.get(format!("{}/readyz", relay.url)).send();
     // One after the other: the queue serves one operation at a time, each waiting out the lock.
     let refused = post().await.unwrap();
     assert_eq!(refused.status().as_u16(), 503);
@@ -545,11 +481,11 @@ async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_
         refused.json::<Value>().await.unwrap(),
         json!({"error": "unavailable"})
     );
-    let readiness = ready().await.unwrap();
-    assert_eq!(readiness.status().as_u16(), 503, "readyz while locked");
+    let readiness = relay.get("/readyz").await;
     assert_eq!(
-        readiness.json::<Value>().await.unwrap(),
-        json!({"status": "queue_unavailable"})
+        readiness,
+        (503, json!({"status": "queue_unavailable"})),
+        "readyz while locked"
     );
 
     lock.execute_batch("ROLLBACK").unwrap();
@@ -561,14 +497,11 @@ async fn a_webhook_the_queue_cannot_commit_is_answered_503_with_retry_after_and_
         json!({"status": "accepted", "events": 1})
     );
     // Readiness recovers once the queue accepts writes again (answers are cached briefly).
-    let deadline = std::time::Instant::now() + WAIT;
-    while ready().await.unwrap().status().as_u16() != 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "readyz did not recover"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(WAIT, async || match relay.get("/readyz").await.0 {
+        200 => Ok(()),
+        status => Err(format!("readyz still answers {status}")),
+    })
+    .await;
     relay
         .admin(reqwest::Method::POST, "/admin/forwarder/resume")
         .await;
@@ -581,13 +514,7 @@ async fn healthz_and_readyz_answer_200_while_serving() {
     let heap = FakeHeap::start().await;
     let relay = Relay::start(&heap, "").await;
     for path in ["/healthz", "/readyz"] {
-        let response = relay
-            .http
-            .get(format!("{}{path}", relay.url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200, "{path}");
+        assert_eq!(relay.get(path).await.0, 200, "{path}");
     }
     relay.stop().await;
 }

@@ -9,14 +9,8 @@
 //! Postgres only: concurrent claimers never share a record, one leader per lock key with a
 //! fast takeover of a gone replica's leases, migrations racing at startup, and failing fast
 //! while the database is unreachable, then recovering without a restart.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,8 +23,9 @@ use userpilot_heap_relay::queue::{
     Claimed, Content, DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError,
 };
 
-use support::postgres::{Database, Schema, base_url};
-use support::records::{self, user, webhook};
+use crate::support::eventually;
+use crate::support::postgres::{Database, Schema, lock_key};
+use crate::support::records::{self, user, webhook};
 
 /// A fixed "now" for the tests; every time is an offset from it.
 const T0: i64 = 1_700_000_000_000;
@@ -69,37 +64,30 @@ async fn claim_all(queue: &Arc<dyn Queue>, kind: RecordKind, now: i64) -> Vec<Cl
     queue.claim(kind, 1000, now, LEASE).await.unwrap()
 }
 
+/// Stores `webhook`; the backend must not fail.
+async fn store(queue: &Arc<dyn Queue>, webhook: NewWebhook) -> Enqueued {
+    queue.enqueue(webhook).await.unwrap()
+}
+
+/// Every track record claimable at `now`.
+async fn tracks(queue: &Arc<dyn Queue>, now: i64) -> Vec<Claimed> {
+    claim_all(queue, RecordKind::Track, now).await
+}
+
 async fn dead_ids(queue: &Arc<dyn Queue>, filter: DeadLetterFilter) -> Vec<i64> {
     let letters = queue.dead_letters(filter).await.unwrap();
     letters.iter().map(|l| l.id).collect()
-}
-
-/// Polls an async `check` until it returns `Some`, or panics after `within`.
-async fn poll_until<T, F: Future<Output = Option<T>>>(
-    within: Duration,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The suite: each function states one behaviour of every backend.
 
 async fn a_new_webhook_is_accepted_with_its_track_event_count(queue: Arc<dyn Queue>) {
-    let result = queue
-        .enqueue(webhook("w1", T0, vec![track("a"), track("b"), user("a")]))
-        .await
-        .unwrap();
+    let result = store(
+        &queue,
+        webhook("w1", T0, vec![track("a"), track("b"), user("a")]),
+    )
+    .await;
     assert_eq!(result, Enqueued::Accepted { events: 2 });
     assert_eq!(queue.stats(T0).await.unwrap().pending, 3);
     let users = claim_all(&queue, RecordKind::User, T0).await;
@@ -108,14 +96,8 @@ async fn a_new_webhook_is_accepted_with_its_track_event_count(queue: Arc<dyn Que
 }
 
 async fn a_redelivered_body_is_a_duplicate_and_stores_nothing(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("w1", T0, vec![track("a")]))
-        .await
-        .unwrap();
-    let again = queue
-        .enqueue(webhook("w1", T0 + 5, vec![track("a")]))
-        .await
-        .unwrap();
+    store(&queue, webhook("w1", T0, vec![track("a")])).await;
+    let again = store(&queue, webhook("w1", T0 + 5, vec![track("a")])).await;
     assert_eq!(again, Enqueued::Duplicate);
     assert_eq!(queue.stats(T0).await.unwrap().pending, 1);
 }
@@ -123,26 +105,25 @@ async fn a_redelivered_body_is_a_duplicate_and_stores_nothing(queue: Arc<dyn Que
 async fn a_record_key_is_stored_once_per_webhook(queue: Arc<dyn Queue>) {
     // Keys derive from the body's digest, so only one webhook can carry a given key; within it
     // the key is unique (replay relies on that to skip records the webhook still has).
-    let result = queue
-        .enqueue(webhook("w1", T0, vec![track("a"), track("a"), track("b")]))
-        .await
-        .unwrap();
+    let result = store(
+        &queue,
+        webhook("w1", T0, vec![track("a"), track("a"), track("b")]),
+    )
+    .await;
     assert_eq!(result, Enqueued::Accepted { events: 2 });
-    assert_eq!(
-        keys(&claim_all(&queue, RecordKind::Track, T0).await),
-        ["a", "b"]
-    );
+    assert_eq!(keys(&tracks(&queue, T0).await), ["a", "b"]);
 }
 
 async fn text_with_nul_characters_is_stored_and_sent_intact(queue: Arc<dyn Queue>) {
     // Postgres's TEXT cannot hold U+0000; the lookup columns get U+FFFD instead, on both
     // backends, while the record sent to Heap keeps the identity as it came.
-    let result = queue
-        .enqueue(webhook("w1", T0, vec![records::track("a", "x\u{0}y")]))
-        .await
-        .unwrap();
+    let result = store(
+        &queue,
+        webhook("w1", T0, vec![records::track("a", "x\u{0}y")]),
+    )
+    .await;
     assert_eq!(result, Enqueued::Accepted { events: 1 });
-    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    let claimed = tracks(&queue, T0).await;
     assert_eq!(claimed[0].subject, "x\u{FFFD}y");
     let sent: Value = serde_json::from_str(&claimed[0].json).unwrap();
     assert_eq!(sent["identity"], "x\u{0}y");
@@ -164,10 +145,7 @@ async fn text_with_nul_characters_is_stored_and_sent_intact(queue: Arc<dyn Queue
 }
 
 async fn a_quarantined_webhook_is_kept_as_a_dead_letter_of_kind_webhook(queue: Arc<dyn Queue>) {
-    let result = queue
-        .enqueue(quarantined("bad", T0 + 3, "unmapped", "carol"))
-        .await
-        .unwrap();
+    let result = store(&queue, quarantined("bad", T0 + 3, "unmapped", "carol")).await;
     assert_eq!(result, Enqueued::Quarantined);
     let letters = queue
         .dead_letters(DeadLetterFilter::default())
@@ -184,26 +162,18 @@ async fn a_quarantined_webhook_is_kept_as_a_dead_letter_of_kind_webhook(queue: A
     for kind in RecordKind::ALL {
         assert!(claim_all(&queue, kind, FAR).await.is_empty());
     }
-    let again = queue
-        .enqueue(quarantined("bad", T0 + 9, "unmapped", "carol"))
-        .await
-        .unwrap();
+    let again = store(&queue, quarantined("bad", T0 + 9, "unmapped", "carol")).await;
     assert_eq!(again, Enqueued::Duplicate);
 }
 
 async fn claims_are_oldest_first_per_kind_and_at_most_max(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("late", T0 + 2, vec![track("k1")]))
-        .await
-        .unwrap();
-    queue
-        .enqueue(webhook("early", T0, vec![track("k2"), user("u")]))
-        .await
-        .unwrap();
-    queue
-        .enqueue(webhook("middle", T0 + 1, vec![track("k3"), track("k4")]))
-        .await
-        .unwrap();
+    store(&queue, webhook("late", T0 + 2, vec![track("k1")])).await;
+    store(&queue, webhook("early", T0, vec![track("k2"), user("u")])).await;
+    store(
+        &queue,
+        webhook("middle", T0 + 1, vec![track("k3"), track("k4")]),
+    )
+    .await;
     let first = queue
         .claim(RecordKind::Track, 3, T0 + 10, LEASE)
         .await
@@ -217,11 +187,7 @@ async fn claims_are_oldest_first_per_kind_and_at_most_max(queue: Arc<dyn Queue>)
         .await
         .unwrap();
     assert_eq!(keys(&second), ["k1"]);
-    assert!(
-        claim_all(&queue, RecordKind::Track, T0 + 10)
-            .await
-            .is_empty()
-    );
+    assert!(tracks(&queue, T0 + 10).await.is_empty());
     assert_eq!(claim_all(&queue, RecordKind::User, T0 + 10).await.len(), 1);
 }
 
@@ -230,10 +196,7 @@ async fn large_claims_and_acks_take_every_record_oldest_first(queue: Arc<dyn Que
     // transactions): the result must not show it.
     for n in 0..300 {
         let key = format!("k{n:03}");
-        queue
-            .enqueue(webhook(&key, T0 + n, vec![track(&key)]))
-            .await
-            .unwrap();
+        store(&queue, webhook(&key, T0 + n, vec![track(&key)])).await;
     }
     let claimed = queue
         .claim(RecordKind::Track, 260, T0 + 300, LEASE)
@@ -247,105 +210,65 @@ async fn large_claims_and_acks_take_every_record_oldest_first(queue: Arc<dyn Que
         (stats.delivered, stats.pending, stats.in_flight),
         (260, 40, 0)
     );
-    let rest = claim_all(&queue, RecordKind::Track, T0 + 301).await;
+    let rest = tracks(&queue, T0 + 301).await;
     assert_eq!(keys(&rest).first().map(String::as_str), Some("k260"));
     assert_eq!(rest.len(), 40);
 }
 
 async fn records_are_not_claimed_before_they_are_due(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("w", T0 + 100, vec![track("a")]))
-        .await
-        .unwrap();
-    assert!(
-        claim_all(&queue, RecordKind::Track, T0 + 99)
-            .await
-            .is_empty()
-    );
-    let claimed = claim_all(&queue, RecordKind::Track, T0 + 100).await;
+    store(&queue, webhook("w", T0 + 100, vec![track("a")])).await;
+    assert!(tracks(&queue, T0 + 99).await.is_empty());
+    let claimed = tracks(&queue, T0 + 100).await;
     queue
         .retry_at(ids(&claimed), T0 + 500, false, String::new())
         .await
         .unwrap();
-    assert!(
-        claim_all(&queue, RecordKind::Track, T0 + 499)
-            .await
-            .is_empty()
-    );
-    assert_eq!(
-        keys(&claim_all(&queue, RecordKind::Track, T0 + 500).await),
-        ["a"]
-    );
+    assert!(tracks(&queue, T0 + 499).await.is_empty());
+    assert_eq!(keys(&tracks(&queue, T0 + 500).await), ["a"]);
 }
 
 async fn an_expired_lease_makes_its_records_claimable_again(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("w", T0, vec![track("a")]))
-        .await
-        .unwrap();
+    store(&queue, webhook("w", T0, vec![track("a")])).await;
     let claimed = queue.claim(RecordKind::Track, 10, T0, 1000).await.unwrap();
     assert_eq!(claimed.len(), 1);
-    assert!(
-        claim_all(&queue, RecordKind::Track, T0 + 999)
-            .await
-            .is_empty()
-    );
-    let again = claim_all(&queue, RecordKind::Track, T0 + 1000).await;
+    assert!(tracks(&queue, T0 + 999).await.is_empty());
+    let again = tracks(&queue, T0 + 1000).await;
     assert_eq!(ids(&again), ids(&claimed));
 }
 
 async fn renew_extends_the_lease_of_records_in_flight(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("w", T0, vec![track("a")]))
-        .await
-        .unwrap();
+    store(&queue, webhook("w", T0, vec![track("a")])).await;
     let claimed = queue.claim(RecordKind::Track, 10, T0, 1000).await.unwrap();
     queue.renew(ids(&claimed), T0 + 5000).await.unwrap();
-    assert!(
-        claim_all(&queue, RecordKind::Track, T0 + 2000)
-            .await
-            .is_empty()
-    );
-    assert_eq!(
-        claim_all(&queue, RecordKind::Track, T0 + 5000).await.len(),
-        1
-    );
+    assert!(tracks(&queue, T0 + 2000).await.is_empty());
+    assert_eq!(tracks(&queue, T0 + 5000).await.len(), 1);
 }
 
 async fn acked_records_are_delivered_and_never_claimed_again(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("w", T0, vec![track("a"), track("b")]))
-        .await
-        .unwrap();
-    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    store(&queue, webhook("w", T0, vec![track("a"), track("b")])).await;
+    let claimed = tracks(&queue, T0).await;
     queue.ack(vec![claimed[0].id], T0 + 1).await.unwrap();
     let stats = queue.stats(T0 + 1).await.unwrap();
     assert_eq!((stats.delivered, stats.in_flight), (1, 1));
-    assert_eq!(
-        keys(&claim_all(&queue, RecordKind::Track, FAR).await),
-        ["b"]
-    );
+    assert_eq!(keys(&tracks(&queue, FAR).await), ["b"]);
 }
 
 async fn retry_counts_an_attempt_only_for_a_failure(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("w", T0, vec![track("a")]))
-        .await
-        .unwrap();
-    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    store(&queue, webhook("w", T0, vec![track("a")])).await;
+    let claimed = tracks(&queue, T0).await;
     queue
         .retry_at(ids(&claimed), T0 + 10, true, "heap answered 503".into())
         .await
         .unwrap();
     let stats = queue.stats(T0).await.unwrap();
     assert_eq!((stats.pending, stats.in_flight), (1, 0));
-    let claimed = claim_all(&queue, RecordKind::Track, T0 + 10).await;
+    let claimed = tracks(&queue, T0 + 10).await;
     assert_eq!(claimed[0].attempts, 1);
     queue
         .retry_at(ids(&claimed), T0 + 20, false, String::new())
         .await
         .unwrap();
-    let claimed = claim_all(&queue, RecordKind::Track, T0 + 20).await;
+    let claimed = tracks(&queue, T0 + 20).await;
     assert_eq!(claimed[0].attempts, 1);
     queue
         .dead_letter(
@@ -459,11 +382,8 @@ async fn delivered_since_counts_the_acks_of_one_kind_from_the_window_start(queue
 }
 
 async fn dead_lettered_records_leave_the_queue_with_their_reason(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("w", T0, vec![track("a"), track("b")]))
-        .await
-        .unwrap();
-    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    store(&queue, webhook("w", T0, vec![track("a"), track("b")])).await;
+    let claimed = tracks(&queue, T0).await;
     queue
         .dead_letter(
             vec![claimed[1].id],
@@ -496,31 +416,23 @@ async fn dead_lettered_records_leave_the_queue_with_their_reason(queue: Arc<dyn 
         0,
         "a dead record stays dead"
     );
-    assert_eq!(
-        keys(&claim_all(&queue, RecordKind::Track, FAR).await),
-        ["a"]
-    );
+    assert_eq!(keys(&tracks(&queue, FAR).await), ["a"]);
 }
 
 /// Dead letters a (alice, rejected, T0+100), b (bob, expired, T0+200), c (alice, rejected,
 /// T0+300) and the quarantined q (carol, unmapped, T0+5), in id order a < b < c < q.
 async fn four_dead_letters(queue: &Arc<dyn Queue>) -> [i64; 4] {
-    queue
-        .enqueue(webhook(
+    store(
+        queue,
+        webhook(
             "w1",
             T0,
             vec![records::track("a", "alice"), records::track("b", "bob")],
-        ))
-        .await
-        .unwrap();
-    queue
-        .enqueue(webhook("w2", T0, vec![records::track("c", "alice")]))
-        .await
-        .unwrap();
-    queue
-        .enqueue(quarantined("w3", T0 + 5, "unmapped", "carol"))
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
+    store(queue, webhook("w2", T0, vec![records::track("c", "alice")])).await;
+    store(queue, quarantined("w3", T0 + 5, "unmapped", "carol")).await;
     let claimed = claim_all(queue, RecordKind::Track, T0).await;
     let [a, b, c] = [claimed[0].id, claimed[1].id, claimed[2].id];
     for (id, reason, at) in [
@@ -602,11 +514,8 @@ async fn dead_letters_filter_by_reason_subject_and_time_and_page_by_id(queue: Ar
 }
 
 async fn requeue_replaces_dead_records_and_leaves_delivered_siblings_alone(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("w1", T0, vec![track("a"), track("b")]))
-        .await
-        .unwrap();
-    let claimed = claim_all(&queue, RecordKind::Track, T0).await;
+    store(&queue, webhook("w1", T0, vec![track("a"), track("b")])).await;
+    let claimed = tracks(&queue, T0).await;
     queue.ack(vec![claimed[0].id], T0 + 1).await.unwrap();
     queue
         .dead_letter(
@@ -642,25 +551,15 @@ async fn requeue_replaces_dead_records_and_leaves_delivered_siblings_alone(queue
     assert_eq!(events, 1);
     let stats = queue.stats(T0 + 50).await.unwrap();
     assert_eq!((stats.pending, stats.delivered, stats.dead), (1, 1, 0));
-    assert!(
-        claim_all(&queue, RecordKind::Track, T0 + 49)
-            .await
-            .is_empty()
-    );
-    let again = claim_all(&queue, RecordKind::Track, T0 + 50).await;
+    assert!(tracks(&queue, T0 + 49).await.is_empty());
+    let again = tracks(&queue, T0 + 50).await;
     assert_eq!(keys(&again), ["b"]);
     assert_eq!(again[0].received_at_ms, T0);
 }
 
 async fn a_replayed_quarantine_becomes_pending_records(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(quarantined("bad", T0, "unmapped", "carol"))
-        .await
-        .unwrap();
-    queue
-        .enqueue(quarantined("worse", T0, "invalid", "dave"))
-        .await
-        .unwrap();
+    store(&queue, quarantined("bad", T0, "unmapped", "carol")).await;
+    store(&queue, quarantined("worse", T0, "invalid", "dave")).await;
     let selected = DeadLetterFilter {
         reason: Some("unmapped".into()),
         ..DeadLetterFilter::default()
@@ -683,19 +582,13 @@ async fn a_replayed_quarantine_becomes_pending_records(queue: Arc<dyn Queue>) {
         .unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].reason, "invalid");
-    assert_eq!(
-        keys(&claim_all(&queue, RecordKind::Track, T0 + 9).await),
-        ["x"]
-    );
+    assert_eq!(keys(&tracks(&queue, T0 + 9).await), ["x"]);
     assert_eq!(claim_all(&queue, RecordKind::User, T0 + 9).await.len(), 1);
 }
 
 async fn purge_deletes_only_the_selected_dead_letters(queue: Arc<dyn Queue>) {
     let [_, b, _, q] = four_dead_letters(&queue).await;
-    queue
-        .enqueue(webhook("pending", T0, vec![track("p")]))
-        .await
-        .unwrap();
+    store(&queue, webhook("pending", T0, vec![track("p")])).await;
     let rejected = DeadLetterFilter {
         reason: Some("rejected".into()),
         ..DeadLetterFilter::default()
@@ -718,23 +611,11 @@ async fn purge_deletes_only_the_selected_dead_letters(queue: Arc<dyn Queue>) {
 }
 
 async fn prune_forgets_old_delivered_and_dead_records_then_their_webhooks(queue: Arc<dyn Queue>) {
-    queue
-        .enqueue(webhook("delivered", T0, vec![track("d")]))
-        .await
-        .unwrap();
-    queue
-        .enqueue(webhook("dead", T0, vec![track("x")]))
-        .await
-        .unwrap();
-    queue
-        .enqueue(webhook("pending", T0, vec![track("p")]))
-        .await
-        .unwrap();
-    queue
-        .enqueue(webhook("recent", T0 + 50, vec![track("r")]))
-        .await
-        .unwrap();
-    let claimed = claim_all(&queue, RecordKind::Track, T0 + 50).await;
+    store(&queue, webhook("delivered", T0, vec![track("d")])).await;
+    store(&queue, webhook("dead", T0, vec![track("x")])).await;
+    store(&queue, webhook("pending", T0, vec![track("p")])).await;
+    store(&queue, webhook("recent", T0 + 50, vec![track("r")])).await;
+    let claimed = tracks(&queue, T0 + 50).await;
     let by_key = |key: &str| claimed[keys(&claimed).iter().position(|k| k == key).unwrap()].id;
     queue.ack(vec![by_key("d")], T0 + 10).await.unwrap();
     queue.ack(vec![by_key("r")], T0 + 60).await.unwrap();
@@ -759,16 +640,13 @@ async fn prune_forgets_old_delivered_and_dead_records_then_their_webhooks(queue:
     let stats = queue.stats(T0).await.unwrap();
     assert_eq!((stats.delivered, stats.dead, stats.pending), (1, 1, 1));
     assert_eq!(
-        queue
-            .enqueue(webhook("delivered", T0 + 70, vec![track("d")]))
-            .await
-            .unwrap(),
+        store(&queue, webhook("delivered", T0 + 70, vec![track("d")])).await,
         Enqueued::Accepted { events: 1 },
         "a forgotten webhook is accepted again"
     );
     for body in ["dead", "pending", "recent"] {
         assert_eq!(
-            queue.enqueue(webhook(body, T0 + 70, vec![])).await.unwrap(),
+            store(&queue, webhook(body, T0 + 70, vec![])).await,
             Enqueued::Duplicate,
             "{body} is still remembered"
         );
@@ -786,10 +664,7 @@ async fn prune_forgets_old_delivered_and_dead_records_then_their_webhooks(queue:
             .is_empty()
     );
     assert_eq!(
-        queue
-            .enqueue(webhook("pending", T0 + 80, vec![]))
-            .await
-            .unwrap(),
+        store(&queue, webhook("pending", T0 + 80, vec![])).await,
         Enqueued::Duplicate,
         "a webhook with pending records is never forgotten"
     );
@@ -797,22 +672,13 @@ async fn prune_forgets_old_delivered_and_dead_records_then_their_webhooks(queue:
 
 async fn stats_count_each_state_and_the_oldest_pending(queue: Arc<dyn Queue>) {
     assert_eq!(queue.stats(T0).await.unwrap(), Default::default());
-    queue
-        .enqueue(webhook(
-            "w1",
-            T0 + 5,
-            vec![track("a"), track("b"), user("a")],
-        ))
-        .await
-        .unwrap();
-    queue
-        .enqueue(webhook("w2", T0 + 9, vec![track("c")]))
-        .await
-        .unwrap();
-    queue
-        .enqueue(quarantined("q", T0 + 1, "unmapped", "carol"))
-        .await
-        .unwrap();
+    store(
+        &queue,
+        webhook("w1", T0 + 5, vec![track("a"), track("b"), user("a")]),
+    )
+    .await;
+    store(&queue, webhook("w2", T0 + 9, vec![track("c")])).await;
+    store(&queue, quarantined("q", T0 + 1, "unmapped", "carol")).await;
     let claimed = queue
         .claim(RecordKind::Track, 2, T0 + 10, LEASE)
         .await
@@ -828,14 +694,8 @@ async fn stats_count_each_state_and_the_oldest_pending(queue: Arc<dyn Queue>) {
 
 async fn next_due_is_the_earliest_due_time_or_lease_end(queue: Arc<dyn Queue>) {
     assert_eq!(queue.next_due_ms(RecordKind::Track).await.unwrap(), None);
-    queue
-        .enqueue(webhook("w1", T0 + 7, vec![track("a"), user("a")]))
-        .await
-        .unwrap();
-    queue
-        .enqueue(webhook("w2", T0 + 9, vec![track("b")]))
-        .await
-        .unwrap();
+    store(&queue, webhook("w1", T0 + 7, vec![track("a"), user("a")])).await;
+    store(&queue, webhook("w2", T0 + 9, vec![track("b")])).await;
     assert_eq!(
         queue.next_due_ms(RecordKind::Track).await.unwrap(),
         Some(T0 + 7)
@@ -889,10 +749,6 @@ async fn sqlite_queue() -> (Arc<dyn Queue>, tempfile::TempDir) {
     (Arc::new(queue), dir)
 }
 
-fn lock_key() -> i64 {
-    fastrand::i64(..)
-}
-
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -907,13 +763,11 @@ macro_rules! conformance {
 
         mod postgres {
             $(
+                #[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
                 #[tokio::test]
                 async fn $name() {
-                    let Some(base) = super::base_url(stringify!($name)) else { return };
-                    let schema = super::Schema::create(&base).await;
-                    let queue = super::PostgresQueue::connect(&schema.url, super::lock_key())
-                        .await
-                        .unwrap();
+                    let schema = super::Schema::fresh().await;
+                    let queue = schema.queue().await;
                     super::$name(std::sync::Arc::new(queue)).await;
                     schema.drop().await;
                 }
@@ -970,23 +824,13 @@ async fn enqueue_tracks(queue: &PostgresQueue, webhooks: usize, per_webhook: usi
     webhooks * per_webhook
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claimers_never_get_the_same_record() {
-    let Some(base) = base_url("concurrent_claimers_never_get_the_same_record") else {
-        return;
-    };
-    let schema = Schema::create(&base).await;
+    let schema = Schema::fresh().await;
     // Different lock keys: both are leaders, so both really claim.
-    let one = Arc::new(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
-    let two = Arc::new(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
+    let one = Arc::new(schema.queue().await);
+    let two = Arc::new(schema.queue().await);
     let total = enqueue_tracks(&one, 40, 10).await;
 
     let claimer = |queue: Arc<PostgresQueue>| {
@@ -1015,11 +859,10 @@ async fn concurrent_claimers_never_get_the_same_record() {
     schema.drop().await;
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
 async fn one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_leases() {
-    let test = "one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_leases";
-    let Some(base) = base_url(test) else { return };
-    let schema = Schema::create(&base).await;
+    let schema = Schema::fresh().await;
     let key = lock_key();
     let first = PostgresQueue::connect(&schema.url, key).await.unwrap();
     let second = PostgresQueue::connect(&schema.url, key).await.unwrap();
@@ -1046,37 +889,34 @@ async fn one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_lea
     // Claiming at T0 + 20, long before those leases end (T0 + 10 + LEASE): the successor
     // gets the two unleased records and, once the gone leader's sessions are gone from
     // `pg_stat_activity`, its four leased ones.
-    let claimed = std::cell::RefCell::new(HashSet::new());
-    poll_until(Duration::from_secs(10), || {
-        let (second, claimed) = (&second, &claimed);
-        async move {
-            let batch = second
-                .claim(RecordKind::Track, 100, T0 + 20, LEASE)
-                .await
-                .unwrap();
-            let mut claimed = claimed.borrow_mut();
-            for id in ids(&batch) {
-                assert!(
-                    claimed.insert(id),
-                    "record {id} claimed twice by the successor"
-                );
-            }
-            (claimed.len() == 6).then_some(())
+    let mut claimed = HashSet::new();
+    eventually(Duration::from_secs(10), async || {
+        let batch = second
+            .claim(RecordKind::Track, 100, T0 + 20, LEASE)
+            .await
+            .unwrap();
+        for id in ids(&batch) {
+            assert!(
+                claimed.insert(id),
+                "record {id} claimed twice by the successor"
+            );
+        }
+        match claimed.len() {
+            6 => Ok(()),
+            n => Err(format!("{n} of 6 records claimed")),
         }
     })
     .await;
     assert!(second.is_leader());
-    assert!(ids(&leased).iter().all(|id| claimed.borrow().contains(id)));
+    assert!(ids(&leased).iter().all(|id| claimed.contains(id)));
     drop(second);
     schema.drop().await;
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_starting_together_migrate_the_schema_once() {
-    let Some(base) = base_url("replicas_starting_together_migrate_the_schema_once") else {
-        return;
-    };
-    let schema = Schema::create(&base).await;
+    let schema = Schema::fresh().await;
     let starts = (0..4).map(|_| {
         let url = schema.url.clone();
         tokio::spawn(async move { PostgresQueue::connect(&url, lock_key()).await })
@@ -1092,11 +932,7 @@ async fn replicas_starting_together_migrate_the_schema_once() {
         MIGRATIONS
     );
     // And a later start finds it done.
-    queues.push(
-        PostgresQueue::connect(&schema.url, lock_key())
-            .await
-            .unwrap(),
-    );
+    queues.push(schema.queue().await);
     assert_eq!(
         schema
             .count("SELECT COUNT(*) FROM {schema}.schema_version")
@@ -1115,11 +951,10 @@ fn assert_storage_error<T: std::fmt::Debug>(result: Result<T, QueueError>, what:
     }
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
 async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_restart() {
-    let test = "while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_restart";
-    let Some(base) = base_url(test) else { return };
-    let database = Database::create(&base).await;
+    let database = Database::fresh().await;
     let queue = PostgresQueue::connect(&database.url, lock_key())
         .await
         .unwrap();
@@ -1146,19 +981,14 @@ async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_
         started.elapsed()
     );
     // The leader connection was cut too: within a check interval, claiming fails as well.
-    let failed_claim = poll_until(Duration::from_secs(5), || {
-        let queue = &queue;
-        async move { queue.claim(RecordKind::Track, 10, FAR, LEASE).await.err() }
+    let failed_claim = eventually(Duration::from_secs(5), async || {
+        queue.claim(RecordKind::Track, 10, FAR, LEASE).await.err()
     })
     .await;
     assert!(matches!(failed_claim, QueueError::Storage(_)));
 
     database.restore().await;
-    poll_until(Duration::from_secs(10), || {
-        let queue = &queue;
-        async move { queue.ping().await.ok() }
-    })
-    .await;
+    eventually(Duration::from_secs(10), async || queue.ping().await).await;
     assert_eq!(
         queue
             .enqueue(webhook("after", T0, vec![track("c")]))
@@ -1166,12 +996,9 @@ async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_
             .unwrap(),
         Enqueued::Accepted { events: 1 }
     );
-    let claimed = poll_until(Duration::from_secs(10), || {
-        let queue = &queue;
-        async move {
-            let claimed = queue.claim(RecordKind::Track, 10, FAR, LEASE).await.ok()?;
-            (!claimed.is_empty()).then_some(claimed)
-        }
+    let claimed = eventually(Duration::from_secs(10), async || {
+        let claimed = queue.claim(RecordKind::Track, 10, FAR, LEASE).await.ok()?;
+        (!claimed.is_empty()).then_some(claimed)
     })
     .await;
     assert_eq!(

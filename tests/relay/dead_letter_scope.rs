@@ -1,18 +1,10 @@
 //! What a replay or purge applies to (contract §4, §6): one `id`, a filter, or `all`; an empty
 //! selection is refused with 400 `no_scope` (HTTP) or an error naming the choices (CLI), never
 //! taken to mean every dead letter. Also `limit=0` and the admin token's scheme spelling.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::disallowed_methods
-)]
 
-mod support;
-
+use crate::support::{ADMIN_TOKEN, FakeHeap, Relay, RelayProcess, run_cli};
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{ADMIN_TOKEN, FakeHeap, Relay, RelayProcess, run_cli};
 
 /// A webhook with no user id: quarantined as a dead letter on arrival.
 fn unmappable(seq: usize) -> Value {

@@ -3,19 +3,16 @@
 //! while draining with 503 (or not at all), and every webhook it answered 202 is delivered
 //! after a restart on the same queue folder. In-process: while draining, `/readyz` and new
 //! webhooks answer 503 before the listener closes.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{
+    Answer, FakeHeap, Posted, RelayProcess, eventually, post_concurrently, set_env,
+};
 use serde_json::{Value, json};
-use support::{Answer, FakeHeap, Posted, RelayProcess, eventually, post_concurrently, set_env};
 use tokio::sync::Notify;
 
 const GRACE_MS: u64 = 1500;
@@ -56,9 +53,17 @@ async fn sigterm_under_load_exits_in_grace_and_loses_no_acknowledged_webhook() {
 
     let notify = Arc::new(Notify::new());
     let load = tokio::spawn({
-        let (url, bodies, notify) = (relay.url.clone(), bodies.clone(), notify.clone());
+        let (client, bodies, notify) = (relay.client.clone(), bodies.clone(), notify.clone());
         async move {
-            post_concurrently(&url, &bodies, (0..bodies.len()).collect(), 8, 150, notify).await
+            post_concurrently(
+                &client,
+                &bodies,
+                (0..bodies.len()).collect(),
+                8,
+                150,
+                notify,
+            )
+            .await
         }
     });
     tokio::time::timeout(Duration::from_secs(20), notify.notified())
@@ -77,12 +82,13 @@ async fn sigterm_under_load_exits_in_grace_and_loses_no_acknowledged_webhook() {
             delay: Duration::from_secs(8),
         }
     });
-    eventually(Duration::from_secs(10), || {
+    eventually(Duration::from_secs(10), async || {
         (hanging.load(Ordering::SeqCst) > 0).then_some(())
     })
     .await;
-    let (status, took) =
-        tokio::task::block_in_place(|| relay.terminate(Duration::from_millis(GRACE_MS + 5_000)));
+    let (status, took) = relay
+        .terminate(Duration::from_millis(GRACE_MS + 5_000))
+        .await;
     let outcomes = load.await.unwrap();
     assert!(
         status.success(),
@@ -127,7 +133,7 @@ async fn sigterm_under_load_exits_in_grace_and_loses_no_acknowledged_webhook() {
     let delivered = Arc::new(Mutex::new(BTreeSet::new()));
     let sink = delivered.clone();
     let heap_view = heap.clone();
-    eventually(Duration::from_secs(30), move || {
+    eventually(Duration::from_secs(30), async move || {
         let at_heap = seqs(&heap_view.events());
         *sink.lock().unwrap() = at_heap.clone();
         acknowledged.is_subset(&at_heap).then_some(())
@@ -146,28 +152,14 @@ async fn sigterm_under_load_exits_in_grace_and_loses_no_acknowledged_webhook() {
 
 #[tokio::test]
 async fn draining_turns_readiness_and_webhooks_to_503_before_the_listener_closes() {
-    let heap = support::FakeHeap::start().await;
-    let relay = support::Relay::start(&heap, "").await;
-    let ready = relay
-        .http
-        .get(format!("{}/readyz", relay.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status().as_u16(), 200);
+    let heap = crate::support::FakeHeap::start().await;
+    let relay = crate::support::Relay::start(&heap, "").await;
+    assert_eq!(relay.get("/readyz").await.0, 200);
     relay.shutdown.cancel();
     // The base test config has a 2 s grace, so the listener stays open for 500 ms.
-    let ready = relay
-        .http
-        .get(format!("{}/readyz", relay.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status().as_u16(), 503);
-    assert_eq!(
-        ready.json::<serde_json::Value>().await.unwrap()["status"],
-        "draining"
-    );
+    let (status, ready) = relay.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(ready["status"], "draining");
     let body = serde_json::json!({ "timestamp": chrono::Utc::now().timestamp(),
         "data": { "type": "nps", "score": 3, "user": { "user_id": "d1" } } });
     let (status, answer) = relay.post(&body).await;
@@ -175,12 +167,6 @@ async fn draining_turns_readiness_and_webhooks_to_503_before_the_listener_closes
         (status, answer["error"].as_str()),
         (503, Some("unavailable"))
     );
-    let live = relay
-        .http
-        .get(format!("{}/healthz", relay.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(live.status().as_u16(), 200);
+    assert_eq!(relay.get("/healthz").await.0, 200);
     relay.task.await.unwrap();
 }

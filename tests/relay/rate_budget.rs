@@ -4,18 +4,15 @@
 //! `heap.events_per_minute` plus one batch. (A restart used to start with a fresh budget, so
 //! each one added a batch at once.) The same holds on Postgres when the leader — the replica
 //! that forwards — is killed again and again and another replica takes over.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::postgres::Schema;
+use crate::support::{
+    Client, FakeHeap, Posted, Received, RelayProcess, eventually, post_concurrently, set_env,
+};
 use serde_json::{Value, json};
-use support::postgres::{Schema, base_url};
-use support::{FakeHeap, Posted, Received, RelayProcess, eventually, post_concurrently, set_env};
 use tokio::sync::Notify;
 
 /// A low budget so the test runs in seconds: 10 events a second after a batch at once.
@@ -86,10 +83,10 @@ fn budget_env(heap: &FakeHeap, dir: &std::path::Path) -> Vec<(String, String)> {
 }
 
 /// Posts the backlog to the relay at `url`; all of it must be accepted.
-async fn post_backlog(url: &str) {
+async fn post_backlog(client: &Client) {
     let bodies: Arc<Vec<Value>> = Arc::new((0..BACKLOG).map(webhook).collect());
     let posted = post_concurrently(
-        url,
+        client,
         &bodies,
         (0..BACKLOG).collect(),
         8,
@@ -136,7 +133,7 @@ async fn restarts_within_a_minute_keep_heaps_budget_within_one_minute_plus_one_b
 
     // The backlog goes in through the first relay, which forwards meanwhile.
     let mut relay = RelayProcess::spawn(&env);
-    post_backlog(&relay.url).await;
+    post_backlog(&relay).await;
     heap.wait_for_events(1, Duration::from_secs(20)).await;
     let first_delivery = track_arrivals(&heap.requests())[0].0;
 
@@ -164,12 +161,10 @@ fn leads(relay: &RelayProcess) -> bool {
         .any(|line| line.contains("this replica now forwards"))
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_leader_changes_within_a_minute_keep_heaps_budget_within_a_minute_plus_a_batch() {
-    let test =
-        "postgres_leader_changes_within_a_minute_keep_heaps_budget_within_a_minute_plus_a_batch";
-    let Some(base) = base_url(test) else { return };
-    let schema = Schema::create(&base).await;
+    let schema = Schema::fresh().await;
     let heap = FakeHeap::start().await;
     let app_id = format!("app-{}", uuid::Uuid::new_v4().simple());
     let dirs: Vec<tempfile::TempDir> = (0..RESTARTS + 2)
@@ -187,16 +182,22 @@ async fn postgres_leader_changes_within_a_minute_keep_heaps_budget_within_a_minu
         RelayProcess::spawn(&env(&dirs[0])),
         RelayProcess::spawn(&env(&dirs[1])),
     ];
-    post_backlog(&replicas[0].url).await;
+    post_backlog(&replicas[0]).await;
     heap.wait_for_events(1, Duration::from_secs(20)).await;
     let first_delivery = track_arrivals(&heap.requests())[0].0;
 
     // Kill the leader; a new replica joins, so two are always alive; the survivor takes over.
     for round in 0..RESTARTS {
-        let leader = eventually(Duration::from_secs(10), || replicas.iter().position(leads)).await;
+        let leader = eventually(Duration::from_secs(10), async || {
+            replicas.iter().position(leads)
+        })
+        .await;
         replicas.remove(leader).kill();
         replicas.push(RelayProcess::spawn(&env(&dirs[round + 2])));
-        eventually(Duration::from_secs(10), || replicas.iter().position(leads)).await;
+        eventually(Duration::from_secs(10), async || {
+            replicas.iter().position(leads)
+        })
+        .await;
     }
     let changes_took = first_delivery.elapsed();
     assert!(

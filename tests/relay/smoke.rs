@@ -1,14 +1,9 @@
 //! End to end through the real server: every sample kind reaches the fake Heap.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::time::Duration;
 
+use crate::support::{FakeHeap, Relay};
 use serde_json::json;
-use support::{FakeHeap, Relay};
 
 #[tokio::test]
 async fn every_sample_kind_is_accepted_and_reaches_heap() {

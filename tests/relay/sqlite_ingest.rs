@@ -2,7 +2,6 @@
 //! whose insert fails (here: a trigger refuses its record) gets the error while every other
 //! webhook of its group is stored and accepted; large claims and acks that end their
 //! transactions early to let waiting webhooks in still cover every record.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 

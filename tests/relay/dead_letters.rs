@@ -2,19 +2,14 @@
 //! its batch and dead-lettered alone, visible and replayable through the admin API; a webhook
 //! quarantined for a configuration problem is repaired by changing the configuration and
 //! replaying it with the `dlq` command.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::support::{Answer, FakeHeap, RelayProcess, eventually, run_cli, set_env};
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{Answer, FakeHeap, RelayProcess, admin_call, post_signed, run_cli, set_env};
 
 fn webhook(seq: usize, poison: bool) -> Value {
     json!({
@@ -53,34 +48,33 @@ async fn a_refused_event_is_isolated_from_its_batch_dead_lettered_and_replayable
     });
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayProcess::spawn(&RelayProcess::env(&heap, dir.path()));
-    let http = reqwest::Client::new();
-    let admin = |method, path: &'static str| {
-        let (http, url) = (http.clone(), relay.admin_url.clone());
-        async move { admin_call(&http, &url, method, path).await }
-    };
 
     // Paused, so that the twenty webhooks are claimed as one batch.
-    assert_eq!(admin(Method::POST, "/admin/forwarder/pause").await.0, 200);
+    assert_eq!(
+        relay.admin(Method::POST, "/admin/forwarder/pause").await.0,
+        200
+    );
     for seq in 0..BATCH {
-        let (status, answer) = post_signed(&http, &relay.url, &webhook(seq, seq == POISON))
-            .await
-            .unwrap();
+        let (status, answer) = relay.post(&webhook(seq, seq == POISON)).await;
         assert_eq!(
             (status, answer),
             (202, json!({"status": "accepted", "events": 1}))
         );
     }
-    let (_, status) = admin(Method::GET, "/admin/status").await;
+    let (_, status) = relay.admin(Method::GET, "/admin/status").await;
     assert_eq!(status["forwarder"], "paused");
     assert!(heap.requests().is_empty(), "sent while paused");
-    assert_eq!(admin(Method::POST, "/admin/forwarder/resume").await.0, 200);
+    assert_eq!(
+        relay.admin(Method::POST, "/admin/forwarder/resume").await.0,
+        200
+    );
 
     // The neighbours arrive; the poisoned event alone becomes a dead letter.
     let events = heap
         .wait_for_events(BATCH - 1, Duration::from_secs(10))
         .await;
     assert!(!events.iter().any(is_poisoned));
-    let (status, listing) = eventually_dead_letters(&http, &relay.admin_url, 1).await;
+    let (status, listing) = eventually_dead_letters(&relay, 1).await;
     assert_eq!(status, 200);
     let letter = &listing["dead_letters"][0];
     assert_eq!(letter["reason"], "rejected");
@@ -118,17 +112,10 @@ async fn a_refused_event_is_isolated_from_its_batch_dead_lettered_and_replayable
     // The cause is fixed at Heap; replaying the dead letter by id delivers it, same key.
     fixed.store(true, Ordering::SeqCst);
     let id = letter["id"].as_i64().unwrap();
-    let response = http
-        .post(format!(
-            "{}/admin/dead-letters/replay?id={id}",
-            relay.admin_url
-        ))
-        .bearer_auth(support::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let answer: Value = response.json().await.unwrap();
+    let (status, answer) = relay
+        .admin(Method::POST, &format!("/admin/dead-letters/replay?id={id}"))
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(
         answer["replayed"],
         json!({"webhooks": 1, "events": 1, "quarantined": 0})
@@ -138,32 +125,24 @@ async fn a_refused_event_is_isolated_from_its_batch_dead_lettered_and_replayable
     assert_eq!(replayed.len(), 1);
     assert_eq!(replayed[0]["idempotency_key"], refused_key);
     assert_eq!(events.len(), BATCH, "a neighbour was sent twice");
-    let (_, listing) = admin(Method::GET, "/admin/dead-letters").await;
+    let (_, listing) = relay.admin(Method::GET, "/admin/dead-letters").await;
     assert_eq!(listing["dead_letters"], json!([]));
 }
 
 /// Polls the dead-letter listing until it holds `n` letters.
-async fn eventually_dead_letters(
-    http: &reqwest::Client,
-    admin_url: &str,
-    n: usize,
-) -> (u16, Value) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, listing) =
-            admin_call(http, admin_url, Method::GET, "/admin/dead-letters").await;
+async fn eventually_dead_letters(relay: &RelayProcess, n: usize) -> (u16, Value) {
+    eventually(Duration::from_secs(10), async || {
+        let (status, listing) = relay.admin(Method::GET, "/admin/dead-letters").await;
         if listing["dead_letters"]
             .as_array()
             .is_some_and(|l| l.len() >= n)
         {
-            return (status, listing);
+            Ok((status, listing))
+        } else {
+            Err(format!("no {n} dead letters: {listing}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {n} dead letters: {listing}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,23 +152,20 @@ async fn a_webhook_quarantined_for_its_identity_is_repaired_by_config_and_dlq_re
     let mut by_email = RelayProcess::env(&heap, dir.path());
     set_env(&mut by_email, "RELAY_HEAP__IDENTITY", "email");
     let mut relay = RelayProcess::spawn(&by_email);
-    let http = reqwest::Client::new();
 
     // A user without an email cannot be identified in Heap: kept, as a dead letter.
     let orphan = json!({
         "timestamp": chrono::Utc::now().timestamp(),
         "data": { "type": "nps", "score": 3, "user": { "user_id": "no-email-1" } },
     });
-    let (status, answer) = post_signed(&http, &relay.url, &orphan).await.unwrap();
+    let (status, answer) = relay.post(&orphan).await;
     assert_eq!((status, answer), (202, json!({"status": "quarantined"})));
     // Its neighbour with an email goes through, identified by the email.
-    let (status, _) = post_signed(&http, &relay.url, &webhook(1, false))
-        .await
-        .unwrap();
+    let (status, _) = relay.post(&webhook(1, false)).await;
     assert_eq!(status, 202);
     let events = heap.wait_for_events(1, Duration::from_secs(10)).await;
     assert_eq!(events[0]["identity"], "dl-1@example.com");
-    let (code, _) = tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(10)));
+    let (code, _) = relay.terminate(Duration::from_secs(10)).await;
     assert!(code.success());
 
     // The operator looks at the dead letters with the relay stopped...

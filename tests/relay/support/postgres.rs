@@ -1,26 +1,32 @@
 //! Postgres for tests, on the server named by `RELAY_TEST_POSTGRES_URL` (`.ci/postgres.sh`
 //! starts one and prints it): a fresh schema per test (the URL then sets `search_path`), or a
-//! fresh database whose connections a test can cut off and restore. Without the variable the
-//! tests that need it say `skipped: RELAY_TEST_POSTGRES_URL not set` and pass — unless
-//! `RELAY_REQUIRE_POSTGRES=1`, which CI sets so that it never skips them silently.
+//! fresh database whose connections a test can cut off and restore.
+//!
+//! Whether the tests that need it run is decided when they are built: `build.rs` turns on
+//! `cfg(postgres_tests)` when the variable is set, and every such test carries
+//! `#[cfg_attr(not(postgres_tests), ignore = "...")]`, so without a server `cargo test` lists
+//! them as ignored instead of passing them without running anything.
 
 use tokio_postgres::{Client, NoTls};
+use userpilot_heap_relay::queue::postgres::PostgresQueue;
 
 pub const URL_VAR: &str = "RELAY_TEST_POSTGRES_URL";
 
-/// The server's URL, or `None` after printing why the calling test skips.
-pub fn base_url(test: &str) -> Option<String> {
+/// The server's URL. Only Postgres tests call it, and they are ignored unless the variable was
+/// set at build time, so here it is missing only when it was unset between build and run.
+pub fn base_url() -> String {
     match std::env::var(URL_VAR) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("RELAY_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "{test}: {URL_VAR} is not set but RELAY_REQUIRE_POSTGRES=1"
-            );
-            eprintln!("skipped: {URL_VAR} not set ({test})");
-            None
-        }
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => panic!(
+            "{URL_VAR} is not set, but this test binary was built with it (cfg postgres_tests): \
+             set it again, or rebuild without it to ignore the Postgres tests"
+        ),
     }
+}
+
+/// A lock key of its own, so that the queues of different tests never wait for one leader.
+pub fn lock_key() -> i64 {
+    fastrand::i64(..)
 }
 
 /// A plain connection, its driver running in the background.
@@ -61,6 +67,16 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// A schema on the server of [`URL_VAR`].
+    pub async fn fresh() -> Schema {
+        Schema::create(&base_url()).await
+    }
+
+    /// A queue on this schema, under a lock key of its own.
+    pub async fn queue(&self) -> PostgresQueue {
+        PostgresQueue::connect(&self.url, lock_key()).await.unwrap()
+    }
+
     pub async fn create(base: &str) -> Schema {
         let admin = connect(base).await;
         let name = unique("relay_test");
@@ -97,6 +113,11 @@ pub struct Database {
 }
 
 impl Database {
+    /// A database on the server of [`URL_VAR`].
+    pub async fn fresh() -> Database {
+        Database::create(&base_url()).await
+    }
+
     pub async fn create(base: &str) -> Database {
         let admin = connect(base).await;
         let name = unique("relay_test");

@@ -2,18 +2,13 @@
 //! the fake Heap: the event name of every kind and action of SPEC §2.3 (and the payload shapes
 //! of SPEC §2.2), identity, timestamp, idempotency keys and flattened properties (SPEC §2.4),
 //! user and account properties, `heap.identity`, and `[mapping]` renames and drops.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::support::{APP_ID, FakeHeap, Relay};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use support::{APP_ID, FakeHeap, Relay, eventually};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -37,19 +32,12 @@ async fn accept(relay: &Relay, body: &Value, events: usize) {
 /// Waits until the queue has nothing left to send and `delivered` records were delivered, so
 /// that what Heap has not received by then it never will.
 async fn wait_until_settled(relay: &Relay, delivered: u64) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, answer) = relay.admin(reqwest::Method::GET, "/admin/status").await;
-        let queue = &answer["queue"];
-        if queue["pending"] == 0 && queue["in_flight"] == 0 && queue["delivered"] == delivered {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "queue did not settle at {delivered} delivered: {answer}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    relay
+        .wait_for_status(WAIT, |status| {
+            let queue = &status["queue"];
+            queue["pending"] == 0 && queue["in_flight"] == 0 && queue["delivered"] == delivered
+        })
+        .await;
 }
 
 /// Track events Heap received, by identity, names sorted.
@@ -491,12 +479,9 @@ async fn user_properties_go_to_add_user_properties_for_the_same_identity() {
         }
     });
     accept(&relay, &body, 1).await;
-    let heap_users = heap.clone();
-    let users = eventually(WAIT, move || {
-        let users = heap_users.accepted("/api/add_user_properties", "users");
-        (!users.is_empty()).then_some(users)
-    })
-    .await;
+    let users = heap
+        .wait_for_accepted("/api/add_user_properties", "users", 1, WAIT)
+        .await;
     assert_eq!(
         users,
         vec![json!({
@@ -555,12 +540,9 @@ async fn company_properties_go_to_add_account_properties_when_enabled() {
         }
     });
     accept(&relay, &body, 1).await;
-    let heap_accounts = heap.clone();
-    let accounts = eventually(WAIT, move || {
-        let accounts = heap_accounts.accepted("/api/add_account_properties", "accounts");
-        (!accounts.is_empty()).then_some(accounts)
-    })
-    .await;
+    let accounts = heap
+        .wait_for_accepted("/api/add_account_properties", "accounts", 1, WAIT)
+        .await;
     assert_eq!(
         accounts,
         vec![json!({
@@ -598,12 +580,9 @@ async fn identity_email_uses_the_users_email_for_events_and_user_properties() {
     accept(&relay, &body, 1).await;
     let event = heap.wait_for_events(1, WAIT).await.remove(0);
     assert_eq!(event["identity"], "jane@example.com");
-    let heap_users = heap.clone();
-    let users = eventually(WAIT, move || {
-        let users = heap_users.accepted("/api/add_user_properties", "users");
-        (!users.is_empty()).then_some(users)
-    })
-    .await;
+    let users = heap
+        .wait_for_accepted("/api/add_user_properties", "users", 1, WAIT)
+        .await;
     assert_eq!(users[0]["identity"], "jane@example.com");
 
     // A user without the identity property cannot be sent; it is quarantined, not guessed.

@@ -2,21 +2,16 @@
 //! throttles with 429, the backlog waits in the queue — not in memory — the relay retries at a
 //! bounded rate and honours `Retry-After`, and once Heap recovers every accepted event arrives,
 //! once per idempotency key, with nothing dead-lettered.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use support::{
-    Answer, FakeHeap, Posted, RelayProcess, admin_call, eventually, post_concurrently, set_env,
+use crate::support::{
+    Answer, FakeHeap, Posted, RelayProcess, eventually, post_concurrently, set_env,
 };
+use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 /// `RELAY_RETRY__INITIAL_BACKOFF_MS` in [`RelayProcess::env`]: after every failed Heap request
@@ -42,8 +37,15 @@ async fn post_accepted(
     range: std::ops::Range<usize>,
 ) {
     let never = Arc::new(Notify::new());
-    let outcomes =
-        post_concurrently(&relay.url, bodies, range.collect(), 32, usize::MAX, never).await;
+    let outcomes = post_concurrently(
+        &relay.client,
+        bodies,
+        range.collect(),
+        32,
+        usize::MAX,
+        never,
+    )
+    .await;
     for (seq, outcome) in outcomes {
         assert!(
             matches!(&outcome, Posted::Answered(202, answer) if answer["status"] == "accepted"),
@@ -63,14 +65,9 @@ fn assert_once_each(events: &[Value], expected: usize) {
 }
 
 async fn assert_no_dead_letters(relay: &RelayProcess) {
-    let http = reqwest::Client::new();
-    let (status, answer) = admin_call(
-        &http,
-        &relay.admin_url,
-        reqwest::Method::GET,
-        "/admin/dead-letters",
-    )
-    .await;
+    let (status, answer) = relay
+        .admin(reqwest::Method::GET, "/admin/dead-letters")
+        .await;
     assert_eq!(status, 200);
     assert_eq!(answer["dead_letters"], json!([]));
 }
@@ -122,14 +119,7 @@ async fn a_heap_outage_keeps_the_backlog_queued_with_bounded_retries_and_flat_me
     let rss_before = relay.rss_kib();
     post_accepted(&relay, &bodies, WARM_UP..WARM_UP + BACKLOG).await;
     let rss_backlog = relay.rss_kib();
-    let http = reqwest::Client::new();
-    let (_, status) = admin_call(
-        &http,
-        &relay.admin_url,
-        reqwest::Method::GET,
-        "/admin/status",
-    )
-    .await;
+    let (_, status) = relay.admin(reqwest::Method::GET, "/admin/status").await;
     let queued = status["queue"]["pending"].as_u64().unwrap()
         + status["queue"]["in_flight"].as_u64().unwrap();
     assert!(
@@ -138,7 +128,7 @@ async fn a_heap_outage_keeps_the_backlog_queued_with_bounded_retries_and_flat_me
     );
 
     // The relay keeps trying during the outage...
-    eventually(Duration::from_secs(20), || {
+    eventually(Duration::from_secs(20), async || {
         (refused.lock().unwrap().len() >= 8).then_some(())
     })
     .await;
@@ -203,7 +193,7 @@ async fn heap_timeouts_are_retried_until_heap_answers_in_time() {
 
     // Every event arrives. (A send that timed out on a slow machine may repeat an event, under
     // the same key: at least once, effectively once.)
-    eventually(Duration::from_secs(20), || {
+    eventually(Duration::from_secs(20), async || {
         let keys: BTreeSet<String> = heap
             .events()
             .iter()

@@ -4,17 +4,14 @@
 //! the relay must stop acknowledging — `/readyz` 503 within the readiness cache, and no 2xx for
 //! any webhook sent after the removal — and say so in one ERROR line. Overwritten (not an
 //! SQLite file any more): the relay must refuse to start, naming the file.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{BINARY, FakeHeap, RelayProcess};
 use serde_json::{Value, json};
-use support::{BINARY, FakeHeap, RelayProcess, post_signed};
 
 /// Concurrent senders, as Userpilot's delivery workers would be.
 const POSTERS: usize = 4;
@@ -54,14 +51,14 @@ async fn a_queue_file_removed_under_load_turns_readiness_503_and_nothing_sent_af
     let accepted = Arc::new(AtomicUsize::new(0));
     let mut posters = tokio::task::JoinSet::new();
     for _ in 0..POSTERS {
-        let (http, url) = (http.clone(), relay.url.clone());
+        let client = relay.with_timeout(Duration::from_secs(30));
         let (stop, next, accepted) = (stop.clone(), next.clone(), accepted.clone());
         posters.spawn(async move {
             let mut answers: Vec<(Instant, u16)> = Vec::new();
             while !stop.load(Ordering::SeqCst) {
                 let seq = next.fetch_add(1, Ordering::SeqCst);
                 let sent = Instant::now();
-                let status = match post_signed(&http, &url, &webhook(seq)).await {
+                let status = match client.try_post(&webhook(seq)).await {
                     Ok((status, _)) => status,
                     Err(_) => 0,
                 };
@@ -73,7 +70,7 @@ async fn a_queue_file_removed_under_load_turns_readiness_503_and_nothing_sent_af
             answers
         });
     }
-    support::eventually(Duration::from_secs(10), || {
+    crate::support::eventually(Duration::from_secs(10), async || {
         (accepted.load(Ordering::SeqCst) >= 200).then_some(())
     })
     .await;
@@ -130,9 +127,7 @@ async fn a_queue_file_removed_under_load_turns_readiness_503_and_nothing_sent_af
     assert!(after.iter().all(|s| *s == 503), "{after:?}");
 
     // It stays that way, and the operator is told once.
-    let (status, _) = post_signed(&http, &relay.url, &webhook(usize::MAX))
-        .await
-        .unwrap();
+    let (status, _) = relay.post(&webhook(usize::MAX)).await;
     assert_eq!(status, 503);
     assert_eq!(readyz(&http, &relay.url).await, 503);
     let errors: Vec<String> = relay
@@ -168,10 +163,10 @@ fn a_queue_file_whose_header_was_overwritten_stops_the_relay_at_start_naming_it(
         .envs([
             ("RELAY_SERVER__LISTEN", "127.0.0.1:0"),
             ("RELAY_SERVER__ADMIN_LISTEN", "127.0.0.1:0"),
-            ("RELAY_USERPILOT__SECRETS", support::SECRET),
-            ("RELAY_HEAP__APP_ID", support::APP_ID),
+            ("RELAY_USERPILOT__SECRETS", crate::support::SECRET),
+            ("RELAY_HEAP__APP_ID", crate::support::APP_ID),
             ("RELAY_HEAP__BASE_URL", heap_url),
-            ("RELAY_ADMIN__TOKEN", support::ADMIN_TOKEN),
+            ("RELAY_ADMIN__TOKEN", crate::support::ADMIN_TOKEN),
         ])
         .env("RELAY_QUEUE__PATH", &path)
         .stdout(Stdio::null())

@@ -3,16 +3,13 @@
 //! and signed webhooks recover within the idle deadline; request bodies trickled a byte a
 //! second get 408 while signed webhooks keep being accepted; a hostile `X-Request-Id` never
 //! reaches the logs.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{FakeHeap, RelayProcess};
 use serde_json::{Value, json};
-use support::{FakeHeap, RelayProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -164,11 +161,9 @@ async fn survives_flood(relay: &RelayProcess, name: &str, greeting: &'static [u8
         answered_200(&health_url, since, limit),
         answered_200(&metrics_url, since, limit),
     );
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let (status, answer) = support::post_signed(&http, &relay.url, &webhook(n))
+    let (status, answer) = relay
+        .with_timeout(Duration::from_secs(2))
+        .try_post(&webhook(n))
         .await
         .unwrap();
     let webhook_at = since.elapsed();
@@ -260,17 +255,14 @@ async fn slow_bodies_get_408_while_signed_webhooks_keep_being_accepted() {
     let done = Arc::new(AtomicBool::new(false));
     let mut posters = tokio::task::JoinSet::new();
     for poster in 0..4 {
-        let (url, done) = (relay.url.clone(), done.clone());
+        let (client, done) = (relay.with_timeout(Duration::from_secs(20)), done.clone());
         posters.spawn(async move {
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap();
             let mut seen = Vec::new();
             let mut i = 0;
             while !done.load(Ordering::SeqCst) {
                 let started = Instant::now();
-                let answer = support::post_signed(&http, &url, &webhook(poster * 100_000 + i))
+                let answer = client
+                    .try_post(&webhook(poster * 100_000 + i))
                     .await
                     .map(|(status, _)| status)
                     .unwrap_or(0);
@@ -352,7 +344,7 @@ async fn an_invalid_request_id_is_replaced_before_it_reaches_the_logs() {
     // A plain id is kept, and the refusal is logged with it.
     let response = post("req-7f3a".into()).await.unwrap();
     assert_eq!(response.headers()["x-request-id"], "req-7f3a");
-    let logs = support::eventually(Duration::from_secs(10), || {
+    let logs = crate::support::eventually(Duration::from_secs(10), async || {
         let logs = relay.logs();
         logs.iter()
             .any(|line| line.contains("req-7f3a"))

@@ -4,7 +4,6 @@
 //! outlast `server.shutdown_grace_ms`, pods run as non-root, every `RELAY_` variable is a real
 //! key of `config/default.toml`, the defaults shown are the built-in ones, and the
 //! configurations the manifests set are accepted by the relay's own `check-config`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -8,20 +8,15 @@
 //! does not encrypt; `verify-ca` accepts the server's certificate when it is the trusted root;
 //! `verify-full` refuses a certificate that no trusted root signed, and one that is signed but
 //! issued for another host, failing with an error saying so rather than connecting in the clear.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
-use bytes::Bytes;
-use serde_json::Map;
-use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 use tokio_postgres::config::Host;
-use userpilot_heap_relay::heap::wire::{HeapRecord, Outbound, RecordKind, TrackEvent};
+use userpilot_heap_relay::heap::wire::RecordKind;
 use userpilot_heap_relay::queue::postgres::{PostgresQueue, leader_lock_key};
-use userpilot_heap_relay::queue::{Content, Enqueued, NewWebhook, Queue, QueueError};
+use userpilot_heap_relay::queue::{Enqueued, Queue, QueueError};
 
-use support::postgres::{Schema, base_url, connect};
+use crate::support::postgres::{Schema, base_url, connect};
+use crate::support::records;
 
 const NOW: i64 = 1_700_000_000_000;
 
@@ -64,15 +59,15 @@ emyPxgcYxn/eR44/KJ4EBs+lVDR3veyJm+kXQ99b21/+jh5Xos1AnX5iItreGCc=
 
 /// The server, a plain admin connection to it, and a schema of this test's own; `None` (the
 /// test skips) without `RELAY_TEST_POSTGRES_URL`. A server without TLS fails the test.
-async fn server(test: &str) -> Option<(Client, Schema)> {
-    let base = base_url(test)?;
+async fn server(test: &str) -> (Client, Schema) {
+    let base = base_url();
     let admin = connect(&base).await;
     let ssl: String = admin.query_one("SHOW ssl", &[]).await.unwrap().get(0);
     assert_eq!(
         ssl, "on",
         "{test}: the test server has ssl = off; .ci/postgres.sh must turn it on"
     );
-    Some((admin, Schema::create(&base).await))
+    (admin, Schema::create(&base).await)
 }
 
 /// `url` with `params` appended to its query.
@@ -113,22 +108,7 @@ async fn sessions(admin: &Client, queue: &PostgresQueue) -> (i64, i64) {
 /// session): the queue works over this connection.
 async fn round_trip(queue: &PostgresQueue) {
     let body = format!("webhook {}", uuid::Uuid::new_v4());
-    let record = Outbound {
-        key: "tls-1".to_owned(),
-        record: HeapRecord::Track(TrackEvent {
-            identity: "user-tls".to_owned(),
-            event: "Userpilot Test".to_owned(),
-            timestamp: "2023-11-14T22:13:20Z".to_owned(),
-            idempotency_key: "tls-1".to_owned(),
-            properties: Map::new(),
-        }),
-    };
-    let webhook = NewWebhook {
-        digest: Sha256::digest(body.as_bytes()).into(),
-        body: Bytes::from(body),
-        received_at_ms: NOW,
-        content: Content::Records(vec![record]),
-    };
+    let webhook = records::webhook(&body, NOW, vec![records::track("tls-1", "user-tls")]);
     assert_eq!(
         queue.enqueue(webhook).await.unwrap(),
         Enqueued::Accepted { events: 1 }
@@ -159,11 +139,10 @@ async fn server_certificate(admin: &Client) -> String {
 // ---------------------------------------------------------------------------------------------
 // Tests
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
 async fn require_encrypts_every_session_of_the_queue_and_the_queue_works_through_them() {
-    let Some((admin, schema)) = server("require_encrypts_every_session").await else {
-        return;
-    };
+    let (admin, schema) = server("require_encrypts_every_session").await;
     let queue = queue(&with(&schema.url, "sslmode=require")).await.unwrap();
     round_trip(&queue).await;
 
@@ -174,11 +153,10 @@ async fn require_encrypts_every_session_of_the_queue_and_the_queue_works_through
     schema.drop().await;
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
 async fn prefer_and_the_default_encrypt_when_the_server_offers_tls_and_disable_does_not() {
-    let Some((admin, schema)) = server("prefer_and_the_default_encrypt").await else {
-        return;
-    };
+    let (admin, schema) = server("prefer_and_the_default_encrypt").await;
     for (params, tls) in [
         (None, true),
         (Some("sslmode=prefer"), true),
@@ -195,11 +173,10 @@ async fn prefer_and_the_default_encrypt_when_the_server_offers_tls_and_disable_d
     schema.drop().await;
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
 async fn verify_ca_accepts_the_server_certificate_when_it_is_the_trusted_root() {
-    let Some((admin, schema)) = server("verify_ca_accepts").await else {
-        return;
-    };
+    let (admin, schema) = server("verify_ca_accepts").await;
     let root = server_certificate(&admin).await;
     let url = with(
         &schema.url,
@@ -213,11 +190,10 @@ async fn verify_ca_accepts_the_server_certificate_when_it_is_the_trusted_root() 
     schema.drop().await;
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
 async fn verify_modes_refuse_a_certificate_no_trusted_root_signed() {
-    let Some((_admin, schema)) = server("verify_full_refuses_an_unknown_issuer").await else {
-        return;
-    };
+    let (_admin, schema) = server("verify_full_refuses_an_unknown_issuer").await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root.pem");
     std::fs::write(&root, UNRELATED_ROOT).unwrap();
@@ -233,11 +209,10 @@ async fn verify_modes_refuse_a_certificate_no_trusted_root_signed() {
     schema.drop().await;
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
 async fn verify_full_refuses_a_trusted_certificate_issued_for_another_host() {
-    let Some((admin, schema)) = server("verify_full_refuses_another_host").await else {
-        return;
-    };
+    let (admin, schema) = server("verify_full_refuses_another_host").await;
     if names_the_server_by_ip_address(&schema) {
         let root = server_certificate(&admin).await;
         let params = format!("sslmode=verify-full&sslrootcert={root}");
@@ -250,11 +225,10 @@ async fn verify_full_refuses_a_trusted_certificate_issued_for_another_host() {
     schema.drop().await;
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
 async fn verify_full_with_the_system_roots_refuses_the_self_signed_certificate() {
-    let Some((_admin, schema)) = server("verify_full_with_the_system_roots").await else {
-        return;
-    };
+    let (_admin, schema) = server("verify_full_with_the_system_roots").await;
     // Refused as not signed by a trusted root, or, where the system trusts the certificate
     // (Debian links it into /etc/ssl/certs), as issued for another host.
     if names_the_server_by_ip_address(&schema) {
@@ -278,7 +252,7 @@ fn names_the_server_by_ip_address(schema: &Schema) -> bool {
     if !on_ip {
         eprintln!(
             "skipped: {} names the server by host name, not IP address",
-            support::postgres::URL_VAR
+            crate::support::postgres::URL_VAR
         );
     }
     on_ip

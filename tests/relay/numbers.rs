@@ -2,15 +2,12 @@
 //! body is never refused for a valid JSON number, a numeric id beyond u64 reaches Heap exactly as
 //! written, a number Heap cannot read exactly arrives as its text, and an event time at or before
 //! the Unix epoch (or beyond any range) gives way to the receive time (contract §2.2, §2.4).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
 
 use std::time::Duration;
 
+use crate::support::{FakeHeap, RelayProcess, eventually, set_env, signature};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use support::{FakeHeap, RelayProcess, eventually, set_env, signature};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -89,7 +86,7 @@ async fn numbers_beyond_f64_and_u64_are_accepted_and_reach_heap_as_documented() 
         "{sent_at} not within {before}..{after}"
     );
 
-    let users = eventually(WAIT, || {
+    let users = eventually(WAIT, async || {
         let users = heap.accepted("/api/add_user_properties", "users");
         (!users.is_empty()).then_some(users)
     })
@@ -98,7 +95,7 @@ async fn numbers_beyond_f64_and_u64_are_accepted_and_reach_heap_as_documented() 
         users,
         [json!({"identity": BIG_ID, "properties": {"seats": "1e+400"}})]
     );
-    let accounts = eventually(WAIT, || {
+    let accounts = eventually(WAIT, async || {
         let accounts = heap.accepted("/api/add_account_properties", "accounts");
         (!accounts.is_empty()).then_some(accounts)
     })
@@ -139,7 +136,7 @@ async fn event_times_at_or_before_the_epoch_reach_heap_as_the_receive_time() {
         assert_eq!(status, 202, "{label}");
 
         let identity = format!("u{index}");
-        let event = eventually(WAIT, || {
+        let event = eventually(WAIT, async || {
             heap.events()
                 .into_iter()
                 .find(|event| event["identity"] == identity.as_str())

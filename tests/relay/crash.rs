@@ -1,20 +1,15 @@
 //! Nothing acknowledged is lost when the relay binary is killed with `kill -9` in the middle of
 //! concurrent webhook traffic (SPEC §7): after a restart on the same queue folder, every webhook
 //! that was answered 202 reaches Heap, each event under exactly one idempotency key.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use support::{
-    Answer, FakeHeap, Posted, RelayProcess, eventually, post_concurrently, post_signed, set_env,
+use crate::support::{
+    Answer, FakeHeap, Posted, RelayProcess, eventually, post_concurrently, set_env,
 };
+use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 /// Concurrent senders, as Userpilot's delivery workers would be.
@@ -96,8 +91,10 @@ async fn every_webhook_answered_202_reaches_heap_after_kill_9_and_restart() {
         let notify = Arc::new(Notify::new());
         let indexes: Vec<usize> = (round * PER_ROUND..(round + 1) * PER_ROUND).collect();
         let load = tokio::spawn({
-            let (url, bodies, notify) = (relay.url.clone(), bodies.clone(), notify.clone());
-            async move { post_concurrently(&url, &bodies, indexes, POSTERS, KILL_AFTER, notify).await }
+            let (client, bodies, notify) = (relay.client.clone(), bodies.clone(), notify.clone());
+            async move {
+                post_concurrently(&client, &bodies, indexes, POSTERS, KILL_AFTER, notify).await
+            }
         });
         tokio::time::timeout(Duration::from_secs(20), notify.notified())
             .await
@@ -135,17 +132,16 @@ async fn every_webhook_answered_202_reaches_heap_after_kill_9_and_restart() {
 
     // Restart on the same folder: every acknowledged webhook arrives, without any resend.
     let relay = RelayProcess::spawn(&env);
-    let delivered = eventually(Duration::from_secs(30), || {
+    let delivered = eventually(Duration::from_secs(30), async || {
         let at_heap = seqs_at_heap(&taken_in);
         acknowledged.is_subset(&at_heap).then_some(at_heap)
     })
     .await;
     // Userpilot retries what got no answer: accepted now, or recognised as already stored —
     // always so for a webhook that was committed before the kill and has reached Heap since.
-    let http = reqwest::Client::new();
     let mut stored_before_kill = 0;
     for seq in &unanswered {
-        let (status, answer) = post_signed(&http, &relay.url, &bodies[*seq]).await.unwrap();
+        let (status, answer) = relay.post(&bodies[*seq]).await;
         assert_eq!(status, 202, "seq {seq}: {answer}");
         if answer["status"] == "duplicate" {
             stored_before_kill += 1;
@@ -157,8 +153,8 @@ async fn every_webhook_answered_202_reaches_heap_after_kill_9_and_restart() {
         }
     }
     let all: BTreeSet<usize> = (0..bodies.len()).collect();
-    eventually(Duration::from_secs(30), || {
-        (seqs_at_heap(&taken_in) == all).then_some(())
+    eventually(Duration::from_secs(30), async || {
+        seqs_at_heap(&taken_in) == all
     })
     .await;
 

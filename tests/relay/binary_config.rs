@@ -3,18 +3,13 @@
 //! start with one line naming the key; `check-config` with secrets redacted; `--config` layered
 //! under the environment; the queue folder created when missing; `sign`; and JSON logs that never
 //! show secrets, signatures or bodies.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::support::{ADMIN_TOKEN, APP_ID, BINARY, FakeHeap, RelayProcess, SECRET, eventually};
 use serde_json::{Value, json};
-use support::{ADMIN_TOKEN, APP_ID, BINARY, FakeHeap, RelayProcess, SECRET, eventually};
 use userpilot_heap_relay::userpilot::sign;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -103,7 +98,7 @@ async fn the_binary_configured_only_by_environment_relays_a_signed_webhook_to_he
     let relay = RelayProcess::spawn(&RelayProcess::env(&heap, dir.path()));
 
     let body = webhook("u_env", "hello");
-    let signature = support::signature(&body);
+    let signature = crate::support::signature(&body);
     let (status, answer) = post(&relay.url, body, &signature).await;
     assert_eq!(
         (status, answer),
@@ -367,7 +362,7 @@ async fn the_queue_folder_is_created_when_missing() {
     assert!(queue.exists());
 
     let body = webhook("u_folder", "x");
-    let signature = support::signature(&body);
+    let signature = crate::support::signature(&body);
     let (status, _) = post(&relay.url, body, &signature).await;
     assert_eq!(status, 202);
     heap.wait_for_events(1, WAIT).await;
@@ -429,7 +424,7 @@ async fn assert_logs_are_clean(level: &str) {
 
     // Accepted.
     let body = webhook("u_logs", "marker-accepted-7f3a");
-    let signature = support::signature(&body);
+    let signature = crate::support::signature(&body);
     signatures.push(signature.clone());
     assert_eq!(post(&relay.url, body, &signature).await.0, 202);
     // Refused: a signature made for another body.
@@ -437,7 +432,7 @@ async fn assert_logs_are_clean(level: &str) {
     assert_eq!(post(&relay.url, body, &signature).await.0, 401);
     // Refused: a signed body that is not JSON.
     let body = b"marker-not-json-7f3a".to_vec();
-    let signature = support::signature(&body);
+    let signature = crate::support::signature(&body);
     signatures.push(signature.clone());
     assert_eq!(post(&relay.url, body, &signature).await.0, 400);
     // Quarantined.
@@ -445,12 +440,12 @@ async fn assert_logs_are_clean(level: &str) {
         "timestamp": now(), "data": {"type": "flow", "action": "started", "note": "marker-quarantined-7f3a"}
     }))
     .unwrap();
-    let signature = support::signature(&body);
+    let signature = crate::support::signature(&body);
     signatures.push(signature.clone());
     assert_eq!(post(&relay.url, body, &signature).await.0, 202);
     heap.wait_for_events(1, WAIT).await;
 
-    let logs = eventually(WAIT, || {
+    let logs = eventually(WAIT, async || {
         let logs = relay.logs();
         let outcomes = logs
             .iter()

@@ -2,9 +2,6 @@
 //! record: schema version 1 (a global unique index on record keys) to version 2 (keys unique
 //! per webhook), on SQLite and on Postgres (skipped, saying so, without
 //! `RELAY_TEST_POSTGRES_URL`).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -13,7 +10,7 @@ use userpilot_heap_relay::queue::postgres::PostgresQueue;
 use userpilot_heap_relay::queue::sqlite::SqliteQueue;
 use userpilot_heap_relay::queue::{Content, Enqueued, NewWebhook, Queue};
 
-use support::postgres::{Schema, base_url};
+use crate::support::postgres::Schema;
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -121,13 +118,11 @@ async fn a_version_1_sqlite_file_is_upgraded_keeping_its_records() {
     assert_eq!(version, 2);
 }
 
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
 async fn a_version_1_postgres_schema_is_upgraded_keeping_its_records() {
-    let Some(base) = base_url("a_version_1_postgres_schema_is_upgraded_keeping_its_records") else {
-        return;
-    };
-    let schema = Schema::create(&base).await;
-    let admin = support::postgres::connect(&schema.url).await;
+    let schema = Schema::fresh().await;
+    let admin = crate::support::postgres::connect(&schema.url).await;
     admin
         .batch_execute(
             "CREATE TABLE schema_version (

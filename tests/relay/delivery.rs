@@ -3,20 +3,15 @@
 //! `Retry-After` and the 429 floor, isolation of refused records, property updates merged per
 //! user — and retention: pruning forgets delivered webhooks (which may then be accepted again)
 //! but keeps pending work and dead letters until their own retention ends.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
-
-mod support;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::support::{Answer, FakeHeap, RelayProcess, eventually, set_env};
 use bytes::Bytes;
 use serde_json::{Value, json};
-use support::{Answer, FakeHeap, RelayProcess, admin_call, eventually, post_signed, set_env};
 use userpilot_heap_relay::clock::ManualClock;
 use userpilot_heap_relay::config::AppId;
 use userpilot_heap_relay::forwarder::limits::Limits;
@@ -82,7 +77,7 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let queue = Arc::new(SqliteQueue::open(&dir.path().join("queue.sqlite3")).unwrap());
         let clock = ManualClock::at_ms(T0);
-        let app_id = AppId::try_from(support::APP_ID.to_owned()).unwrap();
+        let app_id = AppId::try_from(crate::support::APP_ID.to_owned()).unwrap();
         let client = HeapClient::new(
             &heap.url().parse().unwrap(),
             &app_id,
@@ -509,46 +504,36 @@ async fn after_the_dedup_window_a_restart_forgets_delivered_webhooks() {
     // The window may not be shorter than the signature tolerance, so both are one second.
     set_env(&mut env, "RELAY_QUEUE__DEDUP_WINDOW_SECS", "1");
     set_env(&mut env, "RELAY_USERPILOT__TOLERANCE_SECS", "1");
-    let http = reqwest::Client::new();
     let webhook: Value = serde_json::from_slice(&body(7, true)).unwrap();
 
     let mut relay = RelayProcess::spawn(&env);
-    let (_, answer) = post_signed(&http, &relay.url, &webhook).await.unwrap();
+    let (_, answer) = relay.post(&webhook).await;
     assert_eq!(answer["status"], "accepted");
     heap.wait_for_events(1, Duration::from_secs(10)).await;
     let delivered_at = std::time::Instant::now();
-    let (_, answer) = post_signed(&http, &relay.url, &webhook).await.unwrap();
+    let (_, answer) = relay.post(&webhook).await;
     assert_eq!(
         answer["status"], "duplicate",
         "remembered until the next pruning run"
     );
-    let (code, _) = tokio::task::block_in_place(|| relay.terminate(Duration::from_secs(10)));
+    let (code, _) = relay.terminate(Duration::from_secs(10)).await;
     assert!(code.success());
 
     // Pruning runs at startup, then every minute: restart once the window has passed.
-    eventually(Duration::from_secs(5), || {
-        (delivered_at.elapsed() > Duration::from_millis(1200)).then_some(())
+    eventually(Duration::from_secs(5), async || {
+        delivered_at.elapsed() > Duration::from_millis(1200)
     })
     .await;
     let relay = RelayProcess::spawn(&env);
-    let (admin_url, probe) = (relay.admin_url.clone(), http.clone());
-    let delivered = move || {
-        let (admin_url, probe) = (admin_url.clone(), probe.clone());
-        async move {
-            let (_, status) =
-                admin_call(&probe, &admin_url, reqwest::Method::GET, "/admin/status").await;
-            status["queue"]["delivered"].as_u64().unwrap()
+    eventually(Duration::from_secs(10), async || {
+        let (_, status) = relay.admin(reqwest::Method::GET, "/admin/status").await;
+        match status["queue"]["delivered"].as_u64().unwrap() {
+            0 => Ok(()),
+            delivered => Err(format!("{delivered} delivered records not pruned yet")),
         }
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while delivered().await > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "delivered records never pruned"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (_, answer) = post_signed(&http, &relay.url, &webhook).await.unwrap();
+    })
+    .await;
+    let (_, answer) = relay.post(&webhook).await;
     assert_eq!(answer["status"], "accepted");
     let events = heap.wait_for_events(2, Duration::from_secs(10)).await;
     assert_eq!(

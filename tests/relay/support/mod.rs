@@ -1,15 +1,24 @@
 //! Shared test support: a fake Heap (a real HTTP server that records what it receives and
 //! answers as told), a relay started in-process on port 0, the relay binary as a child process,
-//! signing, and polling with a deadline (never a bare sleep to wait for work).
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-// Tests may read the real clock; the relay's code may not (clippy.toml).
-#![allow(clippy::disallowed_methods)]
+//! signing, one HTTP [`Client`] for both kinds of relay, and polling with a deadline
+//! ([`eventually`]; never a bare sleep to wait for work).
+//!
+//! Renamed when the test binaries became one (old -> new): `post_signed(&http, &url, &body)`
+//! -> `client.try_post(&body)` (or `.post(&body)` when an answer is expected);
+//! `admin_call(&http, &admin_url, method, path)` -> `client.admin(method, path)`, where
+//! `client` is a [`Relay`], a [`RelayProcess`] (both deref to their [`Client`]) or a
+//! [`Client::new`]; `post_concurrently(&url, ..)` -> `post_concurrently(&client, ..)`;
+//! `eventually(within, || sync)` -> `eventually(within, async || ..)`; `RelayProcess::terminate`
+//! is async; `postgres::base_url(test)` -> `postgres::base_url()` (tests are ignored, not skipped).
 
 pub mod postgres;
 pub mod records;
+mod tests;
 
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -145,27 +154,90 @@ impl FakeHeap {
 
     /// Waits until Heap accepted at least `n` track events.
     pub async fn wait_for_events(&self, n: usize, within: Duration) -> Vec<Value> {
-        let heap = self.clone();
-        eventually(within, move || {
-            let events = heap.events();
-            (events.len() >= n).then_some(events)
+        self.wait_for_accepted("/api/track", "events", n, within)
+            .await
+    }
+
+    /// Waits until Heap accepted at least `n` elements of the bulk arrays on `path`.
+    pub async fn wait_for_accepted(
+        &self,
+        path: &str,
+        field: &str,
+        n: usize,
+        within: Duration,
+    ) -> Vec<Value> {
+        eventually(within, async || {
+            let accepted = self.accepted(path, field);
+            if accepted.len() >= n {
+                Ok(accepted)
+            } else {
+                Err(format!(
+                    "Heap accepted {} {field} on {path}, not {n}",
+                    accepted.len()
+                ))
+            }
         })
         .await
     }
 }
 
-/// Polls `check` until it returns `Some`, or panics after `within`.
-pub async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check() {
-            return value;
+/// What a check of [`eventually`] returns: `true`, `Some(value)` or `Ok(value)` once what it
+/// awaits has happened; `false`, `None` or `Err(what it saw instead)` to look again later.
+pub trait Outcome {
+    type Value;
+    /// The value, or what was seen instead (if the check said).
+    fn settle(self) -> Result<Self::Value, Option<String>>;
+}
+
+impl Outcome for bool {
+    type Value = ();
+    fn settle(self) -> Result<(), Option<String>> {
+        if self { Ok(()) } else { Err(None) }
+    }
+}
+
+impl<T> Outcome for Option<T> {
+    type Value = T;
+    fn settle(self) -> Result<T, Option<String>> {
+        self.ok_or(None)
+    }
+}
+
+impl<T, E: std::fmt::Display> Outcome for Result<T, E> {
+    type Value = T;
+    fn settle(self) -> Result<T, Option<String>> {
+        self.map_err(|seen| Some(seen.to_string()))
+    }
+}
+
+/// How often [`eventually`] looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Runs `check` every few milliseconds until it says done (see [`Outcome`]) and returns its
+/// value; panics after `within`, naming the line that waited and what the check saw last.
+///
+/// Not an `async fn` so that `#[track_caller]` can name the caller's line.
+#[track_caller]
+pub fn eventually<C: Outcome>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> C,
+) -> impl Future<Output = C::Value> {
+    let awaited = std::panic::Location::caller();
+    async move {
+        let deadline = Instant::now() + within;
+        loop {
+            let seen = match check().await.settle() {
+                Ok(value) => return value,
+                Err(seen) => seen,
+            };
+            if Instant::now() >= deadline {
+                match seen {
+                    Some(seen) => panic!("{awaited}: not met within {within:?}; last seen: {seen}"),
+                    None => panic!("{awaited}: not met within {within:?}"),
+                }
+            }
+            tokio::time::sleep(POLL).await;
         }
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -201,14 +273,151 @@ token = "{ADMIN_TOKEN}"
     )
 }
 
-/// A relay running in this process.
-pub struct Relay {
+/// A test's HTTP client for one relay: webhooks signed now with [`SECRET`], and the admin API
+/// with [`ADMIN_TOKEN`]. [`Relay`] and [`RelayProcess`] deref to theirs; [`Client::new`] makes
+/// one for a relay started some other way.
+#[derive(Clone)]
+pub struct Client {
     pub url: String,
     pub admin_url: String,
+    pub http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(url: String, admin_url: String) -> Client {
+        // A relay that never answers fails the test instead of hanging it.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Client {
+            url,
+            admin_url,
+            http,
+        }
+    }
+
+    /// The same relay through a client whose requests give up after `timeout`.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client {
+            url: self.url.clone(),
+            admin_url: self.admin_url.clone(),
+            http: reqwest::Client::builder().timeout(timeout).build().unwrap(),
+        }
+    }
+
+    /// Posts `body`, signed, to the webhook route; returns status and JSON answer (or the text
+    /// when it is not JSON). Panics when the relay does not answer.
+    pub async fn post(&self, body: &Value) -> (u16, Value) {
+        self.try_post(body).await.unwrap()
+    }
+
+    /// As [`Client::post`], but `Err` when the relay did not answer: not running, or the
+    /// connection dropped (a crash, a shutdown).
+    pub async fn try_post(&self, body: &Value) -> Result<(u16, Value), reqwest::Error> {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let signature = signature(&bytes);
+        self.try_post_raw(bytes, Some(&signature), Some("application/json"))
+            .await
+    }
+
+    /// Posts `body` as it is, signed now, with `content_type` (or none).
+    pub async fn post_bytes(&self, body: Vec<u8>, content_type: Option<&str>) -> (u16, Value) {
+        let signature = signature(&body);
+        self.post_raw(body, Some(&signature), content_type).await
+    }
+
+    /// Posts `body` as it is, with the given signature and content type (or none).
+    pub async fn post_raw(
+        &self,
+        body: Vec<u8>,
+        signature: Option<&str>,
+        content_type: Option<&str>,
+    ) -> (u16, Value) {
+        self.try_post_raw(body, signature, content_type)
+            .await
+            .unwrap()
+    }
+
+    async fn try_post_raw(
+        &self,
+        body: Vec<u8>,
+        signature: Option<&str>,
+        content_type: Option<&str>,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let mut request = self
+            .http
+            .post(format!("{}/webhooks/userpilot", self.url))
+            .body(body);
+        if let Some(signature) = signature {
+            request = request.header("x-signature", signature);
+        }
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    /// `GET path` on the public port (`/healthz`, `/readyz`): status and JSON answer.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `method` on `path` of the admin port, with the admin token.
+    pub async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls `/admin/status` until `done` holds for it, and returns that status.
+    pub async fn wait_for_status(&self, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        eventually(within, async || {
+            let (_, status) = self.admin(reqwest::Method::GET, "/admin/status").await;
+            if done(&status) {
+                Ok(status)
+            } else {
+                Err(format!("/admin/status {status}"))
+            }
+        })
+        .await
+    }
+}
+
+/// A relay running in this process.
+pub struct Relay {
+    pub client: Client,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
     pub dir: Arc<tempfile::TempDir>,
-    pub http: reqwest::Client,
+}
+
+/// A test talks to a relay through its HTTP ports, so the relay is first of all its client:
+/// `relay.post(..)`, `relay.url`.
+impl Deref for Relay {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
 }
 
 impl Relay {
@@ -223,67 +432,21 @@ impl Relay {
         let base = base_toml(heap, &dir.path().join("queue.sqlite3"));
         let settings = Settings::from_toml(&merge_toml(&base, extra)).unwrap();
         let app = App::build(settings).await.unwrap();
-        let url = format!("http://{}", app.public_addr().unwrap());
-        let admin_url = format!("http://{}", app.admin_addr().unwrap());
+        let client = Client::new(
+            format!("http://{}", app.public_addr().unwrap()),
+            format!("http://{}", app.admin_addr().unwrap()),
+        );
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             app.run(stop).await.unwrap();
         });
         Relay {
-            url,
-            admin_url,
+            client,
             shutdown,
             task,
             dir,
-            http: reqwest::Client::new(),
         }
-    }
-
-    /// Posts `body` signed with the test secret; returns status and JSON answer.
-    pub async fn post(&self, body: &Value) -> (u16, Value) {
-        let bytes = serde_json::to_vec(body).unwrap();
-        let signature = signature(&bytes);
-        self.post_raw(bytes, Some(&signature), Some("application/json"))
-            .await
-    }
-
-    pub async fn post_raw(
-        &self,
-        body: Vec<u8>,
-        signature: Option<&str>,
-        content_type: Option<&str>,
-    ) -> (u16, Value) {
-        let mut request = self
-            .http
-            .post(format!("{}/webhooks/userpilot", self.url))
-            .body(body);
-        if let Some(signature) = signature {
-            request = request.header("x-signature", signature);
-        }
-        if let Some(content_type) = content_type {
-            request = request.header("content-type", content_type);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    /// `GET`/`POST` on the admin port with the admin token.
-    pub async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .request(method, format!("{}{path}", self.admin_url))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn stop(self) -> Arc<tempfile::TempDir> {
@@ -311,9 +474,16 @@ pub fn merge_toml(base: &str, extra: &str) -> String {
 /// The relay binary, run as operators run it: configured by environment variables only.
 pub struct RelayProcess {
     pub child: Child,
-    pub url: String,
-    pub admin_url: String,
+    pub client: Client,
     pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// As for [`Relay`]: `relay.post(..)`, `relay.admin(..)`, `relay.url`.
+impl Deref for RelayProcess {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
 }
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_userpilot-heap-relay");
@@ -353,8 +523,10 @@ impl RelayProcess {
         let started: Value = serde_json::from_str(&line).unwrap();
         RelayProcess {
             child,
-            url: format!("http://{}", started["listen"].as_str().unwrap()),
-            admin_url: format!("http://{}", started["admin_listen"].as_str().unwrap()),
+            client: Client::new(
+                format!("http://{}", started["listen"].as_str().unwrap()),
+                format!("http://{}", started["admin_listen"].as_str().unwrap()),
+            ),
             logs,
         }
     }
@@ -388,22 +560,15 @@ impl RelayProcess {
     }
 
     /// SIGTERM, then the exit status and how long the exit took.
-    pub fn terminate(&mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
+    pub async fn terminate(&mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
         let started = Instant::now();
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .unwrap();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            assert!(
-                started.elapsed() < within,
-                "relay did not exit within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = &mut self.child;
+        let status = eventually(within, async || child.try_wait().unwrap()).await;
+        (status, started.elapsed())
     }
 
     pub fn logs(&self) -> Vec<String> {
@@ -416,47 +581,6 @@ impl Drop for RelayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Posts `body`, signed now with [`SECRET`], to the webhook route of the relay at `base_url`
-/// (e.g. a [`RelayProcess`]'s `url`). `Err` when the relay did not answer: not running, or
-/// the connection dropped (a crash, a shutdown).
-pub async fn post_signed(
-    http: &reqwest::Client,
-    base_url: &str,
-    body: &Value,
-) -> Result<(u16, Value), reqwest::Error> {
-    let bytes = serde_json::to_vec(body).unwrap();
-    let response = http
-        .post(format!("{base_url}/webhooks/userpilot"))
-        .header("content-type", "application/json")
-        .header("x-signature", signature(&bytes))
-        .body(bytes)
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    let text = response.text().await?;
-    Ok((
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    ))
-}
-
-/// `method` on `path` of the admin port at `admin_url`, with the admin token.
-pub async fn admin_call(
-    http: &reqwest::Client,
-    admin_url: &str,
-    method: reqwest::Method,
-    path: &str,
-) -> (u16, Value) {
-    let response = http
-        .request(method, format!("{admin_url}{path}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 /// Runs the binary once with `args` and `env` (on top of a clean environment), as an operator
@@ -496,11 +620,11 @@ pub enum Posted {
     NoAnswer,
 }
 
-/// Posts `bodies[i]` for every `i` in `indexes` to the relay at `url` from `posters` concurrent
+/// Posts `bodies[i]` for every `i` in `indexes` to the relay of `client` from `posters` concurrent
 /// tasks (like Userpilot's delivery workers) and returns each `(i, outcome)`. `notify` is rung
 /// once `ring_at` of these posts were answered 202, so a test can act in the middle of the load.
 pub async fn post_concurrently(
-    url: &str,
+    client: &Client,
     bodies: &Arc<Vec<Value>>,
     indexes: Vec<usize>,
     posters: usize,
@@ -508,24 +632,18 @@ pub async fn post_concurrently(
     notify: Arc<tokio::sync::Notify>,
 ) -> Vec<(usize, Posted)> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let http = reqwest::Client::new();
     let indexes = Arc::new(indexes);
     let next = Arc::new(AtomicUsize::new(0));
     let accepted = Arc::new(AtomicUsize::new(0));
     let log: Arc<Mutex<Vec<(usize, Posted)>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..posters {
-        let (http, url, bodies, indexes) = (
-            http.clone(),
-            url.to_owned(),
-            bodies.clone(),
-            indexes.clone(),
-        );
+        let (client, bodies, indexes) = (client.clone(), bodies.clone(), indexes.clone());
         let (next, accepted, log, notify) =
             (next.clone(), accepted.clone(), log.clone(), notify.clone());
         tasks.spawn(async move {
             while let Some(&i) = indexes.get(next.fetch_add(1, Ordering::SeqCst)) {
-                let outcome = match post_signed(&http, &url, &bodies[i]).await {
+                let outcome = match client.try_post(&bodies[i]).await {
                     Ok((status, answer)) => Posted::Answered(status, answer),
                     Err(_) => Posted::NoAnswer,
                 };

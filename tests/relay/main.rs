@@ -1,0 +1,36 @@
+//! The relay's black-box tests, in one test binary: every module below was once a binary of its
+//! own, and each repeated the lint header and compiled `support` again. One crate root links
+//! the relay once for all of them, and lets the compiler see which support code nobody uses.
+//!
+//! `cargo test` runs them all; `cargo test --test relay MODULE::` runs one module. Tests that
+//! need Postgres are ignored unless `RELAY_TEST_POSTGRES_URL` was set when they were built (see
+//! `build.rs` and `.ci/postgres.sh`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Black-box tests drive the real relay, which reads the real clock: they may too. The relay's
+// own code may not (clippy.toml's disallowed-methods; only src/clock.rs reads the clock).
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+mod binary_config;
+mod crash;
+mod dead_letter_scope;
+mod dead_letters;
+mod delivery;
+mod event_kinds;
+mod hardening;
+mod manifests;
+mod network;
+mod numbers;
+mod outage;
+mod postgres_ingest;
+mod postgres_replicas;
+mod postgres_tls;
+mod queue_conformance;
+mod queue_file_removed;
+mod queue_migrations;
+mod rate_budget;
+mod shutdown;
+mod smoke;
+mod sqlite_ingest;
+mod webhook_api;
