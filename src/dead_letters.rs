@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::heap::mapping::Mapper;
-use crate::ingest;
 use crate::queue::{Content, DeadLetterFilter, Queue, QueueError, ReplayItem};
+use crate::translate;
 use crate::userpilot::Verified;
 
 /// The most dead letters one listing returns.
@@ -128,7 +128,7 @@ pub async fn replay(
     for item in queue.replay_items(filter).await? {
         let received_at = DateTime::from_timestamp_millis(item.received_at_ms).unwrap_or(now);
         let body = Verified::from_queue(item.body.clone());
-        let Ok(content) = ingest::prepare(mapper, &body, received_at) else {
+        let Ok(content) = translate::webhook(mapper, &body, received_at) else {
             // Stored bodies were valid JSON objects when they were accepted; one that is not
             // (a corrupted file?) is left as it is for a human to look at.
             tracing::error!(

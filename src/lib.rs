@@ -1,17 +1,25 @@
 //! userpilot-heap-relay: receives signed Userpilot webhooks and delivers them to Heap, durably.
+//! The contract it keeps (routes, status codes, configuration, guarantees, metrics) is
+//! `docs/contract.md`; "contract §N" in comments points into it.
 //!
-//! The request path, top to bottom: [`http::webhook`] takes the raw bytes;
-//! [`userpilot::signature`] verifies them into `Verified` bytes; [`ingest`] decodes them
-//! ([`userpilot::payload`]) and maps them ([`heap::mapping`]) into Heap records or a quarantine
-//! reason; [`queue`] commits them; only then the handler answers 202.
+//! The request path, top to bottom: `http::webhook` takes the raw bytes within the
+//! connection limits of [`http::serve`]; [`userpilot`] verifies the signature over them into
+//! `Verified` bytes (the only way to get any) and decodes the payload; [`translate`] maps the
+//! decoded interaction with [`heap::mapping`] into Heap records or a quarantine reason;
+//! [`queue`] commits them (SQLite or Postgres behind one trait); only then the handler answers
+//! 202.
 //!
-//! The delivery path: [`forwarder`] claims a batch from the [`queue`], applies Heap's rate
-//! limits ([`forwarder::limits`]), posts it with [`heap::client`], and records the verdict of
-//! [`forwarder::retry`]: ack, retry at a stored time, or dead letter ([`dead_letters`]).
+//! The delivery path: the [`forwarder`] claims a batch from the [`queue`], applies Heap's rate
+//! limits ([`forwarder::limits`]), posts it with [`heap::client`] in the wire format of
+//! [`heap::wire`], and records the verdict of [`forwarder::retry`]: ack, retry at a stored
+//! time, or dead letter. [`dead_letters`] lists, replays and purges those, for the admin API
+//! and the `dlq` command alike.
 //!
-//! Around them: [`config`] (layered settings, validated once), [`app`] (wiring and graceful
-//! shutdown), [`cli`], [`telemetry`], [`clock`] (the only wall-clock reader), [`secret`]
-//! (values that never print), and [`samples`] (a sample webhook of every kind).
+//! Around them: [`config`] (layered settings, parsed once into typed values), [`app`] (wiring
+//! and graceful shutdown), [`cli`] (the command line; the subcommands themselves live in the
+//! binary), [`telemetry`] (logs and metrics), [`clock`] (the only reader of the clock: time is
+//! an input, and clippy enforces it), [`secret`] (values that never print), and [`samples`] (a
+//! sample webhook of every kind).
 
 pub mod app;
 pub mod cli;
@@ -21,9 +29,9 @@ pub mod dead_letters;
 pub mod forwarder;
 pub mod heap;
 pub mod http;
-pub mod ingest;
 pub mod queue;
 pub mod samples;
 pub mod secret;
 pub mod telemetry;
+pub mod translate;
 pub mod userpilot;

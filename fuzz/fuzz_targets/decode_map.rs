@@ -1,5 +1,5 @@
 //! Fuzzes the request path after the signature: `userpilot::decode` (SPEC §2.2),
-//! `heap::mapping::Mapper::map` (§2.3–2.4) and `ingest::prepare`, which combines them.
+//! `heap::mapping::Mapper::map` (§2.3–2.4) and `translate::webhook`, which combines them.
 //!
 //! The input is a webhook body. `decode` only takes `Verified` bytes, which only `verify`
 //! makes, so the body is signed and verified first (which must always succeed).
@@ -26,7 +26,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use userpilot_heap_relay::heap::mapping::{Mapper, MappingSettings};
 use userpilot_heap_relay::heap::wire::{HeapRecord, Outbound};
-use userpilot_heap_relay::ingest::{self, InvalidJson};
+use userpilot_heap_relay::translate::{self, InvalidJson};
 use userpilot_heap_relay::queue::Content;
 use userpilot_heap_relay::secret::Secret;
 use userpilot_heap_relay::userpilot::{DecodeError, Verified, decode, sign, verify};
@@ -241,7 +241,7 @@ fuzz_target!(|body: &[u8]| {
             }
         }
 
-        match (ingest::prepare(&mapper, &verified, received_at(0)), &mapped) {
+        match (translate::webhook(&mapper, &verified, received_at(0)), &mapped) {
             (Err(InvalidJson), _) => assert!(!is_object, "{label}: prepare refused an object"),
             (Ok(Content::Records(records)), Some(Ok(expected))) => {
                 assert_eq!(

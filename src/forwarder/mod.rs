@@ -3,7 +3,7 @@
 //! One pass ([`Forwarder::forward_once`]) claims a batch of one record kind, dead-letters what
 //! is too old, holds back what is over its identity's rate budget, waits for the app's budget,
 //! posts the rest in one bulk request (property records merged per subject first, see
-//! [`entries`]) and records the verdict in the queue: ack, retry at a stored time, or — for a
+//! `entries`) and records the verdict in the queue: ack, retry at a stored time, or — for a
 //! batch Heap refuses — split in halves until the bad records are isolated and dead-lettered
 //! alone. [`Forwarder::run`] repeats passes, lingers briefly for a
 //! batch to fill, backs off as a whole while Heap fails, and stops on shutdown within the
@@ -13,7 +13,7 @@
 //! leader — it charges the app rate budget with what the queue delivered in the last minute
 //! (see [`limits`]), so restarts and takeovers do not reset Heap's budget.
 
-pub mod entries;
+pub(crate) mod entries;
 pub mod limits;
 pub mod retry;
 
@@ -130,7 +130,7 @@ pub struct Forwarder {
 }
 
 /// Property records claimed per pass, as a multiple of the batch size: merged per subject
-/// (see [`entries`]), they usually fill far fewer requests than they number.
+/// (see `entries`), they usually fill far fewer requests than they number.
 const PROPERTY_CLAIM_FACTOR: usize = 10;
 
 /// Ids of the records in some entries.

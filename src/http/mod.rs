@@ -2,11 +2,11 @@
 //! admin router (metrics, dead letters, forwarder control). Handlers are thin: they translate
 //! HTTP to calls on [`AppState`]'s parts and back.
 
-pub mod admin;
-pub mod error;
-pub mod health;
+pub(crate) mod admin;
+pub(crate) mod error;
+pub(crate) mod health;
 pub mod serve;
-pub mod webhook;
+pub(crate) mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -19,8 +19,8 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use super::error::ApiError;
 use super::{AppState, BODY_READ_TIMEOUT};
 use crate::clock::{self, Stopwatch};
-use crate::ingest::{self, InvalidJson};
 use crate::queue::{Content, Enqueued, NewWebhook};
+use crate::translate::{self, InvalidJson};
 use crate::userpilot::verify;
 
 pub async fn receive(
@@ -119,7 +119,7 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Enq
         .await
         .map_err(|_| ApiError::Overloaded)?
         .map_err(|_| ApiError::Draining)?;
-    let content = ingest::prepare(&state.mapper, &verified, received_at)
+    let content = translate::webhook(&state.mapper, &verified, received_at)
         .map_err(|InvalidJson| ApiError::InvalidJson)?;
     let quarantine_reason = match &content {
         Content::Quarantined { reason, .. } => Some(reason.clone()),

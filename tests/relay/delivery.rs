@@ -20,9 +20,9 @@ use userpilot_heap_relay::forwarder::{Control, Forwarder, ForwarderConfig, Pass}
 use userpilot_heap_relay::heap::client::HeapClient;
 use userpilot_heap_relay::heap::mapping::{Mapper, MappingSettings};
 use userpilot_heap_relay::heap::wire::RecordKind;
-use userpilot_heap_relay::ingest;
 use userpilot_heap_relay::queue::sqlite::SqliteQueue;
 use userpilot_heap_relay::queue::{DeadLetterFilter, Enqueued, NewWebhook, Queue};
+use userpilot_heap_relay::translate;
 use userpilot_heap_relay::userpilot::Verified;
 
 /// 2026-01-01T00:00:00Z.
@@ -42,7 +42,7 @@ fn body(seq: usize, with_user: bool) -> Bytes {
 async fn enqueue(queue: &dyn Queue, mapper: &Mapper, body: Bytes, at_ms: i64) -> Enqueued {
     let verified = Verified::from_queue(body.clone());
     let received_at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap();
-    let content = ingest::prepare(mapper, &verified, received_at).unwrap();
+    let content = translate::webhook(mapper, &verified, received_at).unwrap();
     queue
         .enqueue(NewWebhook {
             digest: verified.digest(),

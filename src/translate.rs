@@ -1,5 +1,5 @@
-//! The pure middle of the request path: verified bytes -> decoded [`Interaction`] -> Heap
-//! records, or the reason the webhook must be quarantined. The webhook handler and dead-letter
+//! The pure middle of the request path, Userpilot translated into Heap: verified bytes ->
+//! decoded [`Interaction`] -> Heap records, or the reason the webhook must be quarantined. The webhook handler and dead-letter
 //! replay both go through here, so a replay maps exactly as a fresh delivery would.
 //!
 //! [`Interaction`]: crate::userpilot::Interaction
@@ -15,8 +15,8 @@ use crate::userpilot::{DecodeError, Verified, decode};
 #[error("body is not a JSON object")]
 pub struct InvalidJson;
 
-/// Maps a verified body to what the queue stores for it.
-pub fn prepare(
+/// Translates a verified webhook body into what the queue stores for it.
+pub fn webhook(
     mapper: &Mapper,
     body: &Verified,
     received_at: DateTime<Utc>,
@@ -77,7 +77,7 @@ mod tests {
     /// The records `body` maps to with user and account properties on, as Heap JSON.
     fn records(body: &str) -> Vec<Value> {
         let mapper = Mapper::new("user_id", true, true, &MappingSettings::default());
-        match prepare(&mapper, &verified(body), received_at()) {
+        match webhook(&mapper, &verified(body), received_at()) {
             Ok(Content::Records(records)) => records
                 .iter()
                 .map(|o| serde_json::from_str(&o.record.to_json()).unwrap())
@@ -121,7 +121,7 @@ mod tests {
         let body = r#"{"data": {"type": "form", "a": 1e400, "b": 0.1, "c": 1E2, "d": -0,
             "user": {"user_id": "u"}}}"#;
         let mapper = Mapper::new("user_id", false, false, &MappingSettings::default());
-        let Ok(Content::Records(records)) = prepare(&mapper, &verified(body), received_at()) else {
+        let Ok(Content::Records(records)) = webhook(&mapper, &verified(body), received_at()) else {
             panic!("not mapped");
         };
         let stored = records[0].record.to_json();
@@ -151,7 +151,7 @@ mod tests {
             "{\"a\": 1.}",
         ] {
             assert_eq!(
-                prepare(&mapper, &verified(body), received_at()).err(),
+                webhook(&mapper, &verified(body), received_at()).err(),
                 Some(InvalidJson),
                 "{body}"
             );
