@@ -6,6 +6,9 @@
 #   bash scripts/first-run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# As in a fresh shell: the relay reads every RELAY_* variable as configuration (and refuses
+# unknown keys), so none inherited from the caller (CI exports RELAY_TEST_POSTGRES_URL) may leak in.
+for name in $(compgen -e | grep '^RELAY_' || true); do unset "$name"; done
 started=$(date +%s)
 work=$(mktemp -d)
 pids=()
