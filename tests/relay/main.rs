@@ -30,6 +30,7 @@ mod queue_conformance;
 mod queue_file_removed;
 mod queue_migrations;
 mod rate_budget;
+mod serving_lock;
 mod shutdown;
 mod smoke;
 mod sqlite_ingest;

@@ -37,10 +37,12 @@ use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
 
 mod file;
+mod lock;
 mod schema;
 mod writer;
 
 use file::QueueFile;
+use lock::ServingLock;
 
 use writer::{Command, claim_some, insert_rows};
 
@@ -75,6 +77,17 @@ pub struct SqliteQueue {
     file: Arc<QueueFile>,
     /// Dates the heartbeat and the release of leases at start.
     clock: Arc<dyn Clock>,
+    /// Held by the serving relay only (`lock`): a second one on the same file refuses to start.
+    _serving: Option<ServingLock>,
+}
+
+/// Creates the folder of the queue file `path` when missing.
+fn create_folder(path: &Path) -> Result<(), QueueError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    Ok(())
 }
 
 fn storage(error: rusqlite::Error) -> QueueError {
@@ -84,8 +97,11 @@ fn storage(error: rusqlite::Error) -> QueueError {
 impl SqliteQueue {
     /// Opens the queue file for the relay that forwards from it: as [`SqliteQueue::open`],
     /// and leases left by a previous process (killed mid-batch) are released at once instead
-    /// of when they run out, since only one relay forwards from a SQLite file. Tools (`dlq`)
-    /// use `open`, so they never release a running relay's leases.
+    /// of when they run out, since only one relay forwards from a SQLite file. That one relay
+    /// is made sure of first: the exclusive lock on `<path>.lock` (`lock`) is taken before the
+    /// file is opened, and a second relay fails here, naming the holder's PID. Tools (`dlq`)
+    /// use `open`, which takes no lock, so they work beside the relay and never release its
+    /// leases.
     pub async fn open_for_serving(path: &Path) -> Result<Self, QueueError> {
         Self::open_for_serving_with_clock(path, Arc::new(SystemClock)).await
     }
@@ -95,7 +111,10 @@ impl SqliteQueue {
         path: &Path,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, QueueError> {
-        let queue = Self::open_with_clock(path, clock)?;
+        create_folder(path)?;
+        let serving = ServingLock::acquire(path)?;
+        let mut queue = Self::open_with_clock(path, clock)?;
+        queue._serving = Some(serving);
         let now = queue.clock.now_ms();
         queue
             .call(move |conn| {
@@ -120,11 +139,7 @@ impl SqliteQueue {
     /// not an SQLite database (its header overwritten, say) fails here, not at the first
     /// webhook.
     pub fn open_with_clock(path: &Path, clock: Arc<dyn Clock>) -> Result<Self, QueueError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                QueueError::Storage(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
+        create_folder(path)?;
         let in_file = |error: rusqlite::Error| {
             QueueError::Storage(format!("queue file {}: {error}", path.display()))
         };
@@ -151,6 +166,7 @@ impl SqliteQueue {
             reader: Arc::new(Mutex::new(reader)),
             file,
             clock,
+            _serving: None,
         })
     }
 
