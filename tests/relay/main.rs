@@ -15,6 +15,7 @@ mod support;
 mod binary_config;
 mod crash;
 mod dead_letter_scope;
+mod dead_letter_views;
 mod dead_letters;
 mod delivery;
 mod event_kinds;

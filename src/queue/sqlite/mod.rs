@@ -30,8 +30,8 @@ use tokio::sync::oneshot;
 
 use super::prepared::{Rows, storable};
 use super::{
-    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook, Queue,
-    QueueError, QueueStats, RecordState, ReplayItem,
+    Claimed, Content, DeadLetter, DeadLetterCount, DeadLetterDetail, DeadLetterFilter, Enqueued,
+    FilterValue, NewWebhook, Queue, QueueError, QueueStats, RecordState, ReplayItem,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
@@ -474,14 +474,78 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    async fn replay_items(&self, filter: DeadLetterFilter) -> Result<Vec<ReplayItem>, QueueError> {
-        self.call(move |conn| {
+    async fn dead_letter_detail(&self, id: i64) -> Result<Option<DeadLetterDetail>, QueueError> {
+        self.read(move |conn| {
+            conn.prepare_cached(sql!(
+                "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
+                        COALESCE(r.dead_detail, ''), r.subject, r.attempts, r.received_at,
+                        r.updated_at, r.json, r.last_error, w.body
+                 FROM records r JOIN webhooks w ON w.id = r.webhook_id
+                 WHERE r.state <> {pending} AND r.state = {dead} AND r.id = ?1"
+            ))?
+            .query_row(params![id], |row| {
+                Ok(DeadLetterDetail {
+                    letter: DeadLetter {
+                        id: row.get(0)?,
+                        webhook_id: row.get(1)?,
+                        kind: row.get(2)?,
+                        reason: row.get(3)?,
+                        detail: row.get(4)?,
+                        subject: row.get(5)?,
+                        attempts: row.get(6)?,
+                        received_at_ms: row.get(7)?,
+                        dead_at_ms: row.get(8)?,
+                    },
+                    json: row.get(9)?,
+                    last_error: row.get(10)?,
+                    body: Bytes::from(row.get::<_, Vec<u8>>(11)?),
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn count_dead_letters(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<DeadLetterCount, QueueError> {
+        self.read(move |conn| {
             let (clause, values) = filter_sql(&filter);
+            // In replay's order, so that a limit counts the webhooks a replay would take.
+            let sql = format!(
+                "SELECT COUNT(*), COUNT(DISTINCT webhook_id) FROM
+                 (SELECT r.id, r.webhook_id FROM records r WHERE {clause}
+                  ORDER BY r.webhook_id, r.id{})",
+                limit_sql(&filter)
+            );
+            conn.query_row(&sql, rusqlite::params_from_iter(values), |row| {
+                Ok(DeadLetterCount {
+                    dead_letters: row.get::<_, i64>(0)? as u64,
+                    webhooks: row.get::<_, i64>(1)? as u64,
+                })
+            })
+        })
+        .await
+    }
+
+    async fn replay_items(
+        &self,
+        filter: DeadLetterFilter,
+        webhooks: usize,
+    ) -> Result<Vec<ReplayItem>, QueueError> {
+        self.call(move |conn| {
+            // The filter twice: once to choose the page's webhooks (walking the
+            // `(webhook_id, key)` index from the last page on), once for their selected records.
+            let (clause, mut values) = filter_sql(&filter);
+            values.extend(values.clone());
             let sql = format!(
                 "SELECT r.id, w.id, w.digest, w.body, w.received_at
                  FROM records r JOIN webhooks w ON w.id = r.webhook_id
-                 WHERE {clause} ORDER BY w.id, r.id{}",
-                limit_sql(&filter)
+                 WHERE {clause} AND r.webhook_id IN
+                   (SELECT DISTINCT r.webhook_id FROM records r WHERE {clause}
+                    ORDER BY r.webhook_id LIMIT {webhooks})
+                 ORDER BY w.id, r.id"
             );
             let mut statement = conn.prepare(&sql)?;
             let mut rows = statement.query(rusqlite::params_from_iter(values))?;
