@@ -248,3 +248,65 @@ async fn a_replay_larger_than_a_page_re_maps_every_webhook_once_reporting_each_p
     let stats = queue.stats(at).await.unwrap();
     assert_eq!((stats.pending, stats.dead), (WEBHOOKS as u64, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_shows_its_progress_on_a_terminal_and_nothing_in_a_pipe() {
+    const WEBHOOKS: usize = 2 * REPLAY_PAGE + 200;
+    let heap = FakeHeap::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fill = |from: usize| {
+        let path = dir.path().join("queue.sqlite3");
+        async move {
+            let queue = SqliteQueue::open(&path).unwrap();
+            for n in from..from + WEBHOOKS {
+                let webhook = records::quarantined(&nps(n), 1, "no_identity", "no email", "");
+                queue.enqueue(webhook).await.unwrap();
+            }
+        }
+    };
+    fill(0).await;
+    let env = RelayProcess::env(&heap, dir.path());
+
+    // `script` runs the command on a pseudo-terminal, as an operator's shell would.
+    let command = format!("{} dlq replay --all", crate::support::BINARY);
+    let on_terminal = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert!(on_terminal.status.success());
+    let shown = String::from_utf8_lossy(&on_terminal.stdout);
+    let progress: Vec<&str> = shown
+        .split(['\r', '\n'])
+        .filter(|line| line.starts_with("replayed "))
+        .collect();
+    assert_eq!(
+        progress,
+        [
+            format!("replayed {REPLAY_PAGE}/{WEBHOOKS} webhooks"),
+            format!("replayed {}/{WEBHOOKS} webhooks", 2 * REPLAY_PAGE),
+            format!("replayed {WEBHOOKS}/{WEBHOOKS} webhooks"),
+        ],
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!(
+            r#"{{"webhooks":{WEBHOOKS},"events":{WEBHOOKS},"quarantined":0}}"#
+        )),
+        "{shown}"
+    );
+
+    // In a pipe (a script, a log file): only the summary, nothing on standard error.
+    fill(WEBHOOKS).await;
+    let piped = run_cli(&env, &["dlq", "replay", "--all"]);
+    assert!(
+        piped.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    assert_eq!(
+        stdout_json(&piped),
+        json!({"webhooks": WEBHOOKS, "events": WEBHOOKS, "quarantined": 0})
+    );
+}
