@@ -40,6 +40,10 @@ pub enum QueueError {
     Storage(String),
     #[error("queue is closed")]
     Closed,
+    /// Another relay serves this SQLite file (`sqlite::lock`): the whole message, naming the
+    /// file and, when known, that relay's PID.
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// Where a record is in its life, stored as an integer in `records.state` by both backends.

@@ -56,7 +56,7 @@ async fn a_second_relay_on_the_same_queue_file_refuses_naming_the_file_and_the_p
     let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
     let error = line["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains(&format!("queue file {} is in use", queue.display())),
+        error.starts_with(&format!("queue file {} is in use", queue.display())),
         "{line}"
     );
     assert!(error.contains(&format!("(PID {pid})")), "{line}");

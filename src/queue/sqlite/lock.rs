@@ -60,7 +60,7 @@ impl ServingLock {
                     || "another relay".to_owned(),
                     |pid| format!("another relay (PID {pid})"),
                 );
-                return Err(QueueError::Storage(format!(
+                return Err(QueueError::InUse(format!(
                     "queue file {} is in use by {by}, which holds {}: one relay serves a SQLite \
                      queue; stop it first, or use the postgres backend for several replicas",
                     queue.display(),
