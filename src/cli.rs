@@ -1,5 +1,5 @@
 //! The command line (contract §6): `serve` (the default), `check-config`, `sign`, `send-test`,
-//! `dlq list|replay|purge` and `healthcheck`.
+//! `dlq list|show|replay|purge` and `healthcheck`.
 
 use std::path::PathBuf;
 
@@ -67,6 +67,12 @@ pub enum Command {
 pub enum DlqCommand {
     /// List dead letters as JSON lines.
     List(Filter),
+    /// Print one dead letter as JSON: its record, Heap's answer, attempts, times and the
+    /// original webhook body.
+    Show {
+        /// The dead letter's id (`id` in `dlq list`).
+        id: i64,
+    },
     /// Re-map dead letters from their original webhook with the current configuration and
     /// queue them again.
     Replay {
@@ -75,6 +81,9 @@ pub enum DlqCommand {
         /// Required to replay every dead letter when no filter is given.
         #[arg(long)]
         all: bool,
+        /// Print how many dead letters (and webhooks) the replay would take; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Delete dead letters.
     Purge {
@@ -83,6 +92,9 @@ pub enum DlqCommand {
         /// Required to purge every dead letter when no filter is given.
         #[arg(long)]
         all: bool,
+        /// Print how many dead letters the purge would delete; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -91,7 +103,7 @@ pub struct Filter {
     /// One dead letter by id.
     #[arg(long)]
     pub id: Option<i64>,
-    /// Reason: no_user_id, no_identity, no_kind, rejected, expired, ...
+    /// Reason: no_user_id, no_identity, identity_too_long, no_kind, rejected or expired.
     #[arg(long)]
     pub reason: Option<String>,
     /// Heap identity (or account id).

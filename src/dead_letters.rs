@@ -11,13 +11,76 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::heap::mapping::Mapper;
-use crate::queue::{Content, DeadLetterFilter, Queue, QueueError, ReplayItem};
+use crate::queue::{
+    Content, DeadLetter, DeadLetterDetail, DeadLetterFilter, Queue, QueueError, ReplayItem,
+};
 use crate::translate;
 use crate::userpilot::Verified;
+
+/// Why a record is a dead letter: the `reason` stored with it, listed in one place. Every
+/// producer spells its reason from here (the mapper through [`Unmappable::reason`], [`crate::translate`],
+/// the forwarder), filters accept only these, and docs/operations.md §5 says what to do for
+/// each. The codes are a durable format (stored in queues, used in metric labels and
+/// operators' scripts): never rename one.
+///
+/// [`Unmappable::reason`]: crate::heap::mapping::Unmappable::reason
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Quarantined on arrival: no user id anywhere in the payload.
+    NoUserId,
+    /// Quarantined on arrival: the user lacks the property `heap.identity` names.
+    NoIdentity,
+    /// Quarantined on arrival: the identity is longer than Heap accepts.
+    IdentityTooLong,
+    /// Quarantined on arrival: the payload names no event kind.
+    NoKind,
+    /// Heap refused the record alone with a permanent error.
+    Rejected,
+    /// Not delivered within `retry.max_event_age_secs`.
+    Expired,
+}
+
+impl Reason {
+    /// Every reason, in the order docs/operations.md lists them.
+    pub const ALL: [Reason; 6] = [
+        Reason::NoUserId,
+        Reason::NoIdentity,
+        Reason::IdentityTooLong,
+        Reason::NoKind,
+        Reason::Rejected,
+        Reason::Expired,
+    ];
+
+    /// The stored code.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoUserId => "no_user_id",
+            Reason::NoIdentity => "no_identity",
+            Reason::IdentityTooLong => "identity_too_long",
+            Reason::NoKind => "no_kind",
+            Reason::Rejected => "rejected",
+            Reason::Expired => "expired",
+        }
+    }
+
+    /// The reason a stored code stands for.
+    pub fn from_code(code: &str) -> Option<Reason> {
+        Reason::ALL
+            .into_iter()
+            .find(|reason| reason.as_str() == code)
+    }
+
+    /// The codes, comma-separated, for messages.
+    pub fn known() -> String {
+        Reason::ALL.map(Reason::as_str).join(", ")
+    }
+}
 
 /// The most dead letters one listing returns.
 pub const MAX_PAGE: usize = 1000;
 pub const DEFAULT_PAGE: usize = 100;
+/// Webhooks a replay re-maps per page (see [`replay_with_progress`]).
+pub const REPLAY_PAGE: usize = 500;
 
 /// A filter as operators write it (query string or CLI flags).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -45,6 +108,8 @@ pub enum FilterError {
     BadTime(&'static str),
     #[error("`limit` must be 1 or more (a listing returns at most {MAX_PAGE})")]
     BadLimit,
+    #[error("unknown reason `{0}`: the reasons are {known}", known = Reason::known())]
+    UnknownReason(String),
     #[error(
         "no dead letters selected: give one `id`, a filter (`reason`, `identity`, `since`, \
          `until`, `after`, `limit`), or `all` to take every dead letter"
@@ -95,6 +160,13 @@ impl FilterParams {
         if self.limit == Some(0) {
             return Err(FilterError::BadLimit);
         }
+        // Today an unknown reason would silently match nothing (a typo, or a reason renamed in
+        // an old runbook): say which exist instead.
+        if let Some(reason) = &self.reason
+            && Reason::from_code(reason).is_none()
+        {
+            return Err(FilterError::UnknownReason(reason.clone()));
+        }
         Ok(DeadLetterFilter {
             ids: self.id.into_iter().collect(),
             reason: self.reason.clone(),
@@ -103,6 +175,7 @@ impl FilterParams {
             until_ms: parse_time("until", &self.until)?,
             after_id: self.after,
             limit: self.limit,
+            after_webhook_id: None,
         })
     }
 }
@@ -124,8 +197,63 @@ pub async fn replay(
     filter: DeadLetterFilter,
     now: DateTime<Utc>,
 ) -> Result<ReplaySummary, QueueError> {
+    replay_with_progress(queue, mapper, filter, now, &mut |_| {}).await
+}
+
+/// [`replay`], calling `progress` with the summary so far after each page of
+/// [`REPLAY_PAGE`] webhooks. Pages keep memory bounded whatever the replay's size, and a
+/// webhook is never split between pages: its records are requeued together. A page starts
+/// after the last page's webhook, so what a replay queues again (a webhook quarantined anew
+/// is a dead letter again) is never taken up twice by the same replay.
+pub async fn replay_with_progress(
+    queue: &dyn Queue,
+    mapper: &Mapper,
+    filter: DeadLetterFilter,
+    now: DateTime<Utc>,
+    progress: &mut (dyn FnMut(&ReplaySummary) + Send),
+) -> Result<ReplaySummary, QueueError> {
     let mut summary = ReplaySummary::default();
-    for item in queue.replay_items(filter).await? {
+    // The filter's `limit` counts dead letters across pages, in the pages' order.
+    let mut left = filter.limit.unwrap_or(usize::MAX);
+    let mut page = DeadLetterFilter {
+        limit: None,
+        ..filter
+    };
+    while left > 0 {
+        let mut items = queue.replay_items(page.clone(), REPLAY_PAGE).await?;
+        let Some(last) = items.last() else {
+            break;
+        };
+        page.after_webhook_id = Some(last.webhook_id);
+        let mut taken = Vec::with_capacity(items.len());
+        for mut item in items.drain(..) {
+            if left == 0 {
+                break;
+            }
+            item.dead_ids.truncate(left);
+            left -= item.dead_ids.len();
+            taken.push(item);
+        }
+        replay_page(queue, mapper, taken, now, &mut summary).await?;
+        progress(&summary);
+    }
+    tracing::info!(
+        webhooks = summary.webhooks,
+        events = summary.events,
+        quarantined = summary.quarantined,
+        "dead letters replayed"
+    );
+    Ok(summary)
+}
+
+async fn replay_page(
+    queue: &dyn Queue,
+    mapper: &Mapper,
+    items: Vec<ReplayItem>,
+    now: DateTime<Utc>,
+    summary: &mut ReplaySummary,
+) -> Result<(), QueueError> {
+    for item in items {
         let received_at = DateTime::from_timestamp_millis(item.received_at_ms).unwrap_or(now);
         let body = Verified::from_queue(item.body.clone());
         let Ok(content) = translate::webhook(mapper, &body, received_at) else {
@@ -151,13 +279,59 @@ pub async fn replay(
         };
         summary.events += queue.requeue(item, content, now_ms).await?;
     }
-    tracing::info!(
-        webhooks = summary.webhooks,
-        events = summary.events,
-        quarantined = summary.quarantined,
-        "dead letters replayed"
-    );
-    Ok(summary)
+    Ok(())
+}
+
+/// One dead letter as `dlq show` prints it and `GET /admin/dead-letters/{id}` answers: the
+/// listing's fields, the times also in RFC 3339, what Heap would have received (`record`),
+/// the error of the last retried attempt, and the original Userpilot body (`webhook`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetterView {
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+    pub received_at: String,
+    pub dead_at: String,
+    /// The element of Heap's bulk array as stored (a track event, a user or account
+    /// properties update); null for a quarantined webhook, which was never mapped.
+    pub record: Option<serde_json::Value>,
+    /// The last failed attempt that was retried (Heap's status and answer, or the network
+    /// error); the attempt that killed the record is `detail`.
+    pub last_error: Option<String>,
+    /// The verified Userpilot body as received: JSON, or a string for bytes that are not.
+    pub webhook: serde_json::Value,
+}
+
+fn rfc3339(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms).map_or_else(String::new, |t| {
+        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    })
+}
+
+fn json_or_text(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+impl From<DeadLetterDetail> for DeadLetterView {
+    fn from(detail: DeadLetterDetail) -> Self {
+        let record = (!detail.json.is_empty()).then(|| json_or_text(detail.json.as_bytes()));
+        Self {
+            received_at: rfc3339(detail.letter.received_at_ms),
+            dead_at: rfc3339(detail.letter.dead_at_ms),
+            letter: detail.letter,
+            record,
+            last_error: detail.last_error.filter(|e| !e.is_empty()),
+            webhook: json_or_text(&detail.body),
+        }
+    }
+}
+
+/// One dead letter by id, as [`DeadLetterView`]; `None` when there is none with that id.
+pub async fn show(queue: &dyn Queue, id: i64) -> Result<Option<DeadLetterView>, QueueError> {
+    Ok(queue
+        .dead_letter_detail(id)
+        .await?
+        .map(DeadLetterView::from))
 }
 
 #[cfg(test)]
@@ -205,6 +379,79 @@ mod tests {
             ..FilterParams::default()
         };
         assert_eq!(huge.listing().unwrap().limit, Some(MAX_PAGE));
+    }
+
+    #[test]
+    fn every_reason_a_producer_writes_is_a_known_reason_with_a_stable_code() {
+        use crate::heap::mapping::Unmappable;
+        let codes: Vec<&str> = Reason::ALL.map(Reason::as_str).to_vec();
+        assert_eq!(
+            codes,
+            [
+                "no_user_id",
+                "no_identity",
+                "identity_too_long",
+                "no_kind",
+                "rejected",
+                "expired"
+            ]
+        );
+        for unmappable in [
+            Unmappable::NoUserId,
+            Unmappable::NoIdentity("email".into()),
+            Unmappable::IdentityTooLong,
+        ] {
+            assert!(
+                Reason::from_code(unmappable.reason()).is_some(),
+                "{unmappable:?}"
+            );
+        }
+        for reason in Reason::ALL {
+            assert_eq!(Reason::from_code(reason.as_str()), Some(reason));
+        }
+    }
+
+    #[test]
+    fn an_unknown_reason_is_an_error_listing_the_known_ones() {
+        let typo = FilterParams {
+            reason: Some("no_identiy".into()),
+            ..FilterParams::default()
+        };
+        let error = typo.listing().unwrap_err();
+        assert_eq!(error, FilterError::UnknownReason("no_identiy".into()));
+        assert_eq!(
+            error.to_string(),
+            "unknown reason `no_identiy`: the reasons are no_user_id, no_identity, \
+             identity_too_long, no_kind, rejected, expired"
+        );
+        assert_eq!(typo.selection(), Err(error));
+    }
+
+    #[test]
+    fn a_view_parses_the_body_and_record_and_dates_the_times() {
+        let view = DeadLetterView::from(DeadLetterDetail {
+            letter: DeadLetter {
+                id: 7,
+                webhook_id: 3,
+                kind: "track".into(),
+                reason: "rejected".into(),
+                detail: "heap answered 400: no".into(),
+                subject: "alice".into(),
+                attempts: 2,
+                received_at_ms: 1_700_000_000_000,
+                dead_at_ms: 1_700_000_000_250,
+            },
+            json: r#"{"identity":"alice","event":"E"}"#.into(),
+            last_error: Some(String::new()),
+            body: bytes::Bytes::from_static(b"\xffnot json"),
+        });
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["id"], 7);
+        assert_eq!(json["received_at"], "2023-11-14T22:13:20.000Z");
+        assert_eq!(json["dead_at"], "2023-11-14T22:13:20.250Z");
+        assert_eq!(json["record"]["identity"], "alice");
+        assert_eq!(json["last_error"], serde_json::Value::Null);
+        assert_eq!(json["webhook"], "\u{fffd}not json");
     }
 
     #[test]

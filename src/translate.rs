@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::dead_letters::Reason;
 use crate::heap::mapping::Mapper;
 use crate::queue::Content;
 use crate::userpilot::{DecodeError, Verified, decode};
@@ -26,7 +27,7 @@ pub fn webhook(
         Err(DecodeError::InvalidJson | DecodeError::NotAnObject) => return Err(InvalidJson),
         Err(error @ DecodeError::NoKind) => {
             return Ok(Content::Quarantined {
-                reason: "no_kind".into(),
+                reason: Reason::NoKind.as_str().into(),
                 detail: error.to_string(),
                 subject: String::new(),
             });

@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::dead_letters::Reason;
 use crate::heap::client::HeapClient;
 use crate::heap::wire::RecordKind;
 use crate::queue::{Queue, QueueError};
@@ -210,7 +211,7 @@ impl Forwarder {
                 self.config.max_event_age.as_secs()
             );
             let expired: Vec<i64> = expired.iter().map(|r| r.id).collect();
-            self.dead_letter(expired, "expired", detail, false, &mut pass)
+            self.dead_letter(expired, Reason::Expired, detail, false, &mut pass)
                 .await?;
         }
 
@@ -330,7 +331,7 @@ impl Forwarder {
                         status,
                         "heap refused a record; dead-lettered"
                     );
-                    self.dead_letter(ids(&batch), "rejected", detail, true, pass)
+                    self.dead_letter(ids(&batch), Reason::Rejected, detail, true, pass)
                         .await?;
                 }
             }
@@ -369,11 +370,12 @@ impl Forwarder {
     async fn dead_letter(
         &self,
         ids: Vec<i64>,
-        reason: &'static str,
+        reason: Reason,
         detail: String,
         failed: bool,
         pass: &mut Pass,
     ) -> Result<(), QueueError> {
+        let reason = reason.as_str();
         pass.dead += ids.len();
         metrics::counter!("relay_events_dead_lettered_total", "reason" => reason)
             .increment(ids.len() as u64);

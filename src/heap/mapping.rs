@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::dead_letters::Reason;
 use crate::heap::properties::{cut, flatten};
 use crate::heap::wire::{
     AccountProperties, HeapRecord, Outbound, Properties, TrackEvent, UserProperties,
@@ -50,13 +51,14 @@ pub enum Unmappable {
 }
 
 impl Unmappable {
-    /// The dead-letter reason code.
+    /// The dead-letter reason code (one of [`Reason`]'s).
     pub fn reason(&self) -> &'static str {
         match self {
-            Unmappable::NoUserId => "no_user_id",
-            Unmappable::NoIdentity(_) => "no_identity",
-            Unmappable::IdentityTooLong => "identity_too_long",
+            Unmappable::NoUserId => Reason::NoUserId,
+            Unmappable::NoIdentity(_) => Reason::NoIdentity,
+            Unmappable::IdentityTooLong => Reason::IdentityTooLong,
         }
+        .as_str()
     }
 }
 

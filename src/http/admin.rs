@@ -1,12 +1,12 @@
 //! The admin port: `GET /metrics` (Prometheus text) and the bearer-token guarded `/admin/...`
-//! routes: dead letters (list, replay, purge), status, and pausing the forwarder for a Heap
+//! routes: dead letters (list, show one, replay, purge), status, and pausing the forwarder for a Heap
 //! maintenance window. With no `admin.token` configured every `/admin` route answers 403.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +21,7 @@ use crate::queue::QueueError;
 pub fn router(state: Arc<AppState>) -> Router {
     let guarded = Router::new()
         .route("/admin/dead-letters", get(list))
+        .route("/admin/dead-letters/{id}", get(show))
         .route("/admin/dead-letters/replay", post(replay))
         .route("/admin/dead-letters/purge", post(purge))
         .route("/admin/status", get(status))
@@ -79,7 +80,9 @@ fn queue_error(err: QueueError) -> Response {
 fn bad_filter(err: FilterError) -> Response {
     let code = match err {
         FilterError::NoScope => "no_scope",
-        FilterError::BadTime(_) | FilterError::BadLimit => "invalid_filter",
+        FilterError::BadTime(_) | FilterError::BadLimit | FilterError::UnknownReason(_) => {
+            "invalid_filter"
+        }
     };
     (
         StatusCode::BAD_REQUEST,
@@ -101,6 +104,16 @@ async fn list(State(state): State<Arc<AppState>>, Query(params): Query<FilterPar
                 .flatten();
             Json(json!({ "dead_letters": letters, "next_after": next_after })).into_response()
         }
+        Err(err) => queue_error(err),
+    }
+}
+
+/// One dead letter in full ([`dead_letters::DeadLetterView`]); 404 `not_found` when there is
+/// none with that id (never dead, replayed, purged or pruned).
+async fn show(State(state): State<Arc<AppState>>, Path(id): Path<i64>) -> Response {
+    match dead_letters::show(state.queue.as_ref(), id).await {
+        Ok(Some(view)) => Json(view).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found"),
         Err(err) => queue_error(err),
     }
 }

@@ -40,6 +40,10 @@ pub enum QueueError {
     Storage(String),
     #[error("queue is closed")]
     Closed,
+    /// Another relay serves this SQLite file (`sqlite::lock`): the whole message, naming the
+    /// file and, when known, that relay's PID.
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// Where a record is in its life, stored as an integer in `records.state` by both backends.
@@ -140,6 +144,28 @@ pub struct DeadLetter {
     pub dead_at_ms: i64,
 }
 
+/// One dead letter with what it was made of (`dlq show`, `GET /admin/dead-letters/{id}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterDetail {
+    pub letter: DeadLetter,
+    /// The record as stored: the element of Heap's bulk array it would have been sent as; empty
+    /// for a quarantined webhook, which has none.
+    pub json: String,
+    /// The error of the last failed attempt that was retried, if any (the one that killed the
+    /// record is its `detail`).
+    pub last_error: Option<String>,
+    /// The verified Userpilot body of its webhook, as received.
+    pub body: Bytes,
+}
+
+/// How many dead letters a filter selects, and of how many webhooks (a dry run, a replay's
+/// progress).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DeadLetterCount {
+    pub dead_letters: u64,
+    pub webhooks: u64,
+}
+
 /// Which dead letters an admin operation applies to. Empty fields match everything.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeadLetterFilter {
@@ -152,6 +178,8 @@ pub struct DeadLetterFilter {
     /// Paging: only ids above this one.
     pub after_id: Option<i64>,
     pub limit: Option<usize>,
+    /// Paging a replay: only records of webhooks with ids above this one.
+    pub after_webhook_id: Option<i64>,
 }
 
 /// A value bound into a dead-letter filter condition.
@@ -181,6 +209,9 @@ impl DeadLetterFilter {
         }
         if let Some(after) = self.after_id {
             conditions.push(("r.id > ?", FilterValue::Integer(after)));
+        }
+        if let Some(after) = self.after_webhook_id {
+            conditions.push(("r.webhook_id > ?", FilterValue::Integer(after)));
         }
         conditions
     }
@@ -269,8 +300,25 @@ pub trait Queue: Send + Sync + 'static {
 
     async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError>;
 
-    /// The webhooks behind the selected dead letters, for replay.
-    async fn replay_items(&self, filter: DeadLetterFilter) -> Result<Vec<ReplayItem>, QueueError>;
+    /// One dead letter by id with its record, last error and webhook body; `None` when no dead
+    /// letter has that id.
+    async fn dead_letter_detail(&self, id: i64) -> Result<Option<DeadLetterDetail>, QueueError>;
+
+    /// How many dead letters `filter` selects (its `limit` included), and of how many webhooks.
+    async fn count_dead_letters(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<DeadLetterCount, QueueError>;
+
+    /// A page of the webhooks behind the selected dead letters, for replay: the first
+    /// `webhooks` of them by id, each with all its selected dead records, so that a webhook is
+    /// never split between pages. `filter.limit` is not applied here (the caller counts
+    /// records across pages); page on with `filter.after_webhook_id`, the last item's webhook.
+    async fn replay_items(
+        &self,
+        filter: DeadLetterFilter,
+        webhooks: usize,
+    ) -> Result<Vec<ReplayItem>, QueueError>;
 
     /// Replaces a webhook's selected dead records with freshly mapped content. Records whose
     /// key already exists (delivered or still pending) are left as they are.

@@ -529,7 +529,7 @@ async fn requeue_replaces_dead_records_and_leaves_delivered_siblings_alone(queue
         .unwrap();
 
     let items = queue
-        .replay_items(DeadLetterFilter::default())
+        .replay_items(DeadLetterFilter::default(), 100)
         .await
         .unwrap();
     assert_eq!(items.len(), 1);
@@ -564,7 +564,7 @@ async fn a_replayed_quarantine_becomes_pending_records(queue: Arc<dyn Queue>) {
         reason: Some("unmapped".into()),
         ..DeadLetterFilter::default()
     };
-    let items = queue.replay_items(selected).await.unwrap();
+    let items = queue.replay_items(selected, 100).await.unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(&items[0].body[..], b"bad");
     let events = queue
@@ -584,6 +584,123 @@ async fn a_replayed_quarantine_becomes_pending_records(queue: Arc<dyn Queue>) {
     assert_eq!(left[0].reason, "invalid");
     assert_eq!(keys(&tracks(&queue, T0 + 9).await), ["x"]);
     assert_eq!(claim_all(&queue, RecordKind::User, T0 + 9).await.len(), 1);
+}
+
+async fn a_dead_letter_shows_its_record_last_error_and_webhook_body(queue: Arc<dyn Queue>) {
+    store(&queue, webhook("w1", T0, vec![track("a"), track("b")])).await;
+    let claimed = tracks(&queue, T0).await;
+    let [a, b] = [claimed[0].id, claimed[1].id];
+    queue
+        .retry_at(vec![a], T0 + 10, true, "heap answered 503: busy".into())
+        .await
+        .unwrap();
+    tracks(&queue, T0 + 10).await;
+    queue
+        .dead_letter(
+            vec![a],
+            "rejected".into(),
+            "heap answered 400: bad".into(),
+            true,
+            T0 + 20,
+        )
+        .await
+        .unwrap();
+    store(&queue, quarantined("w2", T0 + 5, "no_kind", "carol")).await;
+    let q = dead_ids(&queue, DeadLetterFilter::default()).await[1];
+
+    let shown = queue.dead_letter_detail(a).await.unwrap().unwrap();
+    assert_eq!(shown.letter.id, a);
+    assert_eq!(shown.letter.reason, "rejected");
+    assert_eq!(shown.letter.detail, "heap answered 400: bad");
+    assert_eq!(shown.letter.attempts, 2);
+    assert_eq!(
+        (shown.letter.received_at_ms, shown.letter.dead_at_ms),
+        (T0, T0 + 20)
+    );
+    assert_eq!(shown.last_error.as_deref(), Some("heap answered 503: busy"));
+    assert_eq!(&shown.body[..], b"w1");
+    let record: Value = serde_json::from_str(&shown.json).unwrap();
+    assert_eq!(record["idempotency_key"], "a");
+    assert_eq!(record["identity"], "user-a");
+
+    // A quarantined webhook has no record, only its body.
+    let shown = queue.dead_letter_detail(q).await.unwrap().unwrap();
+    assert_eq!(
+        (shown.letter.kind.as_str(), shown.json.as_str()),
+        ("webhook", "")
+    );
+    assert_eq!(shown.last_error, None);
+    assert_eq!(&shown.body[..], b"w2");
+    // A record that is not dead (b is still leased) and an id that does not exist are none.
+    assert_eq!(queue.dead_letter_detail(b).await.unwrap(), None);
+    assert_eq!(queue.dead_letter_detail(q + 1000).await.unwrap(), None);
+}
+
+async fn dead_letters_are_counted_with_their_webhooks_as_filtered(queue: Arc<dyn Queue>) {
+    // a and b belong to webhook w1, c to w2, q to w3.
+    let [a, _, c, _] = four_dead_letters(&queue).await;
+    store(&queue, webhook("pending", T0, vec![track("p")])).await;
+    let count = |f: fn(&mut DeadLetterFilter)| {
+        let mut filter = DeadLetterFilter::default();
+        f(&mut filter);
+        let queue = queue.clone();
+        async move {
+            let count = queue.count_dead_letters(filter).await.unwrap();
+            (count.dead_letters, count.webhooks)
+        }
+    };
+    assert_eq!(count(|_| {}).await, (4, 3));
+    assert_eq!(count(|f| f.reason = Some("rejected".into())).await, (2, 2));
+    assert_eq!(count(|f| f.subject = Some("alice".into())).await, (2, 2));
+    assert_eq!(count(|f| f.limit = Some(2)).await, (2, 1));
+    assert_eq!(count(|f| f.limit = Some(3)).await, (3, 2));
+    assert_eq!(count(|f| f.reason = Some("nothing".into())).await, (0, 0));
+    let by_ids = DeadLetterFilter {
+        ids: vec![a, c],
+        ..DeadLetterFilter::default()
+    };
+    let by_ids = queue.count_dead_letters(by_ids).await.unwrap();
+    assert_eq!((by_ids.dead_letters, by_ids.webhooks), (2, 2));
+}
+
+async fn replay_items_come_in_pages_of_whole_webhooks(queue: Arc<dyn Queue>) {
+    let [a, b, c, q] = four_dead_letters(&queue).await;
+    let mut pages = Vec::new();
+    let mut page = DeadLetterFilter::default();
+    loop {
+        let items = queue.replay_items(page.clone(), 2).await.unwrap();
+        let Some(last) = items.last() else {
+            break;
+        };
+        page.after_webhook_id = Some(last.webhook_id);
+        pages.push(
+            items
+                .iter()
+                .map(|i| (i.body.to_vec(), i.dead_ids.clone()))
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(
+        pages,
+        [
+            vec![(b"w1".to_vec(), vec![a, b]), (b"w2".to_vec(), vec![c])],
+            vec![(b"w3".to_vec(), vec![q])],
+        ]
+    );
+    // A page of one webhook still carries all of its selected records; the filter applies.
+    let one = queue
+        .replay_items(DeadLetterFilter::default(), 1)
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].dead_ids, [a, b]);
+    let rejected = DeadLetterFilter {
+        reason: Some("rejected".into()),
+        ..DeadLetterFilter::default()
+    };
+    let items = queue.replay_items(rejected, 1).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].dead_ids, [a]);
 }
 
 async fn purge_deletes_only_the_selected_dead_letters(queue: Arc<dyn Queue>) {
@@ -796,6 +913,9 @@ conformance!(
     requeue_replaces_dead_records_and_leaves_delivered_siblings_alone,
     a_replayed_quarantine_becomes_pending_records,
     purge_deletes_only_the_selected_dead_letters,
+    a_dead_letter_shows_its_record_last_error_and_webhook_body,
+    dead_letters_are_counted_with_their_webhooks_as_filtered,
+    replay_items_come_in_pages_of_whole_webhooks,
     prune_forgets_old_delivered_and_dead_records_then_their_webhooks,
     stats_count_each_state_and_the_oldest_pending,
     next_due_is_the_earliest_due_time_or_lease_end,

@@ -82,8 +82,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::prepared::{Prepared, Rows, storable};
 use super::{
-    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook, Queue,
-    QueueError, QueueStats, RecordState, ReplayItem,
+    Claimed, Content, DeadLetter, DeadLetterCount, DeadLetterDetail, DeadLetterFilter, Enqueued,
+    FilterValue, NewWebhook, Queue, QueueError, QueueStats, RecordState, ReplayItem,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
@@ -560,13 +560,87 @@ impl Queue for PostgresQueue {
             .map_err(storage)
     }
 
-    async fn replay_items(&self, filter: DeadLetterFilter) -> Result<Vec<ReplayItem>, QueueError> {
+    async fn dead_letter_detail(&self, id: i64) -> Result<Option<DeadLetterDetail>, QueueError> {
+        let rows = self
+            .query(
+                sql!(
+                    "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
+                            COALESCE(r.dead_detail, ''), r.subject, r.attempts, r.received_at,
+                            r.updated_at, r.json, r.last_error, w.body
+                     FROM records r JOIN webhooks w ON w.id = r.webhook_id
+                     WHERE r.state = {dead} AND r.id = $1"
+                ),
+                &[&id],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let detail = || -> Result<DeadLetterDetail, tokio_postgres::Error> {
+            Ok(DeadLetterDetail {
+                letter: DeadLetter {
+                    id: row.try_get(0)?,
+                    webhook_id: row.try_get(1)?,
+                    kind: row.try_get(2)?,
+                    reason: row.try_get(3)?,
+                    detail: row.try_get(4)?,
+                    subject: row.try_get(5)?,
+                    attempts: attempts(row.try_get(6)?),
+                    received_at_ms: row.try_get(7)?,
+                    dead_at_ms: row.try_get(8)?,
+                },
+                json: row.try_get(9)?,
+                last_error: row.try_get(10)?,
+                body: Bytes::from(row.try_get::<_, Vec<u8>>(11)?),
+            })
+        };
+        detail().map(Some).map_err(storage)
+    }
+
+    async fn count_dead_letters(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<DeadLetterCount, QueueError> {
         let (clause, mut values) = filter_sql(&filter);
         let limit = limit_sql(&filter, &mut values);
+        // In replay's order, so that a limit counts the webhooks a replay would take.
+        let sql = format!(
+            "SELECT COUNT(*), COUNT(DISTINCT s.webhook_id) FROM
+             (SELECT r.id, r.webhook_id FROM records r WHERE {clause}
+              ORDER BY r.webhook_id, r.id{limit}) s"
+        );
+        let rows = self.query(&sql, &refs(&values)).await?;
+        let count = |column: usize| -> Result<u64, QueueError> {
+            let value: i64 = rows
+                .first()
+                .map(|row| row.try_get(column))
+                .transpose()
+                .map_err(storage)?
+                .unwrap_or(0);
+            Ok(u64::try_from(value).unwrap_or(0))
+        };
+        Ok(DeadLetterCount {
+            dead_letters: count(0)?,
+            webhooks: count(1)?,
+        })
+    }
+
+    async fn replay_items(
+        &self,
+        filter: DeadLetterFilter,
+        webhooks: usize,
+    ) -> Result<Vec<ReplayItem>, QueueError> {
+        let (clause, mut values) = filter_sql(&filter);
+        values.push(Box::new(i64::try_from(webhooks).unwrap_or(i64::MAX)));
+        let page = values.len();
+        // The filter's `$n` twice: once to choose the page's webhooks, once for their records.
         let sql = format!(
             "SELECT r.id, w.id, w.digest, w.body, w.received_at
              FROM records r JOIN webhooks w ON w.id = r.webhook_id
-             WHERE {clause} ORDER BY w.id, r.id{limit}"
+             WHERE {clause} AND r.webhook_id IN
+               (SELECT DISTINCT r.webhook_id FROM records r WHERE {clause}
+                ORDER BY r.webhook_id LIMIT ${page})
+             ORDER BY w.id, r.id"
         );
         let rows = self.query(&sql, &refs(&values)).await?;
         let mut items: Vec<ReplayItem> = Vec::new();
@@ -684,6 +758,7 @@ mod tests {
             until_ms: None,
             after_id: Some(5),
             limit: Some(3),
+            after_webhook_id: None,
         };
         let (sql, mut values) = filter_sql(&filter);
         assert_eq!(

@@ -30,17 +30,19 @@ use tokio::sync::oneshot;
 
 use super::prepared::{Rows, storable};
 use super::{
-    Claimed, Content, DeadLetter, DeadLetterFilter, Enqueued, FilterValue, NewWebhook, Queue,
-    QueueError, QueueStats, RecordState, ReplayItem,
+    Claimed, Content, DeadLetter, DeadLetterCount, DeadLetterDetail, DeadLetterFilter, Enqueued,
+    FilterValue, NewWebhook, Queue, QueueError, QueueStats, RecordState, ReplayItem,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
 
 mod file;
+mod lock;
 mod schema;
 mod writer;
 
 use file::QueueFile;
+use lock::ServingLock;
 
 use writer::{Command, claim_some, insert_rows};
 
@@ -75,6 +77,17 @@ pub struct SqliteQueue {
     file: Arc<QueueFile>,
     /// Dates the heartbeat and the release of leases at start.
     clock: Arc<dyn Clock>,
+    /// Held by the serving relay only (`lock`): a second one on the same file refuses to start.
+    _serving: Option<ServingLock>,
+}
+
+/// Creates the folder of the queue file `path` when missing.
+fn create_folder(path: &Path) -> Result<(), QueueError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    Ok(())
 }
 
 fn storage(error: rusqlite::Error) -> QueueError {
@@ -84,8 +97,11 @@ fn storage(error: rusqlite::Error) -> QueueError {
 impl SqliteQueue {
     /// Opens the queue file for the relay that forwards from it: as [`SqliteQueue::open`],
     /// and leases left by a previous process (killed mid-batch) are released at once instead
-    /// of when they run out, since only one relay forwards from a SQLite file. Tools (`dlq`)
-    /// use `open`, so they never release a running relay's leases.
+    /// of when they run out, since only one relay forwards from a SQLite file. That one relay
+    /// is made sure of first: the exclusive lock on `<path>.lock` (`lock`) is taken before the
+    /// file is opened, and a second relay fails here, naming the holder's PID. Tools (`dlq`)
+    /// use `open`, which takes no lock, so they work beside the relay and never release its
+    /// leases.
     pub async fn open_for_serving(path: &Path) -> Result<Self, QueueError> {
         Self::open_for_serving_with_clock(path, Arc::new(SystemClock)).await
     }
@@ -95,7 +111,10 @@ impl SqliteQueue {
         path: &Path,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, QueueError> {
-        let queue = Self::open_with_clock(path, clock)?;
+        create_folder(path)?;
+        let serving = ServingLock::acquire(path)?;
+        let mut queue = Self::open_with_clock(path, clock)?;
+        queue._serving = Some(serving);
         let now = queue.clock.now_ms();
         queue
             .call(move |conn| {
@@ -120,11 +139,7 @@ impl SqliteQueue {
     /// not an SQLite database (its header overwritten, say) fails here, not at the first
     /// webhook.
     pub fn open_with_clock(path: &Path, clock: Arc<dyn Clock>) -> Result<Self, QueueError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                QueueError::Storage(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
+        create_folder(path)?;
         let in_file = |error: rusqlite::Error| {
             QueueError::Storage(format!("queue file {}: {error}", path.display()))
         };
@@ -151,6 +166,7 @@ impl SqliteQueue {
             reader: Arc::new(Mutex::new(reader)),
             file,
             clock,
+            _serving: None,
         })
     }
 
@@ -458,14 +474,78 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    async fn replay_items(&self, filter: DeadLetterFilter) -> Result<Vec<ReplayItem>, QueueError> {
-        self.call(move |conn| {
+    async fn dead_letter_detail(&self, id: i64) -> Result<Option<DeadLetterDetail>, QueueError> {
+        self.read(move |conn| {
+            conn.prepare_cached(sql!(
+                "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
+                        COALESCE(r.dead_detail, ''), r.subject, r.attempts, r.received_at,
+                        r.updated_at, r.json, r.last_error, w.body
+                 FROM records r JOIN webhooks w ON w.id = r.webhook_id
+                 WHERE r.state <> {pending} AND r.state = {dead} AND r.id = ?1"
+            ))?
+            .query_row(params![id], |row| {
+                Ok(DeadLetterDetail {
+                    letter: DeadLetter {
+                        id: row.get(0)?,
+                        webhook_id: row.get(1)?,
+                        kind: row.get(2)?,
+                        reason: row.get(3)?,
+                        detail: row.get(4)?,
+                        subject: row.get(5)?,
+                        attempts: row.get(6)?,
+                        received_at_ms: row.get(7)?,
+                        dead_at_ms: row.get(8)?,
+                    },
+                    json: row.get(9)?,
+                    last_error: row.get(10)?,
+                    body: Bytes::from(row.get::<_, Vec<u8>>(11)?),
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn count_dead_letters(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<DeadLetterCount, QueueError> {
+        self.read(move |conn| {
             let (clause, values) = filter_sql(&filter);
+            // In replay's order, so that a limit counts the webhooks a replay would take.
+            let sql = format!(
+                "SELECT COUNT(*), COUNT(DISTINCT webhook_id) FROM
+                 (SELECT r.id, r.webhook_id FROM records r WHERE {clause}
+                  ORDER BY r.webhook_id, r.id{})",
+                limit_sql(&filter)
+            );
+            conn.query_row(&sql, rusqlite::params_from_iter(values), |row| {
+                Ok(DeadLetterCount {
+                    dead_letters: row.get::<_, i64>(0)? as u64,
+                    webhooks: row.get::<_, i64>(1)? as u64,
+                })
+            })
+        })
+        .await
+    }
+
+    async fn replay_items(
+        &self,
+        filter: DeadLetterFilter,
+        webhooks: usize,
+    ) -> Result<Vec<ReplayItem>, QueueError> {
+        self.call(move |conn| {
+            // The filter twice: once to choose the page's webhooks (walking the
+            // `(webhook_id, key)` index from the last page on), once for their selected records.
+            let (clause, mut values) = filter_sql(&filter);
+            values.extend(values.clone());
             let sql = format!(
                 "SELECT r.id, w.id, w.digest, w.body, w.received_at
                  FROM records r JOIN webhooks w ON w.id = r.webhook_id
-                 WHERE {clause} ORDER BY w.id, r.id{}",
-                limit_sql(&filter)
+                 WHERE {clause} AND r.webhook_id IN
+                   (SELECT DISTINCT r.webhook_id FROM records r WHERE {clause}
+                    ORDER BY r.webhook_id LIMIT {webhooks})
+                 ORDER BY w.id, r.id"
             );
             let mut statement = conn.prepare(&sql)?;
             let mut rows = statement.query(rusqlite::params_from_iter(values))?;
