@@ -56,8 +56,8 @@ fn lines(problems: &[String]) -> String {
 }
 
 /// One problem: "`key` problem".
-fn problem(key: &str, problem: impl fmt::Display) -> String {
-    format!("`{key}` {problem}")
+fn problem(key: &str, text: impl fmt::Display) -> String {
+    format!("`{key}` {text}")
 }
 
 fn invalid(key: &'static str, text: impl Into<String>) -> ConfigError {
@@ -86,8 +86,8 @@ pub const MIN_SECRET_CHARS: usize = 16;
 const LEVELS: &str = "trace, debug, info, warn, error or off";
 
 /// Words that are never a real secret, token or id, compared case-insensitively with the
-/// trimmed value (contract §5.2). Besides these, [`is_placeholder`] refuses values starting
-/// with `replace` or `your_` / `your-`, values in `<...>` or an unexpanded `${...}`, and values
+/// trimmed value (contract §5.2). Besides these, [`is_placeholder`] refuses `replaceme` and
+/// values starting with `replace_`, `replace-`, `your_` or `your-`, values in `<...>` or an unexpanded `${...}`, and values
 /// made only of `x` (three or more).
 const PLACEHOLDER_WORDS: [&str; 9] = [
     "changeme",
@@ -105,7 +105,9 @@ const PLACEHOLDER_WORDS: [&str; 9] = [
 pub fn is_placeholder(value: &str) -> bool {
     let value = value.trim().to_lowercase();
     PLACEHOLDER_WORDS.contains(&value.as_str())
-        || value.starts_with("replace")
+        || value.starts_with("replace_")
+        || value.starts_with("replace-")
+        || value == "replaceme"
         || value.starts_with("your_")
         || value.starts_with("your-")
         || (value.starts_with('<') && value.ends_with('>'))
@@ -138,6 +140,18 @@ fn log_filter_problem(level: &str) -> Option<String> {
                  with targets (`info,hyper=warn`, `userpilot_heap_relay=debug`)"
             ));
         }
+    }
+    // Events no directive matches are off: a filter of other targets only (`hyper=warn`)
+    // would hide the relay's own lines, its warnings and errors included.
+    let covers_the_relay = level.split(',').map(str::trim).any(|directive| {
+        !directive.contains('=') && !directive.contains('[')
+            || directive.starts_with(env!("CARGO_CRATE_NAME"))
+    });
+    if !covers_the_relay {
+        return Some(format!(
+            "`{level}` sets no level for the relay's own lines, so it would hide them all: add \
+             one (`info,{level}`)"
+        ));
     }
     match tracing_subscriber::EnvFilter::builder().parse(tidy_filter(level)) {
         Ok(_) => None,
@@ -947,6 +961,7 @@ mod tests {
             "my-secret-token-2024",
             "xx",
             "x1xxxxxx",
+            "replacement-key-77",
             "todo-list-webhook-key",
             "secrets",
             "0123",
@@ -966,7 +981,7 @@ mod tests {
             "userpilot_heap_relay=debug,info",
             "warn, userpilot_heap_relay::forwarder=trace",
             "off",
-            "[webhook]=debug",
+            "info,[webhook]=debug",
         ] {
             assert_eq!(log_filter_problem(filter), None, "{filter:?}");
         }
@@ -985,9 +1000,17 @@ mod tests {
         );
         assert_eq!(log_filter_problem(" "), Some(format!("is empty: {levels}")));
         assert!(
-            log_filter_problem("hyper=verbose")
+            log_filter_problem("info,hyper=verbose")
                 .unwrap()
                 .starts_with("is not a valid filter"),
+        );
+        assert_eq!(
+            log_filter_problem("hyper=warn"),
+            Some(
+                "`hyper=warn` sets no level for the relay's own lines, so it would hide them \
+                 all: add one (`info,hyper=warn`)"
+                    .to_owned()
+            )
         );
     }
 

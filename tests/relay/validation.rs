@@ -72,6 +72,12 @@ fn each_refusal_is_one_line_in_exact_words_naming_its_key() {
             ),
         ),
         (
+            &[("RELAY_LOG__LEVEL", "hyper=warn")],
+            "`log.level` `hyper=warn` sets no level for the relay's own lines, so it would hide \
+             them all: add one (`info,hyper=warn`)"
+                .to_owned(),
+        ),
+        (
             &[("RELAY_LOG__LEVEL", "")],
             format!("`log.level` is empty: {LEVELS}"),
         ),
@@ -612,4 +618,61 @@ async fn healthcheck_needs_no_configuration_beyond_the_listen_address() {
         "error: configuration: `server.listen` must be an address and port, such as \
          `0.0.0.0:8080`\n"
     );
+}
+
+#[test]
+fn the_probe_names_a_postgres_that_refuses_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = closed_port();
+    let env = with(
+        &clean_env(dir.path(), &format!("http://127.0.0.1:{}", closed_port())),
+        &[
+            ("RELAY_QUEUE__BACKEND", "postgres"),
+            (
+                "RELAY_QUEUE__POSTGRES_URL",
+                &format!("postgres://relay:pg-sekrit-9@127.0.0.1:{port}/relay"),
+            ),
+        ],
+    );
+    let output = probe(&env, &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let line = line_starting(&output, "probe: queue");
+    assert!(
+        line.starts_with("probe: queue failed: cannot open the queue (postgres): ")
+            && line.ends_with(
+                ". Fix: nothing listens at the host and port of `queue.postgres_url`: check \
+                 them, and that Postgres is running"
+            ),
+        "{line}"
+    );
+    assert!(!stderr(&output).contains("pg-sekrit-9"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
+async fn the_probe_writes_to_a_reachable_postgres_queue() {
+    let heap = FakeHeap::start().await;
+    let schema = crate::support::postgres::Schema::fresh().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = with(
+        &clean_env(dir.path(), &heap.url()),
+        &[
+            ("RELAY_QUEUE__BACKEND", "postgres"),
+            ("RELAY_QUEUE__POSTGRES_URL", &schema.url),
+        ],
+    );
+    let output = tokio::task::spawn_blocking(move || probe(&env, &[]))
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let line = line_starting(&output, "probe: queue ok: postgres, opened and written in ");
+    eprintln!("{line}");
+    // The readiness write landed in the schema the URL names.
+    assert_eq!(
+        schema
+            .count("SELECT count(*) FROM {schema}.heartbeat")
+            .await,
+        1
+    );
+    schema.drop().await;
 }
