@@ -5,7 +5,8 @@
 //! `--probe` then tries what the relay will need from its surroundings, in plain words with
 //! the fix (contract §6): the queue folder is writable and the queue takes a write (the
 //! readiness round trip), and Heap's base URL resolves, connects and answers one `HEAD`
-//! request. It sends no events. It may create the queue folder and file, as the relay would.
+//! request. It sends no events. It opens the queue as the relay does: it may create the folder
+//! and the file, and it migrates a queue of an older schema.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -158,6 +159,8 @@ fn check_queue_folder(path: &Path) -> Result<(), Failure> {
         ".userpilot-heap-relay-probe-{}",
         std::process::id()
     ));
+    // Left over by a probe of the same process id that was killed midway, if it exists.
+    let _ = std::fs::remove_file(&trial);
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -261,13 +264,13 @@ async fn probe_heap(settings: &Settings) -> Result<String, Failure> {
     let watch = Stopwatch::start();
     match client.head(url.clone()).send().await {
         Ok(response) => Ok(format!(
-            "{url} {route}; HEAD answered {} in {} ms",
+            "{url}: {route}, HEAD answered {} in {} ms",
             response.status().as_u16(),
             watch.elapsed().as_millis()
         )),
         Err(error) => Err(failure(
             format!(
-                "`heap.base_url` {url} {route}, but the request failed: {}",
+                "`heap.base_url` {url}: {route}, but the HEAD request failed: {}",
                 chain(&error)
             ),
             if url.scheme() == "https" {

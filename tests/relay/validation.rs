@@ -367,7 +367,7 @@ async fn the_probe_passes_on_a_writable_queue_and_a_listening_heap() {
     let port = heap.url().rsplit(':').next().unwrap().to_owned();
     let heap_line = line_starting(&output, "probe: heap ok: ");
     let prefix = format!(
-        "probe: heap ok: {}/ connected to 127.0.0.1:{port}; HEAD answered ",
+        "probe: heap ok: {}/: connected to 127.0.0.1:{port}, HEAD answered ",
         heap.url()
     );
     assert!(heap_line.starts_with(&prefix), "{heap_line}");
