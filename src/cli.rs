@@ -26,8 +26,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay (the default).
     Serve,
-    /// Validate the configuration and print it, secrets redacted.
-    CheckConfig,
+    /// Validate the configuration and print it, secrets redacted; every problem is listed.
+    CheckConfig {
+        /// Also try what the relay will need: write to the queue, and reach Heap's base URL
+        /// (resolve, connect, one HEAD request; no events are sent). Exit code 2 on failure.
+        #[arg(long)]
+        probe: bool,
+    },
     /// Print a valid X-Signature header value for a body file.
     Sign {
         /// The body to sign; `-` reads standard input.
@@ -55,7 +60,8 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqCommand,
     },
-    /// Exit 0 when /readyz answers 200 (for container health checks).
+    /// Exit 0 when /readyz answers 200 (for container health checks). Needs no secrets: only
+    /// server.listen is read, and only without --url.
     Healthcheck {
         /// Readiness URL (default: /readyz on server.listen, via 127.0.0.1 for 0.0.0.0).
         #[arg(long)]

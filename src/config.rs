@@ -18,7 +18,7 @@ use std::time::Duration;
 use reqwest::Url;
 
 use config::builder::DefaultState;
-use config::{Config, ConfigBuilder, Environment, File, FileFormat};
+use config::{Config, ConfigBuilder, Environment, File, FileFormat, Map, Source, Value, ValueKind};
 use serde::{Deserialize, Serialize};
 
 use crate::heap::mapping::MappingSettings;
@@ -29,16 +29,136 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The layers cannot be read at all (a missing file, a file that is not TOML).
     #[error("configuration: {0}")]
     Load(String),
-    #[error("configuration: `{key}` {problem}")]
-    Invalid { key: &'static str, problem: String },
+    /// Everything wrong with the configuration, one problem a line.
+    #[error("{}", lines(.0))]
+    Invalid(Vec<String>),
 }
 
-fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        problem: problem.into(),
+impl ConfigError {
+    /// The problems, each naming its key (`Load` has one).
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Load(problem) => vec![problem.clone()],
+            ConfigError::Invalid(problems) => problems.clone(),
+        }
+    }
+}
+
+fn lines(problems: &[String]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| format!("configuration: {p}"))
+        .collect();
+    lines.join("\n")
+}
+
+/// One problem: "`key` problem".
+fn problem(key: &str, text: impl fmt::Display) -> String {
+    format!("`{key}` {text}")
+}
+
+fn invalid(key: &'static str, text: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(vec![problem(key, text.into())])
+}
+
+/// Something in a valid configuration that is probably a mistake but may be deliberate:
+/// `check-config` prints it and the relay logs it at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "configuration: `{}` {}", self.key, self.message)
+    }
+}
+
+/// The shortest admin token accepted; webhook secrets shorter than this are only warned about
+/// (the customer chose them in Userpilot: refusing one would stop a working deployment).
+pub const MIN_SECRET_CHARS: usize = 16;
+
+/// What the log filter's bare words may be, for the message.
+const LEVELS: &str = "trace, debug, info, warn, error or off";
+
+/// Words that are never a real secret, token or id, compared case-insensitively with the
+/// trimmed value (contract §5.2). Besides these, [`is_placeholder`] refuses `replaceme` and
+/// values starting with `replace_`, `replace-`, `your_` or `your-`, values in `<...>` or an unexpanded `${...}`, and values
+/// made only of `x` (three or more).
+const PLACEHOLDER_WORDS: [&str; 9] = [
+    "changeme",
+    "change_me",
+    "change-me",
+    "secret",
+    "password",
+    "todo",
+    "tbd",
+    "fixme",
+    "placeholder",
+];
+
+/// Whether `value` is an obvious placeholder, such as the `REPLACE_ME` of a copied example.
+pub fn is_placeholder(value: &str) -> bool {
+    let value = value.trim().to_lowercase();
+    PLACEHOLDER_WORDS.contains(&value.as_str())
+        || value.starts_with("replace_")
+        || value.starts_with("replace-")
+        || value == "replaceme"
+        || value.starts_with("your_")
+        || value.starts_with("your-")
+        || (value.starts_with('<') && value.ends_with('>'))
+        || (value.starts_with("${") && value.ends_with('}'))
+        || (value.len() >= 3 && value.chars().all(|c| c == 'x'))
+}
+
+/// `warn, hyper=info` -> `warn,hyper=info`: `tracing` takes the space as part of the target.
+fn tidy_filter(level: &str) -> String {
+    let directives: Vec<&str> = level.split(',').map(str::trim).collect();
+    directives.join(",")
+}
+
+/// Why `level` is not a log filter an operator meant, if it is not. `tracing`'s own parser
+/// takes a bare word as a target name, so `verbose` would silence every line: here a bare
+/// word must be a level, and a target is written `target=level`.
+fn log_filter_problem(level: &str) -> Option<String> {
+    if level.trim().is_empty() {
+        return Some(format!("is empty: use one of {LEVELS}"));
+    }
+    for directive in level.split(',').map(str::trim) {
+        let bare = !directive.contains('=') && !directive.contains('[');
+        if bare
+            && directive
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return Some(format!(
+                "has `{directive}`, which is not a level: use one of {LEVELS}, optionally \
+                 with targets (`info,hyper=warn`, `userpilot_heap_relay=debug`)"
+            ));
+        }
+    }
+    // Events no directive matches are off: a filter of other targets only (`hyper=warn`)
+    // would hide the relay's own lines, its warnings and errors included.
+    let covers_the_relay = level.split(',').map(str::trim).any(|directive| {
+        !directive.contains('=') && !directive.contains('[')
+            || directive.starts_with(env!("CARGO_CRATE_NAME"))
+    });
+    if !covers_the_relay {
+        return Some(format!(
+            "`{level}` sets no level for the relay's own lines, so it would hide them all: add \
+             one (`info,{level}`)"
+        ));
+    }
+    match tracing_subscriber::EnvFilter::builder().parse(tidy_filter(level)) {
+        Ok(_) => None,
+        Err(error) => Some(format!(
+            "is not a valid filter ({error}): use one of {LEVELS}, optionally with targets \
+             (`info,hyper=warn`)"
+        )),
     }
 }
 
@@ -328,20 +448,7 @@ impl Default for Renames {
 impl Settings {
     /// Loads the layers and validates the result. `file` is the `--config` path, if any.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut layers = defaults();
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::Load(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
-            }
-            layers = layers.add_source(File::from(path).format(FileFormat::Toml));
-        }
-        let env = Environment::with_prefix("RELAY")
-            .prefix_separator("_")
-            .separator("__");
-        Self::from_layers(layers.add_source(env))
+        Self::from_layers(layers(file)?)
     }
 
     /// The defaults with `overrides` (TOML) on top, no environment: for tests and tools.
@@ -350,66 +457,182 @@ impl Settings {
     }
 
     fn from_layers(layers: ConfigBuilder<DefaultState>) -> Result<Self, ConfigError> {
-        let settings: Settings = layers
-            .build()
-            .and_then(Config::try_deserialize)
-            .map_err(|e| ConfigError::Load(describe(&e)))?;
-        settings.validate()?;
-        Ok(settings)
+        let load = |e: config::ConfigError| ConfigError::Load(describe(&e).0);
+        let mut tree = layers.build().and_then(|c| c.collect()).map_err(load)?;
+        let defaults = defaults().build().and_then(|c| c.collect()).map_err(load)?;
+        // Serde stops at the first value it cannot take. To report every problem at once, the
+        // offending key is repaired (an unknown key removed, a bad value set back to its
+        // default) and the whole is read again; the configuration is refused all the same.
+        let mut problems = Vec::new();
+        let mut reset = std::collections::BTreeSet::new();
+        let settings = loop {
+            let whole = Value::new(None, ValueKind::Table(tree.clone()));
+            match whole.try_deserialize::<Settings>() {
+                Ok(settings) => break Some(settings),
+                Err(error) => {
+                    let (text, repair) = describe(&error);
+                    // A required key refused again after its reset says the same thing.
+                    if !problems.contains(&text) {
+                        problems.push(text);
+                    }
+                    let repaired = problems.len() < MAX_PROBLEMS
+                        && repair.apply(&mut tree, &defaults, &mut reset);
+                    if !repaired {
+                        break None;
+                    }
+                }
+            }
+        };
+        // The loader's tables are unordered, so serde meets the keys in any order: sorted,
+        // the same configuration always reads the same.
+        problems.sort();
+        if let Some(settings) = &settings {
+            problems.extend(settings.problems());
+        }
+        match settings {
+            Some(mut settings) if problems.is_empty() => {
+                settings.log.level = tidy_filter(&settings.log.level);
+                Ok(settings)
+            }
+            _ => Err(ConfigError::Invalid(problems)),
+        }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.userpilot.secrets.iter().all(Secret::is_empty) {
-            return Err(invalid(
+    /// Only `server.listen` from the layers, for `healthcheck`: the rest of the configuration
+    /// (secrets, app id) need not be there, nor valid.
+    pub fn listen_address(file: Option<&Path>) -> Result<SocketAddr, ConfigError> {
+        let config = layers(file)?
+            .build()
+            .map_err(|e| ConfigError::Load(describe(&e).0))?;
+        config
+            .get::<SocketAddr>("server.listen")
+            .map_err(|e| ConfigError::Invalid(vec![describe(&e).0]))
+    }
+
+    /// Everything wrong with these (deserialized) settings, one line each.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut refuse = |key: &str, text: &str| problems.push(problem(key, text));
+        let secrets = &self.userpilot.secrets;
+        if secrets.iter().all(Secret::is_empty) {
+            refuse(
                 "userpilot.secrets",
                 "is required: set at least one webhook secret (RELAY_USERPILOT__SECRETS)",
-            ));
+            );
+        } else if secrets.iter().any(Secret::is_empty) {
+            refuse("userpilot.secrets", "contains an empty secret");
         }
-        if self.userpilot.secrets.iter().any(Secret::is_empty) {
-            return Err(invalid("userpilot.secrets", "contains an empty secret"));
+        for (index, secret) in secrets.iter().enumerate() {
+            if is_placeholder(secret.expose()) {
+                refuse(
+                    "userpilot.secrets",
+                    &format!(
+                        "secret {} of {} is a placeholder, not a secret: set the webhook \
+                         secret token from Userpilot",
+                        index + 1,
+                        secrets.len()
+                    ),
+                );
+            }
+        }
+        if is_placeholder(self.heap.app_id.as_str()) {
+            refuse(
+                "heap.app_id",
+                "is a placeholder: set your Heap environment id (RELAY_HEAP__APP_ID)",
+            );
+        }
+        let token = self.admin.token.expose();
+        if is_placeholder(token) {
+            refuse(
+                "admin.token",
+                "is a placeholder, not a token: set a random one (openssl rand -hex 32), or \
+                 leave it empty to turn /admin off",
+            );
+        } else if !token.is_empty() && token.chars().count() < MIN_SECRET_CHARS {
+            refuse(
+                "admin.token",
+                &format!(
+                    "is shorter than {MIN_SECRET_CHARS} characters: set a random one \
+                     (openssl rand -hex 32), or leave it empty to turn /admin off"
+                ),
+            );
         }
         if self.heap.identity.trim().is_empty() {
-            return Err(invalid(
-                "heap.identity",
-                "must name `user_id` or a user property",
-            ));
+            refuse("heap.identity", "must name `user_id` or a user property");
         }
         if self.heap.batch_max_events.get() > MAX_BATCH_EVENTS {
-            return Err(invalid(
+            refuse(
                 "heap.batch_max_events",
-                format!("must be between 1 and {MAX_BATCH_EVENTS}"),
-            ));
+                &format!("must be between 1 and {MAX_BATCH_EVENTS}"),
+            );
         }
         if self.retry.max_backoff < self.retry.initial_backoff {
-            return Err(invalid(
+            refuse(
                 "retry.max_backoff_ms",
                 "must be at least retry.initial_backoff_ms",
-            ));
+            );
         }
         if self.queue.dedup_window < self.userpilot.tolerance {
             // A replayed webhook is recognised only while its first delivery is remembered;
             // within the tolerance an attacker could otherwise replay a captured request.
-            return Err(invalid(
+            refuse(
                 "queue.dedup_window_secs",
                 "must be at least userpilot.tolerance_secs",
-            ));
+            );
         }
         match self.queue.backend {
             Backend::Sqlite if self.queue.path.as_os_str().is_empty() => {
-                return Err(invalid("queue.path", "is required for the sqlite backend"));
+                refuse("queue.path", "is required for the sqlite backend");
             }
             Backend::Postgres if self.queue.postgres_url.is_empty() => {
-                return Err(invalid(
+                refuse("queue.postgres_url", "is required for the postgres backend");
+            }
+            Backend::Postgres if postgres_url_is_placeholder(self.queue.postgres_url.expose()) => {
+                refuse(
                     "queue.postgres_url",
-                    "is required for the postgres backend",
-                ));
+                    "holds a placeholder (the URL or its password): set the real connection URL",
+                );
             }
             _ => {}
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid("log.level", "is not a valid filter (try \"info\")"));
+        if let Some(text) = log_filter_problem(&self.log.level) {
+            refuse("log.level", &text);
         }
-        self.mapping().map(|_| ())
+        if let Err(error) = self.mapping() {
+            problems.extend(error.problems());
+        }
+        problems
+    }
+
+    /// What looks wrong in these settings but does not stop the relay (contract §5.2).
+    pub fn warnings(&self) -> Vec<Warning> {
+        let mut warnings = Vec::new();
+        let secrets = &self.userpilot.secrets;
+        for (index, secret) in secrets.iter().enumerate() {
+            let length = secret.expose().chars().count();
+            if length > 0 && length < MIN_SECRET_CHARS && !is_placeholder(secret.expose()) {
+                warnings.push(Warning {
+                    key: "userpilot.secrets",
+                    message: format!(
+                        "secret {} of {} is shorter than {MIN_SECRET_CHARS} characters: choose \
+                         a longer one in Userpilot at the next rotation",
+                        index + 1,
+                        secrets.len()
+                    ),
+                });
+            }
+        }
+        let app_id = self.heap.app_id.as_str();
+        if !app_id.bytes().all(|b| b.is_ascii_digit()) {
+            warnings.push(Warning {
+                key: "heap.app_id",
+                message: format!(
+                    "`{app_id}` is not decimal digits, as Heap environment ids are: Heap accepts \
+                     an unknown id silently, so check it in Heap"
+                ),
+            });
+        }
+        warnings
     }
 
     /// The `[mapping]` section in its parsed form.
@@ -435,6 +658,143 @@ fn defaults() -> ConfigBuilder<DefaultState> {
     Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
 }
 
+/// The defaults, the `--config` file if any, then the environment.
+fn layers(file: Option<&Path>) -> Result<ConfigBuilder<DefaultState>, ConfigError> {
+    let mut layers = defaults();
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::Load(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
+        }
+        layers = layers.add_source(File::from(path).format(FileFormat::Toml));
+    }
+    let env = Environment::with_prefix("RELAY")
+        .prefix_separator("_")
+        .separator("__");
+    Ok(layers.add_source(env))
+}
+
+/// Whether a Postgres URL is a placeholder as a whole or by its password
+/// (`postgres://relay:REPLACE_ME@db/relay`).
+fn postgres_url_is_placeholder(url: &str) -> bool {
+    if is_placeholder(url) {
+        return true;
+    }
+    let Ok(parsed) = Url::parse(url) else {
+        return false;
+    };
+    parsed.password().is_some_and(|password| {
+        let decoded = percent_decode(password);
+        is_placeholder(&decoded)
+    })
+}
+
+/// `%3C` -> `<`: the URL parser keeps the password percent-encoded.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The most problems reported for one configuration: past it the rest are likely one mistake.
+const MAX_PROBLEMS: usize = 50;
+
+/// Values that only let validation go on after a required key was refused (its default is not
+/// a valid value); the configuration is refused anyway.
+const STAND_INS: [(&str, &str); 1] = [("heap.app_id", "0")];
+
+/// How to get past a problem found while deserializing, to look for the next one.
+enum Repair {
+    /// An unknown key: leave it out.
+    Remove(Vec<String>),
+    /// A bad value: take the default instead (or a stand-in, when the default is refused too).
+    Reset(String),
+    /// Cannot tell which key: stop looking.
+    Stop,
+}
+
+impl Repair {
+    /// Changes `tree`; false when nothing could be changed (so the same problem would recur).
+    fn apply(
+        self,
+        tree: &mut Map<String, Value>,
+        defaults: &Map<String, Value>,
+        reset: &mut std::collections::BTreeSet<String>,
+    ) -> bool {
+        match self {
+            Repair::Remove(path) => {
+                let Some((last, parents)) = path.split_last() else {
+                    return false;
+                };
+                table_at(tree, parents).is_some_and(|table| table.remove(last).is_some())
+            }
+            Repair::Reset(key) => {
+                let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+                let Some((last, parents)) = path.split_last() else {
+                    return false;
+                };
+                let value = if reset.insert(key.clone()) {
+                    let mut defaults = defaults.clone();
+                    table_at(&mut defaults, parents).and_then(|table| table.remove(last))
+                } else {
+                    STAND_INS
+                        .iter()
+                        .find(|(k, _)| *k == key)
+                        .map(|(_, v)| Value::new(None, ValueKind::String((*v).to_owned())))
+                };
+                let Some(value) = value else {
+                    return false;
+                };
+                match table_at(tree, parents) {
+                    Some(table) => {
+                        table.insert(last.clone(), value);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Repair::Stop => false,
+        }
+    }
+}
+
+/// The table at `path` inside `tree`, if every step is a table.
+fn table_at<'a>(
+    tree: &'a mut Map<String, Value>,
+    path: &[String],
+) -> Option<&'a mut Map<String, Value>> {
+    let mut table = tree;
+    for step in path {
+        match table.get_mut(step) {
+            Some(Value {
+                kind: ValueKind::Table(inner),
+                ..
+            }) => table = inner,
+            _ => return None,
+        }
+    }
+    Some(table)
+}
+
 /// `Old name=New name;Other=Another` -> table.
 fn parse_renames(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut renames = BTreeMap::new();
@@ -453,16 +813,25 @@ fn parse_renames(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
 /// Keys whose values must never be printed, not even in an error.
 const SECRET_KEYS: [&str; 3] = ["userpilot.secrets", "admin.token", "queue.postgres_url"];
 
-/// What an enum-valued key accepts, for the error message.
-const CHOICES: [(&str, &str); 2] = [
+/// What a key of a fixed form accepts, for the error message (serde's own names the type).
+const CHOICES: [(&str, &str); 4] = [
     ("log.format", "`json` or `pretty`"),
     ("queue.backend", "`sqlite` or `postgres`"),
+    (
+        "server.listen",
+        "an address and port, such as `0.0.0.0:8080`",
+    ),
+    (
+        "server.admin_listen",
+        "an address and port, such as `127.0.0.1:9090`",
+    ),
 ];
 
-/// Turns the `config` crate's error into one line naming the key. Its messages put the key
-/// after "for key"; an unknown key reads "unknown field `x`" with the section as the key.
-/// Serde quotes the offending value, so for secret keys the message is replaced entirely.
-fn describe(error: &config::ConfigError) -> String {
+/// Turns the `config` crate's error into one line naming the key, and how to get past it.
+/// Its messages put the key after "for key"; an unknown key reads "unknown field `x`" with the
+/// section as the key. Serde quotes the offending value, so for secret keys the message is
+/// replaced entirely.
+fn describe(error: &config::ConfigError) -> (String, Repair) {
     let text = error.to_string();
     let key = text
         .rsplit_once("for key `")
@@ -470,28 +839,45 @@ fn describe(error: &config::ConfigError) -> String {
         .filter(|k| !k.is_empty());
     if let Some((_, rest)) = text.split_once("unknown field ") {
         let field = rest.split('`').nth(1).unwrap_or(rest);
-        return match key {
-            Some(section) => format!("unknown key `{section}.{field}`"),
-            None => format!("unknown key `{field}`"),
-        };
+        let mut path: Vec<String> = key
+            .map(|k| k.split('.').map(str::to_owned).collect())
+            .unwrap_or_default();
+        path.push(field.to_owned());
+        return (
+            format!("unknown key `{}`", path.join(".")),
+            Repair::Remove(path),
+        );
     }
     let Some(key) = key else {
-        return text;
+        return (text, Repair::Stop);
     };
+    // `userpilot.secrets[1]`: the list is one key.
+    let key = key.split('[').next().unwrap_or(key);
+    let repair = Repair::Reset(key.to_owned());
     if SECRET_KEYS.contains(&key) {
-        return format!("`{key}` has an invalid value (not shown: it is a secret)");
+        return (
+            format!("`{key}` has an invalid value (not shown: it is a secret)"),
+            repair,
+        );
     }
     if let Some((problem, _)) = text.split_once(" for key `")
         && PROBLEM_STARTS
             .iter()
             .any(|start| problem.starts_with(start))
     {
-        return format!("`{key}` {problem}");
+        return (format!("`{key}` {problem}"), repair);
     }
-    match CHOICES.iter().find(|(k, _)| *k == key) {
-        Some((_, choices)) => format!("`{key}` must be {choices}"),
-        None => text,
+    if let Some((_, choices)) = CHOICES.iter().find(|(k, _)| *k == key) {
+        return (format!("`{key}` must be {choices}"), repair);
     }
+    // "invalid type: string \"soon\", expected an integer for key `k` in the environment"
+    if let Some(rest) = text.strip_prefix("invalid type: ")
+        && let Some((found, rest)) = rest.split_once(", expected ")
+        && let Some((expected, _)) = rest.split_once(" for key `")
+    {
+        return (format!("`{key}` must be {expected}, not {found}"), repair);
+    }
+    (text, repair)
 }
 
 #[cfg(test)]
@@ -545,6 +931,167 @@ mod tests {
         assert_eq!(
             printed["server"]["shutdown_grace_ms"].as_integer(),
             Some(10_000)
+        );
+    }
+
+    #[test]
+    fn obvious_placeholders_are_recognised_and_real_values_are_not() {
+        for placeholder in [
+            "REPLACE_ME",
+            "REPLACE_WITH_YOUR_SECRET",
+            "replace-me",
+            " changeme ",
+            "CHANGE_ME",
+            "<secret>",
+            "<your admin token>",
+            "${USERPILOT_SECRET}",
+            "xxx",
+            "XXXXXXXXXXXXXXXXXXXX",
+            "secret",
+            "Secret",
+            "TODO",
+            "password",
+            "your-webhook-secret",
+            "YOUR_TOKEN",
+        ] {
+            assert!(is_placeholder(placeholder), "{placeholder:?}");
+        }
+        for real in [
+            "3f9c2a7be41d8c05",
+            "my-secret-token-2024",
+            "xx",
+            "x1xxxxxx",
+            "replacement-key-77",
+            "todo-list-webhook-key",
+            "secrets",
+            "0123",
+            "<not closed",
+        ] {
+            assert!(!is_placeholder(real), "{real:?}");
+        }
+    }
+
+    #[test]
+    fn log_filters_operators_write_are_accepted_and_bare_unknown_words_are_not() {
+        for filter in [
+            "info",
+            "INFO",
+            "debug,hyper=warn",
+            "userpilot_heap_relay=debug",
+            "userpilot_heap_relay=debug,info",
+            "warn, userpilot_heap_relay::forwarder=trace",
+            "off",
+            "info,[webhook]=debug",
+        ] {
+            assert_eq!(log_filter_problem(filter), None, "{filter:?}");
+        }
+        let levels = "use one of trace, debug, info, warn, error or off";
+        assert_eq!(
+            log_filter_problem("verbose"),
+            Some(format!(
+                "has `verbose`, which is not a level: {levels}, optionally with targets \
+                 (`info,hyper=warn`, `userpilot_heap_relay=debug`)"
+            ))
+        );
+        assert!(
+            log_filter_problem("info,loud")
+                .unwrap()
+                .starts_with("has `loud`, which is not a level"),
+        );
+        assert_eq!(log_filter_problem(" "), Some(format!("is empty: {levels}")));
+        assert!(
+            log_filter_problem("info,hyper=verbose")
+                .unwrap()
+                .starts_with("is not a valid filter"),
+        );
+        assert_eq!(
+            log_filter_problem("hyper=warn"),
+            Some(
+                "`hyper=warn` sets no level for the relay's own lines, so it would hide them \
+                 all: add one (`info,hyper=warn`)"
+                    .to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn every_problem_of_a_configuration_is_reported_at_once() {
+        let err = Settings::from_toml(
+            "[userpilot]\nsecrets = [\"REPLACE_ME\"]\n[admin]\ntoken = \"short\"\n\
+             [log]\nlevel = \"verbose\"\nformat = \"xml\"\n[heap]\nappid = \"1\"\n\
+             timeout_ms = \"soon\"\n[nope]\nx = 1",
+        )
+        .unwrap_err();
+        let problems = err.problems();
+        let keys: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split('`').nth(1).unwrap_or(p))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "heap.app_id",
+                "heap.timeout_ms",
+                "log.format",
+                "heap.appid",
+                "nope",
+                "userpilot.secrets",
+                "admin.token",
+                "log.level",
+            ],
+            "{problems:#?}"
+        );
+        assert_eq!(err.to_string().lines().count(), problems.len());
+        assert!(
+            err.to_string()
+                .lines()
+                .all(|line| line.starts_with("configuration: "))
+        );
+    }
+
+    #[test]
+    fn suspicious_values_are_warnings_not_refusals() {
+        let settings = Settings::from_toml(
+            "[heap]\napp_id = \"prod-app\"\n[userpilot]\nsecrets = [\"short\", \
+             \"a-long-enough-secret\"]",
+        )
+        .unwrap();
+        let warnings: Vec<String> = settings.warnings().iter().map(|w| w.to_string()).collect();
+        assert_eq!(
+            warnings,
+            [
+                "configuration: `userpilot.secrets` secret 1 of 2 is shorter than 16 characters: \
+                 choose a longer one in Userpilot at the next rotation",
+                "configuration: `heap.app_id` `prod-app` is not decimal digits, as Heap \
+                 environment ids are: Heap accepts an unknown id silently, so check it in Heap",
+            ]
+        );
+        let settings = Settings::from_toml(
+            "[heap]\napp_id = \"0123\"\n[userpilot]\nsecrets = [\"a-long-enough-secret\"]",
+        )
+        .unwrap();
+        assert!(settings.warnings().is_empty());
+    }
+
+    #[test]
+    fn a_placeholder_password_in_the_postgres_url_is_refused() {
+        let base = "[heap]\napp_id = \"1\"\n[userpilot]\nsecrets = [\"s\"]\n[queue]\n\
+                    backend = \"postgres\"\npostgres_url = ";
+        for url in [
+            "\"postgres://relay:REPLACE_ME@db/relay\"",
+            "\"postgres://relay:<password>@db/relay\"",
+            "\"<postgres url>\"",
+        ] {
+            let err = Settings::from_toml(&format!("{base}{url}")).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "configuration: `queue.postgres_url` holds a placeholder (the URL or its \
+                 password): set the real connection URL",
+                "{url}"
+            );
+        }
+        assert!(
+            Settings::from_toml(&format!("{base}\"postgres://relay:s3cr3t@db/relay\"")).is_ok()
         );
     }
 

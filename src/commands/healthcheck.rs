@@ -1,19 +1,20 @@
 //! `healthcheck`: exit 0 when the relay's `/readyz` answers 200, for container health checks.
+//! It needs no configuration beyond `server.listen` (and none with `--url`): a container's
+//! health check runs with whatever environment the image has, secrets or not.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use userpilot_heap_relay::config::Settings;
-
 /// `/readyz` on `server.listen`, through 127.0.0.1 when it listens on every address.
-pub fn readiness_url(settings: &Settings) -> String {
-    let listen = settings.server.listen;
-    let host = if listen.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
+pub fn readiness_url(listen: SocketAddr) -> String {
+    let target = if listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], listen.port()))
     } else {
-        listen.ip().to_string()
+        listen
     };
-    format!("http://{host}:{}/readyz", listen.port())
+    // SocketAddr prints an IPv6 address in brackets, as a URL needs it.
+    format!("http://{target}/readyz")
 }
 
 pub async fn run(url: &str) -> anyhow::Result<ExitCode> {

@@ -19,7 +19,7 @@ use userpilot_heap_relay::config::Settings;
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         None | Some(Command::Serve) => serve::run(settings(&cli)?).await,
-        Some(Command::CheckConfig) => check_config::run(&settings(&cli)?),
+        Some(Command::CheckConfig { probe }) => check_config::run(&settings(&cli)?, *probe).await,
         Some(Command::Sign {
             file,
             secret,
@@ -43,9 +43,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Some(Command::Dlq { action }) => dlq::run(settings(&cli)?, action).await,
         Some(Command::Healthcheck { url }) => {
+            // Only the address: a health check must not fail on a secret it never uses.
             let url = match url {
                 Some(url) => url.clone(),
-                None => healthcheck::readiness_url(&settings(&cli)?),
+                None => {
+                    healthcheck::readiness_url(Settings::listen_address(cli.config.as_deref())?)
+                }
             };
             healthcheck::run(&url).await
         }

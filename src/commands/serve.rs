@@ -9,6 +9,9 @@ use userpilot_heap_relay::{app, telemetry};
 
 pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     telemetry::init_tracing(&settings.log);
+    for warning in settings.warnings() {
+        tracing::warn!(key = warning.key, "{warning}");
+    }
     let app = match app::App::build(settings).await {
         Ok(app) => app,
         Err(error) => {

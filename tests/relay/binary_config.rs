@@ -243,7 +243,7 @@ async fn check_config_prints_the_effective_configuration_with_secrets_redacted()
     let hidden = [
         "sekrit-one",
         "sekrit-two",
-        "admin-tok-xyz",
+        "admin-tok-xyz-long-enough",
         "pg-password-123",
     ];
     let env = with(
@@ -251,7 +251,7 @@ async fn check_config_prints_the_effective_configuration_with_secrets_redacted()
         &[],
         &[
             ("RELAY_USERPILOT__SECRETS", "sekrit-one,sekrit-two"),
-            ("RELAY_ADMIN__TOKEN", "admin-tok-xyz"),
+            ("RELAY_ADMIN__TOKEN", "admin-tok-xyz-long-enough"),
             (
                 "RELAY_QUEUE__POSTGRES_URL",
                 "postgres://relay:pg-password-123@db/relay",
@@ -528,7 +528,7 @@ async fn numeric_looking_secrets_and_tokens_work_as_written() {
         &[],
         &[
             ("RELAY_USERPILOT__SECRETS", "000424242"),
-            ("RELAY_ADMIN__TOKEN", "0099"),
+            ("RELAY_ADMIN__TOKEN", "0099000000000042"),
         ],
     );
     let output = run(&["check-config"], &env);
@@ -545,12 +545,16 @@ async fn numeric_looking_secrets_and_tokens_work_as_written() {
     assert_eq!(post(&relay.url, body, &signature).await.0, 202);
     let status = reqwest::Client::new()
         .get(format!("{}/admin/status", relay.admin_url))
-        .bearer_auth("0099")
+        .bearer_auth("0099000000000042")
         .send()
         .await
         .unwrap()
         .status();
-    assert_eq!(status.as_u16(), 200, "the admin token 0099 was read as 99");
+    assert_eq!(
+        status.as_u16(),
+        200,
+        "the admin token 0099000000000042 was read as a number"
+    );
 }
 
 #[test]

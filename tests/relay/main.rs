@@ -35,4 +35,5 @@ mod serving_lock;
 mod shutdown;
 mod smoke;
 mod sqlite_ingest;
+mod validation;
 mod webhook_api;

@@ -35,7 +35,7 @@ use userpilot_heap_relay::config::Settings;
 
 pub const SECRET: &str = "test-secret";
 pub const APP_ID: &str = "test-app";
-pub const ADMIN_TOKEN: &str = "admin-token";
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
 
 /// One request the fake Heap received, and what it answered.
 #[derive(Debug, Clone)]
