@@ -22,6 +22,7 @@ mod hardening;
 mod manifests;
 mod network;
 mod numbers;
+mod observability;
 mod outage;
 mod postgres_ingest;
 mod postgres_replicas;
