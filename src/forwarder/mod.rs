@@ -345,21 +345,22 @@ impl Forwarder {
         let mut pending = batches;
         let mut first = true;
         while let Some(batch) = pending.pop() {
+            if self.control.is_paused() {
+                // Paused mid-pass (or while waiting for the rate budget): what is not sent yet
+                // goes back, due now, unharmed.
+                pending.push(batch);
+                let now = self.clock.now_ms();
+                for rest in pending.drain(..) {
+                    pass.held += records(&rest);
+                    self.queue
+                        .retry_at(ids(&rest), now, false, String::new())
+                        .await?;
+                }
+                return Ok(());
+            }
             // The claim's lease covers the first request; later batches and the halves of a
             // split one each get a fresh one.
             if !std::mem::take(&mut first) {
-                if self.control.is_paused() {
-                    // Paused mid-pass: what is not sent yet goes back, due now, unharmed.
-                    pending.push(batch);
-                    let now = self.clock.now_ms();
-                    for rest in pending.drain(..) {
-                        pass.held += records(&rest);
-                        self.queue
-                            .retry_at(ids(&rest), now, false, String::new())
-                            .await?;
-                    }
-                    return Ok(());
-                }
                 let lease_end = self.clock.now_ms() + self.config.lease.as_millis() as i64;
                 self.queue.renew(ids(&batch), lease_end).await?;
             }
