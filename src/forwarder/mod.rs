@@ -595,3 +595,22 @@ impl Forwarder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_shows_a_pause_and_a_resume_before_the_loop_sees_them() {
+        let control = Control::default();
+        control.set_state(ForwarderState::BackingOff);
+        control.set_paused(true);
+        assert_eq!(control.state(), ForwarderState::Paused);
+        // The loop parked itself; a resume shows as running before it wakes up.
+        control.set_state(ForwarderState::Paused);
+        control.set_paused(false);
+        assert_eq!(control.state(), ForwarderState::Running);
+        control.set_state(ForwarderState::BackingOff);
+        assert_eq!(control.state(), ForwarderState::BackingOff);
+    }
+}
