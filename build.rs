@@ -1,6 +1,13 @@
-//! Build script: lets the Postgres integration tests know whether a server was named when they
-//! were built. With `RELAY_TEST_POSTGRES_URL` set it turns on `cfg(postgres_tests)`; without it
-//! those tests carry `#[ignore]` and show as "ignored" rather than passing without running.
+//! Build script, for two things:
+//! - lets the Postgres integration tests know whether a server was named when they were built.
+//!   With `RELAY_TEST_POSTGRES_URL` set it turns on `cfg(postgres_tests)`; without it those
+//!   tests carry `#[ignore]` and show as "ignored" rather than passing without running;
+//! - names the commit built, for `relay_build_info{commit}`: `RELAY_BUILD_COMMIT` when set
+//!   (a container build has no `.git`: pass it in), else `git rev-parse --short HEAD`. Without
+//!   either the variable is simply not set and the relay reports `unknown`: never a failed build.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(postgres_tests)");
@@ -12,4 +19,42 @@ fn main() {
     if set {
         println!("cargo::rustc-cfg=postgres_tests");
     }
+
+    println!("cargo::rerun-if-env-changed=RELAY_BUILD_COMMIT");
+    let commit = std::env::var("RELAY_BUILD_COMMIT")
+        .ok()
+        .filter(|commit| !commit.trim().is_empty())
+        .or_else(|| git(&["rev-parse", "--short", "HEAD"]));
+    if let Some(commit) = commit {
+        println!("cargo::rustc-env=RELAY_BUILD_COMMIT={}", commit.trim());
+    }
+    for file in head_files() {
+        println!("cargo::rerun-if-changed={}", file.display());
+    }
+}
+
+/// `git args` in the package's folder, its trimmed output if it succeeded.
+fn git(args: &[&str]) -> Option<String> {
+    let output = Command::new("git").args(args).output().ok()?;
+    let text = String::from_utf8(output.stdout).ok()?;
+    (output.status.success() && !text.trim().is_empty()).then(|| text.trim().to_owned())
+}
+
+/// The files whose change means another commit is checked out: `HEAD` (a checkout), the
+/// branch it names (a commit) and `packed-refs`. Only existing ones: cargo reruns the script
+/// at every build for a `rerun-if-changed` path that does not exist. In a worktree, `HEAD`
+/// lives in the worktree's git folder and the branches in the common one.
+fn head_files() -> Vec<PathBuf> {
+    let (Some(git_dir), Some(common_dir)) = (
+        git(&["rev-parse", "--git-dir"]),
+        git(&["rev-parse", "--git-common-dir"]),
+    ) else {
+        return Vec::new();
+    };
+    let (git_dir, common_dir) = (Path::new(&git_dir), Path::new(&common_dir));
+    let mut files = vec![git_dir.join("HEAD"), common_dir.join("packed-refs")];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        files.push(common_dir.join(branch));
+    }
+    files.into_iter().filter(|file| file.exists()).collect()
 }

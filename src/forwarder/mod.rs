@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Stopwatch};
 use crate::dead_letters::Reason;
 use crate::heap::client::HeapClient;
 use crate::heap::wire::RecordKind;
@@ -87,10 +87,15 @@ impl Control {
         self.paused.load(Ordering::SeqCst)
     }
 
+    /// The state as an operator should see it: the pause switch wins at once (a request
+    /// already in flight still finishes, and no other starts), and a resume shows as running
+    /// at once, before the loop wakes up to it.
     pub fn state(&self) -> ForwarderState {
+        if self.is_paused() {
+            return ForwarderState::Paused;
+        }
         match self.state.load(Ordering::SeqCst) {
             1 => ForwarderState::BackingOff,
-            2 => ForwarderState::Paused,
             _ => ForwarderState::Running,
         }
     }
@@ -107,7 +112,7 @@ pub struct Pass {
     pub delivered: usize,
     pub retried: usize,
     pub dead: usize,
-    /// Held back by the per-identity budget.
+    /// Held back by the per-identity budget, or by a pause that came mid-pass.
     pub held: usize,
     /// Heap failed: the whole forwarder should wait this long.
     pub backoff: Option<Duration>,
@@ -128,6 +133,85 @@ pub struct Forwarder {
     leading: Box<dyn Fn() -> bool + Send + Sync>,
     /// `leading` at the last pass: a change to true means the budget must be re-learnt.
     was_leading: bool,
+}
+
+/// The fields of the one line logged per Heap request (contract §8.1). `lane` is the app id
+/// today; it names the per-app lane once there are several.
+struct RequestLog {
+    endpoint: &'static str,
+    lane: String,
+    /// Elements of Heap's bulk array: events, users or accounts.
+    events: usize,
+    /// Queue records behind them (property updates about one subject are merged).
+    records: usize,
+    /// `None`: Heap did not answer (timeout, connection error).
+    status: Option<u16>,
+    duration_ms: u64,
+}
+
+impl RequestLog {
+    fn delivered(&self) {
+        tracing::info!(
+            endpoint = self.endpoint,
+            lane = %self.lane,
+            events = self.events,
+            records = self.records,
+            status = self.status,
+            duration_ms = self.duration_ms,
+            outcome = "delivered",
+            "heap request delivered"
+        );
+    }
+
+    fn retrying(
+        &self,
+        attempt: u32,
+        wait: Duration,
+        at: chrono::DateTime<chrono::Utc>,
+        error: &str,
+    ) {
+        tracing::warn!(
+            endpoint = self.endpoint,
+            lane = %self.lane,
+            events = self.events,
+            records = self.records,
+            status = self.status,
+            duration_ms = self.duration_ms,
+            outcome = "retry",
+            attempt,
+            retry_in_ms = wait.as_millis() as u64,
+            retry_at = %at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            error,
+            "heap request failed; will retry"
+        );
+    }
+
+    fn split(&self) {
+        tracing::info!(
+            endpoint = self.endpoint,
+            lane = %self.lane,
+            events = self.events,
+            records = self.records,
+            status = self.status,
+            duration_ms = self.duration_ms,
+            outcome = "split",
+            "heap refused a batch; splitting it to isolate the bad records"
+        );
+    }
+
+    fn rejected(&self, ids: &[i64]) {
+        tracing::warn!(
+            endpoint = self.endpoint,
+            lane = %self.lane,
+            events = self.events,
+            records = self.records,
+            status = self.status,
+            duration_ms = self.duration_ms,
+            outcome = "rejected",
+            record_ids = ?ids,
+            "heap refused a record; dead-lettered"
+        );
+    }
 }
 
 /// Property records claimed per pass, as a multiple of the batch size: merged per subject
@@ -251,7 +335,8 @@ impl Forwarder {
     }
 
     /// Sends batches (the last one first), splitting a refused batch in halves until the bad
-    /// entries stand alone.
+    /// entries stand alone. Each request is logged once, when its verdict is known: endpoint,
+    /// lane, elements and records in it, Heap's status, duration and outcome.
     async fn deliver(
         &mut self,
         kind: RecordKind,
@@ -261,6 +346,19 @@ impl Forwarder {
         let mut pending = batches;
         let mut first = true;
         while let Some(batch) = pending.pop() {
+            if self.control.is_paused() {
+                // Paused mid-pass (or while waiting for the rate budget): what is not sent yet
+                // goes back, due now, unharmed.
+                pending.push(batch);
+                let now = self.clock.now_ms();
+                for rest in pending.drain(..) {
+                    pass.held += records(&rest);
+                    self.queue
+                        .retry_at(ids(&rest), now, false, String::new())
+                        .await?;
+                }
+                return Ok(());
+            }
             // The claim's lease covers the first request; later batches and the halves of a
             // split one each get a fresh one.
             if !std::mem::take(&mut first) {
@@ -268,11 +366,21 @@ impl Forwarder {
                 self.queue.renew(ids(&batch), lease_end).await?;
             }
             let jsons: Vec<&str> = batch.iter().map(|r| r.json.as_str()).collect();
+            let started = Stopwatch::start();
             let outcome = self.client.send(kind, &jsons).await;
+            let request = RequestLog {
+                endpoint: kind.as_str(),
+                lane: self.client.app_id().as_str().to_owned(),
+                events: batch.len(),
+                records: records(&batch),
+                status: outcome.as_ref().ok().map(|response| response.status),
+                duration_ms: started.elapsed().as_millis() as u64,
+            };
             match classify(&outcome) {
                 Verdict::Delivered => {
                     self.failures = 0;
                     self.queue.ack(ids(&batch), self.clock.now_ms()).await?;
+                    request.delivered();
                     pass.delivered += records(&batch);
                     if kind == RecordKind::Track {
                         metrics::counter!("relay_events_forwarded_total")
@@ -292,14 +400,14 @@ impl Forwarder {
                         retry_after,
                         throttled,
                     );
+                    // The records are due after `delay` (a restarted relay honours that), but
+                    // this forwarder pauses as a whole for at least `retry.initial_backoff_ms`:
+                    // the next attempt comes after the longer of the two, and that is the
+                    // wait logged and slept.
+                    let wait = delay.max(self.config.backoff.initial);
                     let at = self.clock.now_ms() + delay.as_millis() as i64;
-                    tracing::warn!(
-                        endpoint = kind.as_str(),
-                        records = records(&batch),
-                        retry_in_ms = delay.as_millis() as u64,
-                        %error,
-                        "heap request failed; will retry"
-                    );
+                    let retry_at = self.clock.now() + wait;
+                    request.retrying(attempts, wait, retry_at, &error);
                     pass.retried += records(&batch);
                     self.queue.retry_at(ids(&batch), at, true, error).await?;
                     // Heap is failing: the batches still waiting are not fired into it.
@@ -309,15 +417,10 @@ impl Forwarder {
                             .retry_at(ids(&rest), at, false, String::new())
                             .await?;
                     }
-                    pass.backoff = Some(delay.max(self.config.backoff.initial));
+                    pass.backoff = Some(wait);
                 }
-                Verdict::Reject { status, .. } if batch.len() > 1 => {
-                    tracing::info!(
-                        endpoint = kind.as_str(),
-                        records = records(&batch),
-                        status,
-                        "heap refused a batch; splitting it to isolate the bad records"
-                    );
+                Verdict::Reject { .. } if batch.len() > 1 => {
+                    request.split();
                     let mut first = batch;
                     let second = first.split_off(first.len() / 2);
                     pending.push(second);
@@ -325,12 +428,7 @@ impl Forwarder {
                 }
                 Verdict::Reject { status, text } => {
                     let detail = format!("heap answered {status}: {text}");
-                    tracing::warn!(
-                        endpoint = kind.as_str(),
-                        records = ?ids(&batch),
-                        status,
-                        "heap refused a record; dead-lettered"
-                    );
+                    request.rejected(&ids(&batch));
                     self.dead_letter(ids(&batch), Reason::Rejected, detail, true, pass)
                         .await?;
                 }
@@ -411,6 +509,9 @@ impl Forwarder {
             let mut pass_total = Pass::default();
             let mut full = false;
             for kind in RecordKind::ALL {
+                if self.control.is_paused() {
+                    break;
+                }
                 let pass = tokio::select! {
                     pass = self.forward_once(kind) => pass,
                     _ = &mut deadline => {
@@ -425,8 +526,13 @@ impl Forwarder {
                         pass_total.backoff = pass_total.backoff.max(pass.backoff);
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "queue unavailable to the forwarder; pausing briefly");
-                        pass_total.backoff = Some(Duration::from_secs(1));
+                        let wait = Duration::from_secs(1);
+                        tracing::warn!(
+                            %error,
+                            retry_in_ms = wait.as_millis() as u64,
+                            "queue unavailable to the forwarder; pausing briefly"
+                        );
+                        pass_total.backoff = Some(wait);
                     }
                 }
                 if pass_total.backoff.is_some() {
@@ -489,5 +595,24 @@ impl Forwarder {
             _ = tokio::time::sleep(sleep) => {}
             _ = shutdown.cancelled() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_shows_a_pause_and_a_resume_before_the_loop_sees_them() {
+        let control = Control::default();
+        control.set_state(ForwarderState::BackingOff);
+        control.set_paused(true);
+        assert_eq!(control.state(), ForwarderState::Paused);
+        // The loop parked itself; a resume shows as running before it wakes up.
+        control.set_state(ForwarderState::Paused);
+        control.set_paused(false);
+        assert_eq!(control.state(), ForwarderState::Running);
+        control.set_state(ForwarderState::BackingOff);
+        assert_eq!(control.state(), ForwarderState::BackingOff);
     }
 }

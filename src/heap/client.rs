@@ -67,6 +67,11 @@ impl HeapClient {
         })
     }
 
+    /// The Heap app id the requests are for: the forwarder's lane.
+    pub fn app_id(&self) -> &AppId {
+        &self.app_id
+    }
+
     /// Posts one bulk request of already-serialized records.
     pub async fn send(
         &self,

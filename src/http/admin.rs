@@ -156,10 +156,20 @@ async fn purge(State(state): State<Arc<AppState>>, Query(params): Query<FilterPa
     }
 }
 
+/// The queue's record counts (records, not webhooks or events: see [`crate::queue::QueueStats`])
+/// and the forwarder's state, which shows a pause or resume at once.
 async fn status(State(state): State<Arc<AppState>>) -> Response {
-    match state.queue.stats(state.clock.now_ms()).await {
+    let now = state.clock.now_ms();
+    match state.queue.stats(now).await {
         Ok(stats) => Json(json!({
-            "queue": stats,
+            "queue": {
+                "pending": stats.pending,
+                "in_flight": stats.in_flight,
+                "delivered": stats.delivered,
+                "dead": stats.dead,
+                "oldest_pending_received_at_ms": stats.oldest_pending_received_at_ms,
+                "oldest_pending_age_seconds": stats.oldest_pending_age_seconds(now),
+            },
             "forwarder": state.control.state().as_str(),
         }))
         .into_response(),
@@ -191,9 +201,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         ] {
             metrics::gauge!("relay_queue_depth", "state" => name).set(value as f64);
         }
-        let age = stats
-            .oldest_pending_ms
-            .map_or(0.0, |oldest| (now - oldest).max(0) as f64 / 1000.0);
+        let age = stats.oldest_pending_age_seconds(now).unwrap_or(0.0);
         metrics::gauge!("relay_oldest_pending_age_seconds").set(age);
     }
     let current = state.control.state();

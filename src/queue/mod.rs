@@ -229,6 +229,9 @@ pub struct ReplayItem {
     pub dead_ids: Vec<i64>,
 }
 
+/// Queue records by state. The counts are of *records* — one per track event, per user or
+/// account property update, per quarantined webhook — not of webhooks, and not of the track
+/// events a webhook's 202 answer counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct QueueStats {
     /// Waiting to be sent (including scheduled retries).
@@ -237,8 +240,17 @@ pub struct QueueStats {
     pub in_flight: u64,
     pub delivered: u64,
     pub dead: u64,
-    /// Receive time of the oldest pending record.
-    pub oldest_pending_ms: Option<i64>,
+    /// When the oldest record not yet delivered (pending or in flight) was received, unix ms:
+    /// a point in time, not an age.
+    pub oldest_pending_received_at_ms: Option<i64>,
+}
+
+impl QueueStats {
+    /// How long the oldest record not yet delivered has waited at `now_ms`, in seconds.
+    pub fn oldest_pending_age_seconds(&self, now_ms: i64) -> Option<f64> {
+        self.oldest_pending_received_at_ms
+            .map(|received| (now_ms - received).max(0) as f64 / 1000.0)
+    }
 }
 
 #[async_trait]

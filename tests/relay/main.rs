@@ -23,6 +23,7 @@ mod hardening;
 mod manifests;
 mod network;
 mod numbers;
+mod observability;
 mod outage;
 mod postgres_ingest;
 mod postgres_replicas;

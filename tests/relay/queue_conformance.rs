@@ -806,7 +806,7 @@ async fn stats_count_each_state_and_the_oldest_pending(queue: Arc<dyn Queue>) {
     assert_eq!(stats.in_flight, 1, "b");
     assert_eq!(stats.delivered, 1);
     assert_eq!(stats.dead, 1);
-    assert_eq!(stats.oldest_pending_ms, Some(T0 + 5));
+    assert_eq!(stats.oldest_pending_received_at_ms, Some(T0 + 5));
 }
 
 async fn next_due_is_the_earliest_due_time_or_lease_end(queue: Arc<dyn Queue>) {

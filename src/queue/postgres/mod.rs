@@ -513,10 +513,11 @@ impl Queue for PostgresQueue {
             }
             if state == Some(RecordState::Pending) {
                 let oldest: Option<i64> = row.try_get(3).map_err(storage)?;
-                stats.oldest_pending_ms = match (stats.oldest_pending_ms, oldest) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                stats.oldest_pending_received_at_ms =
+                    match (stats.oldest_pending_received_at_ms, oldest) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
             }
         }
         Ok(stats)
