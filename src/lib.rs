@@ -10,8 +10,9 @@
 //! [`forwarder::retry`]: ack, retry at a stored time, or dead letter ([`dead_letters`]).
 //!
 //! Around them: [`config`] (layered settings, validated once), [`app`] (wiring and graceful
-//! shutdown), [`cli`], [`telemetry`], [`clock`] (the only wall-clock reader), [`secret`]
-//! (values that never print), and [`samples`] (a sample webhook of every kind).
+//! shutdown), [`cli`], [`telemetry`], [`traces`] (OpenTelemetry spans of both paths, off by
+//! default), [`clock`] (the only wall-clock reader), [`secret`] (values that never print), and
+//! [`samples`] (a sample webhook of every kind).
 
 pub mod app;
 pub mod cli;
@@ -26,4 +27,5 @@ pub mod queue;
 pub mod samples;
 pub mod secret;
 pub mod telemetry;
+pub mod traces;
 pub mod userpilot;
