@@ -33,4 +33,5 @@ mod rate_budget;
 mod shutdown;
 mod smoke;
 mod sqlite_ingest;
+mod traces;
 mod webhook_api;
