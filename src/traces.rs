@@ -122,6 +122,9 @@ impl Traces {
                 .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
                 .build(),
         );
+        // The recorder is installed on first use: before this, the counters below would go
+        // nowhere.
+        drop(crate::telemetry::metrics());
         metrics::describe_counter!(
             "relay_trace_spans_total",
             "Spans recorded for OTLP export, by outcome: exported, or dropped (queue full or \
@@ -654,19 +657,14 @@ mod tests {
 
     #[test]
     fn the_derivation_is_a_durable_format() {
-        // Known answer: changing the derivation would orphan the links of queued records.
-        let context = Origin::new(&[0u8; 32], 0).context();
-        let trace = Sha256::new()
-            .chain_update(b"userpilot-heap-relay trace\n")
-            .chain_update([0u8; 32])
-            .finalize();
-        assert_eq!(context.trace_id().to_bytes()[..], trace[..16]);
-        let span = Sha256::new()
-            .chain_update(b"userpilot-heap-relay span\n")
-            .chain_update([0u8; 32])
-            .chain_update(0i64.to_be_bytes())
-            .finalize();
-        assert_eq!(context.span_id().to_bytes()[..], span[..8]);
+        // Known answers (computed outside Rust): changing the derivation would orphan the
+        // links of records queued before an upgrade.
+        let context = Origin::new(&[0u8; 32], 1_726_742_461_000).context();
+        assert_eq!(
+            context.trace_id().to_string(),
+            "1fda16af5dfe1bcb30c13283ac550471"
+        );
+        assert_eq!(context.span_id().to_string(), "4ccd674beecdeccc");
     }
 
     #[test]
@@ -676,6 +674,109 @@ mod tests {
         assert_eq!(url("http://c:4318/"), "http://c:4318/v1/traces");
         assert_eq!(url("https://c/otlp"), "https://c/otlp/v1/traces");
         assert_eq!(url("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
+    }
+
+    /// Traces that queue spans into a channel the test reads, instead of exporting them.
+    fn recording() -> (Traces, mpsc::Receiver<SpanData>) {
+        let (spans, queued) = mpsc::channel(MAX_QUEUED_SPANS);
+        let export = Export {
+            spans,
+            scope: InstrumentationScope::builder("test").build(),
+            stop: CancellationToken::new(),
+            task: Mutex::new(None),
+        };
+        let traces = Traces {
+            export: Some(Arc::new(export)),
+        };
+        (traces, queued)
+    }
+
+    fn drain(queued: &mut mpsc::Receiver<SpanData>) -> Vec<SpanData> {
+        std::iter::from_fn(|| queued.try_recv().ok()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_webhook_span_takes_the_derived_ids_and_parents_its_steps() {
+        let (traces, mut queued) = recording();
+        let mut span = traces.webhook("req-1");
+        assert_eq!(span.step("verify", || Ok::<_, String>(())), Ok(()));
+        span.identify(&[3; 32], 42);
+        assert!(
+            span.step("map", || Err::<(), _>("not a JSON object"))
+                .is_err()
+        );
+        span.finish("invalid_json", 400);
+        drop(span);
+        let spans = drain(&mut queued);
+        let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+        assert_eq!(names, ["verify", "map", "webhook"]);
+        let expected = Origin::new(&[3; 32], 42).context();
+        let webhook = &spans[2];
+        assert_eq!(webhook.span_context, expected);
+        assert_eq!(webhook.parent_span_id, SpanId::INVALID);
+        assert_eq!(webhook.span_kind, SpanKind::Server);
+        // A 4xx is the sender's fault: not an error of the relay's.
+        assert_eq!(webhook.status, Status::Unset);
+        assert!(
+            webhook
+                .attributes
+                .contains(&KeyValue::new("relay.request_id", "req-1"))
+        );
+        assert!(
+            webhook
+                .attributes
+                .contains(&KeyValue::new("http.response.status_code", 400))
+        );
+        for step in &spans[..2] {
+            assert_eq!(step.span_context.trace_id(), expected.trace_id());
+            assert_eq!(step.parent_span_id, expected.span_id());
+            assert!(step.start_time >= webhook.start_time && step.end_time <= webhook.end_time);
+        }
+        assert_eq!(spans[0].status, Status::Unset);
+        assert_eq!(spans[1].status, Status::error("not a JSON object"));
+    }
+
+    #[tokio::test]
+    async fn a_webhook_span_dropped_before_an_answer_is_an_error_with_random_ids() {
+        let (traces, mut queued) = recording();
+        drop(traces.webhook(""));
+        let spans = drain(&mut queued);
+        assert_eq!(spans.len(), 1);
+        assert!(spans[0].span_context.is_valid());
+        assert!(matches!(spans[0].status, Status::Error { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_heap_request_links_each_webhook_once_and_at_most_the_limit() {
+        let (traces, mut queued) = recording();
+        let origins: Vec<Origin> = (0..MAX_LINKS as i64 + 2)
+            .map(|at| Origin::new(&[1; 32], at))
+            .collect();
+        // Every webhook twice (a track event and its user properties, say).
+        let carried = origins.iter().chain(origins.iter());
+        let span = traces.heap_request(RecordKind::Track, 260, carried);
+        span.finish(&Err(TransportError::Timeout));
+        let spans = drain(&mut queued);
+        assert_eq!(spans.len(), 1);
+        let request = &spans[0];
+        assert_eq!(request.span_kind, SpanKind::Client);
+        assert_eq!(request.parent_span_id, SpanId::INVALID);
+        assert_eq!(request.links.len(), MAX_LINKS);
+        assert_eq!(request.links.dropped_count, 2);
+        for (link, origin) in request.links.iter().zip(&origins) {
+            assert_eq!(link.span_context, origin.context());
+        }
+        assert!(
+            request
+                .attributes
+                .contains(&KeyValue::new("error.type", "timeout"))
+        );
+        assert!(
+            request
+                .attributes
+                .contains(&KeyValue::new("relay.records", 260))
+        );
+        assert!(matches!(request.status, Status::Error { .. }));
     }
 
     #[test]

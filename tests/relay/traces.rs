@@ -296,7 +296,41 @@ async fn webhook_and_heap_request_spans_reach_the_collector_with_links_to_the_we
             assert!(webhook_contexts.contains(&(link.trace_id.clone(), link.span_id.clone())));
         }
     }
+    // What was exported is counted; nothing was dropped.
+    eventually(Duration::from_secs(10), async || {
+        let metrics = metrics(&relay).await;
+        let exported = counter(&metrics, "relay_trace_spans_total{outcome=\"exported\"}");
+        let dropped = counter(&metrics, "relay_trace_spans_total{outcome=\"dropped\"}");
+        let received = collector.spans().len() as u64;
+        if exported == Some(received) && dropped == Some(0) {
+            Ok(())
+        } else {
+            Err(format!(
+                "exported {exported:?}, dropped {dropped:?}, received {received}"
+            ))
+        }
+    })
+    .await;
     relay.terminate(Duration::from_secs(10)).await;
+}
+
+async fn metrics(relay: &RelayProcess) -> String {
+    relay
+        .http
+        .get(format!("{}/metrics", relay.admin_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the series `series` in a Prometheus text page.
+fn counter(metrics: &str, series: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
 #[tokio::test]
@@ -341,15 +375,7 @@ async fn without_an_endpoint_nothing_is_exported_and_events_still_reach_heap() {
     let (status, _) = relay.post(&webhooks()[0]).await;
     assert_eq!(status, 202);
     heap.wait_for_events(1, Duration::from_secs(20)).await;
-    let metrics = relay
-        .http
-        .get(format!("{}/metrics", relay.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&relay).await;
     assert!(metrics.contains("relay_webhooks_total"), "{metrics}");
     assert!(!metrics.contains("relay_trace_spans_total"), "{metrics}");
     // A relay exporting would flush its spans while stopping: once it has stopped, anything
