@@ -1,6 +1,7 @@
 //! Traces (contract §8) from the real binary to an OTLP/HTTP receiver started by the test: a
 //! real axum server taking `POST /v1/traces` and decoding the protobuf
-//! `ExportTraceServiceRequest` with the protocol's own types.
+//! `ExportTraceServiceRequest` with the protocol's own types. And, on both queue backends, the
+//! claim's part in it: each record comes with its webhook's digest and receive time.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +24,12 @@ use prost::Message;
 use reqwest::Method;
 use sha2::{Digest, Sha256};
 
+use crate::support::postgres::Schema;
+use crate::support::records;
 use crate::support::{Answer, FakeHeap, RelayProcess, eventually, set_env};
+use userpilot_heap_relay::heap::wire::RecordKind;
+use userpilot_heap_relay::queue::Queue;
+use userpilot_heap_relay::queue::sqlite::SqliteQueue;
 use userpilot_heap_relay::traces::Origin;
 
 /// A span as received, with the resource's `service.name`.
@@ -384,4 +390,54 @@ async fn without_an_endpoint_nothing_is_exported_and_events_still_reach_heap() {
     assert!(collector.requests.lock().unwrap().is_empty());
     let logs = relay.logs.lock().unwrap().join("\n");
     assert!(!logs.contains("exporting traces"), "{logs}");
+}
+
+/// What a `heap.request` span's links derive from: each claimed record's webhook digest and
+/// receive time, as the webhook span derived its ids from them.
+async fn claims_carry_the_origin_of_their_webhook(queue: Arc<dyn Queue>) {
+    const AT: i64 = 1_700_000_000_000;
+    for (n, body) in ["first body", "second body"].into_iter().enumerate() {
+        let tracks = vec![
+            records::track(&format!("{n}-a"), "u"),
+            records::track(&format!("{n}-b"), "u"),
+        ];
+        queue
+            .enqueue(records::webhook(body, AT + n as i64, tracks))
+            .await
+            .unwrap();
+    }
+    let claimed = queue
+        .claim(RecordKind::Track, 10, AT + 10, 60_000)
+        .await
+        .unwrap();
+    let origins: Vec<([u8; 32], i64)> = claimed
+        .iter()
+        .map(|c| (c.webhook_digest, c.received_at_ms))
+        .collect();
+    let digest = |body: &str| -> [u8; 32] { Sha256::digest(body.as_bytes()).into() };
+    assert_eq!(
+        origins,
+        [
+            (digest("first body"), AT),
+            (digest("first body"), AT),
+            (digest("second body"), AT + 1),
+            (digest("second body"), AT + 1),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_claims_carry_the_origin_of_their_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = SqliteQueue::open(&dir.path().join("queue.sqlite3")).unwrap();
+    claims_carry_the_origin_of_their_webhook(Arc::new(queue)).await;
+}
+
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
+#[tokio::test]
+async fn postgres_claims_carry_the_origin_of_their_webhook() {
+    let schema = Schema::fresh().await;
+    let queue = schema.queue().await;
+    claims_carry_the_origin_of_their_webhook(Arc::new(queue)).await;
+    schema.drop().await;
 }
