@@ -22,6 +22,10 @@ use crate::http::{self, AppState};
 use crate::queue::Queue;
 use crate::queue::postgres::{PostgresQueue, leader_lock_key};
 use crate::queue::sqlite::SqliteQueue;
+use crate::traces::Traces;
+
+/// How long the spans still queued at shutdown may take to reach the trace collector.
+const TRACES_FLUSH: Duration = Duration::from_secs(2);
 
 /// How often delivered records and old dead letters are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -43,6 +47,8 @@ pub enum AppError {
     Serve(std::io::Error),
     #[error("a task failed: {0}")]
     TaskFailed(String),
+    #[error(transparent)]
+    Traces(#[from] crate::traces::TracesError),
 }
 
 pub struct App {
@@ -147,6 +153,7 @@ impl App {
             shutdown_grace: settings.server.shutdown_grace,
         };
         let control = Arc::new(Control::default());
+        let traces = Traces::start(&settings.telemetry)?;
         let forwarder = Forwarder::new(
             queue.clone(),
             client,
@@ -155,7 +162,8 @@ impl App {
             forwarder_config,
             control.clone(),
         )
-        .with_leadership(leadership);
+        .with_leadership(leadership)
+        .with_traces(traces.clone());
         let state = Arc::new(AppState {
             secrets: settings.userpilot.secrets.clone(),
             tolerance_secs: settings.userpilot.tolerance.as_secs(),
@@ -170,6 +178,7 @@ impl App {
             webhook_permits: tokio::sync::Semaphore::new(http::MAX_WEBHOOKS_IN_FLIGHT),
             body_budget: http::body_budget(settings.server.max_body_bytes.get()),
             metrics: crate::telemetry::metrics(),
+            traces,
         });
         let public = bind(settings.server.listen).await?;
         let admin = bind(settings.server.admin_listen).await?;
@@ -267,6 +276,7 @@ impl App {
             tracing::warn!("grace period over; stopping what is still running");
             tasks.abort_all();
         }
+        state.traces.shutdown(TRACES_FLUSH).await;
         tracing::info!("stopped");
         Ok(())
     }

@@ -172,6 +172,7 @@ pub struct Settings {
     pub queue: QueueSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
     #[serde(default)]
     pub mapping: RawMapping,
 }
@@ -315,6 +316,27 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// `[telemetry]`: trace export (contract §8, [`crate::traces`]), off while `otlp_endpoint` is
+/// empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// The OTLP/HTTP receiver's base URL; spans are posted to `{otlp_endpoint}/v1/traces`.
+    #[serde(with = "optional_http_url")]
+    pub otlp_endpoint: Option<Url>,
+    #[serde(deserialize_with = "not_blank")]
+    pub service_name: String,
+}
+
+/// A string with something in it.
+fn not_blank<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.trim().is_empty() {
+        return Err(serde::de::Error::custom("must not be blank"));
+    }
+    Ok(text)
+}
+
 /// `[mapping]` as written: `rename` is a table in files, and a `Old=New;Other=New` string in
 /// the environment, where table keys with spaces and parentheses cannot be spelled.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -428,6 +450,32 @@ mod http_url {
         match Url::parse(&text) {
             Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
             _ => Err(serde::de::Error::custom("must be an http(s) URL")),
+        }
+    }
+}
+
+/// As [`http_url`], with `""` for none.
+mod optional_http_url {
+    use reqwest::Url;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<Url>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(url) => super::http_url::serialize(url, serializer),
+            None => serializer.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Url>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        match Url::parse(&text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(Some(url)),
+            _ => Err(serde::de::Error::custom("must be an http(s) URL or empty")),
         }
     }
 }

@@ -17,9 +17,10 @@
 //!
 //! Around them: [`config`] (layered settings, parsed once into typed values), [`app`] (wiring
 //! and graceful shutdown), [`cli`] (the command line; the subcommands themselves live in the
-//! binary), [`telemetry`] (logs and metrics), [`clock`] (the only reader of the clock: time is
-//! an input, and clippy enforces it), [`secret`] (values that never print), and [`samples`] (a
-//! sample webhook of every kind).
+//! binary), [`telemetry`] (logs and metrics), [`traces`] (OpenTelemetry spans of both paths,
+//! off by default), [`clock`] (the only reader of the clock: time is an input, and clippy
+//! enforces it), [`secret`] (values that never print), and [`samples`] (a sample webhook of
+//! every kind).
 
 pub mod app;
 pub mod cli;
@@ -33,5 +34,6 @@ pub mod queue;
 pub mod samples;
 pub mod secret;
 pub mod telemetry;
+pub mod traces;
 pub mod translate;
 pub mod userpilot;

@@ -113,6 +113,7 @@ mod tests {
             json: json.to_string(),
             attempts: id as u32 % 3,
             received_at_ms,
+            webhook_digest: [0; 32],
         }
     }
 

@@ -178,6 +178,7 @@ mod tests {
             json: String::new(),
             attempts: 0,
             received_at_ms: 0,
+            webhook_digest: [0; 32],
         }
     }
 

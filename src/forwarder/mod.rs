@@ -7,7 +7,8 @@
 //! batch Heap refuses — split in halves until the bad records are isolated and dead-lettered
 //! alone. [`Forwarder::run`] repeats passes, lingers briefly for a
 //! batch to fill, backs off as a whole while Heap fails, and stops on shutdown within the
-//! grace period (an abandoned batch stays queued: its lease simply runs out).
+//! grace period (an abandoned batch stays queued: its lease simply runs out). Each bulk request
+//! is a `heap.request` span linked to the webhooks whose records it carries ([`crate::traces`]).
 //!
 //! When it starts forwarding — at process start, or when this replica becomes the Postgres
 //! leader — it charges the app rate budget with what the queue delivered in the last minute
@@ -17,6 +18,7 @@ pub(crate) mod entries;
 pub mod limits;
 pub mod retry;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
@@ -29,6 +31,7 @@ use crate::dead_letters::Reason;
 use crate::heap::client::HeapClient;
 use crate::heap::wire::RecordKind;
 use crate::queue::{Queue, QueueError};
+use crate::traces::{Origin, Traces};
 use entries::{Entry, entries};
 use limits::Limits;
 use retry::{Backoff, Verdict, classify};
@@ -133,6 +136,8 @@ pub struct Forwarder {
     leading: Box<dyn Fn() -> bool + Send + Sync>,
     /// `leading` at the last pass: a change to true means the budget must be re-learnt.
     was_leading: bool,
+    /// A span per Heap request, linked to the webhooks it carries (off by default).
+    traces: Traces,
 }
 
 /// The fields of the one line logged per Heap request (contract §8.1). `lane` is the app id
@@ -248,7 +253,14 @@ impl Forwarder {
             failures: 0,
             leading: Box::new(|| true),
             was_leading: false,
+            traces: Traces::off(),
         }
+    }
+
+    /// Records a span per Heap request with `traces`.
+    pub fn with_traces(mut self, traces: Traces) -> Self {
+        self.traces = traces;
+        self
     }
 
     /// Tells the forwarder whether this process currently forwards for the app id (the
@@ -325,12 +337,13 @@ impl Forwarder {
                 self.queue.renew(ids, lease_end).await?;
             }
         }
+        let origins = self.traces.origins(&admitted);
         let mut batches: Vec<Vec<Entry>> = entries(kind, admitted)
             .chunks(self.max_batch().max(1))
             .map(<[Entry]>::to_vec)
             .collect();
         batches.reverse(); // sent first to last
-        self.deliver(kind, batches, &mut pass).await?;
+        self.deliver(kind, batches, &origins, &mut pass).await?;
         Ok(pass)
     }
 
@@ -341,6 +354,7 @@ impl Forwarder {
         &mut self,
         kind: RecordKind,
         batches: Vec<Vec<Entry>>,
+        origins: &HashMap<i64, Origin>,
         pass: &mut Pass,
     ) -> Result<(), QueueError> {
         let mut pending = batches;
@@ -366,8 +380,15 @@ impl Forwarder {
                 self.queue.renew(ids(&batch), lease_end).await?;
             }
             let jsons: Vec<&str> = batch.iter().map(|r| r.json.as_str()).collect();
+            let carried = batch.iter().flat_map(|e| &e.ids);
+            let span = self.traces.heap_request(
+                kind,
+                records(&batch),
+                carried.filter_map(|id| origins.get(id)),
+            );
             let started = Stopwatch::start();
             let outcome = self.client.send(kind, &jsons).await;
+            span.finish(&outcome);
             let request = RequestLog {
                 endpoint: kind.as_str(),
                 lane: self.client.app_id().as_str().to_owned(),

@@ -46,6 +46,8 @@ pub struct AppState {
     /// One permit per byte of webhook body held in memory: [`body_budget`].
     pub body_budget: tokio::sync::Semaphore,
     pub metrics: PrometheusHandle,
+    /// The `webhook` spans (off unless `telemetry.otlp_endpoint` is set).
+    pub traces: crate::traces::Traces,
 }
 
 /// Verified webhooks handled at once (decoded, mapped, waiting for the commit). The permit is

@@ -1,7 +1,8 @@
 //! `POST /webhooks/userpilot`: raw bytes -> verified bytes -> queue content -> committed -> 202.
 //! Nothing is answered 2xx before the queue has committed it. The body must arrive within
 //! [`BODY_READ_TIMEOUT`] (else 408) and is paid for from the shared body byte budget; a
-//! webhook permit is taken only once the signature is verified.
+//! webhook permit is taken only once the signature is verified. Each request records a
+//! `webhook` span with `verify`, `map` and `commit` children ([`crate::traces`]; off by default).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use super::error::ApiError;
 use super::{AppState, BODY_READ_TIMEOUT};
 use crate::clock::{self, Stopwatch};
 use crate::queue::{Content, Enqueued, NewWebhook};
+use crate::traces::WebhookSpan;
 use crate::translate::{self, InvalidJson};
 use crate::userpilot::verify;
 
@@ -29,7 +31,9 @@ pub async fn receive(
     body: Body,
 ) -> Response {
     let started = Stopwatch::start();
-    let result = handle(&state, &headers, body).await;
+    let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
+    let mut span = state.traces.webhook(request_id.unwrap_or(""));
+    let result = handle(&state, &headers, body, &mut span).await;
     let outcome = match &result {
         Ok(Enqueued::Accepted { events }) => {
             tracing::info!(events, "webhook accepted");
@@ -63,7 +67,7 @@ pub async fn receive(
     metrics::counter!("relay_webhooks_total", "outcome" => outcome).increment(1);
     metrics::histogram!("relay_webhook_duration_seconds", "outcome" => outcome)
         .record(started.elapsed().as_secs_f64());
-    match result {
+    let response = match result {
         Ok(Enqueued::Accepted { events }) => (
             StatusCode::ACCEPTED,
             Json(json!({ "status": "accepted", "events": events })),
@@ -78,7 +82,9 @@ pub async fn receive(
         )
             .into_response(),
         Err(error) => error.into_response(),
-    }
+    };
+    span.finish(outcome, response.status().as_u16());
+    response
 }
 
 /// The request timeout: 503 + `Retry-After`, like every other "try again later".
@@ -88,7 +94,12 @@ pub async fn timed_out(_: tower::BoxError) -> Response {
     ApiError::Unavailable("timed out".into()).into_response()
 }
 
-async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Enqueued, ApiError> {
+async fn handle(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    span: &mut WebhookSpan,
+) -> Result<Enqueued, ApiError> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::Draining);
     }
@@ -106,34 +117,40 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Enq
     .await?;
     let received_at = state.clock.now();
     let signature = headers.get("x-signature").map(|v| v.as_bytes());
-    let verified = verify(
-        body,
-        signature,
-        &state.secrets,
-        state.tolerance_secs,
-        received_at.timestamp(),
-    )?;
+    let verified = span.step("verify", || {
+        verify(
+            body,
+            signature,
+            &state.secrets,
+            state.tolerance_secs,
+            received_at.timestamp(),
+        )
+    })?;
+    let digest = verified.digest();
+    span.identify(&digest, received_at.timestamp_millis());
     // Permits cover verified work only (decoding, mapping, the commit), so a flood of
     // unsigned requests cannot make signed ones wait.
     let _permit = tokio::time::timeout(PERMIT_WAIT, state.webhook_permits.acquire())
         .await
         .map_err(|_| ApiError::Overloaded)?
         .map_err(|_| ApiError::Draining)?;
-    let content = translate::webhook(&state.mapper, &verified, received_at)
+    let content = span
+        .step("map", || {
+            translate::webhook(&state.mapper, &verified, received_at)
+        })
         .map_err(|InvalidJson| ApiError::InvalidJson)?;
     let quarantine_reason = match &content {
         Content::Quarantined { reason, .. } => Some(reason.clone()),
         Content::Records(_) => None,
     };
     let webhook = NewWebhook {
-        digest: verified.digest(),
+        digest,
         body: verified.into_bytes(),
         received_at_ms: received_at.timestamp_millis(),
         content,
     };
-    let outcome = state
-        .queue
-        .enqueue(webhook)
+    let outcome = span
+        .step_async("commit", state.queue.enqueue(webhook))
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     match (outcome, quarantine_reason) {

@@ -127,6 +127,9 @@ pub struct Claimed {
     /// Failed attempts so far.
     pub attempts: u32,
     pub received_at_ms: i64,
+    /// The SHA-256 of the webhook the record came from: with `received_at_ms`, what the
+    /// link from a Heap request's span to the webhook's span derives from ([`crate::traces`]).
+    pub webhook_digest: [u8; 32],
 }
 
 /// A dead letter as the admin API shows it.

@@ -36,5 +36,6 @@ mod serving_lock;
 mod shutdown;
 mod smoke;
 mod sqlite_ingest;
+mod traces;
 mod validation;
 mod webhook_api;

@@ -351,7 +351,8 @@ impl Queue for PostgresQueue {
                      )
                      UPDATE records r SET claimed = 1, claimed_by = $5, next_attempt_at = $4
                      FROM picked WHERE r.id = picked.id
-                     RETURNING r.id, r.subject, r.json, r.attempts, r.received_at, picked.due"
+                     RETURNING r.id, r.subject, r.json, r.attempts, r.received_at, picked.due,
+                     (SELECT w.digest FROM webhooks w WHERE w.id = r.webhook_id)"
                 ),
                 &[
                     &kind.as_str(),
@@ -372,6 +373,13 @@ impl Queue for PostgresQueue {
                 json: row.try_get(2).map_err(storage)?,
                 attempts: attempts(row.try_get(3).map_err(storage)?),
                 received_at_ms: row.try_get(4).map_err(storage)?,
+                // Trace links derive from it; a missing one or one of another length (never
+                // written) reads as zeros, which only makes a link point nowhere.
+                webhook_digest: row
+                    .try_get::<_, Option<&[u8]>>(6)
+                    .map_err(storage)?
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                    .unwrap_or([0; 32]),
             };
             claimed.push((due, record));
         }

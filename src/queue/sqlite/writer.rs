@@ -223,10 +223,21 @@ pub(super) fn insert_rows(
 }
 
 /// The oldest due records of kind `?1` at `?2`, at most `?3`: a range of the partial index
-/// `records_due`, which only a statement naming its `state = 0` literal may use.
-pub(super) const CLAIM_DUE: &str = "SELECT id, subject, json, attempts, received_at FROM records
+/// `records_due`, which only a statement naming its `state = 0` literal may use. Each with
+/// its webhook's digest (one primary-key lookup), which trace links derive from; a subquery,
+/// not a join, so that a record is claimed even if its webhook row were missing.
+pub(super) const CLAIM_DUE: &str = "SELECT id, subject, json, attempts, received_at,
+    (SELECT w.digest FROM webhooks w WHERE w.id = records.webhook_id) FROM records
     WHERE state = {pending} AND kind = ?1 AND next_attempt_at <= ?2
     ORDER BY next_attempt_at, id LIMIT ?3";
+
+/// A stored digest; a missing one or one of another length (never written) reads as zeros,
+/// which only makes a trace link point nowhere.
+fn digest(stored: Option<&[u8]>) -> [u8; 32] {
+    stored
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .unwrap_or([0; 32])
+}
 
 /// Leases up to `limit` due records of `kind`, oldest first, until `lease_end_ms`, in one
 /// transaction that ends early when webhooks are `waiting`; also whether fewer were due.
@@ -252,6 +263,7 @@ pub(super) fn claim_some(
                     json: row.get(2)?,
                     attempts: row.get(3)?,
                     received_at_ms: row.get(4)?,
+                    webhook_digest: digest(row.get::<_, Option<Vec<u8>>>(5)?.as_deref()),
                 })
             })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
