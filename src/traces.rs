@@ -11,8 +11,8 @@
 //! **How the forwarder finds the webhook spans without storing anything.** A `webhook` span's
 //! ids are derived, not random: its trace id from the body's digest, its span id from the
 //! digest and the receive time in milliseconds ([`Origin::context`]). The queue keeps both for
-//! every record anyway (the digest is the webhook's identity, the time is the record's
-//! `received_at`) and hands them out with each claimed record, so the forwarder computes the
+//! every webhook anyway (its digest is its identity) and hands them out with each claimed
+//! record, so the forwarder computes the
 //! links: no schema change, nothing more written per webhook, and links stay right across
 //! restarts, replicas and replays (a replay keeps the digest and the receive time). A
 //! redelivery of the same body lands in the same trace as the first delivery (same digest),
@@ -181,7 +181,7 @@ impl Traces {
         records
             .iter()
             .map(|record| {
-                let origin = Origin::new(&record.webhook_digest, record.received_at_ms);
+                let origin = Origin::new(&record.webhook_digest, record.webhook_received_at_ms);
                 (record.id, origin)
             })
             .collect()

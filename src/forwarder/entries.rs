@@ -114,6 +114,7 @@ mod tests {
             attempts: id as u32 % 3,
             received_at_ms,
             webhook_digest: [0; 32],
+            webhook_received_at_ms: 0,
         }
     }
 

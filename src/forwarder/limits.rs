@@ -179,6 +179,7 @@ mod tests {
             attempts: 0,
             received_at_ms: 0,
             webhook_digest: [0; 32],
+            webhook_received_at_ms: 0,
         }
     }
 

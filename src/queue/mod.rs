@@ -127,9 +127,12 @@ pub struct Claimed {
     /// Failed attempts so far.
     pub attempts: u32,
     pub received_at_ms: i64,
-    /// The SHA-256 of the webhook the record came from: with `received_at_ms`, what the
-    /// link from a Heap request's span to the webhook's span derives from ([`crate::traces`]).
+    /// The SHA-256 of the webhook the record came from and when that webhook was received:
+    /// what the link from a Heap request's span to the webhook's span derives from
+    /// ([`crate::traces`]). The webhook's time, not the record's: a replayed record's
+    /// `received_at_ms` restarts its age at the replay.
     pub webhook_digest: [u8; 32],
+    pub webhook_received_at_ms: i64,
 }
 
 /// A dead letter as the admin API shows it.

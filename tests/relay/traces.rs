@@ -28,8 +28,8 @@ use crate::support::postgres::Schema;
 use crate::support::records;
 use crate::support::{Answer, FakeHeap, RelayProcess, eventually, set_env};
 use userpilot_heap_relay::heap::wire::RecordKind;
-use userpilot_heap_relay::queue::Queue;
 use userpilot_heap_relay::queue::sqlite::SqliteQueue;
+use userpilot_heap_relay::queue::{Content, DeadLetterFilter, Queue, ReplayItem};
 use userpilot_heap_relay::traces::Origin;
 
 /// A span as received, with the resource's `service.name`.
@@ -412,7 +412,7 @@ async fn claims_carry_the_origin_of_their_webhook(queue: Arc<dyn Queue>) {
         .unwrap();
     let origins: Vec<([u8; 32], i64)> = claimed
         .iter()
-        .map(|c| (c.webhook_digest, c.received_at_ms))
+        .map(|c| (c.webhook_digest, c.webhook_received_at_ms))
         .collect();
     let digest = |body: &str| -> [u8; 32] { Sha256::digest(body.as_bytes()).into() };
     assert_eq!(
@@ -423,6 +423,37 @@ async fn claims_carry_the_origin_of_their_webhook(queue: Arc<dyn Queue>) {
             (digest("second body"), AT + 1),
             (digest("second body"), AT + 1),
         ]
+    );
+
+    // A replayed record restarts its age at the replay, but still links to its webhook's span.
+    let first = claimed[0].id;
+    queue
+        .dead_letter(vec![first], "rejected".into(), "no".into(), true, AT + 20)
+        .await
+        .unwrap();
+    let item = queue
+        .replay_items(DeadLetterFilter::default(), 10)
+        .await
+        .unwrap()
+        .remove(0);
+    let replayed_at = AT + 5_000;
+    let item = ReplayItem {
+        received_at_ms: replayed_at,
+        ..item
+    };
+    let content = Content::Records(vec![records::track("0-a", "u")]);
+    assert_eq!(queue.requeue(item, content, replayed_at).await.unwrap(), 1);
+    let again = queue
+        .claim(RecordKind::Track, 10, replayed_at + 60_001, 60_000)
+        .await
+        .unwrap();
+    let replayed = again
+        .iter()
+        .find(|c| c.received_at_ms == replayed_at)
+        .expect("the replayed record is claimable");
+    assert_eq!(
+        (replayed.webhook_digest, replayed.webhook_received_at_ms),
+        (digest("first body"), AT)
     );
 }
 

@@ -352,7 +352,8 @@ impl Queue for PostgresQueue {
                      UPDATE records r SET claimed = 1, claimed_by = $5, next_attempt_at = $4
                      FROM picked WHERE r.id = picked.id
                      RETURNING r.id, r.subject, r.json, r.attempts, r.received_at, picked.due,
-                     (SELECT w.digest FROM webhooks w WHERE w.id = r.webhook_id)"
+                     (SELECT w.digest FROM webhooks w WHERE w.id = r.webhook_id),
+                     (SELECT w.received_at FROM webhooks w WHERE w.id = r.webhook_id)"
                 ),
                 &[
                     &kind.as_str(),
@@ -380,6 +381,10 @@ impl Queue for PostgresQueue {
                     .map_err(storage)?
                     .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
                     .unwrap_or([0; 32]),
+                webhook_received_at_ms: row
+                    .try_get::<_, Option<i64>>(7)
+                    .map_err(storage)?
+                    .unwrap_or_default(),
             };
             claimed.push((due, record));
         }

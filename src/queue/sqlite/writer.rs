@@ -227,7 +227,8 @@ pub(super) fn insert_rows(
 /// its webhook's digest (one primary-key lookup), which trace links derive from; a subquery,
 /// not a join, so that a record is claimed even if its webhook row were missing.
 pub(super) const CLAIM_DUE: &str = "SELECT id, subject, json, attempts, received_at,
-    (SELECT w.digest FROM webhooks w WHERE w.id = records.webhook_id) FROM records
+    (SELECT w.digest FROM webhooks w WHERE w.id = records.webhook_id),
+    (SELECT w.received_at FROM webhooks w WHERE w.id = records.webhook_id) FROM records
     WHERE state = {pending} AND kind = ?1 AND next_attempt_at <= ?2
     ORDER BY next_attempt_at, id LIMIT ?3";
 
@@ -264,6 +265,7 @@ pub(super) fn claim_some(
                     attempts: row.get(3)?,
                     received_at_ms: row.get(4)?,
                     webhook_digest: digest(row.get::<_, Option<Vec<u8>>>(5)?.as_deref()),
+                    webhook_received_at_ms: row.get::<_, Option<i64>>(6)?.unwrap_or_default(),
                 })
             })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
