@@ -12,9 +12,9 @@
 //! ids are derived, not random: its trace id from the body's digest, its span id from the
 //! digest and the receive time in milliseconds ([`Origin::context`]). The queue keeps both for
 //! every webhook anyway (its digest is its identity) and hands them out with each claimed
-//! record, so the forwarder computes the
-//! links: no schema change, nothing more written per webhook, and links stay right across
-//! restarts, replicas and replays (a replay keeps the digest and the receive time). A
+//! record, so the forwarder computes the links: no schema change, nothing more written per
+//! webhook, and links stay right across restarts, replicas and replays (a replay keeps the
+//! webhook's digest and receive time). A
 //! redelivery of the same body lands in the same trace as the first delivery (same digest),
 //! as a second root with its own span id (its own receive time). The ids are hashes with a
 //! label of their own, so they do not give the body's digest away. A webhook whose signature
