@@ -154,18 +154,26 @@ struct RequestLog {
     duration_ms: u64,
 }
 
+/// Logs one line about a Heap request at `$level`: the fields every such line carries, its
+/// `outcome`, then the line's own fields and message.
+macro_rules! request_line {
+    ($level:ident, $log:expr, $outcome:literal, $($rest:tt)+) => {
+        tracing::$level!(
+            endpoint = $log.endpoint,
+            lane = %$log.lane,
+            events = $log.events,
+            records = $log.records,
+            status = $log.status,
+            duration_ms = $log.duration_ms,
+            outcome = $outcome,
+            $($rest)+
+        )
+    };
+}
+
 impl RequestLog {
     fn delivered(&self) {
-        tracing::info!(
-            endpoint = self.endpoint,
-            lane = %self.lane,
-            events = self.events,
-            records = self.records,
-            status = self.status,
-            duration_ms = self.duration_ms,
-            outcome = "delivered",
-            "heap request delivered"
-        );
+        request_line!(info, self, "delivered", "heap request delivered");
     }
 
     fn retrying(
@@ -175,14 +183,10 @@ impl RequestLog {
         at: chrono::DateTime<chrono::Utc>,
         error: &str,
     ) {
-        tracing::warn!(
-            endpoint = self.endpoint,
-            lane = %self.lane,
-            events = self.events,
-            records = self.records,
-            status = self.status,
-            duration_ms = self.duration_ms,
-            outcome = "retry",
+        request_line!(
+            warn,
+            self,
+            "retry",
             attempt,
             retry_in_ms = wait.as_millis() as u64,
             retry_at = %at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -192,27 +196,19 @@ impl RequestLog {
     }
 
     fn split(&self) {
-        tracing::info!(
-            endpoint = self.endpoint,
-            lane = %self.lane,
-            events = self.events,
-            records = self.records,
-            status = self.status,
-            duration_ms = self.duration_ms,
-            outcome = "split",
+        request_line!(
+            info,
+            self,
+            "split",
             "heap refused a batch; splitting it to isolate the bad records"
         );
     }
 
     fn rejected(&self, ids: &[i64]) {
-        tracing::warn!(
-            endpoint = self.endpoint,
-            lane = %self.lane,
-            events = self.events,
-            records = self.records,
-            status = self.status,
-            duration_ms = self.duration_ms,
-            outcome = "rejected",
+        request_line!(
+            warn,
+            self,
+            "rejected",
             record_ids = ?ids,
             "heap refused a record; dead-lettered"
         );
