@@ -19,18 +19,11 @@ const PER_ROUND: usize = 300;
 /// The relay is killed as soon as this many webhooks of its round were answered 202.
 const KILL_AFTER: usize = 100;
 
-/// One flow-started webhook: one Heap track event, for its own user, marked with `seq`.
 fn webhook(seq: usize) -> Value {
-    json!({
-        "timestamp": chrono::Utc::now().timestamp(),
-        "data": {
-            "type": "flow",
-            "action": "started",
-            "flow_id": "fl_crash",
-            "seq": seq,
-            "user": { "user_id": format!("crash-{seq}"), "plan": "pro" },
-        },
-    })
+    let mut webhook = crate::support::flow_started("crash", seq);
+    // A user property too, so each webhook also queues a user record.
+    webhook["data"]["user"]["plan"] = json!("pro");
+    webhook
 }
 
 /// Track events Heap took in, grouped by `(identity, event name, seq)`: the idempotency keys

@@ -11,22 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::{BINARY, FakeHeap, RelayProcess};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Concurrent senders, as Userpilot's delivery workers would be.
 const POSTERS: usize = 4;
 
 fn webhook(seq: usize) -> Value {
-    json!({
-        "timestamp": chrono::Utc::now().timestamp(),
-        "data": {
-            "type": "flow",
-            "action": "started",
-            "flow_id": "fl_removed",
-            "seq": seq,
-            "user": { "user_id": format!("removed-{seq}") },
-        },
-    })
+    crate::support::flow_started("removed", seq)
 }
 
 async fn readyz(http: &reqwest::Client, url: &str) -> u16 {

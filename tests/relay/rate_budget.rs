@@ -12,7 +12,7 @@ use crate::support::postgres::Schema;
 use crate::support::{
     Client, FakeHeap, Posted, Received, RelayProcess, eventually, post_concurrently, set_env,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::Notify;
 
 /// A low budget so the test runs in seconds: 10 events a second after a batch at once.
@@ -25,19 +25,8 @@ const RESTARTS: usize = 7;
 const LIFETIME: Duration = Duration::from_millis(1_500);
 const WINDOW: Duration = Duration::from_secs(60);
 
-/// One flow-started webhook: one track event, for its own user (so no identity's budget
-/// matters, only the app's).
 fn webhook(seq: usize) -> Value {
-    json!({
-        "timestamp": chrono::Utc::now().timestamp(),
-        "data": {
-            "type": "flow",
-            "action": "started",
-            "flow_id": "fl_budget",
-            "seq": seq,
-            "user": { "user_id": format!("budget-{seq}") },
-        },
-    })
+    crate::support::flow_started("budget", seq)
 }
 
 /// Track events in each request Heap received, with when it was received.

@@ -456,6 +456,21 @@ impl Relay {
     }
 }
 
+/// A flow-started webhook, sent now: one Heap track event for the user `{name}-{seq}`, marked
+/// with `seq` (`data.seq`) so a test can tell which webhook an event came from.
+pub fn flow_started(name: &str, seq: usize) -> Value {
+    serde_json::json!({
+        "timestamp": chrono::Utc::now().timestamp(),
+        "data": {
+            "type": "flow",
+            "action": "started",
+            "flow_id": format!("fl_{name}"),
+            "seq": seq,
+            "user": { "user_id": format!("{name}-{seq}") },
+        },
+    })
+}
+
 /// Layers `extra` over `base`: keys of sections in `extra` replace those of `base`.
 pub fn merge_toml(base: &str, extra: &str) -> String {
     let mut base: toml::Table = base.parse().unwrap();
