@@ -11,7 +11,8 @@
 //!
 //! Around them: [`config`] (layered settings, validated once), [`app`] (wiring and graceful
 //! shutdown), [`cli`], [`telemetry`], [`clock`] (the only wall-clock reader), [`secret`]
-//! (values that never print), and [`samples`] (a sample webhook of every kind).
+//! (values that never print), [`samples`] (a sample webhook of every kind), and [`tls`] (the
+//! process's rustls crypto provider, ring, installed before any HTTP client is built).
 
 pub mod app;
 pub mod cli;
@@ -26,4 +27,5 @@ pub mod queue;
 pub mod samples;
 pub mod secret;
 pub mod telemetry;
+pub mod tls;
 pub mod userpilot;
