@@ -12,7 +12,8 @@ ARG RUST_VERSION=1.95
 
 # --- build -------------------------------------------------------------------------------------
 # Bookworm, to match the glibc of the distroless cc-debian12 runtime below. The slim image has
-# gcc and libc headers, which is all the C code (bundled SQLite, aws-lc) needs.
+# gcc and libc headers, which is all the C code (bundled SQLite, ring's few C and assembly files)
+# needs.
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 

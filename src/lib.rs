@@ -19,8 +19,9 @@
 //! and graceful shutdown), [`cli`] (the command line; the subcommands themselves live in the
 //! binary), [`telemetry`] (logs and metrics), [`traces`] (OpenTelemetry spans of both paths,
 //! off by default), [`clock`] (the only reader of the clock: time is an input, and clippy
-//! enforces it), [`secret`] (values that never print), and [`samples`] (a sample webhook of
-//! every kind).
+//! enforces it), [`secret`] (values that never print), [`samples`] (a sample webhook of every
+//! kind), and [`tls`] (the process's rustls crypto provider, ring, installed before any HTTP
+//! client is built).
 
 pub mod app;
 pub mod cli;
@@ -34,6 +35,7 @@ pub mod queue;
 pub mod samples;
 pub mod secret;
 pub mod telemetry;
+pub mod tls;
 pub mod traces;
 pub mod translate;
 pub mod userpilot;

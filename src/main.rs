@@ -11,6 +11,8 @@ use userpilot_heap_relay::cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any subcommand builds an HTTP client: reqwest has no crypto provider of its own.
+    userpilot_heap_relay::tls::provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

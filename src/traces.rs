@@ -103,7 +103,7 @@ impl Traces {
             endpoint: endpoint.clone(),
             reason,
         };
-        let http = reqwest::Client::builder()
+        let http = crate::tls::http_client()
             .timeout(EXPORT_TIMEOUT)
             .user_agent(concat!("userpilot-heap-relay/", env!("CARGO_PKG_VERSION")))
             .build()

@@ -254,7 +254,7 @@ async fn probe_heap(settings: &Settings) -> Result<String, Failure> {
             format!("connected to {addr}")
         }
     };
-    let client = reqwest::Client::builder()
+    let client = userpilot_heap_relay::tls::http_client()
         .timeout(settings.heap.timeout)
         .connect_timeout(settings.heap.timeout.min(STEP_TIMEOUT))
         .redirect(reqwest::redirect::Policy::none())

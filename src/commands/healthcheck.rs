@@ -18,7 +18,7 @@ pub fn readiness_url(listen: SocketAddr) -> String {
 }
 
 pub async fn run(url: &str) -> anyhow::Result<ExitCode> {
-    let client = reqwest::Client::builder()
+    let client = userpilot_heap_relay::tls::http_client()
         .timeout(Duration::from_secs(3))
         .build()?;
     match client.get(url).send().await {

@@ -7,7 +7,7 @@ use userpilot_heap_relay::clock::{Clock, SystemClock};
 use userpilot_heap_relay::{samples, userpilot};
 
 pub async fn run(url: &str, secret: &str, user_id: &str) -> anyhow::Result<ExitCode> {
-    let client = reqwest::Client::builder()
+    let client = userpilot_heap_relay::tls::http_client()
         .timeout(Duration::from_secs(10))
         .build()?;
     let now = SystemClock.now().timestamp();

@@ -53,7 +53,7 @@ impl HeapClient {
         timeout: Duration,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        let http = crate::tls::http_client()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("userpilot-heap-relay/", env!("CARGO_PKG_VERSION")))

@@ -192,11 +192,8 @@ impl Tls {
 
     /// The connector for the pool and the leader's session; loads the roots once.
     pub(super) fn connector(&self) -> Result<MakeRustlsConnect, QueueError> {
-        // The process's provider if one was installed, else the one rustls is built with
-        // here (aws-lc-rs, as for reqwest).
-        let provider = CryptoProvider::get_default()
-            .cloned()
-            .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        // The same provider as the Heap client's (ring, or one installed before).
+        let provider = crate::tls::provider();
         let verifier: Arc<dyn ServerCertVerifier> = match &self.check {
             Check::Nothing => Arc::new(Unverified(Arc::clone(&provider))),
             Check::Chain(roots) => Arc::new(ChainOnly(webpki(roots, &provider)?)),

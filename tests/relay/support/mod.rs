@@ -114,6 +114,9 @@ async fn record(State(state): State<HeapState>, uri: Uri, body: Bytes) -> Respon
 
 impl FakeHeap {
     pub async fn start() -> Self {
+        // Nearly every test starts here: install the relay's rustls provider (ring) before the
+        // test builds any reqwest client, which has none of its own (see src/tls.rs).
+        userpilot_heap_relay::tls::provider();
         let state = HeapState {
             received: Arc::default(),
             responder: Arc::new(Mutex::new(Box::new(|_: &str, _: &Value| Answer::OK))),
@@ -286,7 +289,7 @@ pub struct Client {
 impl Client {
     pub fn new(url: String, admin_url: String) -> Client {
         // A relay that never answers fails the test instead of hanging it.
-        let http = reqwest::Client::builder()
+        let http = userpilot_heap_relay::tls::http_client()
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap();
@@ -512,6 +515,7 @@ impl RelayProcess {
 
     /// As [`RelayProcess::spawn`], with command-line arguments (e.g. `--config PATH`).
     pub fn spawn_with_args(args: &[&str], env: &[(String, String)]) -> RelayProcess {
+        userpilot_heap_relay::tls::provider();
         let mut child = Command::new(BINARY)
             .args(args)
             .env_clear()
