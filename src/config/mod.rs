@@ -7,25 +7,37 @@
 //! their `_ms` / `_secs` names and units, and `check-config` prints them back in those units),
 //! non-zero integers where 0 means nothing, a [`Url`] and an [`AppId`] — so nothing downstream
 //! converts or re-checks them.
+//!
+//! Rooms: this module holds the settings' types and the loading; `forms` the written forms of
+//! values (durations, non-zero numbers, URLs, lists), `checks` the values an operator likely
+//! did not mean (placeholders, a silencing log filter), and `describe` the one-line messages
+//! and the repairs that let every problem of a configuration be reported at once.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::Url;
 
 use config::builder::DefaultState;
-use config::{Config, ConfigBuilder, Environment, File, FileFormat, Map, Source, Value, ValueKind};
+use config::{Config, ConfigBuilder, Environment, File, FileFormat, Source, Value, ValueKind};
 use serde::{Deserialize, Serialize};
 
 use crate::heap::mapping::MappingSettings;
 use crate::secret::Secret;
+pub use checks::{MIN_SECRET_CHARS, is_placeholder};
+use checks::{log_filter_problem, postgres_url_is_placeholder, tidy_filter};
+use describe::{MAX_PROBLEMS, describe};
+
+mod checks;
+mod describe;
+mod forms;
 
 /// The defaults, built into the binary so it runs from any directory.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -78,90 +90,6 @@ impl fmt::Display for Warning {
     }
 }
 
-/// The shortest admin token accepted; webhook secrets shorter than this are only warned about
-/// (the customer chose them in Userpilot: refusing one would stop a working deployment).
-pub const MIN_SECRET_CHARS: usize = 16;
-
-/// What the log filter's bare words may be, for the message.
-const LEVELS: &str = "trace, debug, info, warn, error or off";
-
-/// Words that are never a real secret, token or id, compared case-insensitively with the
-/// trimmed value (contract §5.2). Besides these, [`is_placeholder`] refuses `replaceme` and
-/// values starting with `replace_`, `replace-`, `your_` or `your-`, values in `<...>` or an unexpanded `${...}`, and values
-/// made only of `x` (three or more).
-const PLACEHOLDER_WORDS: [&str; 9] = [
-    "changeme",
-    "change_me",
-    "change-me",
-    "secret",
-    "password",
-    "todo",
-    "tbd",
-    "fixme",
-    "placeholder",
-];
-
-/// Whether `value` is an obvious placeholder, such as the `REPLACE_ME` of a copied example.
-pub fn is_placeholder(value: &str) -> bool {
-    let value = value.trim().to_lowercase();
-    PLACEHOLDER_WORDS.contains(&value.as_str())
-        || value.starts_with("replace_")
-        || value.starts_with("replace-")
-        || value == "replaceme"
-        || value.starts_with("your_")
-        || value.starts_with("your-")
-        || (value.starts_with('<') && value.ends_with('>'))
-        || (value.starts_with("${") && value.ends_with('}'))
-        || (value.len() >= 3 && value.chars().all(|c| c == 'x'))
-}
-
-/// `warn, hyper=info` -> `warn,hyper=info`: `tracing` takes the space as part of the target.
-fn tidy_filter(level: &str) -> String {
-    let directives: Vec<&str> = level.split(',').map(str::trim).collect();
-    directives.join(",")
-}
-
-/// Why `level` is not a log filter an operator meant, if it is not. `tracing`'s own parser
-/// takes a bare word as a target name, so `verbose` would silence every line: here a bare
-/// word must be a level, and a target is written `target=level`.
-fn log_filter_problem(level: &str) -> Option<String> {
-    if level.trim().is_empty() {
-        return Some(format!("is empty: use one of {LEVELS}"));
-    }
-    for directive in level.split(',').map(str::trim) {
-        let bare = !directive.contains('=') && !directive.contains('[');
-        if bare
-            && directive
-                .parse::<tracing_subscriber::filter::LevelFilter>()
-                .is_err()
-        {
-            return Some(format!(
-                "has `{directive}`, which is not a level: use one of {LEVELS}, optionally \
-                 with targets (`info,hyper=warn`, `userpilot_heap_relay=debug`)"
-            ));
-        }
-    }
-    // Events no directive matches are off: a filter of other targets only (`hyper=warn`)
-    // would hide the relay's own lines, its warnings and errors included.
-    let covers_the_relay = level.split(',').map(str::trim).any(|directive| {
-        !directive.contains('=') && !directive.contains('[')
-            || directive.starts_with(env!("CARGO_CRATE_NAME"))
-    });
-    if !covers_the_relay {
-        return Some(format!(
-            "`{level}` sets no level for the relay's own lines, so it would hide them all: add \
-             one (`info,{level}`)"
-        ));
-    }
-    match tracing_subscriber::EnvFilter::builder().parse(tidy_filter(level)) {
-        Ok(_) => None,
-        Err(error) => Some(format!(
-            "is not a valid filter ({error}): use one of {LEVELS}, optionally with targets \
-             (`info,hyper=warn`)"
-        )),
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -182,18 +110,18 @@ pub struct Settings {
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    #[serde(deserialize_with = "non_zero")]
+    #[serde(deserialize_with = "forms::non_zero")]
     pub max_body_bytes: NonZeroUsize,
-    #[serde(rename = "shutdown_grace_ms", with = "millis")]
+    #[serde(rename = "shutdown_grace_ms", with = "forms::millis")]
     pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserpilotSettings {
-    #[serde(deserialize_with = "comma_list")]
+    #[serde(deserialize_with = "forms::comma_list")]
     pub secrets: Vec<Secret>,
-    #[serde(rename = "tolerance_secs", with = "secs")]
+    #[serde(rename = "tolerance_secs", with = "forms::secs")]
     pub tolerance: Duration,
 }
 
@@ -201,19 +129,19 @@ pub struct UserpilotSettings {
 #[serde(deny_unknown_fields)]
 pub struct HeapSettings {
     pub app_id: AppId,
-    #[serde(with = "http_url")]
+    #[serde(with = "forms::http_url")]
     pub base_url: Url,
     pub identity: String,
     /// At most [`MAX_BATCH_EVENTS`].
-    #[serde(deserialize_with = "non_zero")]
+    #[serde(deserialize_with = "forms::non_zero")]
     pub batch_max_events: NonZeroU32,
-    #[serde(rename = "batch_linger_ms", with = "millis")]
+    #[serde(rename = "batch_linger_ms", with = "forms::millis")]
     pub batch_linger: Duration,
-    #[serde(rename = "timeout_ms", with = "non_zero_millis")]
+    #[serde(rename = "timeout_ms", with = "forms::non_zero_millis")]
     pub timeout: Duration,
-    #[serde(deserialize_with = "non_zero")]
+    #[serde(deserialize_with = "forms::non_zero")]
     pub events_per_minute: NonZeroU32,
-    #[serde(deserialize_with = "non_zero")]
+    #[serde(deserialize_with = "forms::non_zero")]
     pub identity_events_per_minute: NonZeroU32,
     pub user_properties: bool,
     pub account_properties: bool,
@@ -225,11 +153,11 @@ pub const MAX_BATCH_EVENTS: u32 = 1000;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
-    #[serde(rename = "initial_backoff_ms", with = "non_zero_millis")]
+    #[serde(rename = "initial_backoff_ms", with = "forms::non_zero_millis")]
     pub initial_backoff: Duration,
-    #[serde(rename = "max_backoff_ms", with = "millis")]
+    #[serde(rename = "max_backoff_ms", with = "forms::millis")]
     pub max_backoff: Duration,
-    #[serde(rename = "max_event_age_secs", with = "secs")]
+    #[serde(rename = "max_event_age_secs", with = "forms::secs")]
     pub max_event_age: Duration,
 }
 
@@ -290,9 +218,9 @@ pub struct QueueSettings {
     pub backend: Backend,
     pub path: PathBuf,
     pub postgres_url: Secret,
-    #[serde(rename = "dedup_window_secs", with = "secs")]
+    #[serde(rename = "dedup_window_secs", with = "forms::secs")]
     pub dedup_window: Duration,
-    #[serde(rename = "dead_letter_retention_secs", with = "secs")]
+    #[serde(rename = "dead_letter_retention_secs", with = "forms::secs")]
     pub dead_letter_retention: Duration,
 }
 
@@ -322,19 +250,10 @@ pub struct LogSettings {
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
     /// The OTLP/HTTP receiver's base URL; spans are posted to `{otlp_endpoint}/v1/traces`.
-    #[serde(with = "optional_http_url")]
+    #[serde(with = "forms::optional_http_url")]
     pub otlp_endpoint: Option<Url>,
-    #[serde(deserialize_with = "not_blank")]
+    #[serde(deserialize_with = "forms::not_blank")]
     pub service_name: String,
-}
-
-/// A string with something in it.
-fn not_blank<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    if text.trim().is_empty() {
-        return Err(serde::de::Error::custom("must not be blank"));
-    }
-    Ok(text)
 }
 
 /// `[mapping]` as written: `rename` is a table in files, and a `Old=New;Other=New` string in
@@ -344,140 +263,8 @@ fn not_blank<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String
 pub struct RawMapping {
     #[serde(default)]
     pub rename: Renames,
-    #[serde(default, deserialize_with = "comma_list")]
+    #[serde(default, deserialize_with = "forms::comma_list")]
     pub drop: Vec<String>,
-}
-
-/// A list written as a TOML array, or as one comma-separated string (the environment's form).
-/// Values are kept as written: no number or boolean parsing, so an app id or a secret that
-/// looks like a number stays exactly what the operator typed.
-fn comma_list<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: From<String>,
-{
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        List(Vec<String>),
-        Text(String),
-    }
-    Ok(match Either::deserialize(deserializer)? {
-        Either::List(items) => items.into_iter().map(T::from).collect(),
-        Either::Text(text) if text.is_empty() => Vec::new(),
-        Either::Text(text) => text.split(',').map(|s| T::from(s.to_owned())).collect(),
-    })
-}
-
-/// Problems found while deserializing start with one of these words; [`describe`] then puts
-/// the key first, as validation's messages read.
-const PROBLEM_STARTS: [&str; 2] = ["must ", "is "];
-
-/// A non-zero integer, refused with a message naming the rule (serde's own names the type).
-fn non_zero<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: TryFrom<NonZeroU64>,
-{
-    let value = u64::deserialize(deserializer)?;
-    let Some(value) = NonZeroU64::new(value) else {
-        return Err(serde::de::Error::custom("must be above 0"));
-    };
-    T::try_from(value).map_err(|_| serde::de::Error::custom("must be a smaller number"))
-}
-
-/// A `Duration` written as whole milliseconds (`*_ms` keys).
-mod millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_u64(u64::try_from(value.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        u64::deserialize(deserializer).map(Duration::from_millis)
-    }
-}
-
-/// As [`millis`], refusing 0.
-mod non_zero_millis {
-    use std::time::Duration;
-
-    use serde::Deserializer;
-
-    pub use super::millis::serialize;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let millis: std::num::NonZeroU64 = super::non_zero(deserializer)?;
-        Ok(Duration::from_millis(millis.get()))
-    }
-}
-
-/// A `Duration` written as whole seconds (`*_secs` keys).
-mod secs {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_u64(value.as_secs())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        u64::deserialize(deserializer).map(Duration::from_secs)
-    }
-}
-
-/// An http(s) URL. Printed without the trailing `/` the parser adds to a bare host, so
-/// `check-config` shows what was written.
-mod http_url {
-    use reqwest::Url;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Url, serializer: S) -> Result<S::Ok, S::Error> {
-        let text = value.as_str();
-        serializer.serialize_str(if value.path() == "/" {
-            text.trim_end_matches('/')
-        } else {
-            text
-        })
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Url, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        match Url::parse(&text) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
-            _ => Err(serde::de::Error::custom("must be an http(s) URL")),
-        }
-    }
-}
-
-/// As [`http_url`], with `""` for none.
-mod optional_http_url {
-    use reqwest::Url;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Option<Url>, serializer: S) -> Result<S::Ok, S::Error> {
-        match value {
-            Some(url) => super::http_url::serialize(url, serializer),
-            None => serializer.serialize_str(""),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<Url>, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        if text.is_empty() {
-            return Ok(None);
-        }
-        match Url::parse(&text) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(Some(url)),
-            _ => Err(serde::de::Error::custom("must be an http(s) URL or empty")),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -724,125 +511,6 @@ fn layers(file: Option<&Path>) -> Result<ConfigBuilder<DefaultState>, ConfigErro
     Ok(layers.add_source(env))
 }
 
-/// Whether a Postgres URL is a placeholder as a whole or by its password
-/// (`postgres://relay:REPLACE_ME@db/relay`).
-fn postgres_url_is_placeholder(url: &str) -> bool {
-    if is_placeholder(url) {
-        return true;
-    }
-    let Ok(parsed) = Url::parse(url) else {
-        return false;
-    };
-    parsed.password().is_some_and(|password| {
-        let decoded = percent_decode(password);
-        is_placeholder(&decoded)
-    })
-}
-
-/// `%3C` -> `<`: the URL parser keeps the password percent-encoded.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The most problems reported for one configuration: past it the rest are likely one mistake.
-const MAX_PROBLEMS: usize = 50;
-
-/// Values that only let validation go on after a required key was refused (its default is not
-/// a valid value); the configuration is refused anyway.
-const STAND_INS: [(&str, &str); 1] = [("heap.app_id", "0")];
-
-/// How to get past a problem found while deserializing, to look for the next one.
-enum Repair {
-    /// An unknown key: leave it out.
-    Remove(Vec<String>),
-    /// A bad value: take the default instead (or a stand-in, when the default is refused too).
-    Reset(String),
-    /// Cannot tell which key: stop looking.
-    Stop,
-}
-
-impl Repair {
-    /// Changes `tree`; false when nothing could be changed (so the same problem would recur).
-    fn apply(
-        self,
-        tree: &mut Map<String, Value>,
-        defaults: &Map<String, Value>,
-        reset: &mut std::collections::BTreeSet<String>,
-    ) -> bool {
-        match self {
-            Repair::Remove(path) => {
-                let Some((last, parents)) = path.split_last() else {
-                    return false;
-                };
-                table_at(tree, parents).is_some_and(|table| table.remove(last).is_some())
-            }
-            Repair::Reset(key) => {
-                let path: Vec<String> = key.split('.').map(str::to_owned).collect();
-                let Some((last, parents)) = path.split_last() else {
-                    return false;
-                };
-                let value = if reset.insert(key.clone()) {
-                    let mut defaults = defaults.clone();
-                    table_at(&mut defaults, parents).and_then(|table| table.remove(last))
-                } else {
-                    STAND_INS
-                        .iter()
-                        .find(|(k, _)| *k == key)
-                        .map(|(_, v)| Value::new(None, ValueKind::String((*v).to_owned())))
-                };
-                let Some(value) = value else {
-                    return false;
-                };
-                match table_at(tree, parents) {
-                    Some(table) => {
-                        table.insert(last.clone(), value);
-                        true
-                    }
-                    None => false,
-                }
-            }
-            Repair::Stop => false,
-        }
-    }
-}
-
-/// The table at `path` inside `tree`, if every step is a table.
-fn table_at<'a>(
-    tree: &'a mut Map<String, Value>,
-    path: &[String],
-) -> Option<&'a mut Map<String, Value>> {
-    let mut table = tree;
-    for step in path {
-        match table.get_mut(step) {
-            Some(Value {
-                kind: ValueKind::Table(inner),
-                ..
-            }) => table = inner,
-            _ => return None,
-        }
-    }
-    Some(table)
-}
-
 /// `Old name=New name;Other=Another` -> table.
 fn parse_renames(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut renames = BTreeMap::new();
@@ -856,76 +524,6 @@ fn parse_renames(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
         renames.insert(from.trim().to_owned(), to.trim().to_owned());
     }
     Ok(renames)
-}
-
-/// Keys whose values must never be printed, not even in an error.
-const SECRET_KEYS: [&str; 3] = ["userpilot.secrets", "admin.token", "queue.postgres_url"];
-
-/// What a key of a fixed form accepts, for the error message (serde's own names the type).
-const CHOICES: [(&str, &str); 4] = [
-    ("log.format", "`json` or `pretty`"),
-    ("queue.backend", "`sqlite` or `postgres`"),
-    (
-        "server.listen",
-        "an address and port, such as `0.0.0.0:8080`",
-    ),
-    (
-        "server.admin_listen",
-        "an address and port, such as `127.0.0.1:9090`",
-    ),
-];
-
-/// Turns the `config` crate's error into one line naming the key, and how to get past it.
-/// Its messages put the key after "for key"; an unknown key reads "unknown field `x`" with the
-/// section as the key. Serde quotes the offending value, so for secret keys the message is
-/// replaced entirely.
-fn describe(error: &config::ConfigError) -> (String, Repair) {
-    let text = error.to_string();
-    let key = text
-        .rsplit_once("for key `")
-        .and_then(|(_, k)| k.split('`').next())
-        .filter(|k| !k.is_empty());
-    if let Some((_, rest)) = text.split_once("unknown field ") {
-        let field = rest.split('`').nth(1).unwrap_or(rest);
-        let mut path: Vec<String> = key
-            .map(|k| k.split('.').map(str::to_owned).collect())
-            .unwrap_or_default();
-        path.push(field.to_owned());
-        return (
-            format!("unknown key `{}`", path.join(".")),
-            Repair::Remove(path),
-        );
-    }
-    let Some(key) = key else {
-        return (text, Repair::Stop);
-    };
-    // `userpilot.secrets[1]`: the list is one key.
-    let key = key.split('[').next().unwrap_or(key);
-    let repair = Repair::Reset(key.to_owned());
-    if SECRET_KEYS.contains(&key) {
-        return (
-            format!("`{key}` has an invalid value (not shown: it is a secret)"),
-            repair,
-        );
-    }
-    if let Some((problem, _)) = text.split_once(" for key `")
-        && PROBLEM_STARTS
-            .iter()
-            .any(|start| problem.starts_with(start))
-    {
-        return (format!("`{key}` {problem}"), repair);
-    }
-    if let Some((_, choices)) = CHOICES.iter().find(|(k, _)| *k == key) {
-        return (format!("`{key}` must be {choices}"), repair);
-    }
-    // "invalid type: string \"soon\", expected an integer for key `k` in the environment"
-    if let Some(rest) = text.strip_prefix("invalid type: ")
-        && let Some((found, rest)) = rest.split_once(", expected ")
-        && let Some((expected, _)) = rest.split_once(" for key `")
-    {
-        return (format!("`{key}` must be {expected}, not {found}"), repair);
-    }
-    (text, repair)
 }
 
 #[cfg(test)]
