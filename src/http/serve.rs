@@ -262,6 +262,11 @@ async fn serve_connection(
             }
         };
         tokio::select! {
+            // In this order: after the task waited for a core (a loaded machine), the
+            // connection first reads what the client already sent, and a request that starts
+            // is seen before the deadline is looked at. Unbiased, a due deadline could win the
+            // draw and cut a client whose whole request was waiting in the socket.
+            biased;
             // Errors here are the client's (reset, timeout, malformed request): nothing to do.
             _ = connection.as_mut() => break,
             Ok(()) = requests.changed() => {
