@@ -6,9 +6,6 @@
 #   bash scripts/first-run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# As in a fresh shell: the relay reads every RELAY_* variable as configuration (and refuses
-# unknown keys), so none inherited from the caller (CI exports RELAY_TEST_POSTGRES_URL) may leak in.
-for name in $(compgen -e | grep '^RELAY_' || true); do unset "$name"; done
 started=$(date +%s)
 work=$(mktemp -d)
 pids=()
@@ -22,6 +19,11 @@ trap cleanup EXIT
 # 1. Build.
 cargo build --quiet
 relay=./target/debug/userpilot-heap-relay
+
+# As in a fresh shell: the relay reads every RELAY_* variable as configuration (and refuses
+# unknown keys), so none inherited from the caller (CI exports RELAY_TEST_POSTGRES_URL) may
+# leak in. Only after the build: build.rs reads that one, and CI has just built with it.
+for name in $(compgen -e | grep '^RELAY_' || true); do unset "$name"; done
 
 # 2. A local stand-in for Heap, printing what the relay sends it.
 python3 scripts/heap-sink.py 8081 >"$work/heap.jsonl" 2>"$work/heap.log" &
