@@ -1,6 +1,6 @@
 # userpilot-heap-relay container image.
 #
-#   docker build -t userpilot-heap-relay .
+#   docker build -t userpilot-heap-relay --build-arg USERPILOT_HEAP_RELAY_COMMIT="$(git rev-parse --short HEAD)" .
 #   docker run -e RELAY_USERPILOT__SECRETS=... -e RELAY_HEAP__APP_ID=... \
 #       -p 8080:8080 -v relay-data:/var/lib/relay userpilot-heap-relay
 #
@@ -25,6 +25,11 @@ RUN mkdir src \
     && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
+
+# The commit the image is built from, for the metric relay_build_info{commit} (the build
+# context has no .git):  docker build --build-arg USERPILOT_HEAP_RELAY_COMMIT="$(git rev-parse --short HEAD)" .
+# Declared here, after the dependency layer, so a new commit does not rebuild the dependencies.
+ARG USERPILOT_HEAP_RELAY_COMMIT=unknown
 
 # The real sources. `touch` makes them newer than the stub's build, whatever timestamps the
 # build context carried, so cargo cannot mistake the stub binary for an up-to-date one.

@@ -2,8 +2,9 @@
 //! - lets the Postgres integration tests know whether a server was named when they were built.
 //!   With `RELAY_TEST_POSTGRES_URL` set it turns on `cfg(postgres_tests)`; without it those
 //!   tests carry `#[ignore]` and show as "ignored" rather than passing without running;
-//! - names the commit built, for `relay_build_info{commit}`: `RELAY_BUILD_COMMIT` when set
-//!   (a container build has no `.git`: pass it in), else `git rev-parse --short HEAD`. Without
+//! - names the commit built, for `relay_build_info{commit}`: `USERPILOT_HEAP_RELAY_COMMIT` when
+//!   set (a container build has no `.git`: pass it in; not a `RELAY_*` name, since the relay
+//!   reads every `RELAY_*` variable as configuration), else `git rev-parse --short HEAD`. Without
 //!   either the variable is simply not set and the relay reports `unknown`: never a failed build.
 
 use std::path::{Path, PathBuf};
@@ -20,13 +21,16 @@ fn main() {
         println!("cargo::rustc-cfg=postgres_tests");
     }
 
-    println!("cargo::rerun-if-env-changed=RELAY_BUILD_COMMIT");
-    let commit = std::env::var("RELAY_BUILD_COMMIT")
+    println!("cargo::rerun-if-env-changed=USERPILOT_HEAP_RELAY_COMMIT");
+    let commit = std::env::var("USERPILOT_HEAP_RELAY_COMMIT")
         .ok()
         .filter(|commit| !commit.trim().is_empty())
         .or_else(|| git(&["rev-parse", "--short", "HEAD"]));
     if let Some(commit) = commit {
-        println!("cargo::rustc-env=RELAY_BUILD_COMMIT={}", commit.trim());
+        println!(
+            "cargo::rustc-env=USERPILOT_HEAP_RELAY_COMMIT={}",
+            commit.trim()
+        );
     }
     for file in head_files() {
         println!("cargo::rerun-if-changed={}", file.display());

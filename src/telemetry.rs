@@ -44,8 +44,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The commit built, for `relay_build_info{commit}`: set by `build.rs` from git (or from
-/// `RELAY_BUILD_COMMIT`), `unknown` when it could not tell (a build without `.git`).
-pub const COMMIT: &str = match option_env!("RELAY_BUILD_COMMIT") {
+/// `USERPILOT_HEAP_RELAY_COMMIT`), `unknown` when it could not tell (a build without `.git`).
+pub const COMMIT: &str = match option_env!("USERPILOT_HEAP_RELAY_COMMIT") {
     Some(commit) => commit,
     None => "unknown",
 };

@@ -48,7 +48,7 @@ async fn scrape(relay: &RelayProcess) -> String {
 
 /// The commit the relay was built from, as build.rs finds it, when this checkout can say.
 fn checkout_commit() -> Option<String> {
-    if std::env::var_os("RELAY_BUILD_COMMIT").is_some() {
+    if std::env::var_os("USERPILOT_HEAP_RELAY_COMMIT").is_some() {
         return None;
     }
     let output = std::process::Command::new("git")
