@@ -1,5 +1,5 @@
 //! TLS between the shared queue and Postgres (`sslmode` in `queue.postgres_url`), against the
-//! server in `RELAY_TEST_POSTGRES_URL` (skipped, saying so, when it is not set). Debian's
+//! server in `RELAY_TEST_POSTGRES_URL` (ignored, with the reason, when it is not set). Debian's
 //! server, which `.ci/postgres.sh` starts, serves TLS with its self-signed "snakeoil"
 //! certificate, issued for a host name (never for an IP address).
 //!
@@ -213,15 +213,14 @@ async fn verify_modes_refuse_a_certificate_no_trusted_root_signed() {
 #[tokio::test]
 async fn verify_full_refuses_a_trusted_certificate_issued_for_another_host() {
     let (admin, schema) = server("verify_full_refuses_another_host").await;
-    if names_the_server_by_ip_address(&schema) {
-        let root = server_certificate(&admin).await;
-        let params = format!("sslmode=verify-full&sslrootcert={root}");
-        let error = refused(&with(&schema.url, &params)).await;
-        assert!(
-            error.contains("TLS handshake") && error.contains("not valid for name"),
-            "{error}"
-        );
-    }
+    assert_names_the_server_by_ip_address(&schema);
+    let root = server_certificate(&admin).await;
+    let params = format!("sslmode=verify-full&sslrootcert={root}");
+    let error = refused(&with(&schema.url, &params)).await;
+    assert!(
+        error.contains("TLS handshake") && error.contains("not valid for name"),
+        "{error}"
+    );
     schema.drop().await;
 }
 
@@ -231,29 +230,27 @@ async fn verify_full_with_the_system_roots_refuses_the_self_signed_certificate()
     let (_admin, schema) = server("verify_full_with_the_system_roots").await;
     // Refused as not signed by a trusted root, or, where the system trusts the certificate
     // (Debian links it into /etc/ssl/certs), as issued for another host.
-    if names_the_server_by_ip_address(&schema) {
-        let error = refused(&with(&schema.url, "sslmode=verify-full")).await;
-        assert!(
-            error.contains("TLS handshake") && error.contains("invalid peer certificate"),
-            "{error}"
-        );
-    }
+    assert_names_the_server_by_ip_address(&schema);
+    let error = refused(&with(&schema.url, "sslmode=verify-full")).await;
+    assert!(
+        error.contains("TLS handshake") && error.contains("invalid peer certificate"),
+        "{error}"
+    );
     schema.drop().await;
 }
 
-/// Whether the URL names the server by IP address, for which Debian's self-signed certificate
-/// (issued for a host name) is never valid; if not, says that the calling test skips.
-fn names_the_server_by_ip_address(schema: &Schema) -> bool {
+/// The tests of host-name checks need the URL to name the server by IP address, for which
+/// Debian's self-signed certificate (issued for a host name) is never valid. With a host name
+/// they cannot show anything, and say so by failing rather than passing silently.
+fn assert_names_the_server_by_ip_address(schema: &Schema) {
     let config: tokio_postgres::Config = schema.url.parse().unwrap();
     let on_ip = config
         .get_hosts()
         .iter()
         .all(|host| matches!(host, Host::Tcp(name) if name.parse::<std::net::IpAddr>().is_ok()));
-    if !on_ip {
-        eprintln!(
-            "skipped: {} names the server by host name, not IP address",
-            crate::support::postgres::URL_VAR
-        );
-    }
-    on_ip
+    assert!(
+        on_ip,
+        "{} must name the server by IP address (as .ci/postgres.sh does) for this test",
+        crate::support::postgres::URL_VAR
+    );
 }

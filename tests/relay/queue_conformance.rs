@@ -1,6 +1,6 @@
 //! One conformance suite for the `Queue` trait, written once against `Arc<dyn Queue>` and run
 //! on both backends: SQLite (a temp dir) and Postgres (a fresh schema per test on the server in
-//! `RELAY_TEST_POSTGRES_URL`; skipped, saying so, when it is not set). It covers enqueue
+//! `RELAY_TEST_POSTGRES_URL`; ignored, with the reason, when it is not set). It covers enqueue
 //! (accepted, duplicate, quarantined, keys unique per webhook, NUL characters), claim order /
 //! max / due time, leases (expiry, renew), ack, retry with and without an attempt, dead
 //! letters (with the attempts that led to them) and their filters and paging, replay +

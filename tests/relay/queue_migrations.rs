@@ -1,6 +1,6 @@
 //! Queue files and schemas written by an older relay are upgraded at startup, keeping every
 //! record: schema version 1 (a global unique index on record keys) to version 2 (keys unique
-//! per webhook), on SQLite and on Postgres (skipped, saying so, without
+//! per webhook), on SQLite and on Postgres (ignored, with the reason, without
 //! `RELAY_TEST_POSTGRES_URL`).
 
 use bytes::Bytes;
