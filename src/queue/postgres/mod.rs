@@ -315,6 +315,22 @@ fn refs(values: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
         .collect()
 }
 
+/// A dead letter from the first nine columns of a row: id, webhook id, kind, reason, detail,
+/// subject, attempts, received at, dead at (the listing's and the detail's common part).
+fn dead_letter_from(row: &tokio_postgres::Row) -> Result<DeadLetter, tokio_postgres::Error> {
+    Ok(DeadLetter {
+        id: row.try_get(0)?,
+        webhook_id: row.try_get(1)?,
+        kind: row.try_get(2)?,
+        reason: row.try_get(3)?,
+        detail: row.try_get(4)?,
+        subject: row.try_get(5)?,
+        attempts: attempts(row.try_get(6)?),
+        received_at_ms: row.try_get(7)?,
+        dead_at_ms: row.try_get(8)?,
+    })
+}
+
 fn attempts(value: i32) -> u32 {
     u32::try_from(value).unwrap_or(0)
 }
@@ -557,19 +573,7 @@ impl Queue for PostgresQueue {
         );
         let rows = self.query(&sql, &refs(&values)).await?;
         rows.iter()
-            .map(|row| {
-                Ok(DeadLetter {
-                    id: row.try_get(0)?,
-                    webhook_id: row.try_get(1)?,
-                    kind: row.try_get(2)?,
-                    reason: row.try_get(3)?,
-                    detail: row.try_get(4)?,
-                    subject: row.try_get(5)?,
-                    attempts: attempts(row.try_get(6)?),
-                    received_at_ms: row.try_get(7)?,
-                    dead_at_ms: row.try_get(8)?,
-                })
-            })
+            .map(dead_letter_from)
             .collect::<Result<_, tokio_postgres::Error>>()
             .map_err(storage)
     }
@@ -592,17 +596,7 @@ impl Queue for PostgresQueue {
         };
         let detail = || -> Result<DeadLetterDetail, tokio_postgres::Error> {
             Ok(DeadLetterDetail {
-                letter: DeadLetter {
-                    id: row.try_get(0)?,
-                    webhook_id: row.try_get(1)?,
-                    kind: row.try_get(2)?,
-                    reason: row.try_get(3)?,
-                    detail: row.try_get(4)?,
-                    subject: row.try_get(5)?,
-                    attempts: attempts(row.try_get(6)?),
-                    received_at_ms: row.try_get(7)?,
-                    dead_at_ms: row.try_get(8)?,
-                },
+                letter: dead_letter_from(row)?,
                 json: row.try_get(9)?,
                 last_error: row.try_get(10)?,
                 body: Bytes::from(row.try_get::<_, Vec<u8>>(11)?),

@@ -457,19 +457,7 @@ impl Queue for SqliteQueue {
                 limit_sql(&filter)
             );
             let mut statement = conn.prepare(&sql)?;
-            let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
-                Ok(DeadLetter {
-                    id: row.get(0)?,
-                    webhook_id: row.get(1)?,
-                    kind: row.get(2)?,
-                    reason: row.get(3)?,
-                    detail: row.get(4)?,
-                    subject: row.get(5)?,
-                    attempts: row.get(6)?,
-                    received_at_ms: row.get(7)?,
-                    dead_at_ms: row.get(8)?,
-                })
-            })?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values), dead_letter_from)?;
             rows.collect()
         })
         .await
@@ -486,17 +474,7 @@ impl Queue for SqliteQueue {
             ))?
             .query_row(params![id], |row| {
                 Ok(DeadLetterDetail {
-                    letter: DeadLetter {
-                        id: row.get(0)?,
-                        webhook_id: row.get(1)?,
-                        kind: row.get(2)?,
-                        reason: row.get(3)?,
-                        detail: row.get(4)?,
-                        subject: row.get(5)?,
-                        attempts: row.get(6)?,
-                        received_at_ms: row.get(7)?,
-                        dead_at_ms: row.get(8)?,
-                    },
+                    letter: dead_letter_from(row)?,
                     json: row.get(9)?,
                     last_error: row.get(10)?,
                     body: Bytes::from(row.get::<_, Vec<u8>>(11)?),
@@ -668,6 +646,22 @@ impl Queue for SqliteQueue {
         })
         .await
     }
+}
+
+/// A dead letter from the first nine columns of a row: id, webhook id, kind, reason, detail,
+/// subject, attempts, received at, dead at (the listing's and the detail's common part).
+fn dead_letter_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: row.get(0)?,
+        webhook_id: row.get(1)?,
+        kind: row.get(2)?,
+        reason: row.get(3)?,
+        detail: row.get(4)?,
+        subject: row.get(5)?,
+        attempts: row.get(6)?,
+        received_at_ms: row.get(7)?,
+        dead_at_ms: row.get(8)?,
+    })
 }
 
 #[cfg(test)]
