@@ -1,7 +1,7 @@
 //! Wiring: [`App::build`] turns validated [`Settings`] into bound listeners, a queue, the
-//! forwarder and the routers; [`App::run`] serves until the shutdown token is cancelled, then
-//! drains within `server.shutdown_grace_ms`. It reads no clock itself: time comes from the
-//! [`Clock`] it is built with.
+//! sources, a forwarding lane per app id and the routers; [`App::run`] serves until the
+//! shutdown token is cancelled, then drains within `server.shutdown_grace_ms`. It reads no
+//! clock itself: time comes from the [`Clock`] it is built with.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,15 +13,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Backend, Settings};
+use crate::config::AppId;
+use crate::forwarder::lanes::{self, Lanes, Starts};
 use crate::forwarder::limits::Limits;
 use crate::forwarder::retry::Backoff;
 use crate::forwarder::{Control, Forwarder, ForwarderConfig};
 use crate::heap::client::HeapClient;
-use crate::heap::mapping::Mapper;
 use crate::http::{self, AppState};
 use crate::queue::Queue;
-use crate::queue::postgres::{PostgresQueue, leader_lock_key};
+use crate::queue::postgres::PostgresQueue;
 use crate::queue::sqlite::SqliteQueue;
+use crate::reload::{Load, Reloader};
+use crate::sources::{LiveSources, Sources};
+use crate::telemetry;
 use crate::traces::Traces;
 
 /// How long the spans still queued at shutdown may take to reach the trace collector.
@@ -54,7 +58,9 @@ pub enum AppError {
 pub struct App {
     settings: Settings,
     state: Arc<AppState>,
-    forwarder: Forwarder,
+    /// The lanes registered so far, for the supervisor to start.
+    starts: Starts,
+    build_lane: lanes::Build,
     public: TcpListener,
     admin: TcpListener,
 }
@@ -67,11 +73,11 @@ pub async fn open_queue(settings: &Settings) -> Result<Arc<dyn Queue>, AppError>
     }
 }
 
-/// Whether this process forwards for the app id right now.
-type Leadership = Box<dyn Fn() -> bool + Send + Sync>;
+/// Whether this process forwards for an app id right now.
+type Leadership = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// Opens the configured queue backend for the relay that forwards from it, with how its
-/// forwarder learns whether it is the one forwarding.
+/// Opens the configured queue backend for the relay that forwards from it, with how each
+/// lane's forwarder learns whether it is the one forwarding for its app id.
 async fn open_queue_for_serving(
     settings: &Settings,
     clock: Arc<dyn Clock>,
@@ -80,19 +86,19 @@ async fn open_queue_for_serving(
         Backend::Sqlite => {
             let queue =
                 SqliteQueue::open_for_serving_with_clock(&settings.queue.path, clock).await?;
-            Ok((Arc::new(queue), Box::new(|| true)))
+            Ok((Arc::new(queue), Arc::new(|_: &str| true)))
         }
         // Shared by replicas: leases are never released at startup (another replica may be
-        // sending them); the leader frees those of replicas that are gone.
+        // sending them); each lane's leader frees those of replicas that are gone.
         Backend::Postgres => {
             let queue = connect_postgres(settings, clock).await?;
             let leader = queue.clone();
-            Ok((queue, Box::new(move || leader.is_leader())))
+            Ok((queue, Arc::new(move |app_id: &str| leader.is_leader(app_id))))
         }
     }
 }
 
-/// The shared Postgres queue. The replicas serving one Heap app id elect one forwarder among
+/// The shared Postgres queue. The replicas elect one forwarder per Heap app id among
 /// themselves (see [`crate::queue::postgres`]).
 async fn open_postgres(settings: &Settings) -> Result<Arc<dyn Queue>, AppError> {
     Ok(connect_postgres(settings, Arc::new(SystemClock)).await?)
@@ -102,21 +108,97 @@ async fn connect_postgres(
     settings: &Settings,
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<PostgresQueue>, AppError> {
-    let lock_key = leader_lock_key(settings.heap.app_id.as_str());
     let url = settings.queue.postgres_url.expose();
-    Ok(Arc::new(
-        PostgresQueue::connect_with_clock(url, lock_key, clock).await?,
-    ))
+    Ok(Arc::new(PostgresQueue::connect_with_clock(url, clock).await?))
 }
 
-/// The mapper as configured.
-pub fn mapper(settings: &Settings) -> Result<Mapper, AppError> {
-    Ok(Mapper::new(
-        &settings.heap.identity,
-        settings.heap.user_properties,
-        settings.heap.account_properties,
-        &settings.mapping()?,
-    ))
+/// Builds the forwarder of each lane from `[heap]` and `[retry]`: its own client, rate
+/// budget and backoff; leadership of its app id on a shared queue.
+fn lane_builder(
+    settings: &Settings,
+    queue: Arc<dyn Queue>,
+    clock: Arc<dyn Clock>,
+    leadership: Leadership,
+    traces: Traces,
+) -> lanes::Build {
+    let heap = settings.heap.clone();
+    let config = ForwarderConfig {
+        linger: heap.batch_linger,
+        backoff: Backoff {
+            initial: settings.retry.initial_backoff,
+            max: settings.retry.max_backoff,
+        },
+        max_event_age: settings.retry.max_event_age,
+        // Long enough for the app budget to admit a full batch and Heap to answer.
+        lease: heap.timeout + Duration::from_secs(60),
+        shutdown_grace: settings.server.shutdown_grace,
+    };
+    Box::new(move |app_id: &AppId, control: Arc<Control>| {
+        let client = match HeapClient::new(&heap.base_url, app_id, heap.timeout, clock.clone()) {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::error!(app_id = %app_id, %error, "cannot build the Heap client; lane not started");
+                return None;
+            }
+        };
+        let limits = Limits::new(
+            heap.events_per_minute,
+            heap.identity_events_per_minute,
+            heap.batch_max_events,
+            clock.clone(),
+        );
+        let leadership = leadership.clone();
+        let lane = app_id.as_str().to_owned();
+        let forwarder = Forwarder::new(
+            queue.clone(),
+            client,
+            clock.clone(),
+            limits,
+            config.clone(),
+            control,
+        )
+        .with_leadership(move || leadership(&lane))
+        .with_traces(traces.clone());
+        Some(forwarder)
+    })
+}
+
+/// Registers a lane for every app id the sources name, and for every app id that still has
+/// records queued though no source names it any more (they are delivered all the same).
+async fn register_lanes(sources: &Sources, queue: &dyn Queue, lanes: &Lanes, now_ms: i64) {
+    for app_id in sources.app_ids() {
+        lanes.ensure(&app_id);
+        telemetry::zero_lane_series(app_id.as_str());
+    }
+    let queued = match queue.lane_stats(now_ms).await {
+        Ok(queued) => queued,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list the app ids with queued records");
+            return;
+        }
+    };
+    for (app_id, stats) in queued {
+        let waiting = stats.pending + stats.in_flight;
+        let Ok(app_id) = AppId::try_from(app_id) else {
+            // Records from before sources (schema v2) that no default source adopted.
+            if waiting > 0 {
+                tracing::warn!(
+                    records = waiting,
+                    "records queued before sources existed wait for a default source \
+                     (userpilot.secrets and heap.app_id) to adopt them"
+                );
+            }
+            continue;
+        };
+        if waiting > 0 && lanes.ensure(&app_id) {
+            telemetry::zero_lane_series(app_id.as_str());
+            tracing::info!(
+                app_id = %app_id,
+                records = waiting,
+                "no source names this app id any more; its lane delivers what is queued"
+            );
+        }
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -133,44 +215,36 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AppError> {
         let (queue, leadership) = open_queue_for_serving(&settings, clock.clone()).await?;
-        let heap = &settings.heap;
-        let client = HeapClient::new(&heap.base_url, &heap.app_id, heap.timeout, clock.clone())?;
-        let limits = Limits::new(
-            heap.events_per_minute,
-            heap.identity_events_per_minute,
-            heap.batch_max_events,
-            clock.clone(),
-        );
-        let forwarder_config = ForwarderConfig {
-            linger: heap.batch_linger,
-            backoff: Backoff {
-                initial: settings.retry.initial_backoff,
-                max: settings.retry.max_backoff,
-            },
-            max_event_age: settings.retry.max_event_age,
-            // Long enough for the app budget to admit a full batch and Heap to answer.
-            lease: heap.timeout + Duration::from_secs(60),
-            shutdown_grace: settings.server.shutdown_grace,
-        };
-        let control = Arc::new(Control::default());
+        let sources = Sources::from_settings(&settings)?;
+        if let Some(default) = sources.default_source() {
+            let adopted = queue.adopt_unassigned(default.app_id.as_str()).await?;
+            if adopted > 0 {
+                tracing::info!(
+                    records = adopted,
+                    app_id = %default.app_id,
+                    "records queued before sources existed now belong to the default source's app id"
+                );
+            }
+        }
+        for source in sources.iter() {
+            telemetry::zero_source_series(&source.name);
+        }
+        let (lanes, starts) = Lanes::new();
+        register_lanes(&sources, queue.as_ref(), &lanes, clock.now_ms()).await;
         let traces = Traces::start(&settings.telemetry)?;
-        let forwarder = Forwarder::new(
+        let build_lane = lane_builder(
+            &settings,
             queue.clone(),
-            client,
             clock.clone(),
-            limits,
-            forwarder_config,
-            control.clone(),
-        )
-        .with_leadership(leadership)
-        .with_traces(traces.clone());
+            leadership,
+            traces.clone(),
+        );
         let state = Arc::new(AppState {
-            secrets: settings.userpilot.secrets.clone(),
-            tolerance_secs: settings.userpilot.tolerance.as_secs(),
-            mapper: mapper(&settings)?,
+            sources: LiveSources::new(sources),
+            lanes,
+            reloader: Reloader::new(settings.clone()),
             queue,
             clock,
-            control,
             shutdown: CancellationToken::new(),
             admin_token: settings.admin.token.clone(),
             readiness: http::health::Readiness::default(),
@@ -185,10 +259,23 @@ impl App {
         Ok(Self {
             settings,
             state,
-            forwarder,
+            starts,
+            build_lane,
             public,
             admin,
         })
+    }
+
+    /// Where a reload (SIGHUP, `POST /admin/reload`) reads the configuration from: the same
+    /// layers the process started from. Without it, a reload is refused.
+    pub fn reload_from(self, load: Load) -> Self {
+        self.state.reloader.set_load(load);
+        self
+    }
+
+    /// Reloads the configuration as `POST /admin/reload` does (for SIGHUP).
+    pub fn reload_trigger(&self) -> ReloadTrigger {
+        ReloadTrigger(self.state.clone())
     }
 
     pub fn public_addr(&self) -> Option<SocketAddr> {
@@ -206,7 +293,8 @@ impl App {
         let Self {
             settings,
             state,
-            forwarder,
+            starts,
+            build_lane,
             public,
             admin,
         } = self;
@@ -231,7 +319,7 @@ impl App {
         let admin_app = http::admin_router(state.clone());
         let stop = closing.clone();
         tasks.spawn(http::serve::serve(admin, admin_app, stop).map_ok());
-        tasks.spawn(forwarder.run(draining.clone()).map_ok());
+        tasks.spawn(lanes::run(starts, build_lane, draining.clone()).map_ok());
         tasks.spawn(prune_periodically(state.clone(), settings.clone(), draining.clone()).map_ok());
 
         // Serve until asked to stop — or until a task fails on its own.
@@ -279,6 +367,17 @@ impl App {
         state.traces.shutdown(TRACES_FLUSH).await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// A handle that reloads the running relay's configuration.
+#[derive(Clone)]
+pub struct ReloadTrigger(Arc<AppState>);
+
+impl ReloadTrigger {
+    pub async fn reload(&self) {
+        // The outcome is logged and counted by the reload itself.
+        let _ = self.0.reloader.reload(&self.0.sources, &self.0.lanes).await;
     }
 }
 

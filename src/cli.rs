@@ -48,9 +48,13 @@ pub enum Command {
     SendTest {
         /// The relay's webhook URL, e.g. https://relay.example.com/webhooks/userpilot
         url: String,
-        /// The webhook secret (default: the first of userpilot.secrets).
+        /// The webhook secret (default: the first secret of the source).
         #[arg(long)]
         secret: Option<String>,
+        /// The source to test: posts to URL/NAME (unless URL already ends with it), signed
+        /// with its first secret (default: the default source, at URL as given).
+        #[arg(long)]
+        source: Option<String>,
         /// The user id the samples carry.
         #[arg(long, default_value = "relay-send-test")]
         user_id: String,
@@ -112,6 +116,9 @@ pub struct Filter {
     /// Reason: no_user_id, no_identity, identity_too_long, no_kind, rejected or expired.
     #[arg(long)]
     pub reason: Option<String>,
+    /// The source the webhook came to.
+    #[arg(long)]
+    pub source: Option<String>,
     /// Heap identity (or account id).
     #[arg(long)]
     pub identity: Option<String>,
@@ -140,6 +147,7 @@ impl Filter {
         FilterParams {
             id: self.id,
             reason: self.reason.clone(),
+            source: self.source.clone(),
             identity: self.identity.clone(),
             since: self.since.clone(),
             until: self.until.clone(),

@@ -4,16 +4,18 @@
 //! mean "every dead letter".
 //!
 //! Replay re-maps each webhook from its original Userpilot body with the *current*
-//! configuration, so fixing `heap.identity` or `[mapping]` and replaying repairs quarantined
-//! webhooks. Records that were delivered meanwhile keep their keys and are not sent twice.
+//! configuration of its source, so fixing `heap.identity` or `[mapping]` and replaying repairs
+//! quarantined webhooks; the fresh records join the lane of the source's current app id.
+//! Records that were delivered meanwhile keep their keys and are not sent twice. A webhook
+//! whose source is no longer configured is left in the dead letters, and counted.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::heap::mapping::Mapper;
 use crate::queue::{
     Content, DeadLetter, DeadLetterDetail, DeadLetterFilter, Queue, QueueError, ReplayItem,
 };
+use crate::sources::Sources;
 use crate::translate;
 use crate::userpilot::Verified;
 
@@ -89,6 +91,8 @@ pub struct FilterParams {
     /// One dead letter by id.
     pub id: Option<i64>,
     pub reason: Option<String>,
+    /// The source the webhook came to (contract §9).
+    pub source: Option<String>,
     /// The Heap identity (or account id).
     pub identity: Option<String>,
     /// Dead since / until: unix milliseconds or RFC 3339.
@@ -111,8 +115,8 @@ pub enum FilterError {
     #[error("unknown reason `{0}`: the reasons are {known}", known = Reason::known())]
     UnknownReason(String),
     #[error(
-        "no dead letters selected: give one `id`, a filter (`reason`, `identity`, `since`, \
-         `until`, `after`, `limit`), or `all` to take every dead letter"
+        "no dead letters selected: give one `id`, a filter (`reason`, `source`, `identity`, \
+         `since`, `until`, `after`, `limit`), or `all` to take every dead letter"
     )]
     NoScope,
 }
@@ -149,6 +153,7 @@ impl FilterParams {
     fn has_filter(&self) -> bool {
         self.id.is_some()
             || self.reason.is_some()
+            || self.source.is_some()
             || self.identity.is_some()
             || self.since.is_some()
             || self.until.is_some()
@@ -170,6 +175,7 @@ impl FilterParams {
         Ok(DeadLetterFilter {
             ids: self.id.into_iter().collect(),
             reason: self.reason.clone(),
+            source: self.source.clone(),
             subject: self.identity.clone(),
             since_ms: parse_time("since", &self.since)?,
             until_ms: parse_time("until", &self.until)?,
@@ -188,16 +194,23 @@ pub struct ReplaySummary {
     pub events: usize,
     /// Webhooks that still cannot be mapped (quarantined again, with the current reason).
     pub quarantined: usize,
+    /// Webhooks of a source no longer configured: left in the dead letters as they were.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unknown_source: usize,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 /// Re-maps and requeues the webhooks behind the selected dead letters.
 pub async fn replay(
     queue: &dyn Queue,
-    mapper: &Mapper,
+    sources: &Sources,
     filter: DeadLetterFilter,
     now: DateTime<Utc>,
 ) -> Result<ReplaySummary, QueueError> {
-    replay_with_progress(queue, mapper, filter, now, &mut |_| {}).await
+    replay_with_progress(queue, sources, filter, now, &mut |_| {}).await
 }
 
 /// [`replay`], calling `progress` with the summary so far after each page of
@@ -207,7 +220,7 @@ pub async fn replay(
 /// is a dead letter again) is never taken up twice by the same replay.
 pub async fn replay_with_progress(
     queue: &dyn Queue,
-    mapper: &Mapper,
+    sources: &Sources,
     filter: DeadLetterFilter,
     now: DateTime<Utc>,
     progress: &mut (dyn FnMut(&ReplaySummary) + Send),
@@ -234,13 +247,14 @@ pub async fn replay_with_progress(
             left -= item.dead_ids.len();
             taken.push(item);
         }
-        replay_page(queue, mapper, taken, now, &mut summary).await?;
+        replay_page(queue, sources, taken, now, &mut summary).await?;
         progress(&summary);
     }
     tracing::info!(
         webhooks = summary.webhooks,
         events = summary.events,
         quarantined = summary.quarantined,
+        unknown_source = summary.unknown_source,
         "dead letters replayed"
     );
     Ok(summary)
@@ -248,15 +262,24 @@ pub async fn replay_with_progress(
 
 async fn replay_page(
     queue: &dyn Queue,
-    mapper: &Mapper,
+    sources: &Sources,
     items: Vec<ReplayItem>,
     now: DateTime<Utc>,
     summary: &mut ReplaySummary,
 ) -> Result<(), QueueError> {
     for item in items {
+        let Some(source) = sources.get(&item.source) else {
+            tracing::warn!(
+                webhook = item.webhook_id,
+                source = %item.source,
+                "the webhook's source is no longer configured; left in the dead letters"
+            );
+            summary.unknown_source += 1;
+            continue;
+        };
         let received_at = DateTime::from_timestamp_millis(item.received_at_ms).unwrap_or(now);
         let body = Verified::from_queue(item.body.clone());
-        let Ok(content) = translate::webhook(mapper, &body, received_at) else {
+        let Ok(content) = translate::webhook(&source.mapper, &body, received_at) else {
             // Stored bodies were valid JSON objects when they were accepted; one that is not
             // (a corrupted file?) is left as it is for a human to look at.
             tracing::error!(
@@ -277,7 +300,9 @@ async fn replay_page(
             received_at_ms: now_ms,
             ..item
         };
-        summary.events += queue.requeue(item, content, now_ms).await?;
+        summary.events += queue
+            .requeue(item, content, source.app_id.as_str(), now_ms)
+            .await?;
     }
     Ok(())
 }

@@ -56,6 +56,7 @@ pub const WEBHOOK_OUTCOMES: &[&str] = &[
     "accepted",
     "duplicate",
     "quarantined",
+    "unknown_source",
     "invalid_signature",
     "invalid_json",
     "bad_request",
@@ -91,79 +92,111 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// `# HELP` for every metric the relay exports, the known counters at zero, the build info.
+/// `# HELP` for every metric the relay exports, the build info, and the reload counters at
+/// zero. The counters labelled by source or app id start at zero when the source or lane
+/// does ([`zero_source_series`], [`zero_lane_series`]).
 fn describe() {
     metrics::describe_counter!(
         "relay_webhooks_total",
-        "Webhooks answered, by outcome (accepted, duplicate and quarantined are answered 202)."
+        "Webhooks answered, by source and outcome (accepted, duplicate and quarantined are answered 202)."
     );
     metrics::describe_histogram!(
         "relay_webhook_duration_seconds",
         Unit::Seconds,
-        "Time to answer a webhook, by outcome."
+        "Time to answer a webhook, by source and outcome."
     );
     metrics::describe_counter!(
         "relay_signature_failures_total",
-        "Webhooks refused for their signature, by reason."
+        "Webhooks refused for their signature, by source and reason."
     );
     metrics::describe_counter!(
         "relay_events_forwarded_total",
-        "Track events Heap accepted (property updates are not counted)."
+        "Track events Heap accepted, by app id (property updates are not counted)."
     );
     metrics::describe_counter!(
         "relay_events_dead_lettered_total",
-        "Queue records that became dead letters, by reason; a quarantined webhook counts once."
+        "Queue records that became dead letters, by app id and reason; a quarantined webhook counts once."
     );
     metrics::describe_counter!(
         "relay_heap_requests_total",
-        "Heap bulk requests made, by endpoint and status (HTTP status, timeout, or error: no answer)."
+        "Heap bulk requests made, by app id, endpoint and status (HTTP status, timeout, or error: no answer)."
     );
     metrics::describe_histogram!(
         "relay_heap_request_duration_seconds",
         Unit::Seconds,
-        "Duration of Heap bulk requests, by endpoint."
+        "Duration of Heap bulk requests, by app id and endpoint."
     );
     metrics::describe_gauge!(
         "relay_queue_depth",
-        "Queue records (track events, property updates, quarantined webhooks) by state, read at scrape time."
+        "Queue records (track events, property updates, quarantined webhooks) by app id and state, read at scrape time."
     );
     metrics::describe_gauge!(
         "relay_oldest_pending_age_seconds",
         Unit::Seconds,
-        "Age of the oldest record not yet delivered (pending or in flight); 0 when there is none."
+        "Age of the oldest record not yet delivered (pending or in flight), by app id; 0 when there is none."
     );
     metrics::describe_gauge!(
         "relay_forwarder_state",
-        "1 for this process's forwarder state (running, backing_off, paused), 0 for the others."
+        "1 for the state of this process's forwarding lane (running, backing_off, paused), 0 for the others, by app id."
     );
     metrics::describe_gauge!(
         "relay_queue_leader",
-        "Postgres queue only: 1 on the replica that forwards, 0 on the others."
+        "Postgres queue only: 1 on the replica that forwards for the app id, 0 on the others."
+    );
+    metrics::describe_counter!(
+        "relay_config_reloads_total",
+        "Configuration reloads (SIGHUP, POST /admin/reload), by result: ok, or error (the running configuration stayed)."
     );
     metrics::describe_gauge!(
         "relay_build_info",
         "Always 1; the labels name the version and the commit built."
     );
 
-    for &outcome in WEBHOOK_OUTCOMES {
-        metrics::counter!("relay_webhooks_total", "outcome" => outcome).increment(0);
-    }
-    for &reason in SIGNATURE_FAILURE_REASONS {
-        metrics::counter!("relay_signature_failures_total", "reason" => reason).increment(0);
-    }
-    // The `reason` label of dead letters: every reason there is (contract §7.1).
-    for reason in crate::dead_letters::Reason::ALL {
-        metrics::counter!("relay_events_dead_lettered_total", "reason" => reason.as_str())
-            .increment(0);
-    }
-    metrics::counter!("relay_events_forwarded_total").increment(0);
-    // Statuses are open-ended; `200` per endpoint gives the error-ratio queries a zero
-    // denominator series to start from.
-    for kind in RecordKind::ALL {
-        metrics::counter!("relay_heap_requests_total", "endpoint" => kind.as_str(), "status" => "200")
-            .increment(0);
+    for result in ["ok", "error"] {
+        metrics::counter!("relay_config_reloads_total", "result" => result).increment(0);
     }
     metrics::gauge!("relay_build_info", "version" => VERSION, "commit" => COMMIT).set(1.0);
+}
+
+/// Starts the counters of webhooks to `source` at zero, so rate and ratio queries have a series
+/// from the first scrape (contract §8.2).
+pub fn zero_source_series(source: &str) {
+    for &outcome in WEBHOOK_OUTCOMES {
+        metrics::counter!("relay_webhooks_total", "outcome" => outcome, "source" => source.to_owned())
+            .increment(0);
+    }
+    for &reason in SIGNATURE_FAILURE_REASONS {
+        metrics::counter!(
+            "relay_signature_failures_total",
+            "reason" => reason,
+            "source" => source.to_owned()
+        )
+        .increment(0);
+    }
+}
+
+/// Starts the counters of the lane of `app_id` at zero: dead letters of every reason
+/// (contract §7.1), forwarded events, and `200` per Heap endpoint (statuses are open-ended;
+/// the error-ratio queries need a denominator series to start from).
+pub fn zero_lane_series(app_id: &str) {
+    for reason in crate::dead_letters::Reason::ALL {
+        metrics::counter!(
+            "relay_events_dead_lettered_total",
+            "reason" => reason.as_str(),
+            "app_id" => app_id.to_owned()
+        )
+        .increment(0);
+    }
+    metrics::counter!("relay_events_forwarded_total", "app_id" => app_id.to_owned()).increment(0);
+    for kind in RecordKind::ALL {
+        metrics::counter!(
+            "relay_heap_requests_total",
+            "endpoint" => kind.as_str(),
+            "status" => "200",
+            "app_id" => app_id.to_owned()
+        )
+        .increment(0);
+    }
 }
 
 #[cfg(test)]

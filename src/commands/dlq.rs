@@ -13,6 +13,7 @@ use userpilot_heap_relay::cli::DlqCommand;
 use userpilot_heap_relay::clock::{Clock, SystemClock};
 use userpilot_heap_relay::config::Settings;
 use userpilot_heap_relay::dead_letters::ReplaySummary;
+use userpilot_heap_relay::sources::Sources;
 use userpilot_heap_relay::{app, dead_letters};
 
 pub async fn run(settings: Settings, action: &DlqCommand) -> anyhow::Result<ExitCode> {
@@ -40,7 +41,7 @@ pub async fn run(settings: Settings, action: &DlqCommand) -> anyhow::Result<Exit
             dry_run,
         } => {
             let selection = filter.params_with_all(*all).selection()?;
-            let mapper = app::mapper(&settings)?;
+            let sources = Sources::from_settings(&settings)?;
             let queue = app::open_queue(&settings).await?;
             if *dry_run {
                 let count = queue.count_dead_letters(selection).await?;
@@ -58,7 +59,7 @@ pub async fn run(settings: Settings, action: &DlqCommand) -> anyhow::Result<Exit
                 };
                 let summary = dead_letters::replay_with_progress(
                     queue.as_ref(),
-                    &mapper,
+                    &sources,
                     selection,
                     SystemClock.now(),
                     &mut show,
@@ -67,7 +68,7 @@ pub async fn run(settings: Settings, action: &DlqCommand) -> anyhow::Result<Exit
                 eprintln!();
                 summary
             } else {
-                dead_letters::replay(queue.as_ref(), &mapper, selection, SystemClock.now()).await?
+                dead_letters::replay(queue.as_ref(), &sources, selection, SystemClock.now()).await?
             };
             println!("{}", serde_json::to_string(&summary)?);
         }

@@ -14,11 +14,11 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 
 use userpilot_heap_relay::cli::{Cli, Command};
-use userpilot_heap_relay::config::Settings;
+use userpilot_heap_relay::config::{DEFAULT_SOURCE, Settings};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        None | Some(Command::Serve) => serve::run(settings(&cli)?).await,
+        None | Some(Command::Serve) => serve::run(settings(&cli)?, cli.config.clone()).await,
         Some(Command::CheckConfig { probe }) => check_config::run(&settings(&cli)?, *probe).await,
         Some(Command::Sign {
             file,
@@ -32,14 +32,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::SendTest {
             url,
             secret,
+            source,
             user_id,
         }) => {
-            send_test::run(
-                url,
-                &secret_or_configured(&cli, secret.as_deref())?,
-                user_id,
-            )
-            .await
+            let source = source.as_deref();
+            let secret = match secret {
+                Some(secret) => secret.clone(),
+                None => source_secret(&cli, source.unwrap_or(DEFAULT_SOURCE))?,
+            };
+            send_test::run(&send_test::source_url(url, source), &secret, user_id).await
         }
         Some(Command::Dlq { action }) => dlq::run(settings(&cli)?, action).await,
         Some(Command::Healthcheck { url }) => {
@@ -58,6 +59,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Loads the configuration or explains in one line why not.
 fn settings(cli: &Cli) -> anyhow::Result<Settings> {
     Ok(Settings::load(cli.config.as_deref())?)
+}
+
+/// The first configured secret of source `name`.
+fn source_secret(cli: &Cli, name: &str) -> anyhow::Result<String> {
+    let settings = settings(cli).context("no --secret given and no usable configuration")?;
+    let sources = settings.sources();
+    let Some(source) = sources.iter().find(|s| s.name.to_string() == name) else {
+        let known: Vec<String> = sources.iter().map(|s| s.name.to_string()).collect();
+        bail!(
+            "no source `{name}` is configured (the sources are: {})",
+            known.join(", ")
+        );
+    };
+    match source.secrets.first() {
+        Some(secret) => Ok(secret.expose().to_owned()),
+        None => bail!("no --secret given and source `{name}` has no secret"),
+    }
 }
 
 /// The secret given on the command line, else the first configured webhook secret.

@@ -6,6 +6,17 @@ use std::time::Duration;
 use userpilot_heap_relay::clock::{Clock, SystemClock};
 use userpilot_heap_relay::{samples, userpilot};
 
+/// The URL of `source` given the relay's webhook URL: `URL/NAME`, unless it names the source
+/// already.
+pub fn source_url(url: &str, source: Option<&str>) -> String {
+    match source {
+        Some(name) if !url.trim_end_matches('/').ends_with(&format!("/{name}")) => {
+            format!("{}/{name}", url.trim_end_matches('/'))
+        }
+        _ => url.to_owned(),
+    }
+}
+
 pub async fn run(url: &str, secret: &str, user_id: &str) -> anyhow::Result<ExitCode> {
     let client = userpilot_heap_relay::tls::http_client()
         .timeout(Duration::from_secs(10))
@@ -45,4 +56,21 @@ pub async fn run(url: &str, secret: &str, user_id: &str) -> anyhow::Result<ExitC
     }
     eprintln!("all samples accepted");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_appended_to_the_webhook_url_unless_it_is_there() {
+        let base = "http://relay:8080/webhooks/userpilot";
+        assert_eq!(source_url(base, None), base);
+        assert_eq!(source_url(base, Some("staging")), format!("{base}/staging"));
+        assert_eq!(source_url(&format!("{base}/"), Some("staging")), format!("{base}/staging"));
+        assert_eq!(
+            source_url(&format!("{base}/staging"), Some("staging")),
+            format!("{base}/staging")
+        );
+    }
 }

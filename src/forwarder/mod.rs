@@ -15,6 +15,7 @@
 //! (see [`limits`]), so restarts and takeovers do not reset Heap's budget.
 
 pub(crate) mod entries;
+pub mod lanes;
 pub mod limits;
 pub mod retry;
 
@@ -141,7 +142,7 @@ pub struct Forwarder {
 }
 
 /// The fields of the one line logged per Heap request (contract §8.1). `lane` is the app id
-/// today; it names the per-app lane once there are several.
+/// of the forwarder's lane ([`lanes`]).
 struct RequestLog {
     endpoint: &'static str,
     lane: String,
@@ -282,7 +283,8 @@ impl Forwarder {
             RecordKind::User | RecordKind::Account => self.max_batch() * PROPERTY_CLAIM_FACTOR,
         };
         let lease = self.config.lease.as_millis() as i64;
-        let claimed = self.queue.claim(kind, max, now, lease).await?;
+        let lane = self.client.app_id().as_str();
+        let claimed = self.queue.claim(lane, kind, max, now, lease).await?;
         // The claim is where leadership is taken: learn the budget before sending anything.
         self.charge_if_newly_leading(now).await;
         let mut pass = Pass {
@@ -400,8 +402,11 @@ impl Forwarder {
                     request.delivered();
                     pass.delivered += records(&batch);
                     if kind == RecordKind::Track {
-                        metrics::counter!("relay_events_forwarded_total")
-                            .increment(batch.len() as u64);
+                        metrics::counter!(
+                            "relay_events_forwarded_total",
+                            "app_id" => self.client.app_id().to_string()
+                        )
+                        .increment(batch.len() as u64);
                     }
                 }
                 Verdict::Retry {
@@ -465,7 +470,12 @@ impl Forwarder {
             return;
         }
         let since = now_ms - limits::RATE_WINDOW.as_millis() as i64;
-        match self.queue.delivered_since(RecordKind::Track, since).await {
+        let lane = self.client.app_id().as_str();
+        match self
+            .queue
+            .delivered_since(lane, RecordKind::Track, since)
+            .await
+        {
             Ok(delivered) => {
                 self.limits.precharge(delivered);
                 if delivered > 0 {
@@ -492,8 +502,12 @@ impl Forwarder {
     ) -> Result<(), QueueError> {
         let reason = reason.as_str();
         pass.dead += ids.len();
-        metrics::counter!("relay_events_dead_lettered_total", "reason" => reason)
-            .increment(ids.len() as u64);
+        metrics::counter!(
+            "relay_events_dead_lettered_total",
+            "reason" => reason,
+            "app_id" => self.client.app_id().to_string()
+        )
+        .increment(ids.len() as u64);
         let now = self.clock.now_ms();
         self.queue
             .dead_letter(ids, reason.to_owned(), detail, failed, now)
@@ -591,7 +605,8 @@ impl Forwarder {
         let now = self.clock.now_ms();
         let mut next_due: Option<i64> = None;
         for kind in RecordKind::ALL {
-            if let Ok(Some(due)) = self.queue.next_due_ms(kind).await {
+            let lane = self.client.app_id().as_str();
+            if let Ok(Some(due)) = self.queue.next_due_ms(lane, kind).await {
                 next_due = Some(next_due.map_or(due, |d: i64| d.min(due)));
             }
         }

@@ -111,10 +111,20 @@ impl HeapClient {
             Err(TransportError::Timeout) => "timeout".to_owned(),
             Err(_) => "error".to_owned(),
         };
-        metrics::counter!("relay_heap_requests_total", "endpoint" => kind.as_str(), "status" => status)
-            .increment(1);
-        metrics::histogram!("relay_heap_request_duration_seconds", "endpoint" => kind.as_str())
-            .record(started.elapsed().as_secs_f64());
+        let app_id = self.app_id.to_string();
+        metrics::counter!(
+            "relay_heap_requests_total",
+            "endpoint" => kind.as_str(),
+            "status" => status,
+            "app_id" => app_id.clone()
+        )
+        .increment(1);
+        metrics::histogram!(
+            "relay_heap_request_duration_seconds",
+            "endpoint" => kind.as_str(),
+            "app_id" => app_id
+        )
+        .record(started.elapsed().as_secs_f64());
         outcome
     }
 }

@@ -99,6 +99,8 @@ pub struct Mapper {
     account_properties: bool,
     rename: BTreeMap<String, String>,
     drop: BTreeSet<String>,
+    /// Set for a named source (see [`Mapper::scoped_to_source`]).
+    key_scope: Option<String>,
 }
 
 impl Mapper {
@@ -120,7 +122,17 @@ impl Mapper {
             account_properties,
             rename: mapping.rename.clone(),
             drop: mapping.drop.iter().cloned().collect(),
+            key_scope: None,
         }
+    }
+
+    /// Keys derived from `source`'s name as well as the body: the same body sent to two
+    /// sources is two webhooks (contract §9), and its events must not share idempotency keys
+    /// when both sources deliver to one app id, or Heap would keep only one. The default
+    /// source is not scoped, so its keys stay what they were before sources existed.
+    pub fn scoped_to_source(mut self, source: &str) -> Self {
+        self.key_scope = Some(source.to_owned());
+        self
     }
 
     /// Maps one interaction. `body_digest` is the SHA-256 of the verified body: the
@@ -134,6 +146,19 @@ impl Mapper {
         // First, so that an unmappable webhook is quarantined even when the operator drops
         // all of its events: the dead letter shows the payload is broken.
         let identity = self.identity.resolve(&interaction.user)?;
+        let scoped;
+        let body_digest = match &self.key_scope {
+            Some(source) => {
+                let mut hasher = Sha256::new();
+                hasher.update(b"source\n");
+                hasher.update(source.as_bytes());
+                hasher.update(b"\n");
+                hasher.update(body_digest);
+                scoped = <[u8; 32]>::from(hasher.finalize());
+                &scoped
+            }
+            None => body_digest,
+        };
 
         let timestamp = interaction
             .occurred_at
@@ -745,6 +770,27 @@ mod tests {
             input.extend_from_slice(event.event.as_bytes());
             assert_eq!(event.idempotency_key, hex::encode(Sha256::digest(&input)));
         }
+    }
+
+    #[test]
+    fn a_named_source_scopes_the_keys_and_the_unscoped_mapper_keeps_them() {
+        let case = with_data(
+            interaction(Kind::Nps, None),
+            json!({"score": 9, "feedback": "Yes"}),
+        );
+        let map = |mapper: Mapper| mapper.map(&case, &DIGEST, received_at()).unwrap();
+        let plain = map(mapper());
+        let staging = map(mapper().scoped_to_source("staging"));
+        let qa = map(mapper().scoped_to_source("qa"));
+        assert_eq!(plain.len(), staging.len());
+        for ((plain, staging), qa) in plain.iter().zip(&staging).zip(&qa) {
+            assert_ne!(plain.key, staging.key);
+            assert_ne!(staging.key, qa.key);
+        }
+        assert_eq!(map(mapper().scoped_to_source("qa"))[0].key, qa[0].key);
+        // Unscoped keys are the ones schema v2 queues hold: the default source keeps them.
+        let first = tracks(&plain)[0];
+        assert_eq!(plain[0].key, idempotency_key(&DIGEST, &first.event));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The admin port: `GET /metrics` (Prometheus text) and the bearer-token guarded `/admin/...`
-//! routes: dead letters (list, show one, replay, purge), status, and pausing the forwarder for a Heap
-//! maintenance window. With no `admin.token` configured every `/admin` route answers 403.
+//! routes: dead letters (list, show one, replay, purge), status per source and lane, pausing
+//! one lane or all for a Heap maintenance window, and reloading the configuration. With no
+//! `admin.token` configured every `/admin` route answers 403.
 
 use std::sync::Arc;
 
@@ -11,12 +12,15 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::json;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
+use crate::config::DEFAULT_SOURCE;
 use crate::dead_letters::{self, FilterError, FilterParams};
-use crate::queue::QueueError;
+use crate::forwarder::{Control, ForwarderState};
+use crate::queue::{QueueError, QueueStats};
 
 pub fn router(state: Arc<AppState>) -> Router {
     let guarded = Router::new()
@@ -27,6 +31,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/status", get(status))
         .route("/admin/forwarder/pause", post(pause))
         .route("/admin/forwarder/resume", post(resume))
+        .route("/admin/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -126,16 +131,12 @@ async fn replay(
         Ok(filter) => filter,
         Err(err) => return bad_filter(err),
     };
-    match dead_letters::replay(
-        state.queue.as_ref(),
-        &state.mapper,
-        filter,
-        state.clock.now(),
-    )
-    .await
-    {
+    let sources = state.sources.current();
+    match dead_letters::replay(state.queue.as_ref(), &sources, filter, state.clock.now()).await {
         Ok(summary) => {
-            state.control.wake();
+            for (_, lane) in state.lanes.all() {
+                lane.wake();
+            }
             Json(json!({ "replayed": summary })).into_response()
         }
         Err(err) => queue_error(err),
@@ -156,62 +157,177 @@ async fn purge(State(state): State<Arc<AppState>>, Query(params): Query<FilterPa
     }
 }
 
-/// The queue's record counts (records, not webhooks or events: see [`crate::queue::QueueStats`])
-/// and the forwarder's state, which shows a pause or resume at once.
-async fn status(State(state): State<Arc<AppState>>) -> Response {
-    let now = state.clock.now_ms();
-    match state.queue.stats(now).await {
-        Ok(stats) => Json(json!({
-            "queue": {
-                "pending": stats.pending,
-                "in_flight": stats.in_flight,
-                "delivered": stats.delivered,
-                "dead": stats.dead,
-                "oldest_pending_received_at_ms": stats.oldest_pending_received_at_ms,
-                "oldest_pending_age_seconds": stats.oldest_pending_age_seconds(now),
-            },
-            "forwarder": state.control.state().as_str(),
-        }))
-        .into_response(),
-        Err(err) => queue_error(err),
+fn queue_json(stats: &QueueStats, now_ms: i64) -> Value {
+    json!({
+        "pending": stats.pending,
+        "in_flight": stats.in_flight,
+        "delivered": stats.delivered,
+        "dead": stats.dead,
+        "oldest_pending_received_at_ms": stats.oldest_pending_received_at_ms,
+        "oldest_pending_age_seconds": stats.oldest_pending_age_seconds(now_ms),
+    })
+}
+
+/// The forwarder as a whole: paused when every lane is, backing off when any lane is.
+fn overall(states: &[ForwarderState]) -> ForwarderState {
+    if !states.is_empty() && states.iter().all(|s| *s == ForwarderState::Paused) {
+        ForwarderState::Paused
+    } else if states.contains(&ForwarderState::BackingOff) {
+        ForwarderState::BackingOff
+    } else {
+        ForwarderState::Running
     }
 }
 
-async fn pause(State(state): State<Arc<AppState>>) -> Response {
-    state.control.set_paused(true);
-    tracing::warn!("forwarding paused by an operator");
-    Json(json!({ "forwarder": "paused" })).into_response()
+/// The queue's record counts (records, not webhooks or events: see [`crate::queue::QueueStats`])
+/// in all and per lane, each lane's forwarder state (which shows a pause or resume at once),
+/// and the sources in force.
+async fn status(State(state): State<Arc<AppState>>) -> Response {
+    let now = state.clock.now_ms();
+    let (stats, by_lane) = match (state.queue.stats(now).await, state.queue.lane_stats(now).await)
+    {
+        (Ok(stats), Ok(by_lane)) => (stats, by_lane),
+        (Err(err), _) | (_, Err(err)) => return queue_error(err),
+    };
+    let lanes = state.lanes.all();
+    let mut lanes_json = Map::new();
+    for (app_id, control) in &lanes {
+        let stats = by_lane.get(app_id).copied().unwrap_or_default();
+        lanes_json.insert(
+            app_id.clone(),
+            json!({ "forwarder": control.state().as_str(), "queue": queue_json(&stats, now) }),
+        );
+    }
+    let mut sources_json = Map::new();
+    for source in state.sources.current().iter() {
+        let mut paths = vec![source.path()];
+        if source.name == DEFAULT_SOURCE {
+            paths.insert(0, "/webhooks/userpilot".to_owned());
+        }
+        sources_json.insert(
+            source.name.clone(),
+            json!({
+                "paths": paths,
+                "app_id": source.app_id.as_str(),
+                "secrets": source.secrets.len(),
+            }),
+        );
+    }
+    let states: Vec<ForwarderState> = lanes.iter().map(|(_, c)| c.state()).collect();
+    Json(json!({
+        "queue": queue_json(&stats, now),
+        "forwarder": overall(&states).as_str(),
+        "sources": sources_json,
+        "lanes": lanes_json,
+    }))
+    .into_response()
 }
 
-async fn resume(State(state): State<Arc<AppState>>) -> Response {
-    state.control.set_paused(false);
-    tracing::info!("forwarding resumed by an operator");
-    Json(json!({ "forwarder": "running" })).into_response()
+/// `?app_id=`: one lane; none: every lane.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LaneParams {
+    app_id: Option<String>,
+}
+
+/// The lanes a pause or resume applies to; `Err` answers 404 `unknown_app_id`.
+fn chosen_lanes(
+    state: &AppState,
+    params: &LaneParams,
+) -> Result<Vec<(String, Arc<Control>)>, Response> {
+    match &params.app_id {
+        None => Ok(state.lanes.all()),
+        Some(app_id) => match state.lanes.control(app_id) {
+            Some(control) => Ok(vec![(app_id.clone(), control)]),
+            None => Err(error(StatusCode::NOT_FOUND, "unknown_app_id")),
+        },
+    }
+}
+
+async fn pause(State(state): State<Arc<AppState>>, Query(params): Query<LaneParams>) -> Response {
+    set_paused(&state, &params, true)
+}
+
+async fn resume(State(state): State<Arc<AppState>>, Query(params): Query<LaneParams>) -> Response {
+    set_paused(&state, &params, false)
+}
+
+/// Answers `{"forwarder": "paused"|"running", "app_ids": [...]}`.
+fn set_paused(state: &AppState, params: &LaneParams, paused: bool) -> Response {
+    let lanes = match chosen_lanes(state, params) {
+        Ok(lanes) => lanes,
+        Err(response) => return response,
+    };
+    if params.app_id.is_none() {
+        state.lanes.set_all_paused(paused);
+    } else {
+        for (_, control) in &lanes {
+            control.set_paused(paused);
+        }
+    }
+    let app_ids: Vec<&str> = lanes.iter().map(|(id, _)| id.as_str()).collect();
+    if paused {
+        tracing::warn!(?app_ids, "forwarding paused by an operator");
+    } else {
+        tracing::info!(?app_ids, "forwarding resumed by an operator");
+    }
+    let forwarder = if paused { "paused" } else { "running" };
+    Json(json!({ "forwarder": forwarder, "app_ids": app_ids })).into_response()
+}
+
+/// `POST /admin/reload` (contract §10): 200 with what changed, or 422 with the problems (the
+/// running configuration stays).
+async fn reload(State(state): State<Arc<AppState>>) -> Response {
+    match state.reloader.reload(&state.sources, &state.lanes).await {
+        Ok(changes) => Json(json!({
+            "status": "reloaded",
+            "applied": changes.applied,
+            "ignored": changes.ignored,
+        }))
+        .into_response(),
+        Err(err) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": "invalid_configuration", "problems": err.problems() })),
+        )
+            .into_response(),
+    }
 }
 
 /// Prometheus text. Queue gauges are read at scrape time, so they are never stale.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let now = state.clock.now_ms();
-    if let Ok(stats) = state.queue.stats(now).await {
-        for (name, value) in [
-            ("pending", stats.pending),
-            ("in_flight", stats.in_flight),
-            ("delivered", stats.delivered),
-            ("dead", stats.dead),
-        ] {
-            metrics::gauge!("relay_queue_depth", "state" => name).set(value as f64);
+    let lanes = state.lanes.all();
+    if let Ok(by_lane) = state.queue.lane_stats(now).await {
+        for (app_id, _) in &lanes {
+            let stats = by_lane.get(app_id).copied().unwrap_or_default();
+            for (name, value) in [
+                ("pending", stats.pending),
+                ("in_flight", stats.in_flight),
+                ("delivered", stats.delivered),
+                ("dead", stats.dead),
+            ] {
+                metrics::gauge!("relay_queue_depth", "state" => name, "app_id" => app_id.clone())
+                    .set(value as f64);
+            }
+            let age = stats.oldest_pending_age_seconds(now).unwrap_or(0.0);
+            metrics::gauge!("relay_oldest_pending_age_seconds", "app_id" => app_id.clone())
+                .set(age);
         }
-        let age = stats.oldest_pending_age_seconds(now).unwrap_or(0.0);
-        metrics::gauge!("relay_oldest_pending_age_seconds").set(age);
     }
-    let current = state.control.state();
-    for candidate in [
-        crate::forwarder::ForwarderState::Running,
-        crate::forwarder::ForwarderState::BackingOff,
-        crate::forwarder::ForwarderState::Paused,
-    ] {
-        metrics::gauge!("relay_forwarder_state", "state" => candidate.as_str())
+    for (app_id, control) in &lanes {
+        let current = control.state();
+        for candidate in [
+            ForwarderState::Running,
+            ForwarderState::BackingOff,
+            ForwarderState::Paused,
+        ] {
+            metrics::gauge!(
+                "relay_forwarder_state",
+                "state" => candidate.as_str(),
+                "app_id" => app_id.clone()
+            )
             .set(if candidate == current { 1.0 } else { 0.0 });
+        }
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -223,6 +339,15 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_forwarder_as_a_whole_is_paused_only_when_every_lane_is() {
+        use ForwarderState::*;
+        assert_eq!(overall(&[Paused, Paused]), Paused);
+        assert_eq!(overall(&[Paused, Running]), Running);
+        assert_eq!(overall(&[Running, BackingOff, Paused]), BackingOff);
+        assert_eq!(overall(&[]), Running);
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {

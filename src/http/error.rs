@@ -14,6 +14,9 @@ pub const RETRY_AFTER_SECS: &str = "5";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The URL names no configured source (or `/webhooks/userpilot` with no default source).
+    #[error("no source `{0}` is configured")]
+    UnknownSource(String),
     #[error("invalid signature: {0}")]
     Signature(#[from] SignatureError),
     #[error("body is not a JSON object")]
@@ -38,6 +41,7 @@ impl ApiError {
     /// The `error` code in the body, also the `outcome` label of `relay_webhooks_total`.
     pub fn code(&self) -> &'static str {
         match self {
+            ApiError::UnknownSource(_) => "unknown_source",
             ApiError::Signature(_) => "invalid_signature",
             ApiError::InvalidJson => "invalid_json",
             ApiError::PayloadTooLarge => "payload_too_large",
@@ -50,6 +54,7 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
+            ApiError::UnknownSource(_) => StatusCode::NOT_FOUND,
             ApiError::Signature(_) => StatusCode::UNAUTHORIZED,
             ApiError::InvalidJson | ApiError::BadBody => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

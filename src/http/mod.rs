@@ -23,19 +23,21 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::clock::Clock;
-use crate::forwarder::Control;
-use crate::heap::mapping::Mapper;
+use crate::forwarder::lanes::Lanes;
 use crate::queue::Queue;
+use crate::reload::Reloader;
 use crate::secret::Secret;
+use crate::sources::LiveSources;
 
 /// Everything the handlers share.
 pub struct AppState {
-    pub secrets: Vec<Secret>,
-    pub tolerance_secs: u64,
-    pub mapper: Mapper,
+    /// The sources in force (swapped by a reload).
+    pub sources: LiveSources,
+    /// One forwarder per app id: wake, pause, state.
+    pub lanes: Arc<Lanes>,
+    pub reloader: Reloader,
     pub queue: Arc<dyn Queue>,
     pub clock: Arc<dyn Clock>,
-    pub control: Arc<Control>,
     /// Cancelled when the process is draining: readiness and webhooks answer 503.
     pub shutdown: CancellationToken,
     pub admin_token: Secret,
@@ -82,16 +84,22 @@ pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(15);
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The public router: `POST /webhooks/userpilot`, `GET /healthz`, `GET /readyz`.
+/// The public router: `POST /webhooks/userpilot` (the default source) and
+/// `POST /webhooks/userpilot/{source}`, `GET /healthz`, `GET /readyz`.
 pub fn public_router(state: Arc<AppState>) -> Router {
+    let timeout = || {
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(webhook::timed_out))
+            .timeout(WEBHOOK_TIMEOUT)
+    };
     let router = Router::new()
         .route(
             "/webhooks/userpilot",
-            post(webhook::receive).layer(
-                ServiceBuilder::new()
-                    .layer(HandleErrorLayer::new(webhook::timed_out))
-                    .timeout(WEBHOOK_TIMEOUT),
-            ),
+            post(webhook::receive_default).layer(timeout()),
+        )
+        .route(
+            "/webhooks/userpilot/{source}",
+            post(webhook::receive).layer(timeout()),
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

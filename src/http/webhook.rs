@@ -1,5 +1,8 @@
-//! `POST /webhooks/userpilot`: raw bytes -> verified bytes -> queue content -> committed -> 202.
-//! Nothing is answered 2xx before the queue has committed it. The body must arrive within
+//! `POST /webhooks/userpilot/{source}` (and `/webhooks/userpilot` for the default source):
+//! raw bytes -> verified bytes -> queue content -> committed -> 202. Nothing is answered 2xx
+//! before the queue has committed it. The source is looked up once, before the body is read,
+//! and its snapshot serves the whole request (a reload meanwhile does not change it): its
+//! secrets verify the signature, its mapper maps, its app id is the lane the records join. The body must arrive within
 //! [`BODY_READ_TIMEOUT`] (else 408) and is paid for from the shared body byte budget; a
 //! webhook permit is taken only once the signature is verified. Each request records a
 //! `webhook` span with `verify`, `map` and `commit` children ([`crate::traces`]; off by default).
@@ -10,8 +13,8 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::HttpBody;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde_json::json;
@@ -20,53 +23,94 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use super::error::ApiError;
 use super::{AppState, BODY_READ_TIMEOUT};
 use crate::clock::{self, Stopwatch};
+use crate::config::DEFAULT_SOURCE;
 use crate::queue::{Content, Enqueued, NewWebhook};
+use crate::sources::{Source, UNKNOWN_SOURCE_LABEL};
 use crate::traces::WebhookSpan;
 use crate::translate::{self, InvalidJson};
 use crate::userpilot::verify;
 
-pub async fn receive(
+/// `POST /webhooks/userpilot`: the default source.
+pub async fn receive_default(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    answer(&state, DEFAULT_SOURCE, &headers, body).await
+}
+
+/// `POST /webhooks/userpilot/{source}`.
+pub async fn receive(
+    State(state): State<Arc<AppState>>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(&state, &source, &headers, body).await
+}
+
+async fn answer(state: &AppState, name: &str, headers: &HeaderMap, body: Body) -> Response {
     let started = Stopwatch::start();
     let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
     let mut span = state.traces.webhook(request_id.unwrap_or(""));
-    let result = handle(&state, &headers, body, &mut span).await;
+    let sources = state.sources.current();
+    let source = sources.get(name);
+    let label = source.map_or(UNKNOWN_SOURCE_LABEL, |source| source.name.as_str());
+    let source_label = label.to_owned();
+    let result = match source {
+        Some(source) => handle(state, source, headers, body, &mut span).await,
+        None => Err(ApiError::UnknownSource(name.chars().take(64).collect())),
+    };
     let outcome = match &result {
         Ok(Enqueued::Accepted { events }) => {
-            tracing::info!(events, "webhook accepted");
+            tracing::info!(source = label, events, "webhook accepted");
             "accepted"
         }
         Ok(Enqueued::Duplicate) => {
-            tracing::info!("webhook already stored; duplicate");
+            tracing::info!(source = label, "webhook already stored; duplicate");
             "duplicate"
         }
         Ok(Enqueued::Quarantined) => "quarantined",
         Err(error @ ApiError::Unavailable(_)) => {
             // The one refusal that is the relay's fault: the queue could not commit.
-            tracing::error!(%error, "webhook refused");
+            tracing::error!(source = label, %error, "webhook refused");
             "unavailable"
         }
         Err(error @ (ApiError::Draining | ApiError::Overloaded)) => {
-            tracing::info!(%error, "webhook refused");
+            tracing::info!(source = label, %error, "webhook refused");
             "unavailable"
         }
         Err(ApiError::Signature(reason)) => {
-            metrics::counter!("relay_signature_failures_total", "reason" => reason.reason())
-                .increment(1);
-            tracing::warn!(reason = reason.reason(), "webhook refused: {reason}");
+            metrics::counter!(
+                "relay_signature_failures_total",
+                "reason" => reason.reason(),
+                "source" => source_label.clone()
+            )
+            .increment(1);
+            tracing::warn!(
+                source = label,
+                reason = reason.reason(),
+                "webhook refused: {reason}"
+            );
             "invalid_signature"
         }
         Err(error) => {
-            tracing::warn!(%error, "webhook refused");
+            tracing::warn!(source = label, %error, "webhook refused");
             error.code()
         }
     };
-    metrics::counter!("relay_webhooks_total", "outcome" => outcome).increment(1);
-    metrics::histogram!("relay_webhook_duration_seconds", "outcome" => outcome)
-        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(
+        "relay_webhooks_total",
+        "outcome" => outcome,
+        "source" => source_label.clone()
+    )
+    .increment(1);
+    metrics::histogram!(
+        "relay_webhook_duration_seconds",
+        "outcome" => outcome,
+        "source" => source_label
+    )
+    .record(started.elapsed().as_secs_f64());
     let response = match result {
         Ok(Enqueued::Accepted { events }) => (
             StatusCode::ACCEPTED,
@@ -87,15 +131,24 @@ pub async fn receive(
     response
 }
 
-/// The request timeout: 503 + `Retry-After`, like every other "try again later".
-pub async fn timed_out(_: tower::BoxError) -> Response {
-    tracing::warn!("webhook timed out");
-    metrics::counter!("relay_webhooks_total", "outcome" => "timed_out").increment(1);
+/// The request timeout: 503 + `Retry-After`, like every other "try again later". Only a
+/// configured source's request can run this long (an unknown one is answered at once), so
+/// the name in the path is a source's, not one a client made up.
+pub async fn timed_out(uri: Uri, _: tower::BoxError) -> Response {
+    let source = match uri.path().strip_prefix("/webhooks/userpilot") {
+        Some("" | "/") => DEFAULT_SOURCE.to_owned(),
+        Some(rest) => rest.trim_start_matches('/').chars().take(32).collect(),
+        None => UNKNOWN_SOURCE_LABEL.to_owned(),
+    };
+    tracing::warn!(source, "webhook timed out");
+    metrics::counter!("relay_webhooks_total", "outcome" => "timed_out", "source" => source)
+        .increment(1);
     ApiError::Unavailable("timed out".into()).into_response()
 }
 
 async fn handle(
     state: &AppState,
+    source: &Source,
     headers: &HeaderMap,
     body: Body,
     span: &mut WebhookSpan,
@@ -121,8 +174,8 @@ async fn handle(
         verify(
             body,
             signature,
-            &state.secrets,
-            state.tolerance_secs,
+            &source.secrets,
+            source.tolerance_secs,
             received_at.timestamp(),
         )
     })?;
@@ -136,7 +189,7 @@ async fn handle(
         .map_err(|_| ApiError::Draining)?;
     let content = span
         .step("map", || {
-            translate::webhook(&state.mapper, &verified, received_at)
+            translate::webhook(&source.mapper, &verified, received_at)
         })
         .map_err(|InvalidJson| ApiError::InvalidJson)?;
     let quarantine_reason = match &content {
@@ -144,6 +197,8 @@ async fn handle(
         Content::Records(_) => None,
     };
     let webhook = NewWebhook {
+        source: source.name.clone(),
+        app_id: source.app_id.to_string(),
         digest,
         body: verified.into_bytes(),
         received_at_ms: received_at.timestamp_millis(),
@@ -154,10 +209,15 @@ async fn handle(
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     match (outcome, quarantine_reason) {
-        (Enqueued::Accepted { .. }, _) => state.control.wake(),
+        (Enqueued::Accepted { .. }, _) => state.lanes.wake(source.app_id.as_str()),
         (Enqueued::Quarantined, Some(reason)) => {
             tracing::warn!(%reason, "webhook cannot be mapped to heap; quarantined as a dead letter");
-            metrics::counter!("relay_events_dead_lettered_total", "reason" => reason).increment(1);
+            metrics::counter!(
+                "relay_events_dead_lettered_total",
+                "reason" => reason,
+                "app_id" => source.app_id.to_string()
+            )
+            .increment(1);
         }
         _ => {}
     }
