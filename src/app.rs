@@ -20,7 +20,7 @@ use crate::heap::client::HeapClient;
 use crate::heap::mapping::Mapper;
 use crate::http::{self, AppState};
 use crate::queue::Queue;
-use crate::queue::postgres::{PostgresQueue, leader_lock_key};
+use crate::queue::postgres::PostgresQueue;
 use crate::queue::sqlite::SqliteQueue;
 use crate::traces::Traces;
 
@@ -87,7 +87,8 @@ async fn open_queue_for_serving(
         Backend::Postgres => {
             let queue = connect_postgres(settings, clock).await?;
             let leader = queue.clone();
-            Ok((queue, Box::new(move || leader.is_leader())))
+            let app_id = settings.heap.app_id.as_str().to_owned();
+            Ok((queue, Box::new(move || leader.is_leader(&app_id))))
         }
     }
 }
@@ -102,10 +103,9 @@ async fn connect_postgres(
     settings: &Settings,
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<PostgresQueue>, AppError> {
-    let lock_key = leader_lock_key(settings.heap.app_id.as_str());
     let url = settings.queue.postgres_url.expose();
     Ok(Arc::new(
-        PostgresQueue::connect_with_clock(url, lock_key, clock).await?,
+        PostgresQueue::connect_with_clock(url, clock).await?,
     ))
 }
 
@@ -133,6 +133,13 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AppError> {
         let (queue, leadership) = open_queue_for_serving(&settings, clock.clone()).await?;
+        // Records stored before queue schema v3 have no lane yet: this relay's app id is theirs.
+        let adopted = queue
+            .adopt_unassigned(settings.heap.app_id.as_str())
+            .await?;
+        if adopted > 0 {
+            tracing::info!(records = adopted, "records from before sources adopted");
+        }
         let heap = &settings.heap;
         let client = HeapClient::new(&heap.base_url, &heap.app_id, heap.timeout, clock.clone())?;
         let limits = Limits::new(
@@ -165,6 +172,7 @@ impl App {
         .with_leadership(leadership)
         .with_traces(traces.clone());
         let state = Arc::new(AppState {
+            app_id: settings.heap.app_id.as_str().to_owned(),
             secrets: settings.userpilot.secrets.clone(),
             tolerance_secs: settings.userpilot.tolerance.as_secs(),
             mapper: mapper(&settings)?,

@@ -169,6 +169,7 @@ impl FilterParams {
         }
         Ok(DeadLetterFilter {
             ids: self.id.into_iter().collect(),
+            source: None,
             reason: self.reason.clone(),
             subject: self.identity.clone(),
             since_ms: parse_time("since", &self.since)?,
@@ -277,7 +278,20 @@ async fn replay_page(
             received_at_ms: now_ms,
             ..item
         };
-        summary.events += queue.requeue(item, content, now_ms).await?;
+        // The lane the dead records were in, until replay knows the source's app id.
+        let lane = match item.dead_ids.first() {
+            Some(&id) => queue
+                .dead_letters(DeadLetterFilter {
+                    ids: vec![id],
+                    ..DeadLetterFilter::default()
+                })
+                .await?
+                .first()
+                .map(|letter| letter.app_id.clone())
+                .unwrap_or_default(),
+            None => String::new(),
+        };
+        summary.events += queue.requeue(item, content, &lane, now_ms).await?;
     }
     Ok(())
 }
@@ -433,6 +447,8 @@ mod tests {
             letter: DeadLetter {
                 id: 7,
                 webhook_id: 3,
+                source: "default".into(),
+                app_id: "app-1".into(),
                 kind: "track".into(),
                 reason: "rejected".into(),
                 detail: "heap answered 400: no".into(),

@@ -282,7 +282,10 @@ impl Forwarder {
             RecordKind::User | RecordKind::Account => self.max_batch() * PROPERTY_CLAIM_FACTOR,
         };
         let lease = self.config.lease.as_millis() as i64;
-        let claimed = self.queue.claim(kind, max, now, lease).await?;
+        let claimed = self
+            .queue
+            .claim(self.client.app_id().as_str(), kind, max, now, lease)
+            .await?;
         // The claim is where leadership is taken: learn the budget before sending anything.
         self.charge_if_newly_leading(now).await;
         let mut pass = Pass {
@@ -465,7 +468,11 @@ impl Forwarder {
             return;
         }
         let since = now_ms - limits::RATE_WINDOW.as_millis() as i64;
-        match self.queue.delivered_since(RecordKind::Track, since).await {
+        match self
+            .queue
+            .delivered_since(self.client.app_id().as_str(), RecordKind::Track, since)
+            .await
+        {
             Ok(delivered) => {
                 self.limits.precharge(delivered);
                 if delivered > 0 {
@@ -591,7 +598,11 @@ impl Forwarder {
         let now = self.clock.now_ms();
         let mut next_due: Option<i64> = None;
         for kind in RecordKind::ALL {
-            if let Ok(Some(due)) = self.queue.next_due_ms(kind).await {
+            if let Ok(Some(due)) = self
+                .queue
+                .next_due_ms(self.client.app_id().as_str(), kind)
+                .await
+            {
                 next_due = Some(next_due.map_or(due, |d: i64| d.min(due)));
             }
         }

@@ -30,6 +30,8 @@ use crate::secret::Secret;
 
 /// Everything the handlers share.
 pub struct AppState {
+    /// The lane webhooks' records go to (source `default`'s app id).
+    pub app_id: String,
     pub secrets: Vec<Secret>,
     pub tolerance_secs: u64,
     pub mapper: Mapper,

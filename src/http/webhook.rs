@@ -144,6 +144,8 @@ async fn handle(
         Content::Records(_) => None,
     };
     let webhook = NewWebhook {
+        source: crate::queue::DEFAULT_SOURCE.to_owned(),
+        app_id: state.app_id.clone(),
         digest,
         body: verified.into_bytes(),
         received_at_ms: received_at.timestamp_millis(),

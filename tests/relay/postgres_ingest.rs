@@ -15,19 +15,28 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use userpilot_heap_relay::heap::wire::RecordKind;
+use userpilot_heap_relay::heap::wire::{Outbound, RecordKind};
 use userpilot_heap_relay::queue::postgres::PostgresQueue;
-use userpilot_heap_relay::queue::{DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError};
+use userpilot_heap_relay::queue::{
+    DEFAULT_SOURCE, DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError,
+};
 
 use crate::support::postgres::{Schema, connect};
-use crate::support::records::{self, account, track, user, webhook};
+use crate::support::records::{self, account, track, user};
 
 const T0: i64 = 1_700_000_000_000;
 const FAR: i64 = T0 + 1_000_000_000;
 
-/// A leadership lock of its own, so that claims here never wait on another test's leader.
+/// A lane of its own, so that claims here never wait on another test's leader.
+static LANE: std::sync::LazyLock<String> = std::sync::LazyLock::new(crate::support::postgres::lane);
+
+fn webhook(body: &str, at: i64, records: Vec<Outbound>) -> NewWebhook {
+    records::on(DEFAULT_SOURCE, &LANE, records::webhook(body, at, records))
+}
+
 fn quarantined(body: &str, at: i64, detail: &str, subject: &str) -> NewWebhook {
-    records::quarantined(body, at, "unmapped", detail, subject)
+    let webhook = records::quarantined(body, at, "unmapped", detail, subject);
+    records::on(DEFAULT_SOURCE, &LANE, webhook)
 }
 
 /// Enqueues every webhook at once (spawned together, so on the single-threaded runtime they
@@ -318,7 +327,7 @@ async fn a_mixed_group_answers_and_stores_what_one_by_one_enqueues_would() {
 
     // The records are what the queue serves: pending ones claimable, quarantines dead letters.
     let tracks = queue
-        .claim(RecordKind::Track, 1000, FAR, 60_000)
+        .claim(&LANE, RecordKind::Track, 1000, FAR, 60_000)
         .await
         .unwrap();
     assert_eq!(tracks.len(), 5 + 5 + 5 + 5 + 10 + 30);
