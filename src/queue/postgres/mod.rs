@@ -132,6 +132,20 @@ const PRUNE_CHUNK: i64 = 5000;
 /// Prefix of `application_name`, followed by the replica id.
 const APPLICATION: &str = "userpilot-heap-relay/";
 
+/// Leases the oldest due records of lane `$6` and kind `$1` at `$2`, at most `$3`, until `$4`
+/// for replica `$5`: a range of `records_due`, skipping records another claim has locked.
+pub(crate) const CLAIM_DUE: &str = "WITH picked AS (
+    SELECT id, next_attempt_at AS due FROM records
+    WHERE state = {pending} AND app_id = $6 AND kind = $1 AND next_attempt_at <= $2
+    ORDER BY next_attempt_at, id LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE records r SET claimed = 1, claimed_by = $5, next_attempt_at = $4
+FROM picked WHERE r.id = picked.id
+RETURNING r.id, r.subject, r.json, r.attempts, r.received_at, picked.due,
+    (SELECT w.digest FROM webhooks w WHERE w.id = r.webhook_id),
+    (SELECT w.received_at FROM webhooks w WHERE w.id = r.webhook_id)";
+
 /// Counts delivered records of lane `$3` and kind `$1` acknowledged since `$2`: a range of
 /// `records_delivered`.
 pub(crate) const DELIVERED_SINCE: &str = "SELECT COUNT(*) FROM records
@@ -380,20 +394,7 @@ impl Queue for PostgresQueue {
         }
         let rows = self
             .query(
-                sql!(
-                    "WITH picked AS (
-                     SELECT id, next_attempt_at AS due FROM records
-                     WHERE state = {pending} AND app_id = $6 AND kind = $1
-                       AND next_attempt_at <= $2
-                     ORDER BY next_attempt_at, id LIMIT $3
-                     FOR UPDATE SKIP LOCKED
-                     )
-                     UPDATE records r SET claimed = 1, claimed_by = $5, next_attempt_at = $4
-                     FROM picked WHERE r.id = picked.id
-                     RETURNING r.id, r.subject, r.json, r.attempts, r.received_at, picked.due,
-                     (SELECT w.digest FROM webhooks w WHERE w.id = r.webhook_id),
-                     (SELECT w.received_at FROM webhooks w WHERE w.id = r.webhook_id)"
-                ),
+                sql!(CLAIM_DUE),
                 &[
                     &kind.as_str(),
                     &now_ms,
@@ -800,6 +801,72 @@ impl Queue for PostgresQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the server's planner makes of `sql` with `params`, on a queue schema holding
+    /// 30,000 records in three lanes.
+    #[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
+    #[tokio::test]
+    async fn claims_due_times_and_deliveries_read_indexes_that_lead_with_the_lane() {
+        let base = std::env::var("RELAY_TEST_POSTGRES_URL").unwrap();
+        let (admin, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let schema = format!("relay_plan_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-csearch_path%3D{schema}");
+        let queue = PostgresQueue::connect(&url).await.unwrap();
+        admin
+            .batch_execute(&format!(
+                "SET search_path = {schema};
+                 INSERT INTO webhooks (source, digest, body, received_at)
+                 SELECT 'default', sha256(i::text::bytea), 'x', i FROM generate_series(1, 3000) i;
+                 INSERT INTO records (webhook_id, app_id, key, kind, subject, json, state,
+                                      received_at, next_attempt_at, updated_at)
+                 SELECT i % 3000 + 1, 'app-' || (i % 3), 'k' || i,
+                        CASE WHEN i % 2 = 0 THEN 'track' ELSE 'add_user_properties' END,
+                        'u', '{{}}', i % 3, i, i, i
+                 FROM generate_series(1, 30000) i;
+                 ANALYZE records;"
+            ))
+            .await
+            .unwrap();
+        let plan = async |sql: &str, params: &[&(dyn ToSql + Sync)]| -> String {
+            let rows = admin
+                .query(&format!("EXPLAIN {sql}"), params)
+                .await
+                .unwrap();
+            let lines: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+            lines.join("\n")
+        };
+        let (lane, track, max, until) = ("app-1", "track", 100_i64, 40_000_i64);
+        let claim = plan(
+            sql!(CLAIM_DUE),
+            &[&track, &20_000_i64, &max, &until, &"replica", &lane],
+        )
+        .await;
+        // The lane in the index condition: a range of the index, not a filter on its rows.
+        let by_lane = |plan: &str, index: &str| {
+            (plan.contains(&format!("using {index}")) || plan.contains(&format!("on {index}")))
+                && plan
+                    .lines()
+                    .any(|line| line.contains("Index Cond: ((app_id = 'app-1'"))
+        };
+        assert!(by_lane(&claim, "records_due"), "{claim}");
+        let due = plan(sql!(NEXT_DUE), &[&lane, &track]).await;
+        assert!(by_lane(&due, "records_due"), "{due}");
+        let delivered = plan(sql!(DELIVERED_SINCE), &[&track, &25_000_i64, &lane]).await;
+        assert!(by_lane(&delivered, "records_delivered"), "{delivered}");
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+        drop(queue);
+    }
 
     #[test]
     fn the_leader_lock_key_depends_on_the_app_id_only() {

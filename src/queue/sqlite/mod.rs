@@ -289,7 +289,7 @@ impl Queue for SqliteQueue {
         // The queue thread checks the file after each commit; once it is lost, refuse here.
         self.file.refuse_if_lost()?;
         let (reply, result) = oneshot::channel();
-        let webhook = Command::Enqueue(webhook.into(), reply);
+        let webhook = Command::Enqueue(Box::new(webhook.into()), reply);
         self.waiting.fetch_add(1, Ordering::SeqCst);
         if self.commands.send(webhook).is_err() {
             self.waiting.fetch_sub(1, Ordering::SeqCst);

@@ -21,7 +21,8 @@ pub(super) const MAX_GROUP: usize = 1024;
 pub(super) type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 
 pub(super) enum Command {
-    Enqueue(Prepared, Reply<Enqueued>),
+    /// Boxed: a webhook is much larger than a call, and commands wait in a channel.
+    Enqueue(Box<Prepared>, Reply<Enqueued>),
     Call(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
@@ -76,7 +77,11 @@ pub(super) fn serve(
 /// the file it went into (see [`QueueFile`]): one `stat` of each of the three files, a few
 /// microseconds against the commit's fsync. A group committed into a removed file is answered
 /// with the error, so nothing is acknowledged that the next start would not find.
-fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>, file: &QueueFile) {
+fn commit_group(
+    conn: &mut Connection,
+    group: Vec<(Box<Prepared>, Reply<Enqueued>)>,
+    file: &QueueFile,
+) {
     let outcome = (|| {
         conn.pragma_update(None, "synchronous", "FULL")?;
         let result = insert_group(conn, &group);
@@ -110,7 +115,7 @@ fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>, 
 /// with a savepoint per webhook, so the failing one cannot take its neighbours down with it.
 fn insert_group(
     conn: &mut Connection,
-    group: &[(Prepared, Reply<Enqueued>)],
+    group: &[(Box<Prepared>, Reply<Enqueued>)],
 ) -> rusqlite::Result<Vec<Result<Enqueued, QueueError>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let all: rusqlite::Result<Vec<Enqueued>> = group
