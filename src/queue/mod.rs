@@ -7,6 +7,13 @@
 //! `delivered` or `dead`. Claiming a pending record leases it by moving its `next_attempt_at`
 //! to the lease's end, so a crashed worker's records come back by themselves; ack, retry and
 //! dead-letter end the lease. All times are unix milliseconds and come in as arguments.
+//!
+//! Sources and lanes (schema v3): a webhook belongs to the *source* it was posted to, and
+//! deduplication is per source (the same body on two sources is two webhooks). Each record
+//! belongs to a *lane*, the Heap app id it is forwarded to (`records.app_id`): claims, due
+//! times and the rate budget's `delivered_since` are per lane, so one app id's backlog never
+//! stands in another's way. Records stored before v3 have the lane `''` until the serving
+//! relay adopts them ([`Queue::adopt_unassigned`]).
 
 /// The SQL text `template` (a constant) with `{pending}`, `{delivered}` and `{dead}` spelled as
 /// the [`RecordState`]s' stored integers, made once per call site and kept as a `&'static str`
@@ -24,6 +31,8 @@ macro_rules! sql {
 pub mod postgres;
 mod prepared;
 pub mod sqlite;
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -87,9 +96,17 @@ pub(crate) fn spell_states(template: &str) -> String {
     })
 }
 
+/// The source of webhooks stored before sources existed (schema v2), and of the top-level
+/// configuration keys.
+pub const DEFAULT_SOURCE: &str = "default";
+
 /// A verified webhook and what the mapper made of it.
 #[derive(Debug, Clone)]
 pub struct NewWebhook {
+    /// The source it was posted to: deduplication is per source.
+    pub source: String,
+    /// The lane its records go to: the source's Heap app id.
+    pub app_id: String,
     /// SHA-256 of the body: a redelivery of the same body is a duplicate.
     pub digest: [u8; 32],
     pub body: Bytes,
@@ -140,6 +157,10 @@ pub struct Claimed {
 pub struct DeadLetter {
     pub id: i64,
     pub webhook_id: i64,
+    /// The source its webhook was posted to.
+    pub source: String,
+    /// The lane it was to be forwarded in (`''`: stored before schema v3, never adopted).
+    pub app_id: String,
     /// `track`, `add_user_properties`, `add_account_properties`, or `webhook` (quarantined).
     pub kind: String,
     pub reason: String,
@@ -176,6 +197,8 @@ pub struct DeadLetterCount {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeadLetterFilter {
     pub ids: Vec<i64>,
+    /// Only dead letters of webhooks posted to this source.
+    pub source: Option<String>,
     pub reason: Option<String>,
     pub subject: Option<String>,
     /// Dead since (inclusive) / until (exclusive), unix ms.
@@ -201,6 +224,13 @@ impl DeadLetterFilter {
     /// lists and limits differently.
     pub fn conditions(&self) -> Vec<(&'static str, FilterValue)> {
         let mut conditions = Vec::new();
+        if let Some(source) = &self.source {
+            // A primary-key lookup per dead letter: the source lives on the webhook.
+            conditions.push((
+                "(SELECT w.source FROM webhooks w WHERE w.id = r.webhook_id) = ?",
+                FilterValue::Text(source.clone()),
+            ));
+        }
         if let Some(reason) = &self.reason {
             conditions.push(("r.dead_reason = ?", FilterValue::Text(reason.clone())));
         }
@@ -228,6 +258,8 @@ impl DeadLetterFilter {
 #[derive(Debug, Clone)]
 pub struct ReplayItem {
     pub webhook_id: i64,
+    /// The source its webhook was posted to (whose mapping and app id a replay uses now).
+    pub source: String,
     pub digest: [u8; 32],
     pub body: Bytes,
     pub received_at_ms: i64,
@@ -252,6 +284,26 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
+    /// Counts `count` records of one `(state, claimed)` group, the oldest received at
+    /// `oldest`: how both backends fold their `GROUP BY state, claimed` rows.
+    pub(crate) fn add(&mut self, state: i64, claimed: i64, count: u64, oldest: Option<i64>) {
+        let state = RecordState::from_stored(state);
+        match (state, claimed) {
+            (Some(RecordState::Pending), 1) => self.in_flight += count,
+            (Some(RecordState::Pending), _) => self.pending += count,
+            (Some(RecordState::Delivered), _) => self.delivered += count,
+            (Some(RecordState::Dead), _) => self.dead += count,
+            _ => {}
+        }
+        if state == Some(RecordState::Pending) {
+            self.oldest_pending_received_at_ms = match (self.oldest_pending_received_at_ms, oldest)
+            {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+
     /// How long the oldest record not yet delivered has waited at `now_ms`, in seconds.
     pub fn oldest_pending_age_seconds(&self, now_ms: i64) -> Option<f64> {
         self.oldest_pending_received_at_ms
@@ -265,10 +317,11 @@ pub trait Queue: Send + Sync + 'static {
     /// commit: the caller may then acknowledge the webhook.
     async fn enqueue(&self, webhook: NewWebhook) -> Result<Enqueued, QueueError>;
 
-    /// Leases up to `max` pending records of `kind` that are due at `now_ms`, oldest first,
-    /// until `now_ms + lease_ms`.
+    /// Leases up to `max` pending records of lane `app_id` and `kind` that are due at
+    /// `now_ms`, oldest first, until `now_ms + lease_ms`.
     async fn claim(
         &self,
+        app_id: &str,
         kind: RecordKind,
         max: usize,
         now_ms: i64,
@@ -303,15 +356,29 @@ pub trait Queue: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<(), QueueError>;
 
-    /// How many records of `kind` were acknowledged at or after `since_ms`: what Heap already
-    /// received in its current rate window, so a restarted forwarder starts within the budget.
-    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError>;
+    /// How many records of lane `app_id` and `kind` were acknowledged at or after `since_ms`:
+    /// what Heap already received in its current rate window, so a restarted forwarder
+    /// starts within the budget.
+    async fn delivered_since(
+        &self,
+        app_id: &str,
+        kind: RecordKind,
+        since_ms: i64,
+    ) -> Result<u64, QueueError>;
 
-    /// When the earliest pending record of `kind` is due (or its lease ends), if any: how
-    /// long the forwarder may sleep.
-    async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError>;
+    /// When the earliest pending record of lane `app_id` and `kind` is due (or its lease
+    /// ends), if any: how long the forwarder may sleep.
+    async fn next_due_ms(&self, app_id: &str, kind: RecordKind) -> Result<Option<i64>, QueueError>;
 
+    /// Queue stats of all lanes together.
     async fn stats(&self, now_ms: i64) -> Result<QueueStats, QueueError>;
+
+    /// Queue stats per app id (lanes with any record), for /admin/status and
+    /// relay_queue_depth{app_id}.
+    async fn lane_stats(&self, now_ms: i64) -> Result<BTreeMap<String, QueueStats>, QueueError>;
+
+    /// Gives records stored before schema v3 (app_id '') to `app_id`; returns how many.
+    async fn adopt_unassigned(&self, app_id: &str) -> Result<u64, QueueError>;
 
     /// A real write round trip: does the queue accept writes right now?
     async fn ping(&self) -> Result<(), QueueError>;
@@ -338,12 +405,14 @@ pub trait Queue: Send + Sync + 'static {
         webhooks: usize,
     ) -> Result<Vec<ReplayItem>, QueueError>;
 
-    /// Replaces a webhook's selected dead records with freshly mapped content. Records whose
-    /// key already exists (delivered or still pending) are left as they are.
+    /// Replaces a webhook's selected dead records with freshly mapped content, in lane
+    /// `app_id` (the source's app id now). Records whose key already exists (delivered or
+    /// still pending) are left as they are.
     async fn requeue(
         &self,
         item: ReplayItem,
         content: Content,
+        app_id: &str,
         now_ms: i64,
     ) -> Result<usize, QueueError>;
 

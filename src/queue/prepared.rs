@@ -9,6 +9,8 @@ use crate::heap::wire::RecordKind;
 
 /// A webhook ready to insert.
 pub(crate) struct Prepared {
+    pub source: String,
+    pub app_id: String,
     pub digest: [u8; 32],
     pub body: Bytes,
     pub received_at_ms: i64,
@@ -85,6 +87,8 @@ impl From<NewWebhook> for Prepared {
     fn from(webhook: NewWebhook) -> Self {
         Prepared {
             rows: Rows::new(webhook.content, &webhook.digest),
+            source: storable(webhook.source),
+            app_id: storable(webhook.app_id),
             digest: webhook.digest,
             body: webhook.body,
             received_at_ms: webhook.received_at_ms,

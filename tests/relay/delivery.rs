@@ -45,6 +45,8 @@ async fn enqueue(queue: &dyn Queue, mapper: &Mapper, body: Bytes, at_ms: i64) ->
     let content = translate::webhook(mapper, &verified, received_at).unwrap();
     queue
         .enqueue(NewWebhook {
+            source: userpilot_heap_relay::queue::DEFAULT_SOURCE.to_owned(),
+            app_id: crate::support::APP_ID.to_owned(),
             digest: verified.digest(),
             body,
             received_at_ms: at_ms,
@@ -144,7 +146,10 @@ impl Harness {
     }
 
     async fn next_due(&self) -> Option<i64> {
-        self.queue.next_due_ms(RecordKind::Track).await.unwrap()
+        self.queue
+            .next_due_ms(crate::support::APP_ID, RecordKind::Track)
+            .await
+            .unwrap()
     }
 
     async fn dead(&self) -> Vec<userpilot_heap_relay::queue::DeadLetter> {
@@ -275,19 +280,34 @@ async fn the_next_attempt_time_survives_reopening_the_queue() {
 
     let reopened = SqliteQueue::open(&path).unwrap();
     assert_eq!(
-        reopened.next_due_ms(RecordKind::Track).await.unwrap(),
+        reopened
+            .next_due_ms(crate::support::APP_ID, RecordKind::Track)
+            .await
+            .unwrap(),
         Some(T0 + 250)
     );
     assert!(
         reopened
-            .claim(RecordKind::Track, 10, T0 + 249, 1000)
+            .claim(
+                crate::support::APP_ID,
+                RecordKind::Track,
+                10,
+                T0 + 249,
+                1000
+            )
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(
         reopened
-            .claim(RecordKind::Track, 10, T0 + 250, 1000)
+            .claim(
+                crate::support::APP_ID,
+                RecordKind::Track,
+                10,
+                T0 + 250,
+                1000
+            )
             .await
             .unwrap()
             .len(),
@@ -394,8 +414,14 @@ async fn queue_in_every_state() -> (SqliteQueue, Mapper, tempfile::TempDir) {
     let id_of = |claimed: &[userpilot_heap_relay::queue::Claimed], subject: &str| {
         claimed.iter().find(|c| c.subject == subject).unwrap().id
     };
-    let track = queue.claim(RecordKind::Track, 10, T0, 1000).await.unwrap();
-    let users = queue.claim(RecordKind::User, 10, T0, 1000).await.unwrap();
+    let track = queue
+        .claim(crate::support::APP_ID, RecordKind::Track, 10, T0, 1000)
+        .await
+        .unwrap();
+    let users = queue
+        .claim(crate::support::APP_ID, RecordKind::User, 10, T0, 1000)
+        .await
+        .unwrap();
     assert_eq!((track.len(), users.len()), (3, 3));
     queue
         .ack(vec![id_of(&track, "u0"), id_of(&track, "u1")], T0)
@@ -451,7 +477,7 @@ async fn pruning_forgets_delivered_records_and_emptied_webhooks_but_keeps_pendin
         );
     }
     let track = queue
-        .claim(RecordKind::Track, 10, later, 1000)
+        .claim(crate::support::APP_ID, RecordKind::Track, 10, later, 1000)
         .await
         .unwrap();
     assert_eq!(

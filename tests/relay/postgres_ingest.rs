@@ -2,8 +2,10 @@
 //! the whole group) answer exactly what enqueueing them one by one would — new, duplicate
 //! (also the same body twice in one group), quarantined, several records with repeated keys —
 //! and store exactly that; a webhook Postgres refuses fails alone while its group neighbours
-//! are stored (the savepoint fallback); and two replicas enqueuing the same webhooks in crossed
-//! order at once all succeed (no deadlock). Skipped, saying so, without
+//! are stored (the savepoint fallback); deduplication is per source on both paths (the same
+//! body on two sources in one group is two webhooks, each in its lane); and two replicas
+//! enqueuing the same webhooks in crossed order at once all succeed (no deadlock). Skipped,
+//! saying so, without
 //! `RELAY_TEST_POSTGRES_URL`.
 //!
 //! The group tests run on tokio's single-threaded runtime: tasks spawned together all hand
@@ -15,19 +17,28 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use userpilot_heap_relay::heap::wire::RecordKind;
+use userpilot_heap_relay::heap::wire::{Outbound, RecordKind};
 use userpilot_heap_relay::queue::postgres::PostgresQueue;
-use userpilot_heap_relay::queue::{DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError};
+use userpilot_heap_relay::queue::{
+    DEFAULT_SOURCE, DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError,
+};
 
 use crate::support::postgres::{Schema, connect};
-use crate::support::records::{self, account, track, user, webhook};
+use crate::support::records::{self, account, track, user};
 
 const T0: i64 = 1_700_000_000_000;
 const FAR: i64 = T0 + 1_000_000_000;
 
-/// A leadership lock of its own, so that claims here never wait on another test's leader.
+/// A lane of its own, so that claims here never wait on another test's leader.
+static LANE: std::sync::LazyLock<String> = std::sync::LazyLock::new(crate::support::postgres::lane);
+
+fn webhook(body: &str, at: i64, records: Vec<Outbound>) -> NewWebhook {
+    records::on(DEFAULT_SOURCE, &LANE, records::webhook(body, at, records))
+}
+
 fn quarantined(body: &str, at: i64, detail: &str, subject: &str) -> NewWebhook {
-    records::quarantined(body, at, "unmapped", detail, subject)
+    let webhook = records::quarantined(body, at, "unmapped", detail, subject);
+    records::on(DEFAULT_SOURCE, &LANE, webhook)
 }
 
 /// Enqueues every webhook at once (spawned together, so on the single-threaded runtime they
@@ -318,7 +329,7 @@ async fn a_mixed_group_answers_and_stores_what_one_by_one_enqueues_would() {
 
     // The records are what the queue serves: pending ones claimable, quarantines dead letters.
     let tracks = queue
-        .claim(RecordKind::Track, 1000, FAR, 60_000)
+        .claim(&LANE, RecordKind::Track, 1000, FAR, 60_000)
         .await
         .unwrap();
     assert_eq!(tracks.len(), 5 + 5 + 5 + 5 + 10 + 30);
@@ -505,5 +516,103 @@ async fn replicas_enqueuing_the_same_webhooks_in_crossed_order_all_succeed() {
         (ROUNDS * BODIES * 2) as i64
     );
     drop((one, two));
+    schema.drop().await;
+}
+
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
+#[tokio::test]
+async fn the_same_body_on_two_sources_in_one_group_is_two_webhooks_whichever_way_it_goes_in() {
+    let schema = Schema::fresh().await;
+    let queue = Arc::new(schema.queue().await);
+    let client = connect(&schema.url).await;
+    let staging_lane = format!("{}-staging", *LANE);
+    let on = |source: &str, lane: &str, body: &str, at: i64, key: &str, subject: &str| {
+        records::on(
+            source,
+            lane,
+            records::webhook(body, at, vec![track(key, subject)]),
+        )
+    };
+    let stored = async |since: i64| -> Vec<(String, String, String)> {
+        client
+            .query(
+                "SELECT w.source, r.app_id, r.key FROM webhooks w JOIN records r
+                 ON r.webhook_id = w.id WHERE w.received_at >= $1 ORDER BY w.source, r.key",
+                &[&since],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect()
+    };
+    let row = |source: &str, lane: &str, key: &str| (source.into(), lane.into(), key.into());
+
+    // One statement for the group: (source, digest) decides what is new.
+    let results = enqueue_together(
+        &queue,
+        vec![
+            on(DEFAULT_SOURCE, &LANE, "same", T0, "a", "ann"),
+            on("staging", &staging_lane, "same", T0, "b", "ann"),
+            on("staging", &staging_lane, "same", T0, "c", "ann"),
+            on(DEFAULT_SOURCE, &LANE, "same", T0, "d", "ann"),
+        ],
+    )
+    .await;
+    let results: Vec<Enqueued> = results.into_iter().map(Result::unwrap).collect();
+    let accepted = Enqueued::Accepted { events: 1 };
+    assert_eq!(
+        results,
+        [accepted, accepted, Enqueued::Duplicate, Enqueued::Duplicate]
+    );
+    assert_eq!(transactions(&client, T0).await, 1, "the premise: one group");
+    assert_eq!(
+        stored(T0).await,
+        [
+            row(DEFAULT_SOURCE, &LANE, "a"),
+            row("staging", &staging_lane, "b")
+        ]
+    );
+
+    // A webhook the server refuses sends the group down the savepoint-per-webhook path,
+    // which decides the same.
+    client
+        .batch_execute(
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.subject = 'poison' THEN RAISE EXCEPTION 'poisoned record'; END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER poison BEFORE INSERT ON records
+                 FOR EACH ROW EXECUTE FUNCTION poison();",
+        )
+        .await
+        .unwrap();
+    let later = T0 + 1000;
+    let results = enqueue_together(
+        &queue,
+        vec![
+            on(DEFAULT_SOURCE, &LANE, "second", later, "e", "ann"),
+            on("qa", &LANE, "second", later, "f", "ann"),
+            on("qa", &LANE, "poisoned", later, "p", "poison"),
+            on("qa", &LANE, "second", later, "g", "ann"),
+            on("staging", &staging_lane, "same", later, "h", "ann"),
+        ],
+    )
+    .await;
+    assert!(matches!(results[2], Err(QueueError::Storage(_))));
+    let rest: Vec<Enqueued> = [0, 1, 3, 4]
+        .into_iter()
+        .map(|at| results[at].as_ref().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        rest,
+        [accepted, accepted, Enqueued::Duplicate, Enqueued::Duplicate]
+    );
+    assert_eq!(
+        stored(later).await,
+        [row(DEFAULT_SOURCE, &LANE, "e"), row("qa", &LANE, "f")]
+    );
+    drop(queue);
     schema.drop().await;
 }

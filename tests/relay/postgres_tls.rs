@@ -12,7 +12,7 @@
 use tokio_postgres::Client;
 use tokio_postgres::config::Host;
 use userpilot_heap_relay::heap::wire::RecordKind;
-use userpilot_heap_relay::queue::postgres::{PostgresQueue, leader_lock_key};
+use userpilot_heap_relay::queue::postgres::PostgresQueue;
 use userpilot_heap_relay::queue::{Enqueued, Queue, QueueError};
 
 use crate::support::postgres::{Schema, base_url, connect};
@@ -76,10 +76,9 @@ fn with(url: &str, params: &str) -> String {
     format!("{url}{separator}{params}")
 }
 
-/// Connects a queue with a leader lock of its own, so that it forwards alone.
+/// Connects a queue (its claims use a lane of their own, so that it forwards alone).
 async fn queue(url: &str) -> Result<PostgresQueue, QueueError> {
-    let key = leader_lock_key(&uuid::Uuid::new_v4().to_string());
-    PostgresQueue::connect(url, key).await
+    PostgresQueue::connect(url).await
 }
 
 /// The error connecting with `url`; panics if it connects.
@@ -108,18 +107,20 @@ async fn sessions(admin: &Client, queue: &PostgresQueue) -> (i64, i64) {
 /// session): the queue works over this connection.
 async fn round_trip(queue: &PostgresQueue) {
     let body = format!("webhook {}", uuid::Uuid::new_v4());
+    let lane = crate::support::postgres::lane();
     let webhook = records::webhook(&body, NOW, vec![records::track("tls-1", "user-tls")]);
+    let webhook = records::on(userpilot_heap_relay::queue::DEFAULT_SOURCE, &lane, webhook);
     assert_eq!(
         queue.enqueue(webhook).await.unwrap(),
         Enqueued::Accepted { events: 1 }
     );
     let claimed = queue
-        .claim(RecordKind::Track, 10, NOW, 60_000)
+        .claim(&lane, RecordKind::Track, 10, NOW, 60_000)
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1, "{claimed:?}");
     assert_eq!(claimed[0].subject, "user-tls");
-    assert!(queue.is_leader());
+    assert!(queue.is_leader(&lane));
 }
 
 /// The file of the server's certificate (self-signed: it is its own root).

@@ -6,8 +6,12 @@
 //! letters (with the attempts that led to them) and their filters and paging, replay +
 //! requeue, purge, prune, stats, next_due_ms, delivered_since and ping.
 //!
-//! Postgres only: concurrent claimers never share a record, one leader per lock key with a
-//! fast takeover of a gone replica's leases, migrations racing at startup, and failing fast
+//! Sources and lanes (schema v3): claims, due times and deliveries never cross lanes, lane
+//! stats, the same body on two sources is two webhooks, dead letters carry and filter by their
+//! source, requeue into a given lane, adoption of records without a lane.
+//!
+//! Postgres only: concurrent claimers never share a record, one leader per lane with a
+//! fast takeover of a gone replica's leases, two replicas leading two lanes at once, migrations racing at startup, and failing fast
 //! while the database is unreachable, then recovering without a restart.
 
 use std::collections::HashSet;
@@ -20,29 +24,46 @@ use userpilot_heap_relay::heap::wire::{Outbound, RecordKind};
 use userpilot_heap_relay::queue::postgres::PostgresQueue;
 use userpilot_heap_relay::queue::sqlite::SqliteQueue;
 use userpilot_heap_relay::queue::{
-    Claimed, Content, DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError,
+    Claimed, Content, DEFAULT_SOURCE, DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError,
 };
 
 use crate::support::eventually;
-use crate::support::postgres::{Database, Schema, lock_key};
-use crate::support::records::{self, user, webhook};
+use crate::support::postgres::{Database, Schema, lane as own_lane};
+use crate::support::records::{self, APP, user};
 
 /// A fixed "now" for the tests; every time is an offset from it.
 const T0: i64 = 1_700_000_000_000;
 const LEASE: i64 = 60_000;
 const FAR: i64 = T0 + 1_000_000_000;
 /// Migrations the Postgres backend has (one `schema_version` row each once applied).
-const MIGRATIONS: i64 = 2;
+const MIGRATIONS: i64 = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Building blocks
+
+tokio::task_local! {
+    /// The lane the suite's webhooks go to and its claims read: [`APP`] on SQLite, one of the
+    /// test's own on Postgres, whose leader locks every test on the server shares.
+    static LANE: String;
+}
+
+/// The current test's lane.
+fn lane() -> String {
+    LANE.with(Clone::clone)
+}
+
+/// A webhook on source `default` in the test's lane.
+fn webhook(body: &str, at: i64, records: Vec<Outbound>) -> NewWebhook {
+    records::on(DEFAULT_SOURCE, &lane(), records::webhook(body, at, records))
+}
 
 fn track(key: &str) -> Outbound {
     records::track(key, &format!("user-{key}"))
 }
 
 fn quarantined(body: &str, at: i64, reason: &str, subject: &str) -> NewWebhook {
-    records::quarantined(body, at, reason, &format!("{reason} detail"), subject)
+    let webhook = records::quarantined(body, at, reason, &format!("{reason} detail"), subject);
+    records::on(DEFAULT_SOURCE, &lane(), webhook)
 }
 
 /// The idempotency keys of claimed track records, in claim order.
@@ -61,7 +82,7 @@ fn ids(claimed: &[Claimed]) -> Vec<i64> {
 }
 
 async fn claim_all(queue: &Arc<dyn Queue>, kind: RecordKind, now: i64) -> Vec<Claimed> {
-    queue.claim(kind, 1000, now, LEASE).await.unwrap()
+    queue.claim(&lane(), kind, 1000, now, LEASE).await.unwrap()
 }
 
 /// Stores `webhook`; the backend must not fail.
@@ -175,7 +196,7 @@ async fn claims_are_oldest_first_per_kind_and_at_most_max(queue: Arc<dyn Queue>)
     )
     .await;
     let first = queue
-        .claim(RecordKind::Track, 3, T0 + 10, LEASE)
+        .claim(&lane(), RecordKind::Track, 3, T0 + 10, LEASE)
         .await
         .unwrap();
     assert_eq!(keys(&first), ["k2", "k3", "k4"]);
@@ -183,7 +204,7 @@ async fn claims_are_oldest_first_per_kind_and_at_most_max(queue: Arc<dyn Queue>)
     assert_eq!(first[0].subject, "user-k2");
     assert_eq!((first[0].attempts, first[0].received_at_ms), (0, T0));
     let second = queue
-        .claim(RecordKind::Track, 3, T0 + 10, LEASE)
+        .claim(&lane(), RecordKind::Track, 3, T0 + 10, LEASE)
         .await
         .unwrap();
     assert_eq!(keys(&second), ["k1"]);
@@ -199,7 +220,7 @@ async fn large_claims_and_acks_take_every_record_oldest_first(queue: Arc<dyn Que
         store(&queue, webhook(&key, T0 + n, vec![track(&key)])).await;
     }
     let claimed = queue
-        .claim(RecordKind::Track, 260, T0 + 300, LEASE)
+        .claim(&lane(), RecordKind::Track, 260, T0 + 300, LEASE)
         .await
         .unwrap();
     let wanted: Vec<String> = (0..260).map(|n| format!("k{n:03}")).collect();
@@ -229,7 +250,10 @@ async fn records_are_not_claimed_before_they_are_due(queue: Arc<dyn Queue>) {
 
 async fn an_expired_lease_makes_its_records_claimable_again(queue: Arc<dyn Queue>) {
     store(&queue, webhook("w", T0, vec![track("a")])).await;
-    let claimed = queue.claim(RecordKind::Track, 10, T0, 1000).await.unwrap();
+    let claimed = queue
+        .claim(&lane(), RecordKind::Track, 10, T0, 1000)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     assert!(tracks(&queue, T0 + 999).await.is_empty());
     let again = tracks(&queue, T0 + 1000).await;
@@ -238,7 +262,10 @@ async fn an_expired_lease_makes_its_records_claimable_again(queue: Arc<dyn Queue
 
 async fn renew_extends_the_lease_of_records_in_flight(queue: Arc<dyn Queue>) {
     store(&queue, webhook("w", T0, vec![track("a")])).await;
-    let claimed = queue.claim(RecordKind::Track, 10, T0, 1000).await.unwrap();
+    let claimed = queue
+        .claim(&lane(), RecordKind::Track, 10, T0, 1000)
+        .await
+        .unwrap();
     queue.renew(ids(&claimed), T0 + 5000).await.unwrap();
     assert!(tracks(&queue, T0 + 2000).await.is_empty());
     assert_eq!(tracks(&queue, T0 + 5000).await.len(), 1);
@@ -371,7 +398,7 @@ async fn delivered_since_counts_the_acks_of_one_kind_from_the_window_start(queue
 
     let since = |kind, at| {
         let queue = Arc::clone(&queue);
-        async move { queue.delivered_since(kind, at).await.unwrap() }
+        async move { queue.delivered_since(&lane(), kind, at).await.unwrap() }
     };
     assert_eq!(since(RecordKind::Track, T0).await, 3);
     assert_eq!(since(RecordKind::Track, T0 + 10).await, 3, "inclusive");
@@ -544,6 +571,7 @@ async fn requeue_replaces_dead_records_and_leaves_delivered_siblings_alone(queue
         .requeue(
             item,
             Content::Records(vec![track("a"), track("b")]),
+            &lane(),
             T0 + 50,
         )
         .await
@@ -571,6 +599,7 @@ async fn a_replayed_quarantine_becomes_pending_records(queue: Arc<dyn Queue>) {
         .requeue(
             items[0].clone(),
             Content::Records(vec![track("x"), user("x")]),
+            &lane(),
             T0 + 9,
         )
         .await
@@ -797,7 +826,7 @@ async fn stats_count_each_state_and_the_oldest_pending(queue: Arc<dyn Queue>) {
     store(&queue, webhook("w2", T0 + 9, vec![track("c")])).await;
     store(&queue, quarantined("q", T0 + 1, "unmapped", "carol")).await;
     let claimed = queue
-        .claim(RecordKind::Track, 2, T0 + 10, LEASE)
+        .claim(&lane(), RecordKind::Track, 2, T0 + 10, LEASE)
         .await
         .unwrap();
     queue.ack(vec![claimed[0].id], T0 + 11).await.unwrap();
@@ -810,32 +839,41 @@ async fn stats_count_each_state_and_the_oldest_pending(queue: Arc<dyn Queue>) {
 }
 
 async fn next_due_is_the_earliest_due_time_or_lease_end(queue: Arc<dyn Queue>) {
-    assert_eq!(queue.next_due_ms(RecordKind::Track).await.unwrap(), None);
+    assert_eq!(
+        queue.next_due_ms(&lane(), RecordKind::Track).await.unwrap(),
+        None
+    );
     store(&queue, webhook("w1", T0 + 7, vec![track("a"), user("a")])).await;
     store(&queue, webhook("w2", T0 + 9, vec![track("b")])).await;
     assert_eq!(
-        queue.next_due_ms(RecordKind::Track).await.unwrap(),
+        queue.next_due_ms(&lane(), RecordKind::Track).await.unwrap(),
         Some(T0 + 7)
     );
     assert_eq!(
-        queue.next_due_ms(RecordKind::User).await.unwrap(),
+        queue.next_due_ms(&lane(), RecordKind::User).await.unwrap(),
         Some(T0 + 7)
     );
-    assert_eq!(queue.next_due_ms(RecordKind::Account).await.unwrap(), None);
+    assert_eq!(
+        queue
+            .next_due_ms(&lane(), RecordKind::Account)
+            .await
+            .unwrap(),
+        None
+    );
     let claimed = queue
-        .claim(RecordKind::Track, 1, T0 + 10, 1000)
+        .claim(&lane(), RecordKind::Track, 1, T0 + 10, 1000)
         .await
         .unwrap();
     assert_eq!(
-        queue.next_due_ms(RecordKind::Track).await.unwrap(),
+        queue.next_due_ms(&lane(), RecordKind::Track).await.unwrap(),
         Some(T0 + 9)
     );
     let rest = queue
-        .claim(RecordKind::Track, 1, T0 + 10, 1000)
+        .claim(&lane(), RecordKind::Track, 1, T0 + 10, 1000)
         .await
         .unwrap();
     assert_eq!(
-        queue.next_due_ms(RecordKind::Track).await.unwrap(),
+        queue.next_due_ms(&lane(), RecordKind::Track).await.unwrap(),
         Some(T0 + 1010),
         "the lease's end"
     );
@@ -845,16 +883,254 @@ async fn next_due_is_the_earliest_due_time_or_lease_end(queue: Arc<dyn Queue>) {
         .await
         .unwrap();
     assert_eq!(
-        queue.next_due_ms(RecordKind::Track).await.unwrap(),
+        queue.next_due_ms(&lane(), RecordKind::Track).await.unwrap(),
         Some(T0 + 5000)
     );
     queue.ack(ids(&rest), T0 + 12).await.unwrap();
-    assert_eq!(queue.next_due_ms(RecordKind::Track).await.unwrap(), None);
+    assert_eq!(
+        queue.next_due_ms(&lane(), RecordKind::Track).await.unwrap(),
+        None
+    );
 }
 
 async fn ping_succeeds_while_the_queue_accepts_writes(queue: Arc<dyn Queue>) {
     queue.ping().await.unwrap();
     queue.ping().await.unwrap();
+}
+
+async fn claims_due_times_and_deliveries_never_cross_lanes(queue: Arc<dyn Queue>) {
+    let other = format!("{}-other", lane());
+    store(&queue, webhook("w1", T0, vec![track("a"), user("a")])).await;
+    let theirs = records::on(
+        DEFAULT_SOURCE,
+        &other,
+        webhook("w2", T0 + 1, vec![track("b")]),
+    );
+    store(&queue, theirs).await;
+    store(&queue, webhook("w3", T0 + 2, vec![track("c")])).await;
+
+    assert_eq!(
+        queue.next_due_ms(&other, RecordKind::Track).await.unwrap(),
+        Some(T0 + 1)
+    );
+    assert_eq!(
+        queue.next_due_ms(&other, RecordKind::User).await.unwrap(),
+        None
+    );
+    let claimed = claim_all(&queue, RecordKind::Track, FAR).await;
+    assert_eq!(keys(&claimed), ["a", "c"], "only this lane's records");
+    let other_claimed = queue
+        .claim(&other, RecordKind::Track, 1000, FAR, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(keys(&other_claimed), ["b"]);
+    assert!(
+        queue
+            .claim(&other, RecordKind::User, 1000, FAR, LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the user record is this lane's"
+    );
+    assert!(claim_all(&queue, RecordKind::Track, FAR).await.is_empty());
+
+    queue.ack(ids(&claimed), T0 + 10).await.unwrap();
+    queue.ack(ids(&other_claimed), T0 + 10).await.unwrap();
+    let delivered = |app_id: String| {
+        let queue = queue.clone();
+        async move {
+            queue
+                .delivered_since(&app_id, RecordKind::Track, T0)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(delivered(lane()).await, 2);
+    assert_eq!(delivered(other.clone()).await, 1);
+    assert_eq!(delivered(format!("{}-none", lane())).await, 0);
+}
+
+async fn lane_stats_count_each_app_id_apart_and_stats_all_of_them(queue: Arc<dyn Queue>) {
+    let other = format!("{}-other", lane());
+    store(&queue, webhook("w1", T0, vec![track("a"), track("b")])).await;
+    let theirs = records::on(
+        DEFAULT_SOURCE,
+        &other,
+        webhook("w2", T0 - 5, vec![track("c")]),
+    );
+    store(&queue, theirs).await;
+    store(&queue, quarantined("bad", T0 + 1, "unmapped", "carol")).await;
+    let claimed = queue
+        .claim(&lane(), RecordKind::Track, 1, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    queue.ack(ids(&claimed), T0 + 11).await.unwrap();
+
+    let lanes = queue.lane_stats(T0 + 20).await.unwrap();
+    assert_eq!(
+        lanes.keys().cloned().collect::<Vec<_>>(),
+        {
+            let mut names = vec![lane(), other.clone()];
+            names.sort();
+            names
+        },
+        "lanes with any record"
+    );
+    let mine = lanes[&lane()];
+    assert_eq!(
+        (mine.pending, mine.in_flight, mine.delivered, mine.dead),
+        (1, 0, 1, 1)
+    );
+    assert_eq!(mine.oldest_pending_received_at_ms, Some(T0));
+    let theirs = lanes[&other];
+    assert_eq!((theirs.pending, theirs.delivered, theirs.dead), (1, 0, 0));
+    assert_eq!(theirs.oldest_pending_received_at_ms, Some(T0 - 5));
+    let all = queue.stats(T0 + 20).await.unwrap();
+    assert_eq!((all.pending, all.delivered, all.dead), (2, 1, 1));
+    assert_eq!(all.oldest_pending_received_at_ms, Some(T0 - 5));
+}
+
+async fn the_same_body_on_two_sources_is_two_webhooks(queue: Arc<dyn Queue>) {
+    let on = |source: &str, at: i64| {
+        records::on(source, &lane(), webhook("same body", at, vec![track("a")]))
+    };
+    assert_eq!(
+        store(&queue, on(DEFAULT_SOURCE, T0)).await,
+        Enqueued::Accepted { events: 1 }
+    );
+    assert_eq!(
+        store(&queue, on("staging", T0 + 1)).await,
+        Enqueued::Accepted { events: 1 }
+    );
+    assert_eq!(
+        store(&queue, on("staging", T0 + 2)).await,
+        Enqueued::Duplicate
+    );
+    assert_eq!(
+        store(&queue, on(DEFAULT_SOURCE, T0 + 3)).await,
+        Enqueued::Duplicate
+    );
+    assert_eq!(queue.stats(T0).await.unwrap().pending, 2);
+    assert_eq!(tracks(&queue, T0 + 5).await.len(), 2);
+}
+
+async fn dead_letters_carry_their_source_and_lane_and_filter_by_source(queue: Arc<dyn Queue>) {
+    let staging = |webhook: NewWebhook| records::on("staging", &lane(), webhook);
+    store(&queue, quarantined("bad", T0, "unmapped", "carol")).await;
+    store(
+        &queue,
+        staging(quarantined("bad", T0 + 1, "unmapped", "carol")),
+    )
+    .await;
+    store(
+        &queue,
+        staging(quarantined("worse", T0 + 2, "invalid", "dave")),
+    )
+    .await;
+
+    let all = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap();
+    let sources: Vec<(&str, &str)> = all
+        .iter()
+        .map(|l| (l.source.as_str(), l.app_id.as_str()))
+        .collect();
+    let mine = lane();
+    assert_eq!(
+        sources,
+        [
+            (DEFAULT_SOURCE, mine.as_str()),
+            ("staging", mine.as_str()),
+            ("staging", mine.as_str())
+        ]
+    );
+    let detail = queue.dead_letter_detail(all[1].id).await.unwrap().unwrap();
+    assert_eq!(detail.letter, all[1]);
+
+    let of = |source: &str| DeadLetterFilter {
+        source: Some(source.to_owned()),
+        ..DeadLetterFilter::default()
+    };
+    let staged = queue.dead_letters(of("staging")).await.unwrap();
+    assert_eq!(
+        staged
+            .iter()
+            .map(|l| l.subject.as_str())
+            .collect::<Vec<_>>(),
+        ["carol", "dave"]
+    );
+    assert!(queue.dead_letters(of("qa")).await.unwrap().is_empty());
+    let counted = queue.count_dead_letters(of("staging")).await.unwrap();
+    assert_eq!((counted.dead_letters, counted.webhooks), (2, 2));
+    let items = queue.replay_items(of(DEFAULT_SOURCE), 10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].source, DEFAULT_SOURCE);
+    assert_eq!(items[0].dead_ids, [all[0].id]);
+    let staged_items = queue.replay_items(of("staging"), 10).await.unwrap();
+    assert!(staged_items.iter().all(|item| item.source == "staging"));
+    assert_eq!(staged_items.len(), 2);
+
+    assert_eq!(queue.purge(of("staging")).await.unwrap(), 2);
+    assert_eq!(
+        dead_ids(&queue, DeadLetterFilter::default()).await,
+        [all[0].id],
+        "the default source's dead letter is left"
+    );
+}
+
+async fn a_requeued_webhook_goes_to_the_lane_it_is_given(queue: Arc<dyn Queue>) {
+    let other = format!("{}-other", lane());
+    store(&queue, quarantined("bad", T0, "unmapped", "carol")).await;
+    let item = queue
+        .replay_items(DeadLetterFilter::default(), 10)
+        .await
+        .unwrap()
+        .remove(0);
+    let content = Content::Records(vec![track("x")]);
+    assert_eq!(
+        queue.requeue(item, content, &other, T0 + 5).await.unwrap(),
+        1
+    );
+    assert!(claim_all(&queue, RecordKind::Track, FAR).await.is_empty());
+    let moved = queue
+        .claim(&other, RecordKind::Track, 10, FAR, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(keys(&moved), ["x"]);
+}
+
+async fn records_without_a_lane_are_adopted_once_by_the_given_app_id(queue: Arc<dyn Queue>) {
+    // Records stored before lanes existed have the lane '' (the migration tests make them the
+    // real way; here they are stored so).
+    let unassigned = |webhook: NewWebhook| records::on(DEFAULT_SOURCE, "", webhook);
+    store(
+        &queue,
+        unassigned(webhook("old", T0, vec![track("a"), user("a")])),
+    )
+    .await;
+    store(
+        &queue,
+        unassigned(quarantined("bad", T0, "unmapped", "carol")),
+    )
+    .await;
+    store(&queue, webhook("new", T0 + 1, vec![track("b")])).await;
+    assert_eq!(keys(&tracks(&queue, FAR).await), ["b"], "'' is no lane's");
+    assert_eq!(queue.adopt_unassigned("").await.unwrap(), 0);
+
+    assert_eq!(queue.adopt_unassigned(&lane()).await.unwrap(), 3);
+    assert_eq!(queue.adopt_unassigned(&lane()).await.unwrap(), 0, "once");
+    assert_eq!(
+        queue
+            .adopt_unassigned(&format!("{}-other", lane()))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(keys(&tracks(&queue, FAR).await), ["a"]);
+    let lanes = queue.lane_stats(T0).await.unwrap();
+    assert_eq!(lanes.keys().cloned().collect::<Vec<_>>(), [lane()]);
+    assert_eq!(lanes[&lane()].dead, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -873,7 +1149,7 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $name() {
                     let (queue, _dir) = super::sqlite_queue().await;
-                    super::$name(queue).await;
+                    super::LANE.scope(super::APP.to_owned(), super::$name(queue)).await;
                 }
             )*
         }
@@ -884,8 +1160,8 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $name() {
                     let schema = super::Schema::fresh().await;
-                    let queue = schema.queue().await;
-                    super::$name(std::sync::Arc::new(queue)).await;
+                    let queue = std::sync::Arc::new(schema.queue().await);
+                    super::LANE.scope(super::own_lane(), super::$name(queue)).await;
                     schema.drop().await;
                 }
             )*
@@ -920,18 +1196,30 @@ conformance!(
     stats_count_each_state_and_the_oldest_pending,
     next_due_is_the_earliest_due_time_or_lease_end,
     ping_succeeds_while_the_queue_accepts_writes,
+    claims_due_times_and_deliveries_never_cross_lanes,
+    lane_stats_count_each_app_id_apart_and_stats_all_of_them,
+    the_same_body_on_two_sources_is_two_webhooks,
+    dead_letters_carry_their_source_and_lane_and_filter_by_source,
+    a_requeued_webhook_goes_to_the_lane_it_is_given,
+    records_without_a_lane_are_adopted_once_by_the_given_app_id,
 );
 
 // ---------------------------------------------------------------------------------------------
 // Postgres only: several replicas on one database.
 
-async fn enqueue_tracks(queue: &PostgresQueue, webhooks: usize, per_webhook: usize) -> usize {
+async fn enqueue_tracks(
+    queue: &PostgresQueue,
+    app_id: &str,
+    webhooks: usize,
+    per_webhook: usize,
+) -> usize {
     for w in 0..webhooks {
         let records = (0..per_webhook)
             .map(|r| track(&format!("k{w}-{r}")))
             .collect();
+        let webhook = records::webhook(&format!("w{w}-{app_id}"), T0 + w as i64, records);
         let result = queue
-            .enqueue(webhook(&format!("w{w}"), T0 + w as i64, records))
+            .enqueue(records::on(DEFAULT_SOURCE, app_id, webhook))
             .await
             .unwrap();
         assert_eq!(
@@ -948,16 +1236,20 @@ async fn enqueue_tracks(queue: &PostgresQueue, webhooks: usize, per_webhook: usi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claimers_never_get_the_same_record() {
     let schema = Schema::fresh().await;
-    // Different lock keys: both are leaders, so both really claim.
-    let one = Arc::new(schema.queue().await);
-    let two = Arc::new(schema.queue().await);
-    let total = enqueue_tracks(&one, 40, 10).await;
+    let lane = own_lane();
+    // One leader, claiming from two tasks at once on connections of its pool: only the claim
+    // statement (`FOR UPDATE SKIP LOCKED`) keeps them apart.
+    let queue = Arc::new(schema.queue().await);
+    let total = enqueue_tracks(&queue, &lane, 40, 10).await;
 
-    let claimer = |queue: Arc<PostgresQueue>| {
+    let claimer = |queue: Arc<PostgresQueue>, lane: String| {
         tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let batch = queue.claim(RecordKind::Track, 7, FAR, LEASE).await.unwrap();
+                let batch = queue
+                    .claim(&lane, RecordKind::Track, 7, FAR, LEASE)
+                    .await
+                    .unwrap();
                 if batch.is_empty() {
                     return mine;
                 }
@@ -965,44 +1257,50 @@ async fn concurrent_claimers_never_get_the_same_record() {
             }
         })
     };
-    let (a, b) = tokio::join!(claimer(one.clone()), claimer(two.clone()));
+    let (a, b) = tokio::join!(
+        claimer(queue.clone(), lane.clone()),
+        claimer(queue.clone(), lane.clone())
+    );
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert!(one.is_leader() && two.is_leader());
+    assert!(queue.is_leader(&lane));
     let a_set: HashSet<i64> = a.iter().copied().collect();
     let b_set: HashSet<i64> = b.iter().copied().collect();
     assert_eq!(a_set.len(), a.len(), "no record twice to one claimer");
     assert_eq!(b_set.len(), b.len());
     assert!(a_set.is_disjoint(&b_set), "a record claimed by both");
     assert_eq!(a.len() + b.len(), total, "every record claimed once");
-    assert_eq!(one.stats(FAR).await.unwrap().in_flight, total as u64);
-    drop((one, two));
+    assert_eq!(queue.stats(FAR).await.unwrap().in_flight, total as u64);
+    drop(queue);
     schema.drop().await;
 }
 
 #[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
 #[tokio::test]
-async fn one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_leases() {
+async fn one_replica_leads_a_lane_and_a_successor_frees_a_gone_leaders_leases() {
     let schema = Schema::fresh().await;
-    let key = lock_key();
-    let first = PostgresQueue::connect(&schema.url, key).await.unwrap();
-    let second = PostgresQueue::connect(&schema.url, key).await.unwrap();
-    enqueue_tracks(&first, 3, 2).await;
+    let lane = own_lane();
+    let first = schema.queue().await;
+    let second = schema.queue().await;
+    enqueue_tracks(&first, &lane, 3, 2).await;
 
     let leased = first
-        .claim(RecordKind::Track, 4, T0 + 10, LEASE)
+        .claim(&lane, RecordKind::Track, 4, T0 + 10, LEASE)
         .await
         .unwrap();
     assert_eq!(leased.len(), 4);
-    assert!(first.is_leader());
+    assert!(first.is_leader(&lane));
     assert!(
         second
-            .claim(RecordKind::Track, 100, T0 + 10, LEASE)
+            .claim(&lane, RecordKind::Track, 100, T0 + 10, LEASE)
             .await
             .unwrap()
             .is_empty()
     );
-    assert!(!second.is_leader());
-    assert_eq!(second.next_due_ms(RecordKind::Track).await.unwrap(), None);
+    assert!(!second.is_leader(&lane));
+    assert_eq!(
+        second.next_due_ms(&lane, RecordKind::Track).await.unwrap(),
+        None
+    );
 
     // The leader goes away (its sessions end) with four records leased for another minute.
     drop(first);
@@ -1012,7 +1310,7 @@ async fn one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_lea
     let mut claimed = HashSet::new();
     eventually(Duration::from_secs(10), async || {
         let batch = second
-            .claim(RecordKind::Track, 100, T0 + 20, LEASE)
+            .claim(&lane, RecordKind::Track, 100, T0 + 20, LEASE)
             .await
             .unwrap();
         for id in ids(&batch) {
@@ -1027,9 +1325,64 @@ async fn one_replica_leads_per_lock_key_and_a_successor_frees_a_gone_leaders_lea
         }
     })
     .await;
-    assert!(second.is_leader());
+    assert!(second.is_leader(&lane));
     assert!(ids(&leased).iter().all(|id| claimed.contains(id)));
     drop(second);
+    schema.drop().await;
+}
+
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
+#[tokio::test]
+async fn two_replicas_lead_two_different_lanes_at_once_each_claiming_only_its_own() {
+    let schema = Schema::fresh().await;
+    let (a, b) = (own_lane(), own_lane());
+    let one = schema.queue().await;
+    let two = schema.queue().await;
+    let in_a = enqueue_tracks(&one, &a, 3, 2).await;
+    let in_b = enqueue_tracks(&one, &b, 2, 2).await;
+
+    // Replica one takes lane a first, replica two lane b: each then leads one lane.
+    let one_a = one
+        .claim(&a, RecordKind::Track, 100, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    let two_b = two
+        .claim(&b, RecordKind::Track, 100, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!((one_a.len(), two_b.len()), (in_a, in_b));
+    assert!(one.is_leader(&a) && two.is_leader(&b), "both lead at once");
+    // Neither gets the other's lane: it is led already.
+    assert!(
+        one.claim(&b, RecordKind::Track, 100, FAR, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        two.claim(&a, RecordKind::Track, 100, FAR, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!one.is_leader(&b) && !two.is_leader(&a));
+    assert_eq!(one.next_due_ms(&b, RecordKind::Track).await.unwrap(), None);
+    assert!(one.is_leader(&a), "following one lane leaves the other led");
+    // What each claimed is of its lane only.
+    let of = |claimed: &[Claimed]| claimed.iter().map(|c| c.id).collect::<HashSet<_>>();
+    assert!(of(&one_a).is_disjoint(&of(&two_b)));
+    let sessions = schema
+        .count(&format!(
+            "SELECT COUNT(DISTINCT a.application_name) FROM pg_locks l
+             JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted
+               AND a.application_name IN ('{}', '{}')",
+            one.replica_id(),
+            two.replica_id()
+        ))
+        .await;
+    assert_eq!(sessions, 2, "each replica's session holds a lane's lock");
+    drop((one, two));
     schema.drop().await;
 }
 
@@ -1039,7 +1392,7 @@ async fn replicas_starting_together_migrate_the_schema_once() {
     let schema = Schema::fresh().await;
     let starts = (0..4).map(|_| {
         let url = schema.url.clone();
-        tokio::spawn(async move { PostgresQueue::connect(&url, lock_key()).await })
+        tokio::spawn(async move { PostgresQueue::connect(&url).await })
     });
     let mut queues = Vec::new();
     for start in starts {
@@ -1075,11 +1428,10 @@ fn assert_storage_error<T: std::fmt::Debug>(result: Result<T, QueueError>, what:
 #[tokio::test]
 async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_restart() {
     let database = Database::fresh().await;
-    let queue = PostgresQueue::connect(&database.url, lock_key())
-        .await
-        .unwrap();
+    let queue = PostgresQueue::connect(&database.url).await.unwrap();
+    let webhook = |body: &str, records| records::webhook(body, T0, records);
     queue
-        .enqueue(webhook("before", T0, vec![track("a")]))
+        .enqueue(webhook("before", vec![track("a")]))
         .await
         .unwrap();
     assert_eq!(claim_all_pg(&queue, T0).await.len(), 1);
@@ -1089,12 +1441,15 @@ async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_
     let started = Instant::now();
     assert_storage_error(queue.ping().await, "ping");
     assert_storage_error(
-        queue.enqueue(webhook("during", T0, vec![track("b")])).await,
+        queue.enqueue(webhook("during", vec![track("b")])).await,
         "enqueue",
     );
     assert_storage_error(queue.stats(T0).await, "stats");
     assert_storage_error(queue.ack(vec![1], T0).await, "ack");
-    assert_storage_error(queue.next_due_ms(RecordKind::Track).await, "next_due_ms");
+    assert_storage_error(
+        queue.next_due_ms(APP, RecordKind::Track).await,
+        "next_due_ms",
+    );
     assert!(
         started.elapsed() < quickly,
         "storage errors took {:?}",
@@ -1102,7 +1457,10 @@ async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_
     );
     // The leader connection was cut too: within a check interval, claiming fails as well.
     let failed_claim = eventually(Duration::from_secs(5), async || {
-        queue.claim(RecordKind::Track, 10, FAR, LEASE).await.err()
+        queue
+            .claim(APP, RecordKind::Track, 10, FAR, LEASE)
+            .await
+            .err()
     })
     .await;
     assert!(matches!(failed_claim, QueueError::Storage(_)));
@@ -1111,13 +1469,16 @@ async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_
     eventually(Duration::from_secs(10), async || queue.ping().await).await;
     assert_eq!(
         queue
-            .enqueue(webhook("after", T0, vec![track("c")]))
+            .enqueue(webhook("after", vec![track("c")]))
             .await
             .unwrap(),
         Enqueued::Accepted { events: 1 }
     );
     let claimed = eventually(Duration::from_secs(10), async || {
-        let claimed = queue.claim(RecordKind::Track, 10, FAR, LEASE).await.ok()?;
+        let claimed = queue
+            .claim(APP, RecordKind::Track, 10, FAR, LEASE)
+            .await
+            .ok()?;
         (!claimed.is_empty()).then_some(claimed)
     })
     .await;
@@ -1132,7 +1493,7 @@ async fn while_postgres_is_unreachable_calls_fail_fast_and_then_recover_without_
 
 async fn claim_all_pg(queue: &PostgresQueue, now: i64) -> Vec<Claimed> {
     queue
-        .claim(RecordKind::Track, 1000, now, LEASE)
+        .claim(APP, RecordKind::Track, 1000, now, LEASE)
         .await
         .unwrap()
 }
@@ -1145,7 +1506,7 @@ async fn connecting_to_a_server_that_is_not_there_fails_fast() {
     drop(listener);
     let started = Instant::now();
     let result =
-        PostgresQueue::connect(&format!("postgres://relay:relay@127.0.0.1:{port}/relay"), 1).await;
+        PostgresQueue::connect(&format!("postgres://relay:relay@127.0.0.1:{port}/relay")).await;
     assert!(matches!(result, Err(QueueError::Storage(_))));
     assert!(started.elapsed() < Duration::from_secs(6));
 }

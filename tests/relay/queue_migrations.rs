@@ -1,16 +1,23 @@
 //! Queue files and schemas written by an older relay are upgraded at startup, keeping every
-//! record: schema version 1 (a global unique index on record keys) to version 2 (keys unique
-//! per webhook), on SQLite and on Postgres (ignored, with the reason, without
-//! `RELAY_TEST_POSTGRES_URL`).
+//! record, on SQLite and on Postgres (ignored, with the reason, without
+//! `RELAY_TEST_POSTGRES_URL`): schema version 1 (a global unique index on record keys) and
+//! version 2 (keys unique per webhook, one digest per body) to version 3 (sources and lanes:
+//! deduplication per source, a lane per record). The old databases are built with the DDL
+//! those versions wrote (copied here, as it stands in git at the version-2 commit), holding
+//! records in every state; after the upgrade every record and webhook is there, of source
+//! `default` and lane `''`, until `adopt_unassigned` gives them the serving relay's lane.
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use userpilot_heap_relay::heap::wire::{HeapRecord, Outbound, RecordKind, UserProperties};
 use userpilot_heap_relay::queue::postgres::PostgresQueue;
 use userpilot_heap_relay::queue::sqlite::SqliteQueue;
-use userpilot_heap_relay::queue::{Content, Enqueued, NewWebhook, Queue};
+use userpilot_heap_relay::queue::{
+    Content, DEFAULT_SOURCE, DeadLetterFilter, Enqueued, NewWebhook, Queue,
+};
 
-use crate::support::postgres::Schema;
+use crate::support::postgres::{Schema, lane as own_lane};
+use crate::support::records::{self, APP};
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -34,8 +41,11 @@ fn user(key: &str) -> Outbound {
     }
 }
 
-fn new_webhook(body: &'static str) -> NewWebhook {
+/// A webhook on source `default` in lane `app_id`.
+fn new_webhook(body: &'static str, app_id: &str) -> NewWebhook {
     NewWebhook {
+        source: DEFAULT_SOURCE.to_owned(),
+        app_id: app_id.to_owned(),
         digest: Sha256::digest(body.as_bytes()).into(),
         body: Bytes::from_static(body.as_bytes()),
         received_at_ms: T0,
@@ -43,28 +53,30 @@ fn new_webhook(body: &'static str) -> NewWebhook {
     }
 }
 
-/// What every upgraded queue must show: the old records as they were, the old webhook still
-/// deduplicating, and new webhooks going in under the new key rule.
-async fn assert_upgraded(queue: &dyn Queue) {
+/// What every queue upgraded from version 1 must show: the old records as they were once
+/// adopted by lane `app_id`, the old webhook still deduplicating, and new webhooks going in
+/// under the new key rule.
+async fn assert_upgraded(queue: &dyn Queue, app_id: &str) {
     let stats = queue.stats(T0).await.unwrap();
     assert_eq!((stats.pending, stats.delivered, stats.dead), (1, 1, 0));
+    assert_eq!(queue.adopt_unassigned(app_id).await.unwrap(), 2);
     let claimed = queue
-        .claim(RecordKind::Track, 10, T0, 60_000)
+        .claim(app_id, RecordKind::Track, 10, T0, 60_000)
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].json, r#"{"event":"x"}"#);
 
-    let mut old = new_webhook("v1 body");
+    let mut old = new_webhook("v1 body", app_id);
     old.content = Content::Records(vec![]);
     assert_eq!(queue.enqueue(old).await.unwrap(), Enqueued::Duplicate);
     assert_eq!(
-        queue.enqueue(new_webhook("v2 body")).await.unwrap(),
+        queue.enqueue(new_webhook("v2 body", app_id)).await.unwrap(),
         Enqueued::Accepted { events: 0 }
     );
     assert_eq!(
         queue
-            .claim(RecordKind::User, 10, T0, 60_000)
+            .claim(app_id, RecordKind::User, 10, T0, 60_000)
             .await
             .unwrap()
             .len(),
@@ -108,14 +120,15 @@ async fn a_version_1_sqlite_file_is_upgraded_keeping_its_records() {
     }
 
     let queue = SqliteQueue::open(&path).unwrap();
-    assert_upgraded(&queue).await;
+    assert_upgraded(&queue, APP).await;
     drop(queue);
+    assert_eq!(sqlite_version(&path), 3);
+}
 
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .unwrap();
-    assert_eq!(version, 2);
+fn sqlite_version(path: &std::path::Path) -> i64 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap()
 }
 
 #[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
@@ -159,15 +172,433 @@ async fn a_version_1_postgres_schema_is_upgraded_keeping_its_records() {
         .await
         .unwrap();
 
-    let queue = PostgresQueue::connect(&schema.url, fastrand::i64(..))
-        .await
-        .unwrap();
-    assert_upgraded(&queue).await;
+    let queue = PostgresQueue::connect(&schema.url).await.unwrap();
+    assert_upgraded(&queue, &own_lane()).await;
     assert_eq!(
         schema
             .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
             .await,
-        2
+        3
+    );
+    drop(queue);
+    schema.drop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version 2 to version 3: sources and lanes.
+
+/// Version 2's SQLite DDL, as `schema.rs` wrote it at the version-2 commit (states spelled).
+const SQLITE_V2: &str = "
+PRAGMA journal_mode = WAL;
+CREATE TABLE webhooks (
+    id          INTEGER PRIMARY KEY,
+    digest      BLOB    NOT NULL UNIQUE,
+    body        BLOB    NOT NULL,
+    received_at INTEGER NOT NULL
+);
+CREATE INDEX webhooks_received ON webhooks (received_at);
+CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
+CREATE TABLE records (
+    id              INTEGER PRIMARY KEY,
+    webhook_id      INTEGER NOT NULL,
+    key             TEXT    NOT NULL,
+    kind            TEXT    NOT NULL,
+    subject         TEXT    NOT NULL,
+    json            TEXT    NOT NULL,
+    state           INTEGER NOT NULL,
+    claimed         INTEGER NOT NULL DEFAULT 0,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    received_at     INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    last_error      TEXT,
+    dead_reason     TEXT,
+    dead_detail     TEXT
+);
+CREATE UNIQUE INDEX records_webhook_key ON records (webhook_id, key);
+CREATE INDEX records_due ON records (kind, next_attempt_at) WHERE state = 0;
+CREATE INDEX records_done ON records (state, updated_at) WHERE state <> 0;
+PRAGMA user_version = 2;
+";
+
+/// Version 2's Postgres DDL: migrations 1 and 2 as `schema.rs` applied them at the version-2
+/// commit (states spelled), and their `schema_version` rows.
+const POSTGRES_V2: &str = "
+CREATE TABLE schema_version (
+    version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+INSERT INTO schema_version (version) VALUES (1), (2);
+CREATE TABLE webhooks (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    digest      BYTEA  NOT NULL UNIQUE,
+    body        BYTEA  NOT NULL,
+    received_at BIGINT NOT NULL
+);
+CREATE INDEX webhooks_received ON webhooks (received_at);
+CREATE TABLE records (
+    id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    webhook_id      BIGINT  NOT NULL,
+    key             TEXT    NOT NULL UNIQUE,
+    kind            TEXT    NOT NULL,
+    subject         TEXT    NOT NULL,
+    json            TEXT    NOT NULL,
+    state           INTEGER NOT NULL,
+    claimed         INTEGER NOT NULL DEFAULT 0,
+    claimed_by      TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    received_at     BIGINT  NOT NULL,
+    next_attempt_at BIGINT  NOT NULL,
+    updated_at      BIGINT  NOT NULL,
+    last_error      TEXT,
+    dead_reason     TEXT,
+    dead_detail     TEXT
+);
+CREATE INDEX records_due ON records (kind, next_attempt_at, id) WHERE state = 0;
+CREATE INDEX records_done ON records (state, updated_at) WHERE state <> 0;
+CREATE INDEX records_webhook ON records (webhook_id);
+CREATE INDEX records_leased ON records (claimed_by) WHERE state = 0 AND claimed = 1;
+CREATE TABLE heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at TIMESTAMPTZ NOT NULL
+);
+CREATE UNIQUE INDEX records_webhook_key ON records (webhook_id, key);
+ALTER TABLE records DROP CONSTRAINT IF EXISTS records_key_key;
+DROP INDEX IF EXISTS records_webhook;
+";
+
+/// Two version-2 webhooks and a record in every state: webhook 1 with a pending record (due
+/// at T0), one leased (claimed, until T0 + 60 s, by a replica that is gone), one delivered and
+/// one dead after three attempts; webhook 2 quarantined. `{digest1}` and the others are the
+/// backend's spelling of the bodies' digests and the bodies.
+const V2_RECORDS: &str = "
+INSERT INTO webhooks (digest, body, received_at) VALUES
+    ({digest1}, {body1}, 1700000000000),
+    ({digest2}, {body2}, 1700000000001);
+INSERT INTO records (webhook_id, key, kind, subject, json, state, claimed, attempts,
+                     received_at, next_attempt_at, updated_at, last_error, dead_reason,
+                     dead_detail)
+VALUES (1, 'pending', 'track', 'u1', '{\"event\":\"pending\"}', 0, 0, 0,
+        1700000000000, 1700000000000, 1700000000000, NULL, NULL, NULL),
+       (1, 'leased', 'track', 'u1', '{\"event\":\"leased\"}', 0, 1, 1,
+        1700000000000, 1700000060000, 1700000000000, 'heap answered 503', NULL, NULL),
+       (1, 'delivered', 'track', 'u1', '', 1, 0, 0,
+        1700000000000, 1700000000000, 1700000000500, NULL, NULL, NULL),
+       (1, 'dead', 'add_user_properties', 'u1', '{\"identity\":\"u1\"}', 2, 0, 3,
+        1700000000000, 1700000000000, 1700000000900, 'heap answered 500', 'rejected',
+        'heap answered 400: bad'),
+       (2, 'quarantine', 'webhook', 'eve', '', 2, 0, 0,
+        1700000000001, 1700000000001, 1700000000001, NULL, 'no_user_id', 'no user id');
+";
+
+const V2_BODY_1: &str = "v2 webhook";
+const V2_BODY_2: &str = "v2 quarantined";
+
+fn v2_records(spell_bytes: impl Fn(&[u8]) -> String) -> String {
+    V2_RECORDS
+        .replace("{digest1}", &spell_bytes(&Sha256::digest(V2_BODY_1)))
+        .replace("{digest2}", &spell_bytes(&Sha256::digest(V2_BODY_2)))
+        .replace("{body1}", &spell_bytes(V2_BODY_1.as_bytes()))
+        .replace("{body2}", &spell_bytes(V2_BODY_2.as_bytes()))
+}
+
+/// What every queue upgraded from version 2 must show, adopted by lane `app_id`.
+async fn assert_upgraded_from_v2(queue: &dyn Queue, app_id: &str) {
+    // Every record is there, in its state, with no lane yet.
+    let lanes = queue.lane_stats(T0).await.unwrap();
+    assert_eq!(lanes.keys().collect::<Vec<_>>(), [""], "{lanes:?}");
+    let old = lanes[""];
+    assert_eq!(
+        (old.pending, old.in_flight, old.delivered, old.dead),
+        (1, 1, 1, 2)
+    );
+    assert_eq!(old.oldest_pending_received_at_ms, Some(T0));
+    assert!(
+        queue
+            .claim(app_id, RecordKind::Track, 10, T0 + 120_000, 60_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no lane's before adoption"
+    );
+
+    // The dead letters, and the webhooks behind them, are of source `default`, lane ''.
+    let letters = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap();
+    let seen: Vec<_> = letters
+        .iter()
+        .map(|l| {
+            (
+                l.source.as_str(),
+                l.app_id.as_str(),
+                l.kind.as_str(),
+                l.reason.as_str(),
+                l.detail.as_str(),
+                l.attempts,
+                l.dead_at_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                DEFAULT_SOURCE,
+                "",
+                "add_user_properties",
+                "rejected",
+                "heap answered 400: bad",
+                3,
+                T0 + 900
+            ),
+            (
+                DEFAULT_SOURCE,
+                "",
+                "webhook",
+                "no_user_id",
+                "no user id",
+                0,
+                T0 + 1
+            ),
+        ]
+    );
+    let detail = queue
+        .dead_letter_detail(letters[0].id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(detail.json, r#"{"identity":"u1"}"#);
+    assert_eq!(detail.last_error.as_deref(), Some("heap answered 500"));
+    assert_eq!(&detail.body[..], V2_BODY_1.as_bytes());
+    let by_source = DeadLetterFilter {
+        source: Some(DEFAULT_SOURCE.to_owned()),
+        ..DeadLetterFilter::default()
+    };
+    let items = queue.replay_items(by_source, 10).await.unwrap();
+    let webhooks: Vec<_> = items
+        .iter()
+        .map(|item| (item.source.as_str(), &item.body[..], item.received_at_ms))
+        .collect();
+    assert_eq!(
+        webhooks,
+        [
+            (DEFAULT_SOURCE, V2_BODY_1.as_bytes(), T0),
+            (DEFAULT_SOURCE, V2_BODY_2.as_bytes(), T0 + 1)
+        ]
+    );
+
+    // Adopted: every record, once, into the serving relay's lane.
+    assert_eq!(queue.adopt_unassigned(app_id).await.unwrap(), 5);
+    assert_eq!(queue.adopt_unassigned(app_id).await.unwrap(), 0);
+    let lanes = queue.lane_stats(T0).await.unwrap();
+    assert_eq!(lanes.keys().collect::<Vec<_>>(), [app_id]);
+    assert_eq!(lanes[app_id], old, "the same records, in the same states");
+    let due = queue
+        .claim(app_id, RecordKind::Track, 10, T0, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        due.iter().map(|c| c.json.as_str()).collect::<Vec<_>>(),
+        [r#"{"event":"pending"}"#],
+        "the leased one is not due before its lease ends"
+    );
+    queue
+        .ack(due.iter().map(|c| c.id).collect(), T0 + 100)
+        .await
+        .unwrap();
+    let expired = queue
+        .claim(app_id, RecordKind::Track, 10, T0 + 60_000, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].json, r#"{"event":"leased"}"#);
+    assert_eq!(expired[0].attempts, 1);
+    assert_eq!(
+        expired[0].webhook_digest,
+        <[u8; 32]>::from(Sha256::digest(V2_BODY_1))
+    );
+    assert_eq!(
+        queue
+            .delivered_since(app_id, RecordKind::Track, T0)
+            .await
+            .unwrap(),
+        2,
+        "the one delivered before the upgrade and the one after"
+    );
+
+    // An old webhook is still recognised, on source `default` only.
+    for body in [V2_BODY_1, V2_BODY_2] {
+        let again = new_webhook(body, app_id);
+        assert_eq!(
+            queue.enqueue(again).await.unwrap(),
+            Enqueued::Duplicate,
+            "{body}"
+        );
+    }
+    let elsewhere = records::on("staging", app_id, new_webhook(V2_BODY_1, app_id));
+    assert_eq!(
+        queue.enqueue(elsewhere).await.unwrap(),
+        Enqueued::Accepted { events: 0 }
+    );
+    assert_eq!(
+        queue
+            .claim(app_id, RecordKind::User, 10, T0, 60_000)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the staging webhook's record"
+    );
+}
+
+#[tokio::test]
+async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.sqlite3");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(SQLITE_V2).unwrap();
+        conn.execute_batch(&v2_records(|bytes| format!("X'{}'", hex::encode(bytes))))
+            .unwrap();
+    }
+
+    let queue = SqliteQueue::open(&path).unwrap();
+    assert_eq!(sqlite_version(&path), 3);
+    assert_upgraded_from_v2(&queue, APP).await;
+    drop(queue);
+
+    // The new layout: per-source deduplication, lane-led indexes, no digest-only index left.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let indexes: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' ORDER BY name")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        indexes,
+        [
+            "records_delivered",
+            "records_done",
+            "records_due",
+            "records_unassigned",
+            "records_webhook_key",
+            "webhooks_received",
+            "webhooks_source_digest",
+        ]
+    );
+    let due: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'records_due'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert!(due.contains("(app_id, kind, next_attempt_at)"), "{due}");
+}
+
+#[tokio::test]
+async fn a_failed_upgrade_leaves_the_version_2_file_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.sqlite3");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(SQLITE_V2).unwrap();
+        conn.execute_batch(&v2_records(|bytes| format!("X'{}'", hex::encode(bytes))))
+            .unwrap();
+        // A table in the way of the migration's rebuild: it fails half-way.
+        conn.execute_batch(
+            "CREATE TABLE webhooks_v3 (x INTEGER); INSERT INTO webhooks_v3 VALUES (1);",
+        )
+        .unwrap();
+    }
+    assert!(SqliteQueue::open(&path).is_err());
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(sqlite_version(&path), 2);
+    let columns: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'app_id'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(columns, 0, "the records table is version 2's, untouched");
+    let counts: (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM webhooks), (SELECT COUNT(*) FROM records)",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(counts, (2, 5));
+}
+
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
+#[tokio::test]
+async fn a_version_2_postgres_schema_is_upgraded_keeping_every_record_and_webhook() {
+    let schema = Schema::fresh().await;
+    let admin = crate::support::postgres::connect(&schema.url).await;
+    admin.batch_execute(POSTGRES_V2).await.unwrap();
+    admin
+        .batch_execute(&v2_records(|bytes| {
+            format!("'\\x{}'::bytea", hex::encode(bytes))
+        }))
+        .await
+        .unwrap();
+    // The leased record's replica is gone (no session by that name).
+    admin
+        .batch_execute(
+            "UPDATE records SET claimed_by = 'userpilot-heap-relay/gone' WHERE claimed = 1",
+        )
+        .await
+        .unwrap();
+
+    let queue = PostgresQueue::connect(&schema.url).await.unwrap();
+    assert_eq!(
+        schema
+            .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
+            .await,
+        3
+    );
+    assert_upgraded_from_v2(&queue, &own_lane()).await;
+    // The new layout: lane-led indexes, per-source deduplication.
+    let index = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            let row = admin
+                .query_opt(
+                    "SELECT indexdef FROM pg_indexes
+                     WHERE schemaname = current_schema() AND indexname = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap();
+            row.map(|row| row.get::<_, String>(0)).unwrap_or_default()
+        }
+    };
+    let due = index("records_due").await;
+    assert!(due.contains("(app_id, kind, next_attempt_at, id)"), "{due}");
+    let delivered = index("records_delivered").await;
+    assert!(
+        delivered.contains("(app_id, kind, updated_at)"),
+        "{delivered}"
+    );
+    let dedup = index("webhooks_source_digest").await;
+    assert!(
+        dedup.contains("UNIQUE") && dedup.contains("(source, digest)"),
+        "{dedup}"
+    );
+    assert_eq!(
+        schema
+            .count(
+                "SELECT COUNT(*) FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+                 WHERE n.nspname = '{schema}' AND c.conname = 'webhooks_digest_key'"
+            )
+            .await,
+        0,
+        "the digest-only constraint is gone"
     );
     drop(queue);
     schema.drop().await;

@@ -14,6 +14,8 @@ use userpilot_heap_relay::queue::{Content, Enqueued, NewWebhook, Queue};
 fn webhook(n: usize, subject: &str) -> NewWebhook {
     let body = format!("body {n}");
     NewWebhook {
+        source: userpilot_heap_relay::queue::DEFAULT_SOURCE.to_owned(),
+        app_id: crate::support::APP_ID.to_owned(),
         digest: Sha256::digest(body.as_bytes()).into(),
         body: Bytes::from(body),
         received_at_ms: 1_700_000_000_000,
@@ -56,7 +58,13 @@ async fn a_failing_webhook_does_not_take_its_group_down() {
         }
     }
     let claimed = queue
-        .claim(RecordKind::User, 100, 1_700_000_000_000, 60_000)
+        .claim(
+            crate::support::APP_ID,
+            RecordKind::User,
+            100,
+            1_700_000_000_000,
+            60_000,
+        )
         .await
         .unwrap();
     assert_eq!(claimed.len(), 49);
@@ -93,7 +101,13 @@ async fn large_claims_and_acks_cut_short_by_waiting_webhooks_still_cover_every_r
         })
     };
     let claimed = queue
-        .claim(RecordKind::User, 5000, at + 5000, 60_000)
+        .claim(
+            crate::support::APP_ID,
+            RecordKind::User,
+            5000,
+            at + 5000,
+            60_000,
+        )
         .await
         .unwrap();
     let ids: Vec<i64> = claimed.iter().map(|record| record.id).collect();

@@ -407,7 +407,7 @@ async fn claims_carry_the_origin_of_their_webhook(queue: Arc<dyn Queue>) {
             .unwrap();
     }
     let claimed = queue
-        .claim(RecordKind::Track, 10, AT + 10, 60_000)
+        .claim(records::APP, RecordKind::Track, 10, AT + 10, 60_000)
         .await
         .unwrap();
     let origins: Vec<([u8; 32], i64)> = claimed
@@ -442,9 +442,21 @@ async fn claims_carry_the_origin_of_their_webhook(queue: Arc<dyn Queue>) {
         ..item
     };
     let content = Content::Records(vec![records::track("0-a", "u")]);
-    assert_eq!(queue.requeue(item, content, replayed_at).await.unwrap(), 1);
+    assert_eq!(
+        queue
+            .requeue(item, content, records::APP, replayed_at)
+            .await
+            .unwrap(),
+        1
+    );
     let again = queue
-        .claim(RecordKind::Track, 10, replayed_at + 60_001, 60_000)
+        .claim(
+            records::APP,
+            RecordKind::Track,
+            10,
+            replayed_at + 60_001,
+            60_000,
+        )
         .await
         .unwrap();
     let replayed = again

@@ -17,13 +17,19 @@ use crate::queue::{Enqueued, QUARANTINE_KIND, RecordState};
 
 pub(super) type Waiting = (Prepared, Reply<Enqueued>);
 
+/// What deduplication compares: the same body on two sources is two webhooks.
+fn dedup_key(webhook: &Prepared) -> (&str, &[u8; 32]) {
+    (&webhook.source, &webhook.digest)
+}
+
 /// One group-commit task (of [`COMMITTERS`]): takes the webhooks waiting, commits them
 /// together, answers each.
 pub(super) async fn group_commit(pool: Pool, waiting: Arc<Mutex<mpsc::Receiver<Waiting>>>) {
     while let Some(mut group) = next_group(&waiting).await {
-        // Digest order, in which every transaction takes the digest index's locks: see the
-        // module docs. The sort is stable: of equal digests, the first to arrive stays first.
-        group.sort_by_key(|(webhook, _)| webhook.digest);
+        // (Source, digest) order, in which every transaction takes the dedup index's locks:
+        // see the module docs. The sort is stable: of equal keys, the first to arrive stays
+        // first.
+        group.sort_by(|(a, _), (b, _)| dedup_key(a).cmp(&dedup_key(b)));
         let webhooks: Vec<&Prepared> = group.iter().map(|(webhook, _)| webhook).collect();
         match commit_group(&pool, &webhooks).await {
             Ok(results) => {
@@ -94,50 +100,54 @@ fn redo_singly(client: &tokio_postgres::Client, error: &tokio_postgres::Error) -
     !client.is_closed() && !matches!(class, Some("08" | "53" | "57" | "58" | "XX"))
 }
 
-/// The group in one statement: its new webhooks (in digest order), then every record of each.
-/// Answers one row per webhook inserted: its digest and how many of its track events were new.
-/// A digest without a row was there already. As a single statement outside a transaction block
+/// The group in one statement: its new webhooks (in (source, digest) order), then every record
+/// of each. Answers one row per webhook inserted: its source and digest and how many of its
+/// track events were new. A (source, digest) without a row was there already. As a single statement outside a transaction block
 /// it commits by itself, before the server answers `ReadyForQuery`, which is what the driver
 /// waits for: a commit failure comes back as this statement's error, and nothing of the group
 /// is acknowledged unless a commit succeeds.
 const INSERT_GROUP: &str = "
 WITH w AS (
-    INSERT INTO webhooks (digest, body, received_at)
-    SELECT u.digest, u.body, u.received_at
-    FROM UNNEST($1::bytea[], $2::bytea[], $3::bigint[]) AS u(digest, body, received_at)
-    ORDER BY u.digest
-    ON CONFLICT (digest) DO NOTHING
-    RETURNING id, digest, received_at
+    INSERT INTO webhooks (source, digest, body, received_at)
+    SELECT u.source, u.digest, u.body, u.received_at
+    FROM UNNEST($13::text[], $1::bytea[], $2::bytea[], $3::bigint[])
+         WITH ORDINALITY AS u(source, digest, body, received_at, n)
+    ORDER BY u.n
+    ON CONFLICT (source, digest) DO NOTHING
+    RETURNING id, source, digest, received_at
 ), r AS (
     INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                         next_attempt_at, updated_at, dead_reason, dead_detail)
+                         next_attempt_at, updated_at, dead_reason, dead_detail, app_id)
     SELECT w.id, u.key, u.kind, u.subject, u.json, u.state, w.received_at, w.received_at,
-           w.received_at, u.dead_reason, u.dead_detail
-    FROM UNNEST($4::bytea[], $5::text[], $6::text[], $7::text[], $8::text[], $9::integer[],
-                $10::text[], $11::text[])
-             WITH ORDINALITY AS u(digest, key, kind, subject, json, state, dead_reason,
-                                  dead_detail, n)
-         JOIN w ON w.digest = u.digest
+           w.received_at, u.dead_reason, u.dead_detail, u.app_id
+    FROM UNNEST($14::text[], $4::bytea[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::integer[], $10::text[], $11::text[], $15::text[])
+             WITH ORDINALITY AS u(source, digest, key, kind, subject, json, state, dead_reason,
+                                  dead_detail, app_id, n)
+         JOIN w ON w.source = u.source AND w.digest = u.digest
     ORDER BY u.n
     ON CONFLICT (webhook_id, key) DO NOTHING
     RETURNING webhook_id, kind
 )
-SELECT w.digest, COUNT(r.kind) FILTER (WHERE r.kind = $12)
+SELECT w.source, w.digest, COUNT(r.kind) FILTER (WHERE r.kind = $12)
 FROM w LEFT JOIN r ON r.webhook_id = w.id
-GROUP BY w.digest";
+GROUP BY w.source, w.digest";
 
-/// Inserts a group sorted by digest with [`INSERT_GROUP`]; the outcome of each webhook, in
-/// order. Of equal digests only the first goes in; the others are duplicates, as they would be
-/// one after the other.
+/// Inserts a group sorted by (source, digest) with [`INSERT_GROUP`] (its webhooks in that
+/// order: `ORDER BY u.n`); the outcome of each webhook, in order. Of equal (source, digest)
+/// only the first goes in; the others are duplicates, as they would be one after the other.
 async fn insert_group(
     client: &deadpool_postgres::Object,
     group: &[&Prepared],
 ) -> Result<Vec<Enqueued>, tokio_postgres::Error> {
+    let mut sources: Vec<&str> = Vec::with_capacity(group.len());
     let mut digests: Vec<&[u8]> = Vec::with_capacity(group.len());
     let mut bodies: Vec<&[u8]> = Vec::with_capacity(group.len());
     let mut received: Vec<i64> = Vec::with_capacity(group.len());
-    // One entry per record of every webhook, named by the webhook's digest.
+    // One entry per record of every webhook, named by the webhook's source and digest.
+    let mut owner_sources: Vec<&str> = Vec::new();
     let mut owners: Vec<&[u8]> = Vec::new();
+    let mut lanes: Vec<&str> = Vec::new();
     let mut keys: Vec<&str> = Vec::new();
     let mut kinds: Vec<&str> = Vec::new();
     let mut subjects: Vec<&str> = Vec::new();
@@ -145,14 +155,17 @@ async fn insert_group(
     let mut states: Vec<i32> = Vec::new();
     let mut reasons: Vec<Option<&str>> = Vec::new();
     let mut details: Vec<Option<&str>> = Vec::new();
-    for webhook in first_of_each_digest(group) {
+    for webhook in first_of_each_key(group) {
+        sources.push(&webhook.source);
         digests.push(&webhook.digest);
         bodies.push(&webhook.body);
         received.push(webhook.received_at_ms);
         match &webhook.rows {
             Rows::Records(rows) => {
                 for row in rows {
+                    owner_sources.push(&webhook.source);
                     owners.push(&webhook.digest);
+                    lanes.push(&webhook.app_id);
                     keys.push(&row.key);
                     kinds.push(row.kind.as_str());
                     subjects.push(&row.subject);
@@ -168,7 +181,9 @@ async fn insert_group(
                 detail,
                 subject,
             } => {
+                owner_sources.push(&webhook.source);
                 owners.push(&webhook.digest);
+                lanes.push(&webhook.app_id);
                 keys.push(key);
                 kinds.push(QUARANTINE_KIND);
                 subjects.push(subject);
@@ -197,39 +212,47 @@ async fn insert_group(
                 &reasons,
                 &details,
                 &RecordKind::Track.as_str(),
+                &sources,
+                &owner_sources,
+                &lanes,
             ],
         )
         .await?;
-    let mut inserted: HashMap<&[u8], usize> = HashMap::with_capacity(rows.len());
+    let mut inserted: HashMap<(&str, &[u8]), usize> = HashMap::with_capacity(rows.len());
     for row in &rows {
-        let events: i64 = row.try_get(1)?;
-        inserted.insert(row.try_get(0)?, usize::try_from(events).unwrap_or(0));
+        let events: i64 = row.try_get(2)?;
+        inserted.insert(
+            (row.try_get(0)?, row.try_get(1)?),
+            usize::try_from(events).unwrap_or(0),
+        );
     }
 
-    let mut previous: Option<&[u8; 32]> = None;
+    let mut previous: Option<(&str, &[u8; 32])> = None;
     let mut outcomes = Vec::with_capacity(group.len());
     for webhook in group {
-        let first = previous != Some(&webhook.digest);
-        previous = Some(&webhook.digest);
-        outcomes.push(match inserted.get(&webhook.digest[..]) {
-            Some(&events) if first => webhook.rows.outcome(events),
-            _ => Enqueued::Duplicate,
-        });
+        let first = previous != Some(dedup_key(webhook));
+        previous = Some(dedup_key(webhook));
+        outcomes.push(
+            match inserted.get(&(webhook.source.as_str(), &webhook.digest[..])) {
+                Some(&events) if first => webhook.rows.outcome(events),
+                _ => Enqueued::Duplicate,
+            },
+        );
     }
     Ok(outcomes)
 }
 
-/// The first webhook of each run of equal digests in a group sorted by digest.
-fn first_of_each_digest<'a>(group: &'a [&'a Prepared]) -> impl Iterator<Item = &'a Prepared> {
+/// The first webhook of each run of equal (source, digest) in a group sorted by them.
+fn first_of_each_key<'a>(group: &'a [&'a Prepared]) -> impl Iterator<Item = &'a Prepared> {
     group.iter().enumerate().filter_map(|(at, webhook)| {
-        let repeated = at > 0 && group[at - 1].digest == webhook.digest;
+        let repeated = at > 0 && dedup_key(group[at - 1]) == dedup_key(webhook);
         (!repeated).then_some(*webhook)
     })
 }
 
 /// The fallback: the group in one transaction, each webhook in its own savepoint (in the
-/// group's digest order, as [`insert_group`] would), so one failure cannot take its neighbours
-/// down. [`MAX_GROUP`] keeps the savepoints within Postgres's 64 cached subtransactions.
+/// group's (source, digest) order, as [`insert_group`] would), so one failure cannot take its
+/// neighbours down. [`MAX_GROUP`] keeps the savepoints within Postgres's 64 cached subtransactions.
 async fn commit_singly(
     client: &mut deadpool_postgres::Object,
     group: &[&Prepared],
@@ -259,8 +282,8 @@ async fn insert_webhook(
 ) -> Result<Enqueued, QueueError> {
     let statement = tx
         .prepare_cached(
-            "INSERT INTO webhooks (digest, body, received_at) VALUES ($1, $2, $3)
-             ON CONFLICT (digest) DO NOTHING RETURNING id",
+            "INSERT INTO webhooks (source, digest, body, received_at) VALUES ($4, $1, $2, $3)
+             ON CONFLICT (source, digest) DO NOTHING RETURNING id",
         )
         .await
         .map_err(storage)?;
@@ -271,6 +294,7 @@ async fn insert_webhook(
                 &&webhook.digest[..],
                 &&webhook.body[..],
                 &webhook.received_at_ms,
+                &webhook.source,
             ],
         )
         .await
@@ -282,6 +306,7 @@ async fn insert_webhook(
     let events = insert_rows(
         tx,
         webhook_id,
+        &webhook.app_id,
         webhook.received_at_ms,
         &webhook.rows,
         webhook.received_at_ms,
@@ -290,10 +315,12 @@ async fn insert_webhook(
     Ok(webhook.rows.outcome(events))
 }
 
-/// Inserts a webhook's records in one statement; returns how many track events were new.
+/// Inserts a webhook's records into lane `app_id` in one statement; returns how many track
+/// events were new.
 pub(super) async fn insert_rows(
     tx: &deadpool_postgres::Transaction<'_>,
     webhook_id: i64,
+    app_id: &str,
     received_at_ms: i64,
     rows: &Rows,
     now_ms: i64,
@@ -304,8 +331,8 @@ pub(super) async fn insert_rows(
             let statement = tx
                 .prepare_cached(sql!(
                     "INSERT INTO records (webhook_id, key, kind, subject, json, state,
-                     received_at, next_attempt_at, updated_at)
-                     SELECT $1, u.key, u.kind, u.subject, u.json, {pending}, $6, $7, $7
+                     received_at, next_attempt_at, updated_at, app_id)
+                     SELECT $1, u.key, u.kind, u.subject, u.json, {pending}, $6, $7, $7, $8
                      FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[])
                      WITH ORDINALITY AS u(key, kind, subject, json, n)
                      ORDER BY u.n
@@ -329,6 +356,7 @@ pub(super) async fn insert_rows(
                         &jsons,
                         &received_at_ms,
                         &now_ms,
+                        &app_id,
                     ],
                 )
                 .await
@@ -352,8 +380,8 @@ pub(super) async fn insert_rows(
                 .prepare_cached(sql!(
                     "INSERT INTO records (webhook_id, key, kind, subject, json, state,
                      received_at, next_attempt_at, updated_at,
-                     dead_reason, dead_detail)
-                     VALUES ($1, $2, $3, $4, '', {dead}, $5, $6, $6, $7, $8)
+                     dead_reason, dead_detail, app_id)
+                     VALUES ($1, $2, $3, $4, '', {dead}, $5, $6, $6, $7, $8, $9)
                      ON CONFLICT (webhook_id, key) DO NOTHING"
                 ))
                 .await
@@ -369,6 +397,7 @@ pub(super) async fn insert_rows(
                     &now_ms,
                     reason,
                     detail,
+                    &app_id,
                 ],
             )
             .await

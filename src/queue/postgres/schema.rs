@@ -8,7 +8,7 @@ use super::{QueueError, storage, unavailable};
 use crate::queue::spell_states;
 
 /// The schema version this code writes (table `schema_version`). Add a migration to bump it.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 
 /// `pg_advisory_xact_lock` key serializing migrations ("relaymig").
 const MIGRATION_LOCK: i64 = 0x7265_6c61_796d_6967;
@@ -62,7 +62,26 @@ ALTER TABLE records DROP CONSTRAINT IF EXISTS records_key_key;
 DROP INDEX IF EXISTS records_webhook;
 ";
 
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+/// Version 3: sources and lanes. A webhook belongs to the source it was posted to and is
+/// deduplicated per source (`(source, digest)` instead of `digest`); a record belongs to the
+/// lane of its Heap app id, and the due index leads with it, so a lane's claims and due times
+/// read its own range only. `records_delivered` does the same for the rate budget's count of
+/// deliveries. Records from before get the lane `''` until the serving relay adopts them
+/// (`records_unassigned`, empty once they are, keeps that cheap at every start). Columns
+/// with a constant default: Postgres rewrites no row.
+const SCHEMA_V3: &str = "
+ALTER TABLE webhooks ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'default';
+CREATE UNIQUE INDEX IF NOT EXISTS webhooks_source_digest ON webhooks (source, digest);
+ALTER TABLE webhooks DROP CONSTRAINT IF EXISTS webhooks_digest_key;
+ALTER TABLE records ADD COLUMN IF NOT EXISTS app_id TEXT NOT NULL DEFAULT '';
+DROP INDEX IF EXISTS records_due;
+CREATE INDEX records_due ON records (app_id, kind, next_attempt_at, id) WHERE state = {pending};
+CREATE INDEX IF NOT EXISTS records_delivered ON records (app_id, kind, updated_at)
+    WHERE state = {delivered};
+CREATE INDEX IF NOT EXISTS records_unassigned ON records (id) WHERE app_id = '';
+";
+
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
 
 /// Creates or upgrades the schema, once, whatever the number of replicas starting at once.
 pub(super) async fn migrate(pool: &Pool) -> Result<(), QueueError> {

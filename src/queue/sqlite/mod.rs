@@ -18,6 +18,7 @@
 //! transactions live in `writer`, the DDL and migrations in `schema`, the file's identity in
 //! `file`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -31,7 +32,7 @@ use tokio::sync::oneshot;
 use super::prepared::{Rows, storable};
 use super::{
     Claimed, Content, DeadLetter, DeadLetterCount, DeadLetterDetail, DeadLetterFilter, Enqueued,
-    FilterValue, NewWebhook, Queue, QueueError, QueueStats, RecordState, ReplayItem,
+    FilterValue, NewWebhook, Queue, QueueError, QueueStats, ReplayItem,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
@@ -59,9 +60,18 @@ const BOOKKEEPING_CHUNK: usize = 100;
 /// Rows deleted per pruning statement, so pruning never holds the writer for long.
 const PRUNE_CHUNK: i64 = 5000;
 
-/// Counts delivered records of kind `?1` acknowledged (`updated_at`) since `?2`.
-const DELIVERED_SINCE: &str = "SELECT COUNT(*) FROM records
-    WHERE state <> {pending} AND state = {delivered} AND updated_at >= ?2 AND kind = ?1";
+/// Counts delivered records of lane `?3` and kind `?1` acknowledged (`updated_at`) since `?2`.
+pub(super) const DELIVERED_SINCE: &str = "SELECT COUNT(*) FROM records
+    WHERE state = {delivered} AND app_id = ?3 AND kind = ?1 AND updated_at >= ?2";
+
+/// When the earliest pending record of lane `?1` and kind `?2` is due: the first entry of its
+/// range of `records_due`.
+pub(super) const NEXT_DUE: &str = "SELECT MIN(next_attempt_at) FROM records
+    WHERE state = {pending} AND app_id = ?1 AND kind = ?2";
+
+/// Records by lane and state, for [`Queue::stats`] and [`Queue::lane_stats`].
+const STATS: &str = "SELECT app_id, state, claimed, COUNT(*), MIN(received_at) FROM records
+    GROUP BY app_id, state, claimed";
 
 /// Handle to the queue thread. Cheap to share behind an `Arc`.
 pub struct SqliteQueue {
@@ -279,7 +289,7 @@ impl Queue for SqliteQueue {
         // The queue thread checks the file after each commit; once it is lost, refuse here.
         self.file.refuse_if_lost()?;
         let (reply, result) = oneshot::channel();
-        let webhook = Command::Enqueue(webhook.into(), reply);
+        let webhook = Command::Enqueue(Box::new(webhook.into()), reply);
         self.waiting.fetch_add(1, Ordering::SeqCst);
         if self.commands.send(webhook).is_err() {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -290,6 +300,7 @@ impl Queue for SqliteQueue {
 
     async fn claim(
         &self,
+        app_id: &str,
         kind: RecordKind,
         max: usize,
         now_ms: i64,
@@ -300,9 +311,18 @@ impl Queue for SqliteQueue {
         let mut claimed = Vec::new();
         while claimed.len() < max {
             let (limit, waiting) = (max - claimed.len(), self.waiting.clone());
+            let lane = app_id.to_owned();
             let (chunk, exhausted) = self
                 .call(move |conn| {
-                    claim_some(conn, kind, limit, now_ms, now_ms + lease_ms, &waiting)
+                    claim_some(
+                        conn,
+                        &lane,
+                        kind,
+                        limit,
+                        now_ms,
+                        now_ms + lease_ms,
+                        &waiting,
+                    )
                 })
                 .await?;
             claimed.extend(chunk);
@@ -386,47 +406,72 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    /// A range of the partial index `records_done` (`state <> 0`, then `(state, updated_at)`):
-    /// only the delivered records of the window are read, whatever the table's size.
-    async fn delivered_since(&self, kind: RecordKind, since_ms: i64) -> Result<u64, QueueError> {
+    /// A range of the partial index `records_delivered` (`(app_id, kind, updated_at)` of the
+    /// delivered records): only the lane's deliveries of the window are read.
+    async fn delivered_since(
+        &self,
+        app_id: &str,
+        kind: RecordKind,
+        since_ms: i64,
+    ) -> Result<u64, QueueError> {
+        let lane = app_id.to_owned();
         self.read(move |conn| {
             conn.prepare_cached(sql!(DELIVERED_SINCE))?
-                .query_row(params![kind.as_str(), since_ms], |row| row.get::<_, i64>(0))
+                .query_row(params![kind.as_str(), since_ms, lane], |row| {
+                    row.get::<_, i64>(0)
+                })
                 .map(|count| count as u64)
         })
         .await
     }
 
-    async fn stats(&self, _now_ms: i64) -> Result<QueueStats, QueueError> {
+    async fn stats(&self, now_ms: i64) -> Result<QueueStats, QueueError> {
+        let lanes = self.lane_stats(now_ms).await?;
+        let mut stats = QueueStats::default();
+        for lane in lanes.values() {
+            stats.pending += lane.pending;
+            stats.in_flight += lane.in_flight;
+            stats.delivered += lane.delivered;
+            stats.dead += lane.dead;
+            stats.oldest_pending_received_at_ms = match (
+                stats.oldest_pending_received_at_ms,
+                lane.oldest_pending_received_at_ms,
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(stats)
+    }
+
+    async fn lane_stats(&self, _now_ms: i64) -> Result<BTreeMap<String, QueueStats>, QueueError> {
         self.read(|conn| {
-            let mut stats = QueueStats::default();
-            let mut statement = conn.prepare_cached(
-                "SELECT state, claimed, COUNT(*), MIN(received_at) FROM records
-                 GROUP BY state, claimed",
-            )?;
+            let mut lanes: BTreeMap<String, QueueStats> = BTreeMap::new();
+            let mut statement = conn.prepare_cached(STATS)?;
             let mut rows = statement.query([])?;
             while let Some(row) = rows.next()? {
-                let (state, claimed, count): (i64, i64, i64) =
-                    (row.get(0)?, row.get(1)?, row.get(2)?);
-                let count = count as u64;
-                let state = RecordState::from_stored(state);
-                match (state, claimed) {
-                    (Some(RecordState::Pending), 1) => stats.in_flight += count,
-                    (Some(RecordState::Pending), _) => stats.pending += count,
-                    (Some(RecordState::Delivered), _) => stats.delivered += count,
-                    (Some(RecordState::Dead), _) => stats.dead += count,
-                    _ => {}
-                }
-                if state == Some(RecordState::Pending) {
-                    let oldest: Option<i64> = row.get(3)?;
-                    stats.oldest_pending_received_at_ms =
-                        match (stats.oldest_pending_received_at_ms, oldest) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
-                        };
-                }
+                let count: i64 = row.get(3)?;
+                lanes.entry(row.get(0)?).or_default().add(
+                    row.get(1)?,
+                    row.get(2)?,
+                    count as u64,
+                    row.get(4)?,
+                );
             }
-            Ok(stats)
+            Ok(lanes)
+        })
+        .await
+    }
+
+    /// Through `records_unassigned`, which holds only the records not yet adopted.
+    async fn adopt_unassigned(&self, app_id: &str) -> Result<u64, QueueError> {
+        let lane = app_id.to_owned();
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE records SET app_id = ?1 WHERE app_id = '' AND ?1 <> ''",
+                params![lane],
+            )
+            .map(|adopted| adopted as u64)
         })
         .await
     }
@@ -452,7 +497,9 @@ impl Queue for SqliteQueue {
             let sql = format!(
                 "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
                         COALESCE(r.dead_detail, ''), r.subject, r.attempts, r.received_at,
-                        r.updated_at
+                        r.updated_at,
+                        COALESCE((SELECT w.source FROM webhooks w WHERE w.id = r.webhook_id), ''),
+                        r.app_id
                  FROM records r WHERE {clause} ORDER BY r.id{}",
                 limit_sql(&filter)
             );
@@ -468,16 +515,16 @@ impl Queue for SqliteQueue {
             conn.prepare_cached(sql!(
                 "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
                         COALESCE(r.dead_detail, ''), r.subject, r.attempts, r.received_at,
-                        r.updated_at, r.json, r.last_error, w.body
+                        r.updated_at, w.source, r.app_id, r.json, r.last_error, w.body
                  FROM records r JOIN webhooks w ON w.id = r.webhook_id
                  WHERE r.state <> {pending} AND r.state = {dead} AND r.id = ?1"
             ))?
             .query_row(params![id], |row| {
                 Ok(DeadLetterDetail {
                     letter: dead_letter_from(row)?,
-                    json: row.get(9)?,
-                    last_error: row.get(10)?,
-                    body: Bytes::from(row.get::<_, Vec<u8>>(11)?),
+                    json: row.get(11)?,
+                    last_error: row.get(12)?,
+                    body: Bytes::from(row.get::<_, Vec<u8>>(13)?),
                 })
             })
             .optional()
@@ -519,7 +566,7 @@ impl Queue for SqliteQueue {
             let (clause, mut values) = filter_sql(&filter);
             values.extend(values.clone());
             let sql = format!(
-                "SELECT r.id, w.id, w.digest, w.body, w.received_at
+                "SELECT r.id, w.id, w.digest, w.body, w.received_at, w.source
                  FROM records r JOIN webhooks w ON w.id = r.webhook_id
                  WHERE {clause} AND r.webhook_id IN
                    (SELECT DISTINCT r.webhook_id FROM records r WHERE {clause}
@@ -539,6 +586,7 @@ impl Queue for SqliteQueue {
                         let body: Vec<u8> = row.get(3)?;
                         items.push(ReplayItem {
                             webhook_id,
+                            source: row.get(5)?,
                             digest: digest.try_into().unwrap_or([0; 32]),
                             body: Bytes::from(body),
                             received_at_ms: row.get(4)?,
@@ -556,9 +604,11 @@ impl Queue for SqliteQueue {
         &self,
         item: ReplayItem,
         content: Content,
+        app_id: &str,
         now_ms: i64,
     ) -> Result<usize, QueueError> {
         let rows = Rows::new(content, &item.digest);
+        let lane = storable(app_id.to_owned());
         self.call(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
@@ -568,7 +618,14 @@ impl Queue for SqliteQueue {
                     delete.execute(params![id])?;
                 }
             }
-            let events = insert_rows(&tx, item.webhook_id, item.received_at_ms, &rows, now_ms)?;
+            let events = insert_rows(
+                &tx,
+                item.webhook_id,
+                &lane,
+                item.received_at_ms,
+                &rows,
+                now_ms,
+            )?;
             tx.commit()?;
             Ok(events)
         })
@@ -632,15 +689,12 @@ impl Queue for SqliteQueue {
         Ok(total)
     }
 
-    async fn next_due_ms(&self, kind: RecordKind) -> Result<Option<i64>, QueueError> {
+    async fn next_due_ms(&self, app_id: &str, kind: RecordKind) -> Result<Option<i64>, QueueError> {
+        let lane = app_id.to_owned();
         self.call(move |conn| {
-            conn.query_row(
-                sql!(
-                    "SELECT MIN(next_attempt_at) FROM records WHERE state = {pending} AND kind = ?1"
-                ),
-                params![kind.as_str()],
-                |row| row.get(0),
-            )
+            conn.query_row(sql!(NEXT_DUE), params![lane, kind.as_str()], |row| {
+                row.get(0)
+            })
             .optional()
             .map(Option::flatten)
         })
@@ -648,12 +702,15 @@ impl Queue for SqliteQueue {
     }
 }
 
-/// A dead letter from the first nine columns of a row: id, webhook id, kind, reason, detail,
-/// subject, attempts, received at, dead at (the listing's and the detail's common part).
+/// A dead letter from the first eleven columns of a row: id, webhook id, kind, reason, detail,
+/// subject, attempts, received at, dead at, source, app id (the listing's and the detail's
+/// common part).
 fn dead_letter_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
     Ok(DeadLetter {
         id: row.get(0)?,
         webhook_id: row.get(1)?,
+        source: row.get(9)?,
+        app_id: row.get(10)?,
         kind: row.get(2)?,
         reason: row.get(3)?,
         detail: row.get(4)?,
@@ -676,7 +733,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
         let parameters = rusqlite::params_from_iter(
-            ["track", "0", "10"]
+            ["track", "0", "10", "app-1"]
                 .iter()
                 .take(statement.parameter_count()),
         );
@@ -687,21 +744,38 @@ mod tests {
     }
 
     #[test]
-    fn delivered_since_reads_a_range_of_the_done_index_not_the_table() {
+    fn delivered_since_reads_its_lanes_range_of_the_delivered_index_not_the_table() {
         let plan = plan(sql!(DELIVERED_SINCE));
         assert!(
-            plan.contains("USING INDEX records_done (state=? AND updated_at>?)"),
+            plan.contains(
+                "USING COVERING INDEX records_delivered (app_id=? AND kind=? AND updated_at>?)"
+            ),
             "{plan}"
         );
     }
 
     #[test]
-    fn claims_read_a_range_of_the_due_index_not_the_table() {
+    fn claims_read_their_lanes_range_of_the_due_index_not_the_table() {
         let plan = plan(sql!(writer::CLAIM_DUE));
         assert!(
-            plan.contains("USING INDEX records_due (kind=? AND next_attempt_at<?)"),
+            plan.contains("USING INDEX records_due (app_id=? AND kind=? AND next_attempt_at<?)"),
             "{plan}"
         );
+    }
+
+    #[test]
+    fn next_due_reads_the_first_entry_of_its_lanes_range_of_the_due_index() {
+        let plan = plan(sql!(NEXT_DUE));
+        assert!(
+            plan.contains("USING COVERING INDEX records_due (app_id=? AND kind=?)"),
+            "{plan}"
+        );
+    }
+
+    #[test]
+    fn adopting_reads_the_unassigned_index_not_the_table() {
+        let plan = plan("UPDATE records SET app_id = ?1 WHERE app_id = '' AND ?1 <> ''");
+        assert!(plan.contains("records_unassigned"), "{plan}");
     }
 
     #[test]

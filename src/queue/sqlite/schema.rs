@@ -8,20 +8,28 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::queue::spell_states;
 
 /// The schema version this code writes (`PRAGMA user_version`). Bump it with a migration.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Pages of SQLite's own cache (negative: KiB), 16 MiB. The digest index takes random inserts;
 /// with SQLite's default 2 MiB, a queue holding a week of webhooks read most of its pages back
 /// from the kernel on every insert.
 const CACHE_KIB: i64 = 16 * 1024;
 
+/// The webhooks table; `{table}` as for [`RECORDS`]. Deduplication is per source (schema
+/// version 3): the same body posted to two sources is two webhooks. Version 2 declared
+/// `digest UNIQUE` on the column, which only a rebuild can drop.
 const WEBHOOKS: &str = "
-CREATE TABLE IF NOT EXISTS webhooks (
+CREATE TABLE IF NOT EXISTS {table} (
     id          INTEGER PRIMARY KEY,
-    digest      BLOB    NOT NULL UNIQUE,  -- SHA-256 of the verified body
-    body        BLOB    NOT NULL,         -- the verified body, for replay
+    source      TEXT    NOT NULL DEFAULT 'default',  -- the source it was posted to
+    digest      BLOB    NOT NULL,                    -- SHA-256 of the verified body
+    body        BLOB    NOT NULL,                    -- the verified body, for replay
     received_at INTEGER NOT NULL
 );
+";
+
+const WEBHOOKS_INDEXES: &str = "
+CREATE UNIQUE INDEX IF NOT EXISTS webhooks_source_digest ON webhooks (source, digest);
 CREATE INDEX IF NOT EXISTS webhooks_received ON webhooks (received_at);
 CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
 ";
@@ -39,6 +47,7 @@ const RECORDS: &str = "
 CREATE TABLE IF NOT EXISTS {table} (
     id              INTEGER PRIMARY KEY,
     webhook_id      INTEGER NOT NULL,
+    app_id          TEXT    NOT NULL DEFAULT '',  -- the lane (Heap app id); '' before v3
     key             TEXT    NOT NULL,         -- idempotency key (track) or kind:digest
     kind            TEXT    NOT NULL,         -- RecordKind::as_str() or 'webhook' (quarantine)
     subject         TEXT    NOT NULL,         -- identity or account id
@@ -57,11 +66,26 @@ CREATE TABLE IF NOT EXISTS {table} (
 
 /// The records' indexes. The partial ones serve only statements that name the same state
 /// literal as their `WHERE`, which holds because both are spelled from one template.
+///
+/// Per lane (schema version 3): the due index leads with `app_id`, so a claim or a due time
+/// reads its own lane's range only, however large another lane's backlog; `records_delivered`
+/// does the same for the rate budget's count of deliveries (`delivered_since`), which the
+/// lane-blind `records_done` (pruning, dead letters) could only filter row by row.
+/// `records_unassigned` holds only records stored before v3 until they are adopted, so
+/// adopting them reads nothing at every later start.
 const RECORDS_INDEXES: &str = "
 CREATE UNIQUE INDEX IF NOT EXISTS records_webhook_key ON records (webhook_id, key);
-CREATE INDEX IF NOT EXISTS records_due ON records (kind, next_attempt_at) WHERE state = {pending};
+CREATE INDEX IF NOT EXISTS records_due ON records (app_id, kind, next_attempt_at)
+    WHERE state = {pending};
 CREATE INDEX IF NOT EXISTS records_done ON records (state, updated_at) WHERE state <> {pending};
+CREATE INDEX IF NOT EXISTS records_delivered ON records (app_id, kind, updated_at)
+    WHERE state = {delivered};
+CREATE INDEX IF NOT EXISTS records_unassigned ON records (id) WHERE app_id = '';
 ";
+
+/// Version 2's records columns, in order: what a rebuild from version 1 copies.
+const RECORDS_V2_COLUMNS: &str = "id, webhook_id, key, kind, subject, json, state, claimed, \
+    attempts, received_at, next_attempt_at, updated_at, last_error, dead_reason, dead_detail";
 
 pub(super) fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -90,19 +114,46 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     if version == SCHEMA_VERSION {
         return Ok(());
     }
-    tx.execute_batch(WEBHOOKS)?;
-    if version == 1 {
-        // Version 1 declared `key UNIQUE` on the column, which only a rebuild can drop.
-        tx.execute_batch(&spell_states(RECORDS).replace("{table}", "records_v2"))?;
-        tx.execute_batch(
-            "INSERT INTO records_v2 SELECT * FROM records;
-             DROP TABLE records;
-             ALTER TABLE records_v2 RENAME TO records;",
-        )?;
-        tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated");
-    } else {
-        tx.execute_batch(&spell_states(RECORDS).replace("{table}", "records"))?;
+    let records = |table: &str| spell_states(RECORDS).replace("{table}", table);
+    let webhooks = |table: &str| WEBHOOKS.replace("{table}", table);
+    match version {
+        0 => {
+            tx.execute_batch(&webhooks("webhooks"))?;
+            tx.execute_batch(&records("records"))?;
+        }
+        1 | 2 => {
+            if version == 1 {
+                // Version 1 declared `key UNIQUE` on the column, which only a rebuild can drop.
+                tx.execute_batch(&records("records_v3"))?;
+                tx.execute_batch(&format!(
+                    "INSERT INTO records_v3 ({RECORDS_V2_COLUMNS})
+                     SELECT {RECORDS_V2_COLUMNS} FROM records;
+                     DROP TABLE records;
+                     ALTER TABLE records_v3 RENAME TO records;"
+                ))?;
+            } else {
+                // A new column with a constant default: SQLite rewrites no row.
+                tx.execute_batch("ALTER TABLE records ADD COLUMN app_id TEXT NOT NULL DEFAULT ''")?;
+                // Re-made below, leading with the lane.
+                tx.execute_batch("DROP INDEX IF EXISTS records_due")?;
+            }
+            // Every webhook keeps its id (records point at it) and becomes source `default`.
+            tx.execute_batch(&webhooks("webhooks_v3"))?;
+            tx.execute_batch(
+                "INSERT INTO webhooks_v3 (id, source, digest, body, received_at)
+                 SELECT id, 'default', digest, body, received_at FROM webhooks;
+                 DROP TABLE webhooks;
+                 ALTER TABLE webhooks_v3 RENAME TO webhooks;",
+            )?;
+            tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated");
+        }
+        _ => {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "queue schema version {version} is unknown to this relay"
+            )));
+        }
     }
+    tx.execute_batch(WEBHOOKS_INDEXES)?;
     tx.execute_batch(&spell_states(RECORDS_INDEXES))?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()

@@ -21,7 +21,8 @@ pub(super) const MAX_GROUP: usize = 1024;
 pub(super) type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 
 pub(super) enum Command {
-    Enqueue(Prepared, Reply<Enqueued>),
+    /// Boxed: a webhook is much larger than a call, and commands wait in a channel.
+    Enqueue(Box<Prepared>, Reply<Enqueued>),
     Call(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
@@ -76,7 +77,11 @@ pub(super) fn serve(
 /// the file it went into (see [`QueueFile`]): one `stat` of each of the three files, a few
 /// microseconds against the commit's fsync. A group committed into a removed file is answered
 /// with the error, so nothing is acknowledged that the next start would not find.
-fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>, file: &QueueFile) {
+fn commit_group(
+    conn: &mut Connection,
+    group: Vec<(Box<Prepared>, Reply<Enqueued>)>,
+    file: &QueueFile,
+) {
     let outcome = (|| {
         conn.pragma_update(None, "synchronous", "FULL")?;
         let result = insert_group(conn, &group);
@@ -110,7 +115,7 @@ fn commit_group(conn: &mut Connection, group: Vec<(Prepared, Reply<Enqueued>)>, 
 /// with a savepoint per webhook, so the failing one cannot take its neighbours down with it.
 fn insert_group(
     conn: &mut Connection,
-    group: &[(Prepared, Reply<Enqueued>)],
+    group: &[(Box<Prepared>, Reply<Enqueued>)],
 ) -> rusqlite::Result<Vec<Result<Enqueued, QueueError>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let all: rusqlite::Result<Vec<Enqueued>> = group
@@ -140,10 +145,11 @@ fn insert_group(
 fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enqueued> {
     let inserted = tx
         .prepare_cached(
-            "INSERT INTO webhooks (digest, body, received_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (digest) DO NOTHING",
+            "INSERT INTO webhooks (source, digest, body, received_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (source, digest) DO NOTHING",
         )?
         .execute(params![
+            webhook.source,
             &webhook.digest[..],
             &webhook.body[..],
             webhook.received_at_ms
@@ -155,6 +161,7 @@ fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enque
     let events = insert_rows(
         tx,
         webhook_id,
+        &webhook.app_id,
         webhook.received_at_ms,
         &webhook.rows,
         webhook.received_at_ms,
@@ -162,10 +169,11 @@ fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enque
     Ok(webhook.rows.outcome(events))
 }
 
-/// Inserts a webhook's records; returns how many track events were new.
+/// Inserts a webhook's records into lane `app_id`; returns how many track events were new.
 pub(super) fn insert_rows(
     tx: &Connection,
     webhook_id: i64,
+    app_id: &str,
     received_at_ms: i64,
     rows: &Rows,
     now_ms: i64,
@@ -174,8 +182,8 @@ pub(super) fn insert_rows(
         Rows::Records(rows) => {
             let mut insert = tx.prepare_cached(sql!(
                 "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                 next_attempt_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, {pending}, ?6, ?7, ?7)
+                 next_attempt_at, updated_at, app_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, {pending}, ?6, ?7, ?7, ?8)
                  ON CONFLICT (webhook_id, key) DO NOTHING"
             ))?;
             let mut events = 0;
@@ -188,6 +196,7 @@ pub(super) fn insert_rows(
                     row.json,
                     received_at_ms,
                     now_ms,
+                    app_id,
                 ])?;
                 if new > 0 && row.kind == RecordKind::Track {
                     events += 1;
@@ -203,8 +212,8 @@ pub(super) fn insert_rows(
         } => {
             tx.prepare_cached(sql!(
                 "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                 next_attempt_at, updated_at, dead_reason, dead_detail)
-                 VALUES (?1, ?2, ?3, ?4, '', {dead}, ?5, ?6, ?6, ?7, ?8)
+                 next_attempt_at, updated_at, dead_reason, dead_detail, app_id)
+                 VALUES (?1, ?2, ?3, ?4, '', {dead}, ?5, ?6, ?6, ?7, ?8, ?9)
                  ON CONFLICT (webhook_id, key) DO NOTHING"
             ))?
             .execute(params![
@@ -216,20 +225,21 @@ pub(super) fn insert_rows(
                 now_ms,
                 reason,
                 detail,
+                app_id,
             ])?;
             Ok(0)
         }
     }
 }
 
-/// The oldest due records of kind `?1` at `?2`, at most `?3`: a range of the partial index
-/// `records_due`, which only a statement naming its `state = 0` literal may use. Each with
-/// its webhook's digest (one primary-key lookup), which trace links derive from; a subquery,
+/// The oldest due records of lane `?4` and kind `?1` at `?2`, at most `?3`: a range of the
+/// partial index `records_due` (`app_id, kind, next_attempt_at`), which only a statement
+/// naming its `state = 0` literal may use. Each with its webhook's digest (one primary-key lookup), which trace links derive from; a subquery,
 /// not a join, so that a record is claimed even if its webhook row were missing.
 pub(super) const CLAIM_DUE: &str = "SELECT id, subject, json, attempts, received_at,
     (SELECT w.digest FROM webhooks w WHERE w.id = records.webhook_id),
     (SELECT w.received_at FROM webhooks w WHERE w.id = records.webhook_id) FROM records
-    WHERE state = {pending} AND kind = ?1 AND next_attempt_at <= ?2
+    WHERE state = {pending} AND app_id = ?4 AND kind = ?1 AND next_attempt_at <= ?2
     ORDER BY next_attempt_at, id LIMIT ?3";
 
 /// A stored digest; a missing one or one of another length (never written) reads as zeros,
@@ -240,10 +250,11 @@ fn digest(stored: Option<&[u8]>) -> [u8; 32] {
         .unwrap_or([0; 32])
 }
 
-/// Leases up to `limit` due records of `kind`, oldest first, until `lease_end_ms`, in one
-/// transaction that ends early when webhooks are `waiting`; also whether fewer were due.
+/// Leases up to `limit` due records of lane `app_id` and `kind`, oldest first, until
+/// `lease_end_ms`, in one transaction that ends early when webhooks are `waiting`; also whether fewer were due.
 pub(super) fn claim_some(
     conn: &mut Connection,
+    app_id: &str,
     kind: RecordKind,
     limit: usize,
     now_ms: i64,
@@ -256,18 +267,19 @@ pub(super) fn claim_some(
         let want = (limit - claimed.len()).min(BOOKKEEPING_CHUNK);
         let chunk = {
             let mut select = tx.prepare_cached(sql!(CLAIM_DUE))?;
-            let rows = select.query_map(params![kind.as_str(), now_ms, want as i64], |row| {
-                Ok(Claimed {
-                    id: row.get(0)?,
-                    kind,
-                    subject: row.get(1)?,
-                    json: row.get(2)?,
-                    attempts: row.get(3)?,
-                    received_at_ms: row.get(4)?,
-                    webhook_digest: digest(row.get::<_, Option<Vec<u8>>>(5)?.as_deref()),
-                    webhook_received_at_ms: row.get::<_, Option<i64>>(6)?.unwrap_or_default(),
-                })
-            })?;
+            let rows =
+                select.query_map(params![kind.as_str(), now_ms, want as i64, app_id], |row| {
+                    Ok(Claimed {
+                        id: row.get(0)?,
+                        kind,
+                        subject: row.get(1)?,
+                        json: row.get(2)?,
+                        attempts: row.get(3)?,
+                        received_at_ms: row.get(4)?,
+                        webhook_digest: digest(row.get::<_, Option<Vec<u8>>>(5)?.as_deref()),
+                        webhook_received_at_ms: row.get::<_, Option<i64>>(6)?.unwrap_or_default(),
+                    })
+                })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
         let mut lease = tx

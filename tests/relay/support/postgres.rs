@@ -24,9 +24,10 @@ pub fn base_url() -> String {
     }
 }
 
-/// A lock key of its own, so that the queues of different tests never wait for one leader.
-pub fn lock_key() -> i64 {
-    fastrand::i64(..)
+/// A lane (app id) of its own, so that the queues of different tests, sharing one database's
+/// leader locks, never wait for one leader.
+pub fn lane() -> String {
+    format!("app-{}", uuid::Uuid::new_v4().simple())
 }
 
 /// A plain connection, its driver running in the background.
@@ -72,9 +73,10 @@ impl Schema {
         Schema::create(&base_url()).await
     }
 
-    /// A queue on this schema, under a lock key of its own.
+    /// A queue on this schema. Leader locks are per database: a test whose queues must not
+    /// wait for another test's leader claims lanes of its own ([`lane`]).
     pub async fn queue(&self) -> PostgresQueue {
-        PostgresQueue::connect(&self.url, lock_key()).await.unwrap()
+        PostgresQueue::connect(&self.url).await.unwrap()
     }
 
     pub async fn create(base: &str) -> Schema {

@@ -7,7 +7,9 @@ use sha2::{Digest, Sha256};
 use userpilot_heap_relay::heap::wire::{
     AccountProperties, HeapRecord, Outbound, TrackEvent, UserProperties,
 };
-use userpilot_heap_relay::queue::{Content, NewWebhook};
+use userpilot_heap_relay::queue::{Content, DEFAULT_SOURCE, NewWebhook};
+
+pub use crate::support::APP_ID as APP;
 
 /// A track event under idempotency key `key`.
 pub fn track(key: &str, identity: &str) -> Outbound {
@@ -45,9 +47,12 @@ pub fn account(key: &str) -> Outbound {
     }
 }
 
-/// A webhook whose body is `body`, received at `at` (unix ms), mapped to `records`.
+/// A webhook on source `default` whose body is `body`, received at `at` (unix ms), mapped to
+/// `records` in lane [`APP`].
 pub fn webhook(body: &str, at: i64, records: Vec<Outbound>) -> NewWebhook {
     NewWebhook {
+        source: DEFAULT_SOURCE.to_owned(),
+        app_id: APP.to_owned(),
         digest: Sha256::digest(body.as_bytes()).into(),
         body: Bytes::from(body.to_owned()),
         received_at_ms: at,
@@ -64,5 +69,14 @@ pub fn quarantined(body: &str, at: i64, reason: &str, detail: &str, subject: &st
             subject: subject.to_owned(),
         },
         ..webhook(body, at, Vec::new())
+    }
+}
+
+/// `webhook` posted to `source`, its records in lane `app_id`.
+pub fn on(source: &str, app_id: &str, webhook: NewWebhook) -> NewWebhook {
+    NewWebhook {
+        source: source.to_owned(),
+        app_id: app_id.to_owned(),
+        ..webhook
     }
 }
