@@ -102,11 +102,25 @@ async fn connect_postgres(
     settings: &Settings,
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<PostgresQueue>, AppError> {
-    let lock_key = leader_lock_key(settings.heap.app_id.as_str());
+    let lock_key = leader_lock_key(serving_app_id(settings)?.as_str());
     let url = settings.queue.postgres_url.expose();
     Ok(Arc::new(
         PostgresQueue::connect_with_clock(url, lock_key, clock).await?,
     ))
+}
+
+/// The one app id served until each app id has its lane: the `default` source's, else the
+/// first source's (valid settings have at least one).
+fn serving_app_id(settings: &Settings) -> Result<crate::config::AppId, AppError> {
+    let sources = settings.sources();
+    sources
+        .iter()
+        .find(|source| source.name.as_str() == crate::config::DEFAULT_SOURCE)
+        .or(sources.first())
+        .map(|source| source.app_id.clone())
+        .ok_or_else(|| {
+            crate::config::ConfigError::Invalid(vec!["no source is configured".to_owned()]).into()
+        })
 }
 
 /// The mapper as configured.
@@ -134,7 +148,8 @@ impl App {
     ) -> Result<Self, AppError> {
         let (queue, leadership) = open_queue_for_serving(&settings, clock.clone()).await?;
         let heap = &settings.heap;
-        let client = HeapClient::new(&heap.base_url, &heap.app_id, heap.timeout, clock.clone())?;
+        let app_id = serving_app_id(&settings)?;
+        let client = HeapClient::new(&heap.base_url, &app_id, heap.timeout, clock.clone())?;
         let limits = Limits::new(
             heap.events_per_minute,
             heap.identity_events_per_minute,
