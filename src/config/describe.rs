@@ -150,6 +150,28 @@ pub(super) fn describe(error: &config::ConfigError) -> (String, Repair) {
     {
         return (format!("`{key}` {problem}"), repair);
     }
+    // Serde would name the Rust type (`struct RawSource`).
+    if key == "sources" {
+        return (
+            "`sources` must be a table of sources, each `[sources.<name>]` with `secrets` and \
+             `app_id` (from the environment: RELAY_SOURCES__<NAME>__<KEY>)"
+                .to_owned(),
+            repair,
+        );
+    }
+    if let Some(name) = key.strip_prefix("sources.")
+        && !name.contains('.')
+    {
+        return (
+            format!(
+                "`{key}` must be a table with `secrets` and `app_id` (from the environment: \
+                 RELAY_SOURCES__{}__SECRETS and RELAY_SOURCES__{}__APP_ID)",
+                name.to_uppercase(),
+                name.to_uppercase()
+            ),
+            repair,
+        );
+    }
     if let Some((_, choices)) = CHOICES.iter().find(|(k, _)| *k == key) {
         return (format!("`{key}` must be {choices}"), repair);
     }
