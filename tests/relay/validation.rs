@@ -696,6 +696,13 @@ fn without(env: &[(String, String)], remove: &[&str]) -> Vec<(String, String)> {
 
 const TOP_LEVEL: [&str; 2] = ["RELAY_USERPILOT__SECRETS", "RELAY_HEAP__APP_ID"];
 
+/// Variables to set, variables to remove, and the one line of the refusal.
+type SourceRefusal = (
+    Vec<(&'static str, &'static str)>,
+    &'static [&'static str],
+    &'static str,
+);
+
 #[test]
 fn each_source_refusal_is_one_line_in_exact_words_naming_its_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -708,7 +715,7 @@ fn each_source_refusal_is_one_line_in_exact_words_naming_its_key() {
         env.extend(set.iter().copied());
         env
     };
-    let cases: Vec<(Vec<(&str, &str)>, &[&str], &str)> = vec![
+    let cases: Vec<SourceRefusal> = vec![
         (
             vec![
                 (
