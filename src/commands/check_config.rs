@@ -1,5 +1,7 @@
-//! `check-config [--probe]`: the effective configuration, secrets redacted, on standard output;
-//! its warnings and verdict on standard error. A configuration that does not load never gets
+//! `check-config [--probe]`: the effective configuration, secrets redacted, on standard output,
+//! then every source it serves (name, URL path, app id, how many secrets, tolerance, identity)
+//! as TOML comments, so the output stays a configuration file; its warnings and verdict on
+//! standard error. A configuration that does not load never gets
 //! here: `main` prints each of its problems on a line of its own (exit code 1).
 //!
 //! `--probe` then tries what the relay will need from its surroundings, in plain words with
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use userpilot_heap_relay::app;
 use userpilot_heap_relay::clock::Stopwatch;
-use userpilot_heap_relay::config::{Backend, Settings};
+use userpilot_heap_relay::config::{Backend, DEFAULT_SOURCE, Settings, SourceSettings};
 
 /// The exit code when the configuration is valid but a probe failed.
 const PROBE_FAILED: u8 = 2;
@@ -27,6 +29,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn run(settings: &Settings, probe: bool) -> anyhow::Result<ExitCode> {
     print!("{}", settings.to_redacted_toml());
+    print!("{}", source_summary(&settings.sources()));
     for warning in settings.warnings() {
         eprintln!("warning: {warning}");
     }
@@ -54,6 +57,52 @@ pub async fn run(settings: &Settings, probe: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The sources as an aligned table of TOML comments. Secrets are counted, never shown.
+fn source_summary(sources: &[SourceSettings]) -> String {
+    let header = [
+        "name",
+        "path",
+        "app_id",
+        "secrets",
+        "tolerance_secs",
+        "identity",
+    ];
+    let mut rows = vec![header.map(str::to_owned)];
+    for source in sources {
+        rows.push([
+            source.name.to_string(),
+            source.path(),
+            source.app_id.to_string(),
+            source.secrets.len().to_string(),
+            source.tolerance.as_secs().to_string(),
+            source.identity.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut text = format!("\n# Sources ({}):\n", sources.len());
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        text.push_str(&format!("#   {}\n", cells.join("  ").trim_end()));
+    }
+    if sources.iter().any(|s| s.name.as_str() == DEFAULT_SOURCE) {
+        text.push_str(&format!(
+            "# ({DEFAULT_SOURCE} also answers at /webhooks/userpilot/{DEFAULT_SOURCE})\n"
+        ));
+    }
+    text
 }
 
 /// What a probe found wrong, and what to do about it.

@@ -11,15 +11,11 @@ const PROBLEM_STARTS: [&str; 2] = ["must ", "is "];
 /// The most problems reported for one configuration: past it the rest are likely one mistake.
 pub(super) const MAX_PROBLEMS: usize = 50;
 
-/// Values that only let validation go on after a required key was refused (its default is not
-/// a valid value); the configuration is refused anyway.
-pub(super) const STAND_INS: [(&str, &str); 1] = [("heap.app_id", "0")];
-
 /// How to get past a problem found while deserializing, to look for the next one.
 pub(super) enum Repair {
     /// An unknown key: leave it out.
     Remove(Vec<String>),
-    /// A bad value: take the default instead (or a stand-in, when the default is refused too).
+    /// A bad value: take the default instead (or leave the key out, when it has none).
     Reset(String),
     /// Cannot tell which key: stop looking.
     Stop,
@@ -45,17 +41,18 @@ impl Repair {
                 let Some((last, parents)) = path.split_last() else {
                     return false;
                 };
-                let value = if reset.insert(key.clone()) {
-                    let mut defaults = defaults.clone();
-                    table_at(&mut defaults, parents).and_then(|table| table.remove(last))
-                } else {
-                    STAND_INS
-                        .iter()
-                        .find(|(k, _)| *k == key)
-                        .map(|(_, v)| Value::new(None, ValueKind::String((*v).to_owned())))
-                };
-                let Some(value) = value else {
+                // A default refused in its turn would recur: stop.
+                if !reset.insert(key.clone()) {
                     return false;
+                }
+                let mut defaults = defaults.clone();
+                let Some(value) =
+                    table_at(&mut defaults, parents).and_then(|table| table.remove(last))
+                else {
+                    // A key without a default (one of a `[sources.<name>]` table) is optional
+                    // to serde: leave it out.
+                    return table_at(tree, parents)
+                        .is_some_and(|table| table.remove(last).is_some());
                 };
                 match table_at(tree, parents) {
                     Some(table) => {
@@ -90,6 +87,14 @@ pub(super) fn table_at<'a>(
 
 /// Keys whose values must never be printed, not even in an error.
 const SECRET_KEYS: [&str; 3] = ["userpilot.secrets", "admin.token", "queue.postgres_url"];
+
+/// Whether `key` holds a secret: one of [`SECRET_KEYS`] or a source's `secrets`.
+fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.contains(&key)
+        || key
+            .strip_prefix("sources.")
+            .is_some_and(|rest| rest.ends_with(".secrets"))
+}
 
 /// What a key of a fixed form accepts, for the error message (serde's own names the type).
 const CHOICES: [(&str, &str); 4] = [
@@ -132,7 +137,7 @@ pub(super) fn describe(error: &config::ConfigError) -> (String, Repair) {
     // `userpilot.secrets[1]`: the list is one key.
     let key = key.split('[').next().unwrap_or(key);
     let repair = Repair::Reset(key.to_owned());
-    if SECRET_KEYS.contains(&key) {
+    if is_secret_key(key) {
         return (
             format!("`{key}` has an invalid value (not shown: it is a secret)"),
             repair,
@@ -144,6 +149,28 @@ pub(super) fn describe(error: &config::ConfigError) -> (String, Repair) {
             .any(|start| problem.starts_with(start))
     {
         return (format!("`{key}` {problem}"), repair);
+    }
+    // Serde would name the Rust type (`struct RawSource`).
+    if key == "sources" {
+        return (
+            "`sources` must be a table of sources, each `[sources.<name>]` with `secrets` and \
+             `app_id` (from the environment: RELAY_SOURCES__<NAME>__<KEY>)"
+                .to_owned(),
+            repair,
+        );
+    }
+    if let Some(name) = key.strip_prefix("sources.")
+        && !name.contains('.')
+    {
+        return (
+            format!(
+                "`{key}` must be a table with `secrets` and `app_id` (from the environment: \
+                 RELAY_SOURCES__{}__SECRETS and RELAY_SOURCES__{}__APP_ID)",
+                name.to_uppercase(),
+                name.to_uppercase()
+            ),
+            repair,
+        );
     }
     if let Some((_, choices)) = CHOICES.iter().find(|(k, _)| *k == key) {
         return (format!("`{key}` must be {choices}"), repair);

@@ -144,3 +144,48 @@ pub(super) mod optional_http_url {
         }
     }
 }
+
+/// As [`secs`], for a key that may be left out (`None`).
+pub(super) mod optional_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(duration) => super::secs::serialize(duration, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        u64::deserialize(deserializer).map(|secs| Some(Duration::from_secs(secs)))
+    }
+}
+
+/// A Heap app id that may be unset: blank (the default) is `None`, printed back as `""`.
+pub(super) mod optional_app_id {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::config::AppId;
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<AppId>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(value.as_ref().map_or("", AppId::as_str))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<AppId>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        // Blank is unset: the top-level pair then defines no `default` source.
+        Ok(AppId::try_from(text).ok())
+    }
+}

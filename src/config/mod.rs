@@ -8,10 +8,12 @@
 //! non-zero integers where 0 means nothing, a [`Url`] and an [`AppId`] — so nothing downstream
 //! converts or re-checks them.
 //!
-//! Rooms: this module holds the settings' types and the loading; `forms` the written forms of
-//! values (durations, non-zero numbers, URLs, lists), `checks` the values an operator likely
-//! did not mean (placeholders, a silencing log filter), and `describe` the one-line messages
-//! and the repairs that let every problem of a configuration be reported at once.
+//! Rooms: this module holds the settings' types and the loading; `sources` the sources
+//! (contract §9: `[sources.<name>]` and the top-level `default`), their checks, their resolved
+//! view and what a reload changes; `forms` the written forms of values (durations, non-zero
+//! numbers, URLs, lists), `checks` the values an operator likely did not mean (placeholders, a
+//! silencing log filter), and `describe` the one-line messages and the repairs that let every
+//! problem of a configuration be reported at once.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,10 +33,12 @@ use crate::secret::Secret;
 pub use checks::{MIN_SECRET_CHARS, is_placeholder};
 use checks::{log_filter_problem, postgres_url_is_placeholder, tidy_filter};
 use describe::{MAX_PROBLEMS, describe};
+pub use sources::{DEFAULT_SOURCE, RawSource, ReloadChanges, SourceName, SourceSettings};
 
 mod checks;
 mod describe;
 mod forms;
+mod sources;
 
 /// The defaults, built into the binary so it runs from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -80,7 +84,8 @@ fn invalid(key: &'static str, text: impl Into<String>) -> ConfigError {
 /// `check-config` prints it and the relay logs it at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Warning {
-    pub key: &'static str,
+    /// The key, dotted (`sources.staging.secrets`).
+    pub key: String,
     pub message: String,
 }
 
@@ -103,6 +108,9 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[serde(default)]
     pub mapping: RawMapping,
+    /// `[sources.<name>]` as written, by name (not yet checked: see [`Settings::sources`]).
+    #[serde(default)]
+    pub sources: BTreeMap<String, RawSource>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +127,7 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserpilotSettings {
+    /// The `default` source's secrets; empty: no `default` source (when `[sources]` has one).
     #[serde(deserialize_with = "forms::comma_list")]
     pub secrets: Vec<Secret>,
     #[serde(rename = "tolerance_secs", with = "forms::secs")]
@@ -128,7 +137,9 @@ pub struct UserpilotSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeapSettings {
-    pub app_id: AppId,
+    /// The `default` source's app id; blank is unset (no `default` source).
+    #[serde(with = "forms::optional_app_id")]
+    pub app_id: Option<AppId>,
     #[serde(with = "forms::http_url")]
     pub base_url: Url,
     pub identity: String,
@@ -178,7 +189,7 @@ impl TryFrom<String> for AppId {
 
     fn try_from(id: String) -> Result<Self, Self::Error> {
         if id.trim().is_empty() {
-            return Err("is required: set your Heap environment id (RELAY_HEAP__APP_ID)");
+            return Err("is required: set the Heap environment id");
         }
         Ok(Self(id))
     }
@@ -318,8 +329,12 @@ impl Settings {
                 }
             }
         };
-        // The loader's tables are unordered, so serde meets the keys in any order: sorted,
-        // the same configuration always reads the same.
+        // A missing source reads as the loader's own "is required" lines, so it is sorted with
+        // them. The loader's tables are unordered, so serde meets the keys in any order:
+        // sorted, the same configuration always reads the same.
+        if let Some(settings) = &settings {
+            problems.extend(settings.required_problems());
+        }
         problems.sort();
         if let Some(settings) = &settings {
             problems.extend(settings.problems());
@@ -346,36 +361,8 @@ impl Settings {
 
     /// Everything wrong with these (deserialized) settings, one line each.
     fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.source_problems();
         let mut refuse = |key: &str, text: &str| problems.push(problem(key, text));
-        let secrets = &self.userpilot.secrets;
-        if secrets.iter().all(Secret::is_empty) {
-            refuse(
-                "userpilot.secrets",
-                "is required: set at least one webhook secret (RELAY_USERPILOT__SECRETS)",
-            );
-        } else if secrets.iter().any(Secret::is_empty) {
-            refuse("userpilot.secrets", "contains an empty secret");
-        }
-        for (index, secret) in secrets.iter().enumerate() {
-            if is_placeholder(secret.expose()) {
-                refuse(
-                    "userpilot.secrets",
-                    &format!(
-                        "secret {} of {} is a placeholder, not a secret: set the webhook \
-                         secret token from Userpilot",
-                        index + 1,
-                        secrets.len()
-                    ),
-                );
-            }
-        }
-        if is_placeholder(self.heap.app_id.as_str()) {
-            refuse(
-                "heap.app_id",
-                "is a placeholder: set your Heap environment id (RELAY_HEAP__APP_ID)",
-            );
-        }
         let token = self.admin.token.expose();
         if is_placeholder(token) {
             refuse(
@@ -441,33 +428,7 @@ impl Settings {
 
     /// What looks wrong in these settings but does not stop the relay (contract §5.2).
     pub fn warnings(&self) -> Vec<Warning> {
-        let mut warnings = Vec::new();
-        let secrets = &self.userpilot.secrets;
-        for (index, secret) in secrets.iter().enumerate() {
-            let length = secret.expose().chars().count();
-            if length > 0 && length < MIN_SECRET_CHARS && !is_placeholder(secret.expose()) {
-                warnings.push(Warning {
-                    key: "userpilot.secrets",
-                    message: format!(
-                        "secret {} of {} is shorter than {MIN_SECRET_CHARS} characters: choose \
-                         a longer one in Userpilot at the next rotation",
-                        index + 1,
-                        secrets.len()
-                    ),
-                });
-            }
-        }
-        let app_id = self.heap.app_id.as_str();
-        if !app_id.bytes().all(|b| b.is_ascii_digit()) {
-            warnings.push(Warning {
-                key: "heap.app_id",
-                message: format!(
-                    "`{app_id}` is not decimal digits, as Heap environment ids are: Heap accepts \
-                     an unknown id silently, so check it in Heap"
-                ),
-            });
-        }
-        warnings
+        self.source_warnings()
     }
 
     /// The `[mapping]` section in its parsed form.
@@ -505,10 +466,15 @@ fn layers(file: Option<&Path>) -> Result<ConfigBuilder<DefaultState>, ConfigErro
         }
         layers = layers.add_source(File::from(path).format(FileFormat::Toml));
     }
-    let env = Environment::with_prefix("RELAY")
+    Ok(layers.add_source(environment()))
+}
+
+/// The environment layer: `RELAY_<SECTION>__<KEY>`, lower-cased by the `config` crate
+/// (`RELAY_SOURCES__STAGING__APP_ID` is `sources.staging.app_id`).
+fn environment() -> Environment {
+    Environment::with_prefix("RELAY")
         .prefix_separator("_")
-        .separator("__");
-    Ok(layers.add_source(env))
+        .separator("__")
 }
 
 /// `Old name=New name;Other=Another` -> table.
@@ -549,7 +515,7 @@ mod tests {
         assert!(err.contains("`userpilot.secrets` is required"), "{err}");
         let settings =
             Settings::from_toml("[heap]\napp_id = \"1\"\n[userpilot]\nsecrets = [\"s\"]").unwrap();
-        assert_eq!(settings.heap.app_id.to_string(), "1");
+        assert_eq!(settings.heap.app_id.as_ref().unwrap().to_string(), "1");
     }
 
     #[test]
@@ -562,7 +528,7 @@ mod tests {
         assert_eq!(settings.heap.timeout, Duration::from_millis(2500));
         assert_eq!(settings.userpilot.tolerance, Duration::from_secs(90));
         assert_eq!(settings.heap.base_url.host_str(), Some("heap.test"));
-        assert_eq!(settings.heap.app_id.as_str(), "0123");
+        assert_eq!(settings.heap.app_id.as_ref().unwrap().as_str(), "0123");
         let printed: toml::Table = settings.to_redacted_toml().parse().unwrap();
         assert_eq!(printed["heap"]["timeout_ms"].as_integer(), Some(2500));
         assert_eq!(

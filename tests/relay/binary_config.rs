@@ -1,8 +1,10 @@
 //! The real binary as operators run it, configured by environment variables (SPEC §5, §6):
 //! it starts and relays to the fake Heap; `RELAY_USERPILOT__SECRETS` list parsing; refusing to
 //! start with one line naming the key; `check-config` with secrets redacted; `--config` layered
-//! under the environment; the queue folder created when missing; `sign`; and JSON logs that never
-//! show secrets, signatures or bodies.
+//! under the environment; the queue folder created when missing; `sign`; JSON logs that never
+//! show secrets, signatures or bodies; and sources (§9) from `RELAY_SOURCES__<NAME>__<KEY>`,
+//! listed by `check-config`, as the examples of `config/default.toml`, `docker-compose.yml` and
+//! `deploy/kubernetes/` write them.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -576,5 +578,280 @@ fn a_secret_written_as_a_string_is_never_printed() {
     );
     if !output.status.success() {
         assert!(stderr.contains("`userpilot.secrets`"), "{stderr}");
+    }
+}
+
+/// The source table `check-config` prints after the configuration: one row of cells per
+/// source, the header first.
+fn source_rows(stdout: &str) -> Vec<Vec<String>> {
+    let (_, table) = stdout
+        .split_once("\n# Sources (")
+        .unwrap_or_else(|| panic!("no source summary in:\n{stdout}"));
+    table
+        .lines()
+        .skip(1)
+        .map_while(|line| line.strip_prefix("#   "))
+        .map(|row| row.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| (*c).to_owned()).collect()
+}
+
+const SUMMARY_HEADER: [&str; 6] = [
+    "name",
+    "path",
+    "app_id",
+    "secrets",
+    "tolerance_secs",
+    "identity",
+];
+
+#[tokio::test]
+async fn check_config_reads_sources_from_the_environment_and_lists_each_without_its_secrets() {
+    let heap = FakeHeap::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let hidden = [
+        "staging-sekrit-one",
+        "staging-sekrit-two",
+        "eu-sekrit-0000001",
+    ];
+    let env = with(
+        &RelayProcess::env(&heap, dir.path()),
+        &[],
+        &[
+            (
+                "RELAY_SOURCES__STAGING__SECRETS",
+                "staging-sekrit-one,staging-sekrit-two",
+            ),
+            ("RELAY_SOURCES__STAGING__APP_ID", "0456"),
+            ("RELAY_SOURCES__STAGING__TOLERANCE_SECS", "60"),
+            ("RELAY_SOURCES__PROD_EU__SECRETS", "eu-sekrit-0000001"),
+            ("RELAY_SOURCES__PROD_EU__APP_ID", "789"),
+            ("RELAY_SOURCES__PROD_EU__IDENTITY", "email"),
+        ],
+    );
+    let output = run(&["check-config"], &env);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert!(output.status.success(), "{stderr}");
+
+    // The whole output is still TOML: the summary is comments.
+    let printed: toml::Table = stdout.parse().unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let staging = &printed["sources"]["staging"];
+    assert_eq!(staging["app_id"].as_str(), Some("0456"), "{stdout}");
+    assert_eq!(staging["tolerance_secs"].as_integer(), Some(60));
+    assert_eq!(staging["secrets"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        printed["sources"]["prod_eu"]["identity"].as_str(),
+        Some("email")
+    );
+    assert_eq!(
+        source_rows(&stdout),
+        [
+            row(&SUMMARY_HEADER),
+            row(&[
+                "default",
+                "/webhooks/userpilot",
+                APP_ID,
+                "1",
+                "300",
+                "user_id"
+            ]),
+            row(&[
+                "prod_eu",
+                "/webhooks/userpilot/prod_eu",
+                "789",
+                "1",
+                "300",
+                "email"
+            ]),
+            row(&[
+                "staging",
+                "/webhooks/userpilot/staging",
+                "0456",
+                "2",
+                "60",
+                "user_id"
+            ]),
+        ],
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("# (default also answers at /webhooks/userpilot/default)"),
+        "{stdout}"
+    );
+    for value in hidden.iter().chain([&SECRET]) {
+        assert!(!stdout.contains(value), "{value} printed:\n{stdout}");
+        assert!(!stderr.contains(value), "{value} printed:\n{stderr}");
+    }
+}
+
+/// The lines of `text` from the first that starts with `first` up to (not including) the first
+/// after it that starts with `end`, their `# ` taken off.
+fn uncommented(text: &str, first: &str, end: &str) -> String {
+    let start = text
+        .find(first)
+        .unwrap_or_else(|| panic!("no {first:?} in the example"));
+    let block = &text[start..];
+    let block = &block[..block.find(end).unwrap_or(block.len())];
+    block
+        .lines()
+        .map(|line| {
+            line.strip_prefix("# ")
+                .or_else(|| line.strip_prefix('#'))
+                .unwrap_or(line)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_two_source_example_of_the_default_configuration_is_accepted_once_filled_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let defaults =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
+            .unwrap();
+    let example = uncommented(&defaults, "# [sources.production]", "[sources]\n");
+    // The placeholders are refused as they stand; an operator fills them in.
+    let filled = example
+        .replace("<production webhook secret>", "production-webhook-secret")
+        .replace("<production Heap app id>", "1001")
+        .replace("<staging webhook secret>", "staging-webhook-secret-1")
+        .replace("<staging Heap app id>", "1002");
+    assert_ne!(
+        filled, example,
+        "the example has no placeholders left to fill"
+    );
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, &filled).unwrap();
+    let env: Vec<(String, String)> = vec![(
+        "RELAY_QUEUE__PATH".into(),
+        queue_file(dir.path()).display().to_string(),
+    )];
+
+    let output = run(&["--config", file.to_str().unwrap(), "check-config"], &env);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert!(output.status.success(), "{filled}\n{stderr}");
+    assert_eq!(stderr.trim(), "configuration is valid", "{filled}");
+    assert_eq!(
+        source_rows(&stdout),
+        [
+            row(&SUMMARY_HEADER),
+            row(&[
+                "production",
+                "/webhooks/userpilot/production",
+                "1001",
+                "1",
+                "300",
+                "user_id"
+            ]),
+            row(&[
+                "staging",
+                "/webhooks/userpilot/staging",
+                "1002",
+                "1",
+                "600",
+                "email"
+            ]),
+        ],
+        "{filled}\n{stdout}"
+    );
+
+    // Left as written, the placeholders are refused, one line each.
+    std::fs::write(&file, &example).unwrap();
+    let output = run(&["--config", file.to_str().unwrap(), "check-config"], &env);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let keys: Vec<&str> = stderr
+        .lines()
+        .map(|line| line.split('`').nth(1).unwrap_or(line))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "sources.production.secrets",
+            "sources.production.app_id",
+            "sources.staging.secrets",
+            "sources.staging.app_id",
+        ],
+        "{stderr}"
+    );
+}
+
+/// Every `RELAY_SOURCES__...` variable named in `text`, comments included.
+fn source_variables(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .match_indices("RELAY_SOURCES__")
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test]
+async fn the_staging_source_compose_and_kubernetes_show_is_accepted_once_set() {
+    let heap = FakeHeap::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for files in [
+        &["docker-compose.yml"][..],
+        &[
+            "deploy/kubernetes/configmap.yaml",
+            "deploy/kubernetes/secret.env.example",
+        ],
+    ] {
+        let shown: String = files
+            .iter()
+            .map(|file| std::fs::read_to_string(root.join(file)).unwrap())
+            .collect();
+        let names = source_variables(&shown);
+        let keys: Vec<&str> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix("RELAY_SOURCES__STAGING__"))
+            .collect();
+        assert_eq!(
+            keys,
+            ["APP_ID", "IDENTITY", "SECRETS", "TOLERANCE_SECS"],
+            "{files:?} show {names:?}"
+        );
+        let value = |key: &str| match key {
+            "APP_ID" => "2002",
+            "IDENTITY" => "email",
+            "SECRETS" => "staging-webhook-secret-1,staging-webhook-secret-2",
+            _ => "120",
+        };
+        let set: Vec<(String, String)> = keys
+            .iter()
+            .map(|key| {
+                (
+                    format!("RELAY_SOURCES__STAGING__{key}"),
+                    value(key).to_owned(),
+                )
+            })
+            .collect();
+        let set: Vec<(&str, &str)> = set.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env = with(&RelayProcess::env(&heap, dir.path()), &[], &set);
+        let output = run(&["check-config"], &env);
+        let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+        assert!(output.status.success(), "{files:?}: {stderr}");
+        assert_eq!(
+            source_rows(&stdout)[2],
+            row(&[
+                "staging",
+                "/webhooks/userpilot/staging",
+                "2002",
+                "2",
+                "120",
+                "email"
+            ]),
+            "{files:?}: {stdout}"
+        );
     }
 }

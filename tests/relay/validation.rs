@@ -1,8 +1,8 @@
 //! What the real binary says about a configuration before any traffic (contract §5.2, §6):
 //! each refusal's exact words, every problem at once, warnings that do not refuse (printed by
 //! `check-config`, logged by the relay at start), log filters as operators write them,
-//! `check-config --probe` on a broken queue folder or an unreachable Heap, and `healthcheck`
-//! without a configuration.
+//! `check-config --probe` on a broken queue folder or an unreachable Heap, `healthcheck`
+//! without a configuration, and the same for sources (§9) set by `RELAY_SOURCES__*`.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -676,4 +676,232 @@ async fn the_probe_writes_to_a_reachable_postgres_queue() {
         1
     );
     schema.drop().await;
+}
+
+/// A staging source's two required variables, valid.
+const STAGING: [(&str, &str); 2] = [
+    (
+        "RELAY_SOURCES__STAGING__SECRETS",
+        "a-staging-secret-of-some-length",
+    ),
+    ("RELAY_SOURCES__STAGING__APP_ID", "2345678901"),
+];
+
+fn without(env: &[(String, String)], remove: &[&str]) -> Vec<(String, String)> {
+    env.iter()
+        .filter(|(k, _)| !remove.contains(&k.as_str()))
+        .cloned()
+        .collect()
+}
+
+const TOP_LEVEL: [&str; 2] = ["RELAY_USERPILOT__SECRETS", "RELAY_HEAP__APP_ID"];
+
+/// Variables to set, variables to remove, and the one line of the refusal.
+type SourceRefusal = (
+    Vec<(&'static str, &'static str)>,
+    &'static [&'static str],
+    &'static str,
+);
+
+#[test]
+fn each_source_refusal_is_one_line_in_exact_words_naming_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = clean_env(dir.path(), "http://127.0.0.1:1");
+    let staging = |set: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+        let mut env: Vec<_> = STAGING
+            .into_iter()
+            .filter(|(k, _)| !set.iter().any(|(s, _)| s == k))
+            .collect();
+        env.extend(set.iter().copied());
+        env
+    };
+    let cases: Vec<SourceRefusal> = vec![
+        (
+            vec![
+                (
+                    "RELAY_SOURCES__DEFAULT__SECRETS",
+                    "a-default-secret-of-some-length",
+                ),
+                ("RELAY_SOURCES__DEFAULT__APP_ID", "3456789012"),
+            ],
+            &[],
+            "`sources.default` duplicates the source `default` that the top-level \
+             userpilot.secrets and heap.app_id define: keep one of the two",
+        ),
+        (
+            vec![
+                (
+                    "RELAY_SOURCES__STAGING-1__SECRETS",
+                    "a-staging-secret-of-some-length",
+                ),
+                ("RELAY_SOURCES__STAGING-1__APP_ID", "2345678901"),
+            ],
+            &[],
+            "`sources.staging-1` is not a valid source name: use 1 to 32 lower-case letters, \
+             digits and `_`, starting with a letter or a digit",
+        ),
+        (
+            vec![STAGING[1]],
+            &[],
+            "`sources.staging.secrets` is required: set at least one webhook secret \
+             (RELAY_SOURCES__STAGING__SECRETS)",
+        ),
+        (
+            staging(&[("RELAY_SOURCES__STAGING__SECRETS", "")]),
+            &[],
+            "`sources.staging.secrets` is required: set at least one webhook secret \
+             (RELAY_SOURCES__STAGING__SECRETS)",
+        ),
+        (
+            vec![STAGING[0]],
+            // Named sources alone need no top-level keys: the refusal is the source's only.
+            &TOP_LEVEL,
+            "`sources.staging.app_id` is required: set the source's Heap environment id \
+             (RELAY_SOURCES__STAGING__APP_ID)",
+        ),
+        (
+            staging(&[(
+                "RELAY_SOURCES__STAGING__SECRETS",
+                "a-staging-secret-of-some-length,",
+            )]),
+            &[],
+            "`sources.staging.secrets` contains an empty secret",
+        ),
+        (
+            staging(&[("RELAY_SOURCES__STAGING__SECRETS", "REPLACE_ME")]),
+            &[],
+            "`sources.staging.secrets` secret 1 of 1 is a placeholder, not a secret: set the \
+             webhook secret token from Userpilot",
+        ),
+        (
+            staging(&[("RELAY_SOURCES__STAGING__APP_ID", "REPLACE_WITH_HEAP_APP_ID")]),
+            &[],
+            "`sources.staging.app_id` is a placeholder: set the source's Heap environment id \
+             (RELAY_SOURCES__STAGING__APP_ID)",
+        ),
+        (
+            staging(&[("RELAY_SOURCES__STAGING__TOLERANCE_SECS", "soon")]),
+            &[],
+            "`sources.staging.tolerance_secs` must be an integer, not string \"soon\"",
+        ),
+        (
+            staging(&[("RELAY_SOURCES__STAGING__TOLERANCE_SECS", "604801")]),
+            &[],
+            "`queue.dedup_window_secs` must be at least sources.staging.tolerance_secs",
+        ),
+        (
+            staging(&[("RELAY_SOURCES__STAGING__API_KEY", "a-heap-api-key")]),
+            &[],
+            "unknown key `sources.staging.api_key`",
+        ),
+        (
+            vec![("RELAY_SOURCES__STAGING", "yes")],
+            &[],
+            "`sources.staging` must be a table with `secrets` and `app_id` (from the \
+             environment: RELAY_SOURCES__STAGING__SECRETS and RELAY_SOURCES__STAGING__APP_ID)",
+        ),
+    ];
+    for (set, remove, expected) in &cases {
+        let env = with(&without(&base, remove), set);
+        let output = run_cli(&env, &["check-config"]);
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{set:?}: {text}");
+        assert_eq!(
+            text,
+            format!("error: configuration: {expected}\n"),
+            "{set:?}"
+        );
+        assert!(output.stdout.is_empty(), "{set:?}");
+        for (key, value) in set {
+            if key.contains("SECRETS") && !value.is_empty() {
+                assert!(!text.contains(value), "{key} shown: {text}");
+            }
+        }
+    }
+    // The relay itself refuses the same way, before it opens the queue.
+    let output = run_cli(&with(&base, &[STAGING[1]]), &[]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).starts_with("error: configuration: `sources.staging.secrets` is required"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!dir.path().join("queue.sqlite3").exists());
+}
+
+#[test]
+fn no_source_at_all_is_refused_naming_both_top_level_keys_and_the_sources_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = without(&clean_env(dir.path(), "http://127.0.0.1:1"), &TOP_LEVEL);
+    let output = run_cli(&env, &["check-config"]);
+    assert_eq!(output.status.code(), Some(1));
+    let why = "no source is configured: set the top-level keys (the source `default`) or add \
+               [sources.<name>] tables";
+    assert_eq!(
+        stderr(&output),
+        format!(
+            "error: configuration: `heap.app_id` is required: set your Heap environment id \
+             (RELAY_HEAP__APP_ID); {why}\n\
+             error: configuration: `userpilot.secrets` is required: set at least one webhook \
+             secret (RELAY_USERPILOT__SECRETS); {why}\n"
+        )
+    );
+    // Half the pair: the missing key alone, even beside a named source.
+    let output = run_cli(
+        &with(&env, &[STAGING[0], STAGING[1], ("RELAY_HEAP__APP_ID", "1")]),
+        &["check-config"],
+    );
+    assert_eq!(
+        stderr(&output),
+        "error: configuration: `userpilot.secrets` is required: set at least one webhook \
+         secret (RELAY_USERPILOT__SECRETS); the other top-level key is set, which makes the \
+         source `default`\n"
+    );
+}
+
+#[test]
+fn named_sources_alone_are_a_valid_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = with(
+        &without(&clean_env(dir.path(), "http://127.0.0.1:1"), &TOP_LEVEL),
+        &STAGING,
+    );
+    let output = run_cli(&env, &["check-config"]);
+    assert_eq!(stderr(&output), "configuration is valid\n");
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let printed: toml::Table = stdout.parse().unwrap();
+    // Unset, the top-level pair prints empty: it defines no source.
+    assert_eq!(printed["heap"]["app_id"].as_str(), Some(""));
+    assert!(stdout.contains("\n# Sources (1):\n"), "{stdout}");
+    assert!(
+        !stdout.contains("/webhooks/userpilot "),
+        "a default source is listed: {stdout}"
+    );
+}
+
+#[test]
+fn suspicious_source_values_are_warned_about_naming_the_sources_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = with(
+        &clean_env(dir.path(), "http://127.0.0.1:1"),
+        &[
+            (
+                "RELAY_SOURCES__STAGING__SECRETS",
+                "a-staging-secret-of-some-length,short2",
+            ),
+            ("RELAY_SOURCES__STAGING__APP_ID", "staging-app"),
+        ],
+    );
+    let output = run_cli(&env, &["check-config"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stderr(&output),
+        "warning: configuration: `sources.staging.secrets` secret 2 of 2 is shorter than 16 \
+         characters: choose a longer one in Userpilot at the next rotation\n\
+         warning: configuration: `sources.staging.app_id` `staging-app` is not decimal digits, \
+         as Heap environment ids are: Heap accepts an unknown id silently, so check it in Heap\n\
+         configuration is valid\n"
+    );
+    assert!(!stderr(&output).contains("short2"));
 }
