@@ -839,3 +839,28 @@ pub async fn post_concurrently(
     tasks.join_all().await;
     Arc::try_unwrap(log).unwrap().into_inner().unwrap()
 }
+
+/// [`metric`] matches whole labels in any order, sums the series that carry them, and leaves
+/// other metrics (even one whose name starts alike) out.
+#[test]
+fn metric_sums_the_series_carrying_every_label_matched_whole() {
+    let text = "# HELP relay_webhooks_total Webhooks answered.\n\
+                relay_webhooks_total{outcome=\"accepted\",source=\"a\"} 2\n\
+                relay_webhooks_total{source=\"ab\",outcome=\"accepted\"} 5\n\
+                relay_webhooks_total{outcome=\"duplicate\",source=\"a\"} 1\n\
+                relay_webhooks_total_other{source=\"a\"} 7\n\
+                relay_up 1\n";
+    let sum = |name: &str, labels: &[(&str, &str)]| metric(text, name, labels);
+    assert_eq!(sum("relay_webhooks_total", &[("source", "a")]), 3.0);
+    assert_eq!(
+        sum(
+            "relay_webhooks_total",
+            &[("source", "a"), ("outcome", "accepted")]
+        ),
+        2.0
+    );
+    assert_eq!(sum("relay_webhooks_total", &[("source", "ab")]), 5.0);
+    assert_eq!(sum("relay_webhooks_total", &[]), 8.0);
+    assert_eq!(sum("relay_webhooks_total", &[("source", "b")]), 0.0);
+    assert_eq!(sum("relay_up", &[]), 1.0);
+}
