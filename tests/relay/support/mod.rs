@@ -161,6 +161,57 @@ impl FakeHeap {
             .await
     }
 
+    /// Requests whose body names `app_id` (every Heap bulk body carries `"app_id"`): what one
+    /// Heap environment received.
+    pub fn requests_for(&self, app_id: &str) -> Vec<Received> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.body["app_id"] == app_id)
+            .collect()
+    }
+
+    /// Track events Heap accepted for `app_id`, each with when its request was received.
+    pub fn events_received_for(&self, app_id: &str) -> Vec<(Instant, Value)> {
+        self.requests_for(app_id)
+            .into_iter()
+            .filter(|r| r.path == "/api/track" && (200..300).contains(&r.status))
+            .flat_map(|r| {
+                let at = r.at;
+                let events = r.body["events"].as_array().cloned().unwrap_or_default();
+                events.into_iter().map(move |event| (at, event))
+            })
+            .collect()
+    }
+
+    /// Track events Heap accepted for `app_id`.
+    pub fn events_for(&self, app_id: &str) -> Vec<Value> {
+        self.events_received_for(app_id)
+            .into_iter()
+            .map(|(_, event)| event)
+            .collect()
+    }
+
+    /// Waits until Heap accepted at least `n` track events for `app_id`.
+    pub async fn wait_for_events_for(
+        &self,
+        app_id: &str,
+        n: usize,
+        within: Duration,
+    ) -> Vec<Value> {
+        eventually(within, async || {
+            let events = self.events_for(app_id);
+            if events.len() >= n {
+                Ok(events)
+            } else {
+                Err(format!(
+                    "Heap accepted {} track events for app id {app_id}, not {n}",
+                    events.len()
+                ))
+            }
+        })
+        .await
+    }
+
     /// Waits until Heap accepted at least `n` elements of the bulk arrays on `path`.
     pub async fn wait_for_accepted(
         &self,
@@ -246,8 +297,21 @@ pub fn eventually<C: Outcome>(
 
 /// `X-Signature` for `body`, signed now with [`SECRET`].
 pub fn signature(body: &[u8]) -> String {
-    userpilot_heap_relay::userpilot::sign(body, SECRET, chrono::Utc::now().timestamp())
+    signature_with(body, SECRET)
 }
+
+/// `X-Signature` for `body`, signed now with `secret`.
+pub fn signature_with(body: &[u8], secret: &str) -> String {
+    userpilot_heap_relay::userpilot::sign(body, secret, chrono::Utc::now().timestamp())
+}
+
+/// The webhook route of the source `name` (contract §9): `/webhooks/userpilot/{name}`.
+pub fn source_path(name: &str) -> String {
+    format!("{DEFAULT_WEBHOOK_PATH}/{name}")
+}
+
+/// The webhook route of the `default` source (the top-level keys), as it always was.
+pub const DEFAULT_WEBHOOK_PATH: &str = "/webhooks/userpilot";
 
 /// The base configuration of a test relay, in TOML, talking to `heap`.
 pub fn base_toml(heap: &FakeHeap, queue_path: &std::path::Path) -> String {
@@ -276,14 +340,37 @@ token = "{ADMIN_TOKEN}"
     )
 }
 
-/// A test's HTTP client for one relay: webhooks signed now with [`SECRET`], and the admin API
-/// with [`ADMIN_TOKEN`]. [`Relay`] and [`RelayProcess`] deref to theirs; [`Client::new`] makes
-/// one for a relay started some other way.
+/// The sum of the samples of `name` in Prometheus text `text` that carry every label of
+/// `labels` (0 when there are none). Labels are matched whole (`source="a"` does not match
+/// `source="ab"`), in any order.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let carried = format!(",{}", rest.strip_suffix('}')?);
+            let all = labels
+                .iter()
+                .all(|(key, value)| carried.contains(&format!(",{key}=\"{value}\"")));
+            (metric == name && all).then(|| value.parse::<f64>().unwrap())
+        })
+        .sum()
+}
+
+/// A test's HTTP client for one relay: webhooks signed now with [`SECRET`] to
+/// `/webhooks/userpilot` (or, from [`Client::source`], with a source's secret to its route),
+/// and the admin API with [`ADMIN_TOKEN`]. [`Relay`] and [`RelayProcess`] deref to theirs;
+/// [`Client::new`] makes one for a relay started some other way.
 #[derive(Clone)]
 pub struct Client {
     pub url: String,
     pub admin_url: String,
     pub http: reqwest::Client,
+    /// Where [`Client::post`] and its siblings send webhooks.
+    pub webhook_path: String,
+    /// What they sign with.
+    pub secret: String,
 }
 
 impl Client {
@@ -297,15 +384,31 @@ impl Client {
             url,
             admin_url,
             http,
+            webhook_path: DEFAULT_WEBHOOK_PATH.to_owned(),
+            secret: SECRET.to_owned(),
         }
+    }
+
+    /// The same relay, posting webhooks to `path` signed with `secret` (every posting method,
+    /// and [`post_concurrently`], then uses them).
+    pub fn webhook(&self, path: &str, secret: &str) -> Client {
+        Client {
+            webhook_path: path.to_owned(),
+            secret: secret.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The same relay, posting to the source `name`'s route signed with `secret`.
+    pub fn source(&self, name: &str, secret: &str) -> Client {
+        self.webhook(&source_path(name), secret)
     }
 
     /// The same relay through a client whose requests give up after `timeout`.
     pub fn with_timeout(&self, timeout: Duration) -> Client {
         Client {
-            url: self.url.clone(),
-            admin_url: self.admin_url.clone(),
             http: reqwest::Client::builder().timeout(timeout).build().unwrap(),
+            ..self.clone()
         }
     }
 
@@ -319,14 +422,23 @@ impl Client {
     /// connection dropped (a crash, a shutdown).
     pub async fn try_post(&self, body: &Value) -> Result<(u16, Value), reqwest::Error> {
         let bytes = serde_json::to_vec(body).unwrap();
-        let signature = signature(&bytes);
+        let signature = signature_with(&bytes, &self.secret);
         self.try_post_raw(bytes, Some(&signature), Some("application/json"))
+            .await
+    }
+
+    /// As [`Client::post`], signed at `timestamp` (unix seconds) instead of now: the same body
+    /// signed at the same time is the same request, wherever it is sent.
+    pub async fn post_signed_at(&self, body: &Value, timestamp: i64) -> (u16, Value) {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let signature = userpilot_heap_relay::userpilot::sign(&bytes, &self.secret, timestamp);
+        self.post_raw(bytes, Some(&signature), Some("application/json"))
             .await
     }
 
     /// Posts `body` as it is, signed now, with `content_type` (or none).
     pub async fn post_bytes(&self, body: Vec<u8>, content_type: Option<&str>) -> (u16, Value) {
-        let signature = signature(&body);
+        let signature = signature_with(&body, &self.secret);
         self.post_raw(body, Some(&signature), content_type).await
     }
 
@@ -350,7 +462,7 @@ impl Client {
     ) -> Result<(u16, Value), reqwest::Error> {
         let mut request = self
             .http
-            .post(format!("{}/webhooks/userpilot", self.url))
+            .post(format!("{}{}", self.url, self.webhook_path))
             .body(body);
         if let Some(signature) = signature {
             request = request.header("x-signature", signature);
@@ -390,6 +502,24 @@ impl Client {
             .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `/metrics` of the admin port, as text.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.admin_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "GET /metrics");
+        response.text().await.unwrap()
+    }
+
+    /// The sum of the samples of `name` carrying every label of `labels` in `/metrics` (0 when
+    /// there are none), e.g. `client.metric("relay_webhooks_total", &[("source", "qa")])`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&self.metrics().await, name, labels)
     }
 
     /// Polls `/admin/status` until `done` holds for it, and returns that status.
@@ -572,6 +702,21 @@ impl RelayProcess {
         .collect()
     }
 
+    /// Starts the binary configured by the file `config` alone (`--config`, no environment):
+    /// a test that rewrites the file and reloads changes the whole configuration.
+    pub fn spawn_with_config(config: &std::path::Path) -> RelayProcess {
+        Self::spawn_with_args(&["--config", config.to_str().unwrap()], &[])
+    }
+
+    /// SIGHUP: the relay re-reads its configuration (contract §10, Reload).
+    pub fn reload_signal(&self) {
+        let sent = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -HUP {}", self.child.id());
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         self.child.kill().unwrap();
@@ -600,6 +745,22 @@ impl Drop for RelayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The whole configuration of a test relay binary talking to `heap` with its queue in `dir`:
+/// [`base_toml`] with `extra` layered over it (as [`Relay::start`] layers it), for a
+/// `--config` file.
+pub fn config_toml(heap: &FakeHeap, dir: &std::path::Path, extra: &str) -> String {
+    merge_toml(&base_toml(heap, &dir.join("queue.sqlite3")), extra)
+}
+
+/// Writes a configuration file whole: into a sibling file first, then renamed over `path`, so
+/// a relay reading it at any moment sees the old file or the new one, never half of one.
+pub fn write_config(path: &std::path::Path, toml: &str) {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, toml).unwrap();
+    std::fs::rename(&partial, path).unwrap();
 }
 
 /// Runs the binary once with `args` and `env` (on top of a clean environment), as an operator
@@ -677,4 +838,29 @@ pub async fn post_concurrently(
     }
     tasks.join_all().await;
     Arc::try_unwrap(log).unwrap().into_inner().unwrap()
+}
+
+/// [`metric`] matches whole labels in any order, sums the series that carry them, and leaves
+/// other metrics (even one whose name starts alike) out.
+#[test]
+fn metric_sums_the_series_carrying_every_label_matched_whole() {
+    let text = "# HELP relay_webhooks_total Webhooks answered.\n\
+                relay_webhooks_total{outcome=\"accepted\",source=\"a\"} 2\n\
+                relay_webhooks_total{source=\"ab\",outcome=\"accepted\"} 5\n\
+                relay_webhooks_total{outcome=\"duplicate\",source=\"a\"} 1\n\
+                relay_webhooks_total_other{source=\"a\"} 7\n\
+                relay_up 1\n";
+    let sum = |name: &str, labels: &[(&str, &str)]| metric(text, name, labels);
+    assert_eq!(sum("relay_webhooks_total", &[("source", "a")]), 3.0);
+    assert_eq!(
+        sum(
+            "relay_webhooks_total",
+            &[("source", "a"), ("outcome", "accepted")]
+        ),
+        2.0
+    );
+    assert_eq!(sum("relay_webhooks_total", &[("source", "ab")]), 5.0);
+    assert_eq!(sum("relay_webhooks_total", &[]), 8.0);
+    assert_eq!(sum("relay_webhooks_total", &[("source", "b")]), 0.0);
+    assert_eq!(sum("relay_up", &[]), 1.0);
 }
