@@ -12,8 +12,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Backend, Settings};
 use crate::config::AppId;
+use crate::config::{Backend, Settings};
 use crate::forwarder::lanes::{self, Lanes, Starts};
 use crate::forwarder::limits::Limits;
 use crate::forwarder::retry::Backoff;
@@ -93,7 +93,10 @@ async fn open_queue_for_serving(
         Backend::Postgres => {
             let queue = connect_postgres(settings, clock).await?;
             let leader = queue.clone();
-            Ok((queue, Arc::new(move |app_id: &str| leader.is_leader(app_id))))
+            Ok((
+                queue,
+                Arc::new(move |app_id: &str| leader.is_leader(app_id)),
+            ))
         }
     }
 }
@@ -109,7 +112,9 @@ async fn connect_postgres(
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<PostgresQueue>, AppError> {
     let url = settings.queue.postgres_url.expose();
-    Ok(Arc::new(PostgresQueue::connect_with_clock(url, clock).await?))
+    Ok(Arc::new(
+        PostgresQueue::connect_with_clock(url, clock).await?,
+    ))
 }
 
 /// Builds the forwarder of each lane from `[heap]` and `[retry]`: its own client, rate

@@ -456,6 +456,8 @@ mod tests {
     fn a_view_parses_the_body_and_record_and_dates_the_times() {
         let view = DeadLetterView::from(DeadLetterDetail {
             letter: DeadLetter {
+                source: "default".into(),
+                app_id: "app-1".into(),
                 id: 7,
                 webhook_id: 3,
                 kind: "track".into(),

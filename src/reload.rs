@@ -113,7 +113,8 @@ mod tests {
 
     use super::*;
 
-    const BASE: &str = "[heap]\napp_id = \"100\"\n[userpilot]\nsecrets = [\"production-secret-0001\"]\n";
+    const BASE: &str =
+        "[heap]\napp_id = \"100\"\n[userpilot]\nsecrets = [\"production-secret-0001\"]\n";
 
     fn settings(extra: &str) -> Settings {
         Settings::from_toml(&format!("{BASE}{extra}")).unwrap()
@@ -138,9 +139,17 @@ mod tests {
                                  app_id = \"200\"\n[server]\nlisten = \"127.0.0.1:1\"\n"
             .to_owned();
         let changes = reloader.reload(&live, &lanes).await.unwrap();
-        assert!(changes.applied.iter().any(|k| k.starts_with("sources.staging")));
+        assert!(
+            changes
+                .applied
+                .iter()
+                .any(|k| k.starts_with("sources.staging"))
+        );
         assert_eq!(changes.ignored, ["server.listen"]);
-        assert_eq!(live.current().get("staging").unwrap().app_id.as_str(), "200");
+        assert_eq!(
+            live.current().get("staging").unwrap().app_id.as_str(),
+            "200"
+        );
         assert!(lanes.control("200").is_some());
         // Nothing changed since: nothing applied, and the restart-only key is still reported.
         let again = reloader.reload(&live, &lanes).await.unwrap();
@@ -156,7 +165,10 @@ mod tests {
         let (lanes, _starts) = Lanes::new();
         *next.lock().unwrap() = "[sources.staging]\napp_id = \"200\"\n".to_owned();
         let error = reloader.reload(&live, &lanes).await.unwrap_err();
-        assert!(error.to_string().contains("sources.staging.secrets"), "{error}");
+        assert!(
+            error.to_string().contains("sources.staging.secrets"),
+            "{error}"
+        );
         assert!(live.current().get("staging").is_none());
         assert!(live.current().default_source().is_some());
         assert!(lanes.control("200").is_none());

@@ -100,6 +100,16 @@ impl Sources {
     }
 }
 
+impl FromIterator<Source> for Sources {
+    fn from_iter<I: IntoIterator<Item = Source>>(sources: I) -> Self {
+        let by_name = sources
+            .into_iter()
+            .map(|source| (source.name.clone(), Arc::new(source)))
+            .collect();
+        Sources { by_name }
+    }
+}
+
 /// The sources in force, swapped whole by a reload.
 #[derive(Debug)]
 pub struct LiveSources {
@@ -179,9 +189,8 @@ mod tests {
 
     #[test]
     fn a_snapshot_taken_before_a_replace_stays_whole() {
-        let live = LiveSources::new(
-            Sources::from_settings(&two_sources("staging-secret-00001")).unwrap(),
-        );
+        let live =
+            LiveSources::new(Sources::from_settings(&two_sources("staging-secret-00001")).unwrap());
         let before = live.current();
         live.replace(Sources::from_settings(&two_sources("staging-secret-00002")).unwrap());
         let secret = |sources: &Sources| {

@@ -67,7 +67,10 @@ mod tests {
         let base = "http://relay:8080/webhooks/userpilot";
         assert_eq!(source_url(base, None), base);
         assert_eq!(source_url(base, Some("staging")), format!("{base}/staging"));
-        assert_eq!(source_url(&format!("{base}/"), Some("staging")), format!("{base}/staging"));
+        assert_eq!(
+            source_url(&format!("{base}/"), Some("staging")),
+            format!("{base}/staging")
+        );
         assert_eq!(
             source_url(&format!("{base}/staging"), Some("staging")),
             format!("{base}/staging")

@@ -184,8 +184,10 @@ fn overall(states: &[ForwarderState]) -> ForwarderState {
 /// and the sources in force.
 async fn status(State(state): State<Arc<AppState>>) -> Response {
     let now = state.clock.now_ms();
-    let (stats, by_lane) = match (state.queue.stats(now).await, state.queue.lane_stats(now).await)
-    {
+    let (stats, by_lane) = match (
+        state.queue.stats(now).await,
+        state.queue.lane_stats(now).await,
+    ) {
         (Ok(stats), Ok(by_lane)) => (stats, by_lane),
         (Err(err), _) | (_, Err(err)) => return queue_error(err),
     };
@@ -230,17 +232,14 @@ struct LaneParams {
     app_id: Option<String>,
 }
 
-/// The lanes a pause or resume applies to; `Err` answers 404 `unknown_app_id`.
-fn chosen_lanes(
-    state: &AppState,
-    params: &LaneParams,
-) -> Result<Vec<(String, Arc<Control>)>, Response> {
+/// The lanes a pause or resume applies to; `None` for an unknown app id.
+fn chosen_lanes(state: &AppState, params: &LaneParams) -> Option<Vec<(String, Arc<Control>)>> {
     match &params.app_id {
-        None => Ok(state.lanes.all()),
-        Some(app_id) => match state.lanes.control(app_id) {
-            Some(control) => Ok(vec![(app_id.clone(), control)]),
-            None => Err(error(StatusCode::NOT_FOUND, "unknown_app_id")),
-        },
+        None => Some(state.lanes.all()),
+        Some(app_id) => state
+            .lanes
+            .control(app_id)
+            .map(|control| vec![(app_id.clone(), control)]),
     }
 }
 
@@ -254,9 +253,8 @@ async fn resume(State(state): State<Arc<AppState>>, Query(params): Query<LanePar
 
 /// Answers `{"forwarder": "paused"|"running", "app_ids": [...]}`.
 fn set_paused(state: &AppState, params: &LaneParams, paused: bool) -> Response {
-    let lanes = match chosen_lanes(state, params) {
-        Ok(lanes) => lanes,
-        Err(response) => return response,
+    let Some(lanes) = chosen_lanes(state, params) else {
+        return error(StatusCode::NOT_FOUND, "unknown_app_id");
     };
     if params.app_id.is_none() {
         state.lanes.set_all_paused(paused);

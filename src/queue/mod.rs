@@ -96,9 +96,9 @@ pub(crate) fn spell_states(template: &str) -> String {
     })
 }
 
-/// The source of webhooks stored before sources existed (schema v2), and of the top-level
-/// configuration keys.
-pub const DEFAULT_SOURCE: &str = "default";
+/// The source of webhooks stored before sources existed (schema v2, whose migration spells it
+/// as a literal), and of the top-level configuration keys.
+pub use crate::config::DEFAULT_SOURCE;
 
 /// A verified webhook and what the mapper made of it.
 #[derive(Debug, Clone)]

@@ -214,12 +214,15 @@ async fn a_replay_larger_than_a_page_re_maps_every_webhook_once_reporting_each_p
     // dead record, which the same replay must not take up a second time.
     let by_email = Mapper::new("email", false, false, &MappingSettings::default());
     let mut pages = Vec::new();
-    let summary =
-        dead_letters::replay_with_progress(&queue, &by_email, all.clone(), now, &mut |done| {
-            pages.push(done.webhooks)
-        })
-        .await
-        .unwrap();
+    let summary = dead_letters::replay_with_progress(
+        &queue,
+        &crate::support::default_source(by_email.clone()),
+        all.clone(),
+        now,
+        &mut |done| pages.push(done.webhooks),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (summary.webhooks, summary.quarantined, summary.events),
         (WEBHOOKS, WEBHOOKS, 0)
@@ -234,16 +237,26 @@ async fn a_replay_larger_than_a_page_re_maps_every_webhook_once_reporting_each_p
         limit: Some(REPLAY_PAGE + 1),
         ..all.clone()
     };
-    let summary = dead_letters::replay(&queue, &by_user_id, first, now)
-        .await
-        .unwrap();
+    let summary = dead_letters::replay(
+        &queue,
+        &crate::support::default_source(by_user_id.clone()),
+        first,
+        now,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (summary.webhooks, summary.events),
         (REPLAY_PAGE + 1, REPLAY_PAGE + 1)
     );
-    let summary = dead_letters::replay(&queue, &by_user_id, all.clone(), now)
-        .await
-        .unwrap();
+    let summary = dead_letters::replay(
+        &queue,
+        &crate::support::default_source(by_user_id.clone()),
+        all.clone(),
+        now,
+    )
+    .await
+    .unwrap();
     assert_eq!(summary.webhooks, WEBHOOKS - REPLAY_PAGE - 1);
     let stats = queue.stats(at).await.unwrap();
     assert_eq!((stats.pending, stats.dead), (WEBHOOKS as u64, 0));

@@ -624,7 +624,7 @@ async fn a_replayed_expired_letter_is_sent_instead_of_expiring_again() {
     };
     let summary = userpilot_heap_relay::dead_letters::replay(
         h.queue.as_ref(),
-        &h.mapper,
+        &crate::support::default_source(h.mapper.clone()),
         expired,
         h.clock.now(),
     )

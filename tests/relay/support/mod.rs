@@ -864,3 +864,18 @@ fn metric_sums_the_series_carrying_every_label_matched_whole() {
     assert_eq!(sum("relay_webhooks_total", &[("source", "b")]), 0.0);
     assert_eq!(sum("relay_up", &[]), 1.0);
 }
+
+/// The default source alone, at [`APP_ID`], mapping with `mapper`: for driving replay directly.
+pub fn default_source(
+    mapper: userpilot_heap_relay::heap::mapping::Mapper,
+) -> userpilot_heap_relay::sources::Sources {
+    use userpilot_heap_relay::config::{AppId, DEFAULT_SOURCE};
+    use userpilot_heap_relay::sources::{Source, Sources};
+    Sources::from_iter([Source {
+        name: DEFAULT_SOURCE.to_owned(),
+        secrets: vec![userpilot_heap_relay::secret::Secret::new(SECRET)],
+        tolerance_secs: 300,
+        app_id: AppId::try_from(APP_ID.to_owned()).unwrap(),
+        mapper,
+    }])
+}
