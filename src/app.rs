@@ -219,6 +219,8 @@ impl App {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AppError> {
+        // First: the series started at zero below need the recorder installed.
+        let metrics = telemetry::metrics();
         let (queue, leadership) = open_queue_for_serving(&settings, clock.clone()).await?;
         let sources = Sources::from_settings(&settings)?;
         if let Some(default) = sources.default_source() {
@@ -256,7 +258,7 @@ impl App {
             max_body_bytes: settings.server.max_body_bytes.get(),
             webhook_permits: tokio::sync::Semaphore::new(http::MAX_WEBHOOKS_IN_FLIGHT),
             body_budget: http::body_budget(settings.server.max_body_bytes.get()),
-            metrics: crate::telemetry::metrics(),
+            metrics,
             traces,
         });
         let public = bind(settings.server.listen).await?;

@@ -78,7 +78,7 @@ impl Reloader {
                 metrics::counter!("relay_config_reloads_total", "result" => "error").increment(1);
                 tracing::error!(
                     problems = ?error.problems(),
-                    "configuration reload refused; the running configuration stays"
+                    "configuration reload refused"
                 );
                 return Err(error);
             }

@@ -202,14 +202,16 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
     }
     let mut sources_json = Map::new();
     for source in state.sources.current().iter() {
-        let mut paths = vec![source.path()];
-        if source.name == DEFAULT_SOURCE {
-            paths.insert(0, "/webhooks/userpilot".to_owned());
-        }
+        // The default source's own URL is the one its deployments already use.
+        let path = if source.name == DEFAULT_SOURCE {
+            "/webhooks/userpilot".to_owned()
+        } else {
+            source.path()
+        };
         sources_json.insert(
             source.name.clone(),
             json!({
-                "paths": paths,
+                "path": path,
                 "app_id": source.app_id.as_str(),
                 "secrets": source.secrets.len(),
             }),

@@ -206,16 +206,16 @@ async fn metrics_export_the_spec_names() {
     assert_eq!(status, 401);
     heap.wait_for_events(1, Duration::from_secs(10)).await;
     let names = [
-        "relay_webhooks_total{outcome=\"accepted\"}",
-        "relay_webhooks_total{outcome=\"invalid_signature\"}",
-        "relay_signature_failures_total{reason=\"stale\"}",
+        "relay_webhooks_total{outcome=\"accepted\",source=\"default\"}",
+        "relay_webhooks_total{outcome=\"invalid_signature\",source=\"default\"}",
+        "relay_signature_failures_total{reason=\"stale\",source=\"default\"}",
         "relay_events_forwarded_total",
-        "relay_heap_requests_total{endpoint=\"track\",status=\"200\"}",
+        "relay_heap_requests_total{endpoint=\"track\",status=\"200\",app_id=\"test-app\"}",
         "relay_heap_request_duration_seconds_bucket",
         "relay_webhook_duration_seconds_bucket",
-        "relay_queue_depth{state=\"pending\"}",
+        "relay_queue_depth{state=\"pending\",app_id=\"test-app\"}",
         "relay_oldest_pending_age_seconds",
-        "relay_forwarder_state{state=\"running\"}",
+        "relay_forwarder_state{state=\"running\",app_id=\"test-app\"}",
     ];
     let url = format!("{}/metrics", relay.admin_url);
     eventually(Duration::from_secs(10), async || {

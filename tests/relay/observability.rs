@@ -100,18 +100,18 @@ async fn a_fresh_relay_exports_help_text_zero_counters_and_its_build_info() {
 
     // Counters at zero before anything happened, for their known label values.
     for series in [
-        r#"relay_webhooks_total{outcome="accepted"} 0"#,
-        r#"relay_webhooks_total{outcome="invalid_signature"} 0"#,
-        r#"relay_webhooks_total{outcome="unavailable"} 0"#,
-        r#"relay_signature_failures_total{reason="mismatch"} 0"#,
-        r#"relay_signature_failures_total{reason="stale"} 0"#,
-        r#"relay_events_dead_lettered_total{reason="no_user_id"} 0"#,
-        r#"relay_events_dead_lettered_total{reason="rejected"} 0"#,
-        r#"relay_events_dead_lettered_total{reason="expired"} 0"#,
-        "relay_events_forwarded_total 0",
-        r#"relay_heap_requests_total{endpoint="track",status="200"} 0"#,
-        r#"relay_heap_requests_total{endpoint="add_user_properties",status="200"} 0"#,
-        r#"relay_heap_requests_total{endpoint="add_account_properties",status="200"} 0"#,
+        r#"relay_webhooks_total{outcome="accepted",source="default"} 0"#,
+        r#"relay_webhooks_total{outcome="invalid_signature",source="default"} 0"#,
+        r#"relay_webhooks_total{outcome="unavailable",source="default"} 0"#,
+        r#"relay_signature_failures_total{reason="mismatch",source="default"} 0"#,
+        r#"relay_signature_failures_total{reason="stale",source="default"} 0"#,
+        r#"relay_events_dead_lettered_total{reason="no_user_id",app_id="test-app"} 0"#,
+        r#"relay_events_dead_lettered_total{reason="rejected",app_id="test-app"} 0"#,
+        r#"relay_events_dead_lettered_total{reason="expired",app_id="test-app"} 0"#,
+        r#"relay_events_forwarded_total{app_id="test-app"} 0"#,
+        r#"relay_heap_requests_total{endpoint="track",status="200",app_id="test-app"} 0"#,
+        r#"relay_heap_requests_total{endpoint="add_user_properties",status="200",app_id="test-app"} 0"#,
+        r#"relay_heap_requests_total{endpoint="add_account_properties",status="200",app_id="test-app"} 0"#,
     ] {
         assert!(lines.contains(&series), "{series} missing:\n{text}");
     }

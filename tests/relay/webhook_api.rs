@@ -253,7 +253,7 @@ async fn bad_signatures_are_rejected_with_a_generic_401_and_store_nothing() {
     for reason in ["missing", "malformed", "stale", "mismatch"] {
         assert!(
             metrics.contains(&format!(
-                "relay_signature_failures_total{{reason=\"{reason}\"}}"
+                "relay_signature_failures_total{{reason=\"{reason}\",source=\"default\"}}"
             )),
             "no {reason} failures in\n{metrics}"
         );
