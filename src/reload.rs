@@ -87,6 +87,9 @@ impl Reloader {
             applied: live.reload_changes(&new).applied,
             ignored: self.started.reload_changes(&new).ignored,
         };
+        for warning in new.warnings() {
+            tracing::warn!(key = %warning.key, "{warning}");
+        }
         for source in built.iter() {
             telemetry::zero_source_series(&source.name);
         }

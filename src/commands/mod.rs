@@ -40,7 +40,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(secret) => secret.clone(),
                 None => source_secret(&cli, source.unwrap_or(DEFAULT_SOURCE))?,
             };
-            send_test::run(&send_test::source_url(url, source), &secret, user_id).await
+            send_test::run(&send_test::source_url(url, source)?, &secret, user_id).await
         }
         Some(Command::Dlq { action }) => dlq::run(settings(&cli)?, action).await,
         Some(Command::Healthcheck { url }) => {

@@ -3,19 +3,28 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use userpilot_heap_relay::clock::{Clock, SystemClock};
 use userpilot_heap_relay::{samples, userpilot};
 
-/// The URL of `source` given the relay's webhook URL: `URL/NAME`, unless it names the source
-/// already.
-pub fn source_url(url: &str, source: Option<&str>) -> String {
-    match source {
-        Some(name) if !url.trim_end_matches('/').ends_with(&format!("/{name}")) => {
-            format!("{}/{name}", url.trim_end_matches('/'))
-        }
-        _ => url.to_owned(),
-    }
+/// Where the samples for `source` go: `/webhooks/userpilot/NAME` on the host of `url`, which
+/// may be the relay's address or its webhook URL (a path prefix before `/webhooks/userpilot`,
+/// as a proxy may add, is kept). Without a source, `url` as given.
+pub fn source_url(url: &str, source: Option<&str>) -> anyhow::Result<String> {
+    let Some(name) = source else {
+        return Ok(url.to_owned());
+    };
+    let mut parsed = reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))?;
+    let path = parsed.path().to_owned();
+    let prefix = match path.find(WEBHOOK_PATH) {
+        Some(at) => &path[..at],
+        None => "",
+    };
+    parsed.set_path(&format!("{prefix}{WEBHOOK_PATH}/{name}"));
+    Ok(parsed.to_string())
 }
+
+const WEBHOOK_PATH: &str = "/webhooks/userpilot";
 
 pub async fn run(url: &str, secret: &str, user_id: &str) -> anyhow::Result<ExitCode> {
     let client = userpilot_heap_relay::tls::http_client()
@@ -63,17 +72,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_source_is_appended_to_the_webhook_url_unless_it_is_there() {
+    fn a_source_is_posted_to_on_the_relays_host_whatever_url_is_given() {
+        let url = |given: &str, source| source_url(given, source).unwrap();
+        let expected = "http://relay:8080/webhooks/userpilot/staging";
+        assert_eq!(url("http://relay:8080", Some("staging")), expected);
+        assert_eq!(
+            url("http://relay:8080/webhooks/userpilot", Some("staging")),
+            expected
+        );
+        assert_eq!(
+            url("http://relay:8080/webhooks/userpilot/", Some("staging")),
+            expected
+        );
+        assert_eq!(
+            url(
+                "http://relay:8080/webhooks/userpilot/default",
+                Some("staging")
+            ),
+            expected
+        );
+        assert_eq!(
+            url("https://proxy/relay/webhooks/userpilot", Some("qa")),
+            "https://proxy/relay/webhooks/userpilot/qa"
+        );
         let base = "http://relay:8080/webhooks/userpilot";
-        assert_eq!(source_url(base, None), base);
-        assert_eq!(source_url(base, Some("staging")), format!("{base}/staging"));
-        assert_eq!(
-            source_url(&format!("{base}/"), Some("staging")),
-            format!("{base}/staging")
-        );
-        assert_eq!(
-            source_url(&format!("{base}/staging"), Some("staging")),
-            format!("{base}/staging")
-        );
+        assert_eq!(url(base, None), base);
+        assert!(source_url("not a url", Some("qa")).is_err());
     }
 }
