@@ -184,13 +184,11 @@ fn overall(states: &[ForwarderState]) -> ForwarderState {
 /// and the sources in force.
 async fn status(State(state): State<Arc<AppState>>) -> Response {
     let now = state.clock.now_ms();
-    let (stats, by_lane) = match (
-        state.queue.stats(now).await,
-        state.queue.lane_stats(now).await,
-    ) {
-        (Ok(stats), Ok(by_lane)) => (stats, by_lane),
-        (Err(err), _) | (_, Err(err)) => return queue_error(err),
+    let by_lane = match state.queue.lane_stats(now).await {
+        Ok(by_lane) => by_lane,
+        Err(err) => return queue_error(err),
     };
+    let stats = QueueStats::sum(by_lane.values());
     let lanes = state.lanes.all();
     let mut lanes_json = Map::new();
     for (app_id, control) in &lanes {

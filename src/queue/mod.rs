@@ -304,6 +304,26 @@ impl QueueStats {
         }
     }
 
+    /// The counts of several lanes together.
+    pub fn sum<'a>(lanes: impl IntoIterator<Item = &'a QueueStats>) -> QueueStats {
+        lanes
+            .into_iter()
+            .fold(QueueStats::default(), |mut all, lane| {
+                all.pending += lane.pending;
+                all.in_flight += lane.in_flight;
+                all.delivered += lane.delivered;
+                all.dead += lane.dead;
+                all.oldest_pending_received_at_ms = match (
+                    all.oldest_pending_received_at_ms,
+                    lane.oldest_pending_received_at_ms,
+                ) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                all
+            })
+    }
+
     /// How long the oldest record not yet delivered has waited at `now_ms`, in seconds.
     pub fn oldest_pending_age_seconds(&self, now_ms: i64) -> Option<f64> {
         self.oldest_pending_received_at_ms

@@ -537,22 +537,7 @@ impl Queue for PostgresQueue {
     }
 
     async fn stats(&self, now_ms: i64) -> Result<QueueStats, QueueError> {
-        let lanes = self.lane_stats(now_ms).await?;
-        let mut stats = QueueStats::default();
-        for lane in lanes.values() {
-            stats.pending += lane.pending;
-            stats.in_flight += lane.in_flight;
-            stats.delivered += lane.delivered;
-            stats.dead += lane.dead;
-            stats.oldest_pending_received_at_ms = match (
-                stats.oldest_pending_received_at_ms,
-                lane.oldest_pending_received_at_ms,
-            ) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        Ok(stats)
+        Ok(QueueStats::sum(self.lane_stats(now_ms).await?.values()))
     }
 
     async fn lane_stats(&self, _now_ms: i64) -> Result<BTreeMap<String, QueueStats>, QueueError> {
