@@ -23,18 +23,13 @@ pub const UNKNOWN_SOURCE_LABEL: &str = "_unknown";
 #[derive(Debug)]
 pub struct Source {
     pub name: String,
+    /// The URL path Userpilot posts to (`/webhooks/userpilot` for the default source, which
+    /// also answers at `/webhooks/userpilot/default`).
+    pub path: String,
     pub secrets: Vec<Secret>,
     pub tolerance_secs: u64,
     pub app_id: AppId,
     pub mapper: Mapper,
-}
-
-impl Source {
-    /// The webhook path Userpilot posts to (the default source also answers at
-    /// `/webhooks/userpilot`).
-    pub fn path(&self) -> String {
-        format!("/webhooks/userpilot/{}", self.name)
-    }
 }
 
 /// Every configured source, by name.
@@ -66,6 +61,7 @@ impl Sources {
                 };
                 let source = Source {
                     name: name.clone(),
+                    path: source.path(),
                     secrets: source.secrets,
                     tolerance_secs: source.tolerance.as_secs(),
                     app_id: source.app_id,
@@ -164,7 +160,11 @@ mod tests {
         assert_eq!(default.app_id.as_str(), "100");
         assert_eq!(default.secrets[0].expose(), "production-secret-0001");
         assert_eq!(default.tolerance_secs, 300);
-        assert_eq!(default.path(), "/webhooks/userpilot/default");
+        assert_eq!(default.path, "/webhooks/userpilot");
+        assert_eq!(
+            sources.get("staging").unwrap().path,
+            "/webhooks/userpilot/staging"
+        );
         let staging = sources.get("staging").unwrap();
         assert_eq!(staging.app_id.as_str(), "200");
         assert_eq!(staging.secrets[0].expose(), "staging-secret-00001");

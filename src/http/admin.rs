@@ -17,7 +17,6 @@ use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
-use crate::config::DEFAULT_SOURCE;
 use crate::dead_letters::{self, FilterError, FilterParams};
 use crate::forwarder::{Control, ForwarderState};
 use crate::queue::{QueueError, QueueStats};
@@ -200,16 +199,10 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
     }
     let mut sources_json = Map::new();
     for source in state.sources.current().iter() {
-        // The default source's own URL is the one its deployments already use.
-        let path = if source.name == DEFAULT_SOURCE {
-            "/webhooks/userpilot".to_owned()
-        } else {
-            source.path()
-        };
         sources_json.insert(
             source.name.clone(),
             json!({
-                "path": path,
+                "path": source.path,
                 "app_id": source.app_id.as_str(),
                 "secrets": source.secrets.len(),
             }),

@@ -873,6 +873,7 @@ pub fn default_source(
     use userpilot_heap_relay::sources::{Source, Sources};
     Sources::from_iter([Source {
         name: DEFAULT_SOURCE.to_owned(),
+        path: "/webhooks/userpilot".to_owned(),
         secrets: vec![userpilot_heap_relay::secret::Secret::new(SECRET)],
         tolerance_secs: 300,
         app_id: AppId::try_from(APP_ID.to_owned()).unwrap(),
