@@ -5,6 +5,9 @@
 #   bash bench/run.sh --drain 1000000  # also drain a 1,000,000-webhook backlog at --drain-limit
 #                                      # events/min (default 600000), ingesting meanwhile (long)
 #   bash bench/run.sh --no-postgres    # the suite without the relay on Postgres
+#   bash bench/run.sh --sources        # only the cost of routing: 1 source against 10 sources
+#                                      # over 3 app ids (a few minutes); prints its section, also
+#                                      # written to target/bench-sources.md (figures: .json)
 #   bash bench/run.sh --smoke          # seconds: debug builds, ~1 s of load, checks (CI)
 #
 # Postgres: when Postgres is installed (`pg_lsclusters` and a server binary exist), the suite
@@ -17,8 +20,11 @@
 # .ci/postgres.sh), in a database of its own (`relay_bench_smoke`).
 #
 # Other arguments go to `relay-bench suite` (see `relay-bench suite --help`: --runs,
-# --duration, --concurrency, --rates, --out, ...). Everything runs on loopback; servers are
-# child processes of the harness and stop with it (Postgres, a service, keeps running).
+# --duration, --concurrency, --rates, --out, --no-sources, ...), or with --sources to
+# `relay-bench sources` (`relay-bench sources --help`: --runs, --concurrency, --rates, --out,
+# --json, ...). The suite includes the routing comparison; `--no-sources` skips it (for a relay
+# build that does not route by source). Everything runs on loopback; servers are child
+# processes of the harness and stop with it (Postgres, a service, keeps running).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +36,19 @@ if [[ "${1:-}" == "--smoke" ]]; then
     cargo build --quiet --manifest-path "$ROOT/bench/Cargo.toml"
     exec "$CARGO_TARGET_DIR/debug/relay-bench" smoke \
         --relay-bin "$CARGO_TARGET_DIR/debug/userpilot-heap-relay"
+fi
+
+if [[ "${1:-}" == "--sources" ]]; then
+    shift
+    echo "== building (release)" >&2
+    cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin userpilot-heap-relay
+    cargo build --release --manifest-path "$ROOT/bench/Cargo.toml"
+    commit="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+    exec "$CARGO_TARGET_DIR/release/relay-bench" sources \
+        --relay-bin "$CARGO_TARGET_DIR/release/userpilot-heap-relay" \
+        --commit "$commit" \
+        --out "$CARGO_TARGET_DIR/bench-sources.md" --json "$CARGO_TARGET_DIR/bench-sources.json" \
+        "$@"
 fi
 
 args=()
