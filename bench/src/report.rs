@@ -630,13 +630,13 @@ fn write_routing_figures(out: &mut String, runs: &[RunResult], routing: &Routing
     );
     let _ = writeln!(
         out,
-        "| Relay | App id | Sources | Webhooks accepted | Track events queued (202 answers) | Track events at the fake Heap | `/api/track` requests | |"
+        "| Relay | App id | Sources | Webhooks accepted | Not 202 | Track events queued (202 answers) | Track events at the fake Heap | `/api/track` requests | |"
     );
-    let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|---|");
+    let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|---:|---|");
     for row in &routing.deliveries {
         let _ = writeln!(
             out,
-            "| {} | `{}` | {} | {} | {} | {} | {} | {} |",
+            "| {} | `{}` | {} | {} | {} | {} | {} | {} | {} |",
             label_routing(&row.server),
             row.app_id,
             if row.sources.is_empty() {
@@ -645,6 +645,7 @@ fn write_routing_figures(out: &mut String, runs: &[RunResult], routing: &Routing
                 row.sources.join(", ")
             },
             num(row.webhooks as f64),
+            num((row.refused + row.unanswered) as f64),
             num(row.expected_events as f64),
             num(row.delivered_events as f64),
             num(row.track_requests as f64),
@@ -1660,6 +1661,7 @@ mod tests {
             webhooks: expected,
             expected_events: expected,
             unanswered: 0,
+            refused: 0,
             delivered_events: got,
             track_requests: 1,
         }
@@ -1684,7 +1686,7 @@ mod tests {
             "| closed loop, 32 in flight | 1,000 | 900 | 0.90 | 1.00 / 2.00 / 3.00 | 1.00 / 2.00 / 3.00 | 1.00 | 500 | 556 | 1.11 |",
             "| open loop, 2,000 /s | 2,000 | 2,000 | 1.00 |",
             "closed-loop throughput with 10 sources is **0.90×** that with 1 source",
-            "| 10 sources | `bench-app-b` | s4, s5, s6 | 90 | 90 | 90 | 1 | every event |",
+            "| 10 sources | `bench-app-b` | s4, s5, s6 | 90 | 0 | 90 | 90 | 1 | every event |",
             "under its source's app id: **met**",
             "10 / 1 = 0.90 (median of the run pairs) | measured; delivery to each app id **met** |",
             "| relay-10-sources | closed | 32 | 1 |",
@@ -1713,7 +1715,7 @@ mod tests {
         let markdown = render(&routing_results(vec![short, stray]));
         for expected in [
             "| **not met**: 5 missing |",
-            "| `bench-app-x` | none | 0 | 0 | 5 | 1 | **not met**: 5 events at an app id no source has |",
+            "| `bench-app-x` | none | 0 | 0 | 0 | 5 | 1 | **not met**: 5 events at an app id no source has |",
             "under its source's app id: **not met**",
             "delivery to each app id **not met** |",
         ] {

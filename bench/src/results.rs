@@ -142,6 +142,9 @@ pub struct Delivery {
     pub expected_events: u64,
     /// Requests that got no answer (the relay may have queued them: they may add events).
     pub unanswered: u64,
+    /// Requests answered otherwise than 202 (none expected; 503 if the relay shed load).
+    #[serde(default)]
+    pub refused: u64,
     /// Track events the sink received for this app id, and in how many requests.
     pub delivered_events: u64,
     pub track_requests: u64,

@@ -390,6 +390,7 @@ fn deliveries(
         row.webhooks += sent.accepted;
         row.expected_events += sent.events;
         row.unanswered += sent.failed;
+        row.refused += sent.refused;
     }
     let mut rows: Vec<Delivery> = lanes.into_values().collect();
     for row in &mut rows {
@@ -418,6 +419,7 @@ fn delivery(server: &str, app_id: &str) -> Delivery {
         webhooks: 0,
         expected_events: 0,
         unanswered: 0,
+        refused: 0,
         delivered_events: 0,
         track_requests: 0,
     }
