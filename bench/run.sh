@@ -5,6 +5,10 @@
 #   bash bench/run.sh --drain 1000000  # also drain a 1,000,000-webhook backlog at --drain-limit
 #                                      # events/min (default 600000), ingesting meanwhile (long)
 #   bash bench/run.sh --no-postgres    # the suite without the relay on Postgres
+#   bash bench/run.sh --sources        # first argument: only the cost of routing, 1 source
+#                                      # against 10 sources over 3 app ids (a few minutes);
+#                                      # prints its section, also written to
+#                                      # target/bench-sources.md (its figures: .json)
 #   bash bench/run.sh --smoke          # seconds: debug builds, ~1 s of load, checks (CI)
 #
 # Postgres: when Postgres is installed (`pg_lsclusters` and a server binary exist), the suite
@@ -17,8 +21,11 @@
 # .ci/postgres.sh), in a database of its own (`relay_bench_smoke`).
 #
 # Other arguments go to `relay-bench suite` (see `relay-bench suite --help`: --runs,
-# --duration, --concurrency, --rates, --out, ...). Everything runs on loopback; servers are
-# child processes of the harness and stop with it (Postgres, a service, keeps running).
+# --duration, --concurrency, --rates, --out, --no-sources, ...), or with --sources to
+# `relay-bench sources` (`relay-bench sources --help`: --runs, --concurrency, --rates, --out,
+# --json, ...). The suite includes the routing comparison; `--no-sources` skips it (for a relay
+# build that does not route by source). Everything runs on loopback; servers are child
+# processes of the harness and stop with it (Postgres, a service, keeps running).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +37,29 @@ if [[ "${1:-}" == "--smoke" ]]; then
     cargo build --quiet --manifest-path "$ROOT/bench/Cargo.toml"
     exec "$CARGO_TARGET_DIR/debug/relay-bench" smoke \
         --relay-bin "$CARGO_TARGET_DIR/debug/userpilot-heap-relay"
+fi
+
+commit() {
+    local commit
+    commit="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+    if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null)" ]]; then
+        commit="$commit (with uncommitted changes in src/)"
+    fi
+    echo "$commit"
+}
+
+if [[ "${1:-}" == "--sources" ]]; then
+    # Only the routing comparison; the other arguments go to `relay-bench sources`.
+    shift
+    echo "== building (release)" >&2
+    cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin userpilot-heap-relay
+    cargo build --release --manifest-path "$ROOT/bench/Cargo.toml"
+    exec "$CARGO_TARGET_DIR/release/relay-bench" sources \
+        --relay-bin "$CARGO_TARGET_DIR/release/userpilot-heap-relay" \
+        --commit "$(commit)" \
+        --out "$CARGO_TARGET_DIR/bench-sources.md" \
+        --json "$CARGO_TARGET_DIR/bench-sources.json" \
+        "$@"
 fi
 
 args=()
@@ -60,13 +90,8 @@ echo "== building (release)" >&2
 cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin userpilot-heap-relay
 cargo build --release --manifest-path "$ROOT/bench/Cargo.toml"
 
-commit="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
-if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null)" ]]; then
-    commit="$commit (with uncommitted changes in src/)"
-fi
-
 exec "$CARGO_TARGET_DIR/release/relay-bench" suite \
     --relay-bin "$CARGO_TARGET_DIR/release/userpilot-heap-relay" \
-    --commit "$commit" \
+    --commit "$(commit)" \
     ${out[@]+"${out[@]}"} \
     ${args[@]+"${args[@]}"}

@@ -14,6 +14,11 @@
 //!
 //! A run has a warm-up (connections open, caches fill), then a measured window: only requests
 //! completed (closed loop) or due (open loop) inside the window count.
+//!
+//! A run may spread its requests over several URLs (one per relay source, each webhook signed
+//! with its source's secret: [`prepare_spread`], [`closed_to`], [`open_to`]); besides the
+//! window's figures it then counts every answer of the run per URL ([`RunResult::sent`]), so
+//! what each source accepted can be checked against what reached Heap.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +45,8 @@ use crate::procfs;
 pub struct Prepared {
     pub body: Bytes,
     pub signature: HeaderValue,
+    /// Which of the run's URLs it goes to (0 when there is one).
+    pub target: usize,
 }
 
 /// `count` unique signed webhooks, every kind mixed, from `users` distinct users. `tag` makes
@@ -50,26 +57,46 @@ pub fn prepare(
     tag: &str,
     users: usize,
 ) -> anyhow::Result<Vec<Prepared>> {
+    prepare_spread(count, &[secret], tag, users)
+}
+
+/// Like [`prepare`], spread evenly over `secrets.len()` URLs: after the shuffle, webhook `i`
+/// goes to URL `i % n`, signed with `secrets[i % n]`, so every URL gets the same number (give or
+/// take one) and the same mix of kinds, in random order.
+pub fn prepare_spread(
+    count: usize,
+    secrets: &[&str],
+    tag: &str,
+    users: usize,
+) -> anyhow::Result<Vec<Prepared>> {
+    anyhow::ensure!(!secrets.is_empty(), "no secret to sign with");
     let now = chrono::Utc::now().timestamp();
     let mut rng = fastrand::Rng::with_seed(count as u64 ^ tag.len() as u64);
-    let mut prepared = Vec::with_capacity(count + 16);
+    let mut bodies = Vec::with_capacity(count + 16);
     let mut round = 0u64;
-    while prepared.len() < count {
+    while bodies.len() < count {
         let user = format!("bench-user-{:05}", rng.usize(..users.max(1)));
         let nonce = format!("{tag}-{round}");
         round += 1;
         for (_, body) in samples::all(&user, now, &nonce) {
-            let body = serde_json::to_vec(&body)?;
-            let signature = userpilot::sign(&body, secret, now);
-            prepared.push(Prepared {
-                body: Bytes::from(body),
-                signature: HeaderValue::from_str(&signature)?,
-            });
+            bodies.push(serde_json::to_vec(&body)?);
         }
     }
-    prepared.truncate(count);
-    rng.shuffle(&mut prepared);
-    Ok(prepared)
+    bodies.truncate(count);
+    rng.shuffle(&mut bodies);
+    bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| {
+            let target = i % secrets.len();
+            let signature = userpilot::sign(&body, secrets[target], now);
+            Ok(Prepared {
+                body: Bytes::from(body),
+                signature: HeaderValue::from_str(&signature)?,
+                target,
+            })
+        })
+        .collect()
 }
 
 pub type Client = HyperClient<HttpConnector, Full<Bytes>>;
@@ -212,6 +239,53 @@ impl Tally {
     }
 }
 
+/// Every answer of a run to one of its URLs: the warm-up's and those after the window too
+/// (unlike the window's figures), so that it says exactly what the server took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    pub requests: u64,
+    /// Answered 202 `accepted`.
+    pub accepted: u64,
+    /// Heap events the relay said it queued for those.
+    pub events: u64,
+    /// Answered 202 `duplicate` or `quarantined`.
+    pub not_queued: u64,
+    pub refused: u64,
+    /// Not answered (connection error or timeout): the server may have queued them anyway.
+    pub failed: u64,
+}
+
+impl Sent {
+    fn add(&mut self, outcome: Outcome) {
+        self.requests += 1;
+        match outcome {
+            Outcome::Accepted { events } => {
+                self.accepted += 1;
+                self.events += events;
+            }
+            Outcome::Duplicate | Outcome::Quarantined => self.not_queued += 1,
+            Outcome::Refused(_) => self.refused += 1,
+            Outcome::Failed => self.failed += 1,
+        }
+    }
+
+    pub fn merge(&mut self, other: &Sent) {
+        self.requests += other.requests;
+        self.accepted += other.accepted;
+        self.events += other.events;
+        self.not_queued += other.not_queued;
+        self.refused += other.refused;
+        self.failed += other.failed;
+    }
+}
+
+/// Records `outcome` for URL `target` in `sent` (one entry per URL).
+fn count_sent(sent: &mut [Sent], target: usize, outcome: Outcome) {
+    if let Some(entry) = sent.get_mut(target) {
+        entry.add(outcome);
+    }
+}
+
 /// One run's figures.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunResult {
@@ -250,6 +324,9 @@ pub struct RunResult {
     /// Most requests in flight at once (each on its own connection): the concurrency in
     /// closed loop; in open loop, how far requests piled up while the server lagged.
     pub max_in_flight: u64,
+    /// Every answer of the run, per URL in the order given ([`Sent`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent: Vec<Sent>,
 }
 
 impl RunResult {
@@ -286,6 +363,7 @@ impl RunResult {
             database_cpu_s: None,
             exhausted: false,
             max_in_flight: 0,
+            sent: Vec::new(),
         }
     }
 }
@@ -351,15 +429,29 @@ pub async fn closed(
     concurrency: usize,
     plan: Plan,
 ) -> RunResult {
+    closed_to(client, std::slice::from_ref(uri), pool, concurrency, plan).await
+}
+
+/// [`closed`] over several URLs: each request goes to `targets[request.target]`.
+pub async fn closed_to(
+    client: &Client,
+    targets: &[Uri],
+    pool: Arc<Vec<Prepared>>,
+    concurrency: usize,
+    plan: Plan,
+) -> RunResult {
+    let targets: Arc<[Uri]> = targets.into();
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let window_start = start + plan.warmup;
     let window_end = window_start + plan.duration;
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (client, uri, pool, next) = (client.clone(), uri.clone(), pool.clone(), next.clone());
+        let (client, targets, pool, next) =
+            (client.clone(), targets.clone(), pool.clone(), next.clone());
         workers.spawn(async move {
             let mut tally = Tally::new();
+            let mut sent_to = vec![Sent::default(); targets.len()];
             let mut exhausted_at = None;
             loop {
                 let sent = Instant::now();
@@ -371,13 +463,17 @@ pub async fn closed(
                     exhausted_at = Some(sent);
                     break;
                 };
-                let outcome = send(&client, &uri, item).await;
+                let outcome = match targets.get(item.target) {
+                    Some(uri) => send(&client, uri, item).await,
+                    None => Outcome::Failed,
+                };
+                count_sent(&mut sent_to, item.target, outcome);
                 let done = Instant::now();
                 if done >= window_start && done <= window_end {
                     tally.record(outcome, done - sent);
                 }
             }
-            (tally, exhausted_at)
+            (tally, exhausted_at, sent_to)
         });
     }
     tokio::time::sleep_until(window_start).await;
@@ -405,8 +501,12 @@ pub async fn closed(
         Instant::now()
     };
     let cpu = cpu.unwrap_or_else(|| mark.since(&plan));
-    for (part, exhausted) in &results {
+    let mut sent = vec![Sent::default(); targets.len()];
+    for (part, exhausted, part_sent) in &results {
         tally.merge(part);
+        for (total, part) in sent.iter_mut().zip(part_sent) {
+            total.merge(part);
+        }
         if let Some(at) = exhausted {
             exhausted_at = Some(exhausted_at.map_or(*at, |e: Instant| e.min(*at)));
         }
@@ -417,6 +517,7 @@ pub async fn closed(
     result.exhausted = exhausted_at.is_some_and(|at| at < window_end);
     result.max_in_flight = concurrency as u64;
     result.set_cpu(cpu);
+    result.sent = sent;
     result
 }
 
@@ -432,6 +533,19 @@ pub async fn open(
     rate: u64,
     plan: Plan,
 ) -> RunResult {
+    open_to(client, std::slice::from_ref(uri), pool, rate, plan).await
+}
+
+/// [`open`] over several URLs: each request goes to `targets[request.target]`.
+pub async fn open_to(
+    client: &Client,
+    targets: &[Uri],
+    pool: Arc<Vec<Prepared>>,
+    rate: u64,
+    plan: Plan,
+) -> RunResult {
+    let targets: Arc<[Uri]> = targets.into();
+    let mut sent = vec![Sent::default(); targets.len()];
     let rate = rate.max(1);
     let start = Instant::now() + Duration::from_millis(20);
     let window_start = start + plan.warmup;
@@ -460,20 +574,24 @@ pub async fn open(
             break;
         };
         max_in_flight = max_in_flight.max(MAX_IN_FLIGHT - permits.available_permits());
-        let (client, uri, pool) = (client.clone(), uri.clone(), pool.clone());
+        let (client, targets, pool) = (client.clone(), targets.clone(), pool.clone());
         in_flight.spawn(async move {
-            let outcome = match pool.get(i as usize) {
-                Some(item) => send(&client, &uri, item).await,
-                None => Outcome::Failed,
+            let (target, outcome) = match pool.get(i as usize) {
+                Some(item) => match targets.get(item.target) {
+                    Some(uri) => (item.target, send(&client, uri, item).await),
+                    None => (item.target, Outcome::Failed),
+                },
+                None => (0, Outcome::Failed),
             };
             drop(permit);
-            (intended, outcome, Instant::now())
+            (intended, target, outcome, Instant::now())
         });
         while let Some(joined) = in_flight.try_join_next() {
-            if let Ok((intended, outcome, done)) = joined
-                && intended >= window_start
-            {
-                tally.record(outcome, done - intended);
+            if let Ok((intended, target, outcome, done)) = joined {
+                count_sent(&mut sent, target, outcome);
+                if intended >= window_start {
+                    tally.record(outcome, done - intended);
+                }
             }
         }
     }
@@ -481,16 +599,18 @@ pub async fn open(
     tokio::time::sleep_until(window_end).await;
     let cpu = mark.since(&plan);
     while let Some(joined) = in_flight.join_next().await {
-        if let Ok((intended, outcome, done)) = joined
-            && intended >= window_start
-        {
-            tally.record(outcome, done - intended);
+        if let Ok((intended, target, outcome, done)) = joined {
+            count_sent(&mut sent, target, outcome);
+            if intended >= window_start {
+                tally.record(outcome, done - intended);
+            }
         }
     }
     let mut result = RunResult::from_tally("open", rate, &tally, plan.duration);
     result.exhausted = exhausted;
     result.max_in_flight = max_in_flight as u64;
     result.set_cpu(cpu);
+    result.sent = sent;
     result
 }
 
@@ -550,4 +670,101 @@ pub async fn run_cli(options: Options) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use userpilot_heap_relay::secret::Secret;
+    use userpilot_heap_relay::userpilot::verify;
+
+    #[test]
+    fn a_spread_signs_each_webhook_with_its_urls_secret_and_shares_them_evenly() {
+        let secrets = [
+            "spread-secret-zero",
+            "spread-secret-one",
+            "spread-secret-two",
+        ];
+        let pool = prepare_spread(100, &secrets, "spread", 10).unwrap();
+        assert_eq!(pool.len(), 100);
+        let now = chrono::Utc::now().timestamp();
+        let mut per_target = [0; 3];
+        for item in &pool {
+            per_target[item.target] += 1;
+            let header = Some(item.signature.as_bytes());
+            let own = [Secret::new(secrets[item.target])];
+            assert!(verify(item.body.clone(), header, &own, 300, now).is_ok());
+            let others: Vec<Secret> = (0..secrets.len())
+                .filter(|&i| i != item.target)
+                .map(|i| Secret::new(secrets[i]))
+                .collect();
+            assert!(verify(item.body.clone(), header, &others, 300, now).is_err());
+        }
+        assert_eq!(per_target, [34, 33, 33]);
+    }
+
+    /// A server answering 202 with 1 event at `/a` and 2 events at `/b`; the two URLs.
+    async fn two_urls() -> [Uri; 2] {
+        let answer = |events: u64| {
+            move || async move {
+                (
+                    StatusCode::ACCEPTED,
+                    format!(r#"{{"status":"accepted","events":{events}}}"#),
+                )
+            }
+        };
+        let app = Router::new()
+            .route("/a", post(answer(1)))
+            .route("/b", post(answer(2)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        [
+            format!("http://{addr}/a").parse().unwrap(),
+            format!("http://{addr}/b").parse().unwrap(),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_closed_run_counts_every_answer_per_url() {
+        let urls = two_urls().await;
+        let pool = Arc::new(prepare_spread(200, &["s-a", "s-b"], "closed-to", 10).unwrap());
+        let plan = Plan {
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(30),
+            server_pid: None,
+            database_pid: None,
+        };
+        let result = closed_to(&client(), &urls, pool, 4, plan).await;
+        assert!(result.exhausted);
+        assert_eq!(result.sent.len(), 2);
+        let [a, b] = [result.sent[0], result.sent[1]];
+        assert_eq!((a.requests, a.accepted, a.events), (100, 100, 100));
+        assert_eq!((b.requests, b.accepted, b.events), (100, 100, 200));
+        assert_eq!(result.accepted, 200);
+        assert_eq!(result.events, 300);
+    }
+
+    #[tokio::test]
+    async fn an_open_run_counts_its_warm_up_per_url_but_not_in_its_window() {
+        let urls = two_urls().await;
+        let pool = Arc::new(prepare_spread(60, &["s-a", "s-b"], "open-to", 10).unwrap());
+        // 200/s: the first 20 requests are due in the warm-up, the next 40 in the window,
+        // then the pool runs out.
+        let plan = Plan {
+            warmup: Duration::from_millis(100),
+            duration: Duration::from_secs(1),
+            server_pid: None,
+            database_pid: None,
+        };
+        let result = open_to(&client(), &urls, pool, 200, plan).await;
+        assert!(result.exhausted);
+        let sent: u64 = result.sent.iter().map(|s| s.accepted).sum();
+        assert_eq!(sent, 60);
+        assert_eq!(result.sent[0].events + result.sent[1].events, 30 + 60);
+        assert_eq!(result.accepted, 40);
+    }
 }

@@ -8,6 +8,8 @@
 //! - [`baseline`]: a bare axum server answering 202 with no work, the yardstick for ratios.
 //! - [`postgres`]: the harness's own database on a Postgres server (for the relay on
 //!   Postgres), and the server's durability settings as measured.
+//! - [`sources`]: the relay with 1 source against the relay with 10 sources over 3 app ids
+//!   (the cost of routing), a phase of the suite and a subcommand of its own.
 //! - [`suite`]: runs everything against the relay binary (on SQLite, and on Postgres with
 //!   `--postgres`) and the baseline and writes the report ([`report`]) from its figures
 //!   ([`results`]); [`smoke`] is the seconds-long version CI runs.
@@ -21,6 +23,7 @@ mod results;
 mod server;
 mod sink;
 mod smoke;
+mod sources;
 mod suite;
 
 use std::net::SocketAddr;
@@ -43,6 +46,9 @@ struct Cli {
 enum Command {
     /// The whole benchmark: baseline and relay, every mode, forwarding; writes the report.
     Suite(suite::Options),
+    /// The cost of routing alone: 1 source against 10 sources over 3 app ids; prints its
+    /// section of the report.
+    Sources(sources::Options),
     /// A seconds-long end-to-end check that the harness still works (for CI).
     Smoke {
         /// The relay binary to run.
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Suite(options) => suite::run(options).await,
+            Command::Sources(options) => sources::run_cli(options).await,
             Command::Smoke { relay_bin } => smoke::run(&relay_bin).await,
             Command::Baseline { listen } => baseline::serve(listen).await,
             Command::Load(options) => load::run_cli(options).await,

@@ -6,7 +6,8 @@ use std::fmt::Write;
 use crate::load::RunResult;
 use crate::postgres::Setup;
 use crate::results::{
-    BASELINE, Drain, DrainWatch, FRESH, FRESH_POSTGRES, RELAY, RELAY_POSTGRES, Results,
+    BASELINE, Delivery, Drain, DrainWatch, FRESH, FRESH_POSTGRES, ONE_SOURCE, RELAY,
+    RELAY_POSTGRES, Results, Routing, TEN_SOURCES,
 };
 
 /// Targets of the "Performance" issue.
@@ -437,6 +438,278 @@ fn flags(m: &Median) -> String {
         flags.push_str(" †");
     }
     flags
+}
+
+/// Every event queued for this app id arrived there (more may: a repeat after a request that
+/// got no answer), and an app id no source has got nothing. An event sent to the wrong app id
+/// shows as one missing at the right one.
+pub fn delivered_in_full(row: &Delivery) -> bool {
+    row.delivered_events >= row.expected_events
+        && !(row.sources.is_empty() && row.delivered_events > 0)
+}
+
+/// What the routing section's last column says about one app id.
+fn delivery_verdict(row: &Delivery) -> String {
+    if row.sources.is_empty() {
+        return format!(
+            "**not met**: {} events at an app id no source has",
+            num(row.delivered_events as f64)
+        );
+    }
+    if row.delivered_events < row.expected_events {
+        return format!(
+            "**not met**: {} missing",
+            num((row.expected_events - row.delivered_events) as f64)
+        );
+    }
+    match row.delivered_events - row.expected_events {
+        0 => "every event".into(),
+        extra => format!(
+            "every event, and {} more (requests that got no answer: {})",
+            num(extra as f64),
+            num(row.unanswered as f64)
+        ),
+    }
+}
+
+/// Ratio `ten / one`, "–" when either is missing.
+fn ratio(one: Option<f64>, ten: Option<f64>) -> String {
+    match (one, ten) {
+        (Some(one), Some(ten)) if one > 0.0 && one.is_finite() && ten.is_finite() => {
+            format!("{:.2}", ten / one)
+        }
+        _ => "–".into(),
+    }
+}
+
+/// The closed-loop throughput ratio ten / one: the median, over every concurrency and run, of
+/// a ten-source run's throughput over that of the one-source run beside it (same concurrency,
+/// same run number, one right after the other), so that drifting background load cancels out.
+fn routing_throughput_ratio(runs: &[RunResult]) -> Option<f64> {
+    let ratios = runs
+        .iter()
+        .filter(|ten| ten.server == TEN_SOURCES && ten.mode == "closed")
+        .filter_map(|ten| {
+            let one = runs.iter().find(|one| {
+                one.server == ONE_SOURCE
+                    && one.mode == "closed"
+                    && one.param == ten.param
+                    && one.run == ten.run
+            })?;
+            (one.throughput > 0.0).then(|| ten.throughput / one.throughput)
+        })
+        .collect();
+    median(ratios)
+}
+
+/// The section comparing one source with ten (issue 12); a placeholder when not measured.
+fn write_routing(out: &mut String, results: &Results) {
+    let runs = &results.runs;
+    let _ = writeln!(
+        out,
+        "## Cost of routing: 1 source against 10 sources over 3 app ids\n"
+    );
+    let _ = writeln!(
+        out,
+        "Two relays, the same binary on SQLite, side by side in the same harness and fake Heap, \
+         their runs interleaved, alternating which goes first (run 1: 1 source then 10 \
+         sources; run 2: 10 then 1; ...):\n\n\
+         - **1 source**: the top-level keys (`userpilot.secrets`, `heap.app_id`), as every \
+         deployment before issue 12; webhooks at `/webhooks/userpilot`.\n\
+         - **10 sources**: `[sources.s0]`..`[sources.s9]` in a `--config` file and no top-level \
+         keys, each source with its own secret; app ids spread over 3: s0–s3 → `bench-app-a`, \
+         s4–s6 → `bench-app-b`, s7–s9 → `bench-app-c`. The load generator spreads the webhooks \
+         evenly over the 10 URLs `/webhooks/userpilot/sN` (webhook *i* of a shuffled run to \
+         source *i* mod 10), each signed with its source's secret.\n\n\
+         Same generated webhooks and loops as the ingest runs (a subset of their \
+         concurrencies and rates); the table shows medians of the runs, the headline ratio \
+         the median of the ratios between runs side by side. Both forwarders are paused during the runs \
+         (`POST /admin/forwarder/pause`), so the figures are what routing costs at ingest \
+         (finding the source by its URL, checking that source's secrets, storing into its app \
+         id's lane), not the work of forwarding three lanes instead of one. After the last run \
+         both are released and every lane drains into the fake Heap, which counts track events \
+         per app id: each app id must get every event its sources' 202 answers announced (all \
+         requests of the runs, warm-ups included). Run it alone with \
+         `bash bench/run.sh --sources` (a few minutes); the suite includes it unless \
+         `--no-sources`.\n"
+    );
+    let Some(routing) = &results.routing else {
+        let _ = writeln!(
+            out,
+            "*Not measured in this run*: the suite ran with `--no-sources`, or before the \
+             relay routed webhooks by source (issue 12).\n"
+        );
+        return;
+    };
+    write_routing_figures(out, runs, routing);
+}
+
+fn write_routing_figures(out: &mut String, runs: &[RunResult], routing: &Routing) {
+    let _ = writeln!(
+        out,
+        "| Mode | 1 source req/s | 10 sources req/s | 10 / 1 | 1 source p50 / p99 / p99.9 ms | 10 sources p50 / p99 / p99.9 ms | p99 10 / 1 | CPU µs/req, 1 source | CPU µs/req, 10 sources | CPU 10 / 1 |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut cpu_ratios = Vec::new();
+    let mut open_rows = Vec::new();
+    for mode in ["closed", "open"] {
+        for param in params(runs, mode) {
+            let (Some(one), Some(ten)) = (
+                summarize(runs, ONE_SOURCE, mode, param),
+                summarize(runs, TEN_SOURCES, mode, param),
+            ) else {
+                continue;
+            };
+            let label = if mode == "closed" {
+                format!("closed loop, {param} in flight")
+            } else {
+                format!("open loop, {} /s", num(param as f64))
+            };
+            if let (Some(a), Some(b)) = (one.cpu_per_request_us, ten.cpu_per_request_us)
+                && a > 0.0
+            {
+                cpu_ratios.push(b / a);
+            }
+            if mode == "open" {
+                open_rows.push((param, one.p99, ten.p99));
+            }
+            let _ = writeln!(
+                out,
+                "| {label} | {}{} | {}{} | {} | {} | {} | {} | {} | {} | {} |",
+                num(one.throughput),
+                flags(&one),
+                num(ten.throughput),
+                flags(&ten),
+                ratio(Some(one.throughput), Some(ten.throughput)),
+                latencies(&one),
+                latencies(&ten),
+                ratio(Some(one.p99), Some(ten.p99)),
+                opt(one.cpu_per_request_us, 0),
+                opt(ten.cpu_per_request_us, 0),
+                ratio(one.cpu_per_request_us, ten.cpu_per_request_us),
+            );
+        }
+    }
+    let _ = writeln!(out);
+    let mut headline = Vec::new();
+    if let Some(r) = routing_throughput_ratio(runs) {
+        headline.push(format!(
+            "closed-loop throughput with 10 sources is **{r:.2}×** that with 1 source (median \
+             over every concurrency and run of the ratio between the two runs side by side)"
+        ));
+    }
+    if let Some(r) = median(cpu_ratios) {
+        headline.push(format!(
+            "relay CPU per webhook **{r:.2}×** (median over the rows)"
+        ));
+    }
+    for (rate, one, ten) in open_rows {
+        headline.push(format!(
+            "p99 at {} /s {} ms against {} ms",
+            num(rate as f64),
+            ms(ten),
+            ms(one)
+        ));
+    }
+    if !headline.is_empty() {
+        let _ = writeln!(
+            out,
+            "**Cost of routing**: {}.
+",
+            headline.join("; ")
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "Delivery: after the runs both forwarders were released \
+         (`heap.events_per_minute` and `identity_events_per_minute` {} per app id); both queues \
+         were empty {:.1} s later.\n",
+        num(routing.events_per_minute as f64),
+        routing.drain_s
+    );
+    let _ = writeln!(
+        out,
+        "| Relay | App id | Sources | Webhooks accepted | Not 202 | Track events queued (202 answers) | Track events at the fake Heap | `/api/track` requests | |"
+    );
+    let _ = writeln!(out, "|---|---|---|---:|---:|---:|---:|---:|---|");
+    for row in &routing.deliveries {
+        let _ = writeln!(
+            out,
+            "| {} | `{}` | {} | {} | {} | {} | {} | {} | {} |",
+            label_routing(&row.server),
+            row.app_id,
+            if row.sources.is_empty() {
+                "none".to_owned()
+            } else {
+                row.sources.join(", ")
+            },
+            num(row.webhooks as f64),
+            num((row.refused + row.unanswered) as f64),
+            num(row.expected_events as f64),
+            num(row.delivered_events as f64),
+            num(row.track_requests as f64),
+            delivery_verdict(row),
+        );
+    }
+    let all = routing.deliveries.iter().all(delivered_in_full);
+    let _ = write!(
+        out,
+        "\nEvery event reached the fake Heap under its source's app id: {}.",
+        if all { "**met**" } else { "**not met**" }
+    );
+    let accepted: Vec<(u64, &str)> = routing
+        .sources
+        .iter()
+        .map(|s| (s.sent.accepted, s.name.as_str()))
+        .collect();
+    if let (Some(low), Some(high)) = (accepted.iter().min(), accepted.iter().max()) {
+        let _ = write!(
+            out,
+            " Webhooks accepted per source over all runs: {} ({}) to {} ({}).",
+            num(low.0 as f64),
+            low.1,
+            num(high.0 as f64),
+            high.1
+        );
+    }
+    let _ = writeln!(
+        out,
+        " Peak resident set (`VmHWM`): {} with 1 source, {} with 10.\n",
+        mib(routing.one_source_peak_mib),
+        mib(routing.ten_sources_peak_mib)
+    );
+}
+
+fn label_routing(server: &str) -> &str {
+    match server {
+        ONE_SOURCE => "1 source",
+        TEN_SOURCES => "10 sources",
+        other => other,
+    }
+}
+
+/// `relay-bench sources`: a heading, the machine, and the routing section alone.
+pub fn render_routing_alone(results: &Results) -> String {
+    let m = &results.machine;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "<!-- relay-bench sources, {}, commit {}: {} × {}, load {} before, {} after; median of \
+         {} runs, {} s measured after {} s warm-up, {} s in all -->\n",
+        m.date,
+        m.commit,
+        m.nproc,
+        m.cpu_model,
+        m.load_before,
+        m.load_after,
+        results.runs_per_mode,
+        results.duration_s,
+        results.warmup_s,
+        m.total_s.round()
+    );
+    write_routing(&mut out, results);
+    out
 }
 
 /// `relay-bench render`: the report from a suite's saved JSON.
@@ -934,6 +1207,8 @@ pub fn render(results: &Results) -> String {
         );
     }
 
+    write_routing(&mut out, results);
+
     // Targets.
     let _ = writeln!(out, "## Targets\n");
     let _ = writeln!(out, "| Target | Measured | Verdict |\n|---|---|---|");
@@ -1122,6 +1397,23 @@ pub fn render(results: &Results) -> String {
             );
         }
     }
+    match &results.routing {
+        Some(routing) => {
+            let delivered = routing.deliveries.iter().all(delivered_in_full);
+            let _ = writeln!(
+                out,
+                "| Cost of routing stated (issue 12): ingest with 10 sources over 3 app ids against 1 source, every event at its app id | closed-loop throughput 10 / 1 = {} (median of the run pairs) | measured; delivery to each app id {} |",
+                routing_throughput_ratio(runs).map_or("–".into(), |r| format!("{r:.2}")),
+                verdict(delivered)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "| Cost of routing stated (issue 12): ingest with 10 sources over 3 app ids against 1 source | – | not measured (`bash bench/run.sh --sources`) |"
+            );
+        }
+    }
     let _ = writeln!(out);
     for note in &results.notes {
         let _ = writeln!(out, "{note}\n");
@@ -1219,6 +1511,7 @@ mod tests {
             database_cpu_s: (server == RELAY_POSTGRES).then_some(0.25),
             exhausted: false,
             max_in_flight: 8,
+            sent: Vec::new(),
         }
     }
 
@@ -1268,6 +1561,7 @@ mod tests {
             big_drain_watch: None,
             notes: Vec::new(),
             postgres,
+            routing: None,
         })
     }
 
@@ -1315,5 +1609,144 @@ mod tests {
         assert_eq!(num(1234567.4), "1,234,567");
         assert_eq!(num(999.0), "999");
         assert_eq!(num(-1500.0), "-1,500");
+    }
+    fn routing_results(deliveries: Vec<Delivery>) -> Results {
+        let mut runs = Vec::new();
+        for (server, throughput) in [(ONE_SOURCE, 1000.0), (TEN_SOURCES, 900.0)] {
+            runs.push(run(server, "closed", 32, throughput));
+            runs.push(run(server, "open", 2000, 2000.0));
+        }
+        let mut results = Results {
+            machine: crate::results::Machine {
+                cpu_model: "test".into(),
+                nproc: 2,
+                kernel: "test".into(),
+                load_before: String::new(),
+                load_after: String::new(),
+                commit: "test".into(),
+                date: "today".into(),
+                total_s: 60.0,
+            },
+            runs_per_mode: 1,
+            duration_s: 1.0,
+            warmup_s: 0.0,
+            users: 10,
+            runs,
+            memory: crate::results::Memory::default(),
+            saturation: None,
+            live: None,
+            limit: None,
+            big_drain: None,
+            big_drain_watch: None,
+            notes: Vec::new(),
+            postgres: None,
+            routing: None,
+        };
+        results.routing = Some(Routing {
+            sources: Vec::new(),
+            deliveries,
+            events_per_minute: 6_000_000,
+            drain_s: 2.5,
+            one_source_peak_mib: Some(30.0),
+            ten_sources_peak_mib: Some(31.0),
+        });
+        results
+    }
+
+    fn lane(server: &str, app_id: &str, sources: &[&str], expected: u64, got: u64) -> Delivery {
+        Delivery {
+            server: server.into(),
+            app_id: app_id.into(),
+            sources: sources.iter().map(|s| s.to_string()).collect(),
+            webhooks: expected,
+            expected_events: expected,
+            unanswered: 0,
+            refused: 0,
+            delivered_events: got,
+            track_requests: 1,
+        }
+    }
+
+    #[test]
+    fn the_routing_section_states_the_ratio_and_every_app_ids_delivery() {
+        let markdown = render(&routing_results(vec![
+            lane(ONE_SOURCE, "bench-app", &["default"], 300, 300),
+            lane(
+                TEN_SOURCES,
+                "bench-app-a",
+                &["s0", "s1", "s2", "s3"],
+                120,
+                120,
+            ),
+            lane(TEN_SOURCES, "bench-app-b", &["s4", "s5", "s6"], 90, 90),
+            lane(TEN_SOURCES, "bench-app-c", &["s7", "s8", "s9"], 90, 90),
+        ]));
+        for expected in [
+            "## Cost of routing: 1 source against 10 sources over 3 app ids",
+            "| closed loop, 32 in flight | 1,000 | 900 | 0.90 | 1.00 / 2.00 / 3.00 | 1.00 / 2.00 / 3.00 | 1.00 | 500 | 556 | 1.11 |",
+            "| open loop, 2,000 /s | 2,000 | 2,000 | 1.00 |",
+            "closed-loop throughput with 10 sources is **0.90×** that with 1 source",
+            "| 10 sources | `bench-app-b` | s4, s5, s6 | 90 | 0 | 90 | 90 | 1 | every event |",
+            "under its source's app id: **met**",
+            "10 / 1 = 0.90 (median of the run pairs) | measured; delivery to each app id **met** |",
+            "| relay-10-sources | closed | 32 | 1 |",
+        ] {
+            assert!(
+                markdown.contains(expected),
+                "{expected:?} missing in:\n{markdown}"
+            );
+        }
+        assert!(!markdown.contains("*Not measured in this run*"));
+    }
+
+    #[test]
+    fn a_missing_or_misrouted_event_fails_the_delivery_check() {
+        let short = lane(TEN_SOURCES, "bench-app-a", &["s0"], 120, 115);
+        let stray = lane("?", "bench-app-x", &[], 0, 5);
+        assert!(!delivered_in_full(&short));
+        assert!(!delivered_in_full(&stray));
+        assert!(delivered_in_full(&lane(
+            ONE_SOURCE,
+            "bench-app",
+            &["default"],
+            3,
+            4
+        )));
+        let markdown = render(&routing_results(vec![short, stray]));
+        for expected in [
+            "| **not met**: 5 missing |",
+            "| `bench-app-x` | none | 0 | 0 | 0 | 5 | 1 | **not met**: 5 events at an app id no source has |",
+            "under its source's app id: **not met**",
+            "delivery to each app id **not met** |",
+        ] {
+            assert!(
+                markdown.contains(expected),
+                "{expected:?} missing in:\n{markdown}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_routing_figures_the_section_is_a_placeholder() {
+        let markdown = report(&[BASELINE, RELAY], None);
+        assert!(markdown.contains("## Cost of routing: 1 source against 10 sources"));
+        assert!(markdown.contains("*Not measured in this run*"));
+        assert!(markdown.contains("| – | not measured (`bash bench/run.sh --sources`) |"));
+    }
+    #[test]
+    fn the_routing_ratio_pairs_each_run_with_the_one_beside_it() {
+        let mut runs = Vec::new();
+        for (number, one, ten) in [(1, 1000.0, 500.0), (2, 2000.0, 1800.0), (3, 3000.0, 2100.0)] {
+            for (server, throughput) in [(ONE_SOURCE, one), (TEN_SOURCES, ten)] {
+                let mut result = run(server, "closed", 32, throughput);
+                result.run = number;
+                runs.push(result);
+            }
+        }
+        // Ratios 0.5, 0.9 and 0.7: their median, not the ratio of the medians (1800 / 2000).
+        let ratio = routing_throughput_ratio(&runs).unwrap();
+        assert!((ratio - 0.7).abs() < 1e-9, "{ratio}");
+        runs.retain(|r| r.server == ONE_SOURCE);
+        assert_eq!(routing_throughput_ratio(&runs), None);
     }
 }

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::RunResult;
+use crate::load::{RunResult, Sent};
 use crate::postgres::Setup;
 
 /// Where, when and on which commit the suite ran.
@@ -103,6 +103,53 @@ pub struct LimitCheck {
     pub span_s: f64,
 }
 
+/// The cost of routing (issue 12): the relay with one source against the relay with ten over
+/// three app ids, interleaved (their runs are in [`Results::runs`] as [`ONE_SOURCE`] and
+/// [`TEN_SOURCES`]); then every lane drained into the sink, counted per app id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Routing {
+    /// The ten-source relay's sources, with every answer each got over all runs.
+    pub sources: Vec<RoutedSource>,
+    /// Per relay and app id: what the relay accepted and what reached the sink.
+    pub deliveries: Vec<Delivery>,
+    /// `heap.events_per_minute` (and per identity) of both relays, for the drain.
+    pub events_per_minute: u32,
+    /// Seconds from releasing both forwarders until both queues were empty.
+    pub drain_s: f64,
+    /// Peak resident sets (`VmHWM`) at the end.
+    pub one_source_peak_mib: Option<f64>,
+    pub ten_sources_peak_mib: Option<f64>,
+}
+
+/// One source of the ten-source relay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoutedSource {
+    pub name: String,
+    pub app_id: String,
+    pub sent: Sent,
+}
+
+/// One app id of one relay after the drain. An app id the sink saw but no source has is a row
+/// with no sources and nothing expected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivery {
+    pub server: String,
+    pub app_id: String,
+    pub sources: Vec<String>,
+    /// Webhooks answered 202 `accepted` by those sources, over all runs.
+    pub webhooks: u64,
+    /// Track events the relay said it queued for them.
+    pub expected_events: u64,
+    /// Requests that got no answer (the relay may have queued them: they may add events).
+    pub unanswered: u64,
+    /// Requests answered otherwise than 202 (none expected; 503 if the relay shed load).
+    #[serde(default)]
+    pub refused: u64,
+    /// Track events the sink received for this app id, and in how many requests.
+    pub delivered_events: u64,
+    pub track_requests: u64,
+}
+
 /// Every figure of one suite run: what `--json` saves and `render` reads back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
@@ -124,6 +171,9 @@ pub struct Results {
     /// The Postgres server measured (`--postgres`), as it described itself at bench time.
     #[serde(default)]
     pub postgres: Option<Setup>,
+    /// One source against ten (issue 12).
+    #[serde(default)]
+    pub routing: Option<Routing>,
 }
 
 /// Server names in the runs (and the saved JSON).
@@ -135,3 +185,6 @@ pub const RELAY_POSTGRES: &str = "relay-postgres";
 /// The relays on an empty queue.
 pub const FRESH: &str = "relay-fresh";
 pub const FRESH_POSTGRES: &str = "relay-postgres-fresh";
+/// The relays of the routing comparison: one source (top-level keys), ten over three app ids.
+pub const ONE_SOURCE: &str = "relay-1-source";
+pub const TEN_SOURCES: &str = "relay-10-sources";

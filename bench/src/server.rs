@@ -1,5 +1,6 @@
 //! The servers under test, as child processes: the relay binary (configured by environment
-//! variables, as operators run it) and the baseline (this binary's `baseline` subcommand).
+//! variables, as operators run it; its `[sources.NAME]` tables, when it has several sources, by
+//! a `--config` file) and the baseline (this binary's `baseline` subcommand).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,46 @@ use crate::load::Client;
 pub const SECRET: &str = "bench-secret";
 pub const APP_ID: &str = "bench-app";
 pub const ADMIN_TOKEN: &str = "bench-admin-token";
+
+/// One of the relay's sources (contract §9): served at `/webhooks/userpilot/{name}`, signed
+/// with `secret`, forwarded to Heap app `app_id`.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    pub name: String,
+    pub secret: String,
+    pub app_id: String,
+}
+
+/// How a relay's sources are configured.
+#[derive(Debug, Clone, Copy)]
+pub enum Sources<'a> {
+    /// The top-level keys (`RELAY_USERPILOT__SECRETS` = [`SECRET`], `RELAY_HEAP__APP_ID` =
+    /// [`APP_ID`]): the one source `default`, at `/webhooks/userpilot`.
+    Default,
+    /// These `[sources.NAME]` tables, in a config file; no top-level keys.
+    Named(&'a [SourceSpec]),
+}
+
+impl Sources<'_> {
+    /// The relay's configuration file for these sources, if they need one.
+    fn config_toml(&self) -> Option<String> {
+        let Sources::Named(sources) = self else {
+            return None;
+        };
+        // A JSON string is a valid TOML basic string (same quotes and escapes).
+        let quote = |text: &str| Value::String(text.to_owned()).to_string();
+        let mut toml = String::new();
+        for source in *sources {
+            toml.push_str(&format!(
+                "[sources.{}]\nsecrets = [{}]\napp_id = {}\n\n",
+                source.name,
+                quote(&source.secret),
+                quote(&source.app_id)
+            ));
+        }
+        Some(toml)
+    }
+}
 
 /// A server process this harness started; killed when dropped.
 pub struct Server {
@@ -79,32 +120,26 @@ impl Server {
         extra: &[(&str, String)],
         scratch: &Path,
     ) -> anyhow::Result<Server> {
+        Self::relay_with(client, binary, heap_url, Sources::Default, extra, scratch).await
+    }
+
+    /// [`Server::relay`] with the given sources.
+    pub async fn relay_with(
+        client: &Client,
+        binary: &Path,
+        heap_url: &str,
+        sources: Sources<'_>,
+        extra: &[(&str, String)],
+        scratch: &Path,
+    ) -> anyhow::Result<Server> {
         let dir = tempfile::Builder::new()
             .prefix("relay-bench-queue")
             .tempdir_in(scratch)?;
         let (port, admin_port) = (free_port()?, free_port()?);
         let log = dir.path().join("relay.log");
-        let mut env: Vec<(&str, String)> = vec![
-            ("RELAY_SERVER__LISTEN", format!("127.0.0.1:{port}")),
-            (
-                "RELAY_SERVER__ADMIN_LISTEN",
-                format!("127.0.0.1:{admin_port}"),
-            ),
-            ("RELAY_USERPILOT__SECRETS", SECRET.into()),
-            ("RELAY_HEAP__APP_ID", APP_ID.into()),
-            ("RELAY_HEAP__BASE_URL", heap_url.into()),
-            (
-                "RELAY_QUEUE__PATH",
-                dir.path().join("queue.sqlite3").display().to_string(),
-            ),
-            ("RELAY_ADMIN__TOKEN", ADMIN_TOKEN.into()),
-            ("RELAY_LOG__LEVEL", "warn".into()),
-        ];
-        env.extend(extra.iter().cloned());
-        let child = Command::new(binary)
-            .arg("serve")
-            .env_clear()
-            .envs(env)
+        let setup = RelaySetup::new(dir.path(), port, admin_port, heap_url, sources, extra)?;
+        let child = setup
+            .command(binary, "serve")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
@@ -130,6 +165,17 @@ impl Server {
 
     pub fn webhook_uri(&self) -> anyhow::Result<Uri> {
         Ok(format!("{}/webhooks/userpilot", self.url).parse()?)
+    }
+
+    /// The webhook URL of source `name`.
+    pub fn source_uri(&self, name: &str) -> anyhow::Result<Uri> {
+        Ok(format!("{}/webhooks/userpilot/{name}", self.url).parse()?)
+    }
+
+    /// The status a POST without a signature gets at `uri`: 401 where a source is served,
+    /// 404 where none is.
+    pub async fn unsigned_post_status(&self, client: &Client, uri: &Uri) -> anyhow::Result<u16> {
+        Ok(request(client, Method::POST, uri, None).await?.0)
     }
 
     /// Waits for `/readyz` to answer 200 (20 s at most).
@@ -209,6 +255,103 @@ impl Drop for Server {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The relay's environment (and config file, for named sources) for a queue in `dir`.
+struct RelaySetup {
+    env: Vec<(String, String)>,
+    config: Option<PathBuf>,
+}
+
+impl RelaySetup {
+    fn new(
+        dir: &Path,
+        port: u16,
+        admin_port: u16,
+        heap_url: &str,
+        sources: Sources<'_>,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let mut env: Vec<(String, String)> = vec![
+            ("RELAY_SERVER__LISTEN".into(), format!("127.0.0.1:{port}")),
+            (
+                "RELAY_SERVER__ADMIN_LISTEN".into(),
+                format!("127.0.0.1:{admin_port}"),
+            ),
+            ("RELAY_HEAP__BASE_URL".into(), heap_url.into()),
+            (
+                "RELAY_QUEUE__PATH".into(),
+                dir.join("queue.sqlite3").display().to_string(),
+            ),
+            ("RELAY_ADMIN__TOKEN".into(), ADMIN_TOKEN.into()),
+            ("RELAY_LOG__LEVEL".into(), "warn".into()),
+        ];
+        let config = match sources.config_toml() {
+            None => {
+                env.push(("RELAY_USERPILOT__SECRETS".into(), SECRET.into()));
+                env.push(("RELAY_HEAP__APP_ID".into(), APP_ID.into()));
+                None
+            }
+            Some(toml) => {
+                let path = dir.join("sources.toml");
+                std::fs::write(&path, toml)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                Some(path)
+            }
+        };
+        env.extend(
+            extra
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.clone())),
+        );
+        Ok(RelaySetup { env, config })
+    }
+
+    /// `binary [--config FILE] subcommand`, with this environment only.
+    fn command(&self, binary: &Path, subcommand: &str) -> Command {
+        let mut command = Command::new(binary);
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        command
+            .arg(subcommand)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command
+    }
+}
+
+/// Runs the relay's `check-config` with `sources`: `None` if it accepts the configuration, its
+/// output if it refuses it.
+pub fn check_config(
+    binary: &Path,
+    sources: Sources<'_>,
+    scratch: &Path,
+) -> anyhow::Result<Option<String>> {
+    let dir = tempfile::Builder::new()
+        .prefix("relay-bench-check")
+        .tempdir_in(scratch)?;
+    let setup = RelaySetup::new(
+        dir.path(),
+        free_port()?,
+        free_port()?,
+        "http://127.0.0.1:9",
+        sources,
+        &[],
+    )?;
+    let output = setup
+        .command(binary, "check-config")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {} check-config", binary.display()))?;
+    if output.status.success() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )))
 }
 
 /// One small request: status and body.

@@ -7,6 +7,11 @@
 //! Postgres gets the same brief closed loop, in a database of its own
 //! ([`POSTGRES_DATABASE`], dropped and created again, then dropped), never the tests' one.
 //! With `RELAY_REQUIRE_POSTGRES=1` and no URL, the smoke fails instead of skipping that part.
+//!
+//! The routing comparison ([`sources::measure`]) runs too, briefly: a relay with 1 source and
+//! one with 10 over 3 app ids, every event counted at its app id. A relay build that refuses
+//! `[sources.*]` as an unknown key (from before issue 12) skips it, saying so; with
+//! `RELAY_REQUIRE_SOURCES=1` that fails instead. Any other failure of it fails the smoke.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use crate::report;
 use crate::results::{Machine, Memory, RELAY_POSTGRES, Results};
 use crate::server::{SECRET, Server, postgres_queue};
 use crate::sink::{Endpoint, Sink};
+use crate::sources;
 
 /// The smoke's database on the tests' Postgres server.
 pub const POSTGRES_DATABASE: &str = "relay_bench_smoke";
@@ -125,6 +131,54 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         closed.accepted, closed.throughput, closed.p99_ms
     );
 
+    let routing = match sources::accepts_sources(relay_bin, scratch.path())? {
+        Ok(()) => {
+            let settings = sources::Settings {
+                runs: 1,
+                duration: 0.3,
+                warmup: 0.1,
+                concurrency: vec![8],
+                rates: vec![200],
+                users: 50,
+                events_per_minute: 6_000_000,
+                extra_env: vec![("RELAY_HEAP__BATCH_LINGER_MS", "10".into())],
+            };
+            let (routing_runs, routing) =
+                sources::measure(&settings, &client, &sink, relay_bin, scratch.path())
+                    .await
+                    .context("the routing comparison")?;
+            for row in &routing.deliveries {
+                ensure!(
+                    report::delivered_in_full(row),
+                    "routing: {} app id {:?} got {} track events of the {} its sources accepted",
+                    row.server,
+                    row.app_id,
+                    row.delivered_events,
+                    row.expected_events
+                );
+            }
+            let events: u64 = routing.deliveries.iter().map(|r| r.delivered_events).sum();
+            println!(
+                "relay-bench smoke: routing: 1 source and {} sources over {} app ids; the fake \
+                 Heap got all {events} events, each at its source's app id",
+                sources::SOURCES,
+                sources::APP_IDS
+            );
+            runs.extend(routing_runs);
+            Some(routing)
+        }
+        Err(answer) if std::env::var("RELAY_REQUIRE_SOURCES").as_deref() == Ok("1") => {
+            bail!("RELAY_REQUIRE_SOURCES=1 but the relay refuses `[sources.*]`:\n{answer}");
+        }
+        Err(_) => {
+            println!(
+                "relay-bench smoke: routing skipped: this relay build refuses `[sources.*]` as \
+                 an unknown key (a build from before issue 12)"
+            );
+            None
+        }
+    };
+
     let postgres = match std::env::var("RELAY_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => {
             let (run, setup) = postgres_smoke(&client, relay_bin, &sink, scratch.path(), &url)
@@ -172,6 +226,7 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         big_drain_watch: None,
         notes: Vec::new(),
         postgres,
+        routing,
     };
     let markdown = report::render(&results);
     ensure!(
@@ -181,6 +236,12 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
     ensure!(
         results.postgres.is_none() || markdown.contains("| relay, Postgres |"),
         "the report has no Postgres rows"
+    );
+    ensure!(
+        results.routing.is_none()
+            || markdown.contains("under its source's app id: **met**")
+                && markdown.contains("| closed loop, 8 in flight |"),
+        "the report has no routing figures"
     );
     std::fs::write(scratch.path().join("BENCHMARKS.smoke.md"), &markdown)?;
     println!("relay-bench smoke ok: the report renders");

@@ -10,7 +10,10 @@
 //!    live: ingest and forwarding at once.
 //! 3. Rate limit: a relay with a low limit drains a backlog; the sink's arrival times show
 //!    whether the limit was reached and never exceeded.
-//! 4. Optionally (`--drain N`), a large backlog drained at `--drain-limit` events/min, its
+//! 4. Routing (issue 12, [`crate::sources`]): the relay with 1 source against the relay with
+//!    10 sources over 3 app ids, interleaved, then every event counted at its app id
+//!    (`--no-sources` skips it).
+//! 5. Optionally (`--drain N`), a large backlog drained at `--drain-limit` events/min, its
 //!    resident set sampled every second, and ingest measured while it drains.
 
 use std::path::PathBuf;
@@ -31,6 +34,7 @@ use crate::results::{
 };
 use crate::server::{SECRET, Server, postgres_queue};
 use crate::sink::{Endpoint, Sink, summarize};
+use crate::sources;
 
 #[derive(clap::Args, Clone)]
 pub struct Options {
@@ -98,6 +102,15 @@ pub struct Options {
     /// The harness's database on the `--postgres` server: dropped at the start and the end.
     #[arg(long, default_value = "relay_bench")]
     pub postgres_database: String,
+    /// Closed-loop concurrencies of the routing comparison (1 source against 10).
+    #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
+    pub sources_concurrency: Vec<usize>,
+    /// Open-loop rates of the routing comparison.
+    #[arg(long, value_delimiter = ',', default_value = "2000")]
+    pub sources_rates: Vec<u64>,
+    /// Skip the routing comparison (for a relay build that does not route by source).
+    #[arg(long)]
+    pub no_sources: bool,
 }
 
 /// Heap's largest bulk request, the relay's default `heap.batch_max_events`.
@@ -108,7 +121,7 @@ fn secs(s: f64) -> Duration {
 }
 
 /// A unique tag for generated webhooks.
-fn tag(label: &str) -> String {
+pub(crate) fn tag(label: &str) -> String {
     format!(
         "{label}-{}",
         chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
@@ -152,6 +165,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         big_drain_watch: None,
         notes: Vec::new(),
         postgres: None,
+        routing: None,
     };
 
     let database = match &options.postgres {
@@ -205,6 +219,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     memory_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
     forwarding_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
     limit_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
+    if !options.no_sources {
+        routing_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
+    }
     if let Some(webhooks) = options.drain {
         big_drain_phase(
             &options,
@@ -453,7 +470,7 @@ async fn memory_phase(
     Ok(())
 }
 
-fn progress(result: &RunResult) {
+pub(crate) fn progress(result: &RunResult) {
     let unit = if result.mode == "closed" { "c" } else { "rate" };
     eprintln!(
         "{:<20} {} {unit}={:<5} run {}: {:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  cpu {:>5.2} s{}{}",
@@ -480,7 +497,7 @@ fn progress(result: &RunResult) {
 }
 
 /// The relay must accept (not deduplicate or quarantine) every generated webhook.
-fn check_answers(result: &RunResult) -> anyhow::Result<()> {
+pub(crate) fn check_answers(result: &RunResult) -> anyhow::Result<()> {
     if result.ok() == 0 {
         bail!(
             "{} {} {}: no request succeeded ({} refused, {} failed)",
@@ -812,7 +829,37 @@ async fn limit_phase(
     Ok(())
 }
 
-/// Phase 4 (opt-in): a large backlog.
+/// Phase 4: the cost of routing, 1 source against 10 over 3 app ids ([`sources::measure`]).
+async fn routing_phase(
+    options: &Options,
+    client: &Client,
+    sink: &Sink,
+    scratch: &std::path::Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "== routing: 1 source against {} sources over {} app ids",
+        sources::SOURCES,
+        sources::APP_IDS
+    );
+    let settings = sources::Settings {
+        runs: options.runs,
+        duration: options.duration,
+        warmup: options.warmup,
+        concurrency: options.sources_concurrency.clone(),
+        rates: options.sources_rates.clone(),
+        users: options.users,
+        events_per_minute: options.saturation_limit,
+        extra_env: Vec::new(),
+    };
+    let (runs, routing) =
+        sources::measure(&settings, client, sink, &options.relay_bin, scratch).await?;
+    results.runs.extend(runs);
+    results.routing = Some(routing);
+    Ok(())
+}
+
+/// Phase 5 (opt-in): a large backlog.
 async fn big_drain_phase(
     options: &Options,
     client: &Client,
