@@ -9,9 +9,8 @@
 //! With `RELAY_REQUIRE_POSTGRES=1` and no URL, the smoke fails instead of skipping that part.
 //!
 //! The routing comparison ([`sources::measure`]) runs too, briefly: a relay with 1 source and
-//! one with 10 over 3 app ids, every event counted at its app id. A relay build that refuses
-//! `[sources.*]` as an unknown key (from before issue 12) skips it, saying so; with
-//! `RELAY_REQUIRE_SOURCES=1` that fails instead. Any other failure of it fails the smoke.
+//! one with 10 over 3 app ids, every event counted at its app id. A relay that refuses
+//! `[sources.*]` fails the smoke, as any other failure of it does.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -167,16 +166,7 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
             runs.extend(routing_runs);
             Some(routing)
         }
-        Err(answer) if std::env::var("RELAY_REQUIRE_SOURCES").as_deref() == Ok("1") => {
-            bail!("RELAY_REQUIRE_SOURCES=1 but the relay refuses `[sources.*]`:\n{answer}");
-        }
-        Err(_) => {
-            println!(
-                "relay-bench smoke: routing skipped: this relay build refuses `[sources.*]` as \
-                 an unknown key (a build from before issue 12)"
-            );
-            None
-        }
+        Err(answer) => bail!("the relay refuses `[sources.*]`:\n{answer}"),
     };
 
     let postgres = match std::env::var("RELAY_TEST_POSTGRES_URL") {
