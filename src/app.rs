@@ -190,7 +190,7 @@ async fn register_lanes(sources: &Sources, queue: &dyn Queue, lanes: &Lanes, now
                 tracing::warn!(
                     records = waiting,
                     "records queued before sources existed wait for a default source \
-                     (userpilot.secrets and heap.app_id) to adopt them"
+                     (userpilot.secrets and heap.app_id) to adopt them at the next start"
                 );
             }
             continue;
