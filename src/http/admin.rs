@@ -307,12 +307,11 @@ async fn preview(
     let name = params.source.as_deref().unwrap_or(DEFAULT_SOURCE);
     let sources = state.sources.current();
     let Some(source) = sources.get(name) else {
+        let shown: String = name.chars().take(64).collect();
+        let detail = format!("no source `{shown}` is configured");
         return (
             StatusCode::NOT_FOUND,
-            Json(json!({
-                "error": "unknown_source",
-                "detail": format!("no source `{}` is configured", name.chars().take(64).collect::<String>()),
-            })),
+            Json(json!({ "error": "unknown_source", "detail": detail })),
         )
             .into_response();
     };

@@ -84,6 +84,7 @@ async fn every_sample_previews_as_exactly_the_requests_heap_then_receives() {
     let relay = Relay::start(&heap, PROPERTIES).await;
     let now = chrono::Utc::now().timestamp();
     let samples = userpilot_heap_relay::samples::all("preview-user", now, "preview-equals-reality");
+    let kinds = samples.len();
     let mut compared = 0;
     for (label, body) in samples {
         let bytes = serde_json::to_vec(&body).unwrap();
@@ -114,7 +115,7 @@ async fn every_sample_previews_as_exactly_the_requests_heap_then_receives() {
         compared += count;
     }
     // Every sample's user properties and track event: 2 requests per sample, nothing more.
-    assert_eq!(compared, 30);
+    assert_eq!(compared, 2 * kinds);
     assert_eq!(heap.requests().len(), compared, "requests nobody previewed");
 }
 
@@ -173,9 +174,9 @@ async fn a_preview_queues_nothing_sends_nothing_and_quarantines_as_delivery_woul
 }
 
 #[tokio::test]
-async fn an_unknown_source_is_404_and_a_body_that_is_not_an_object_is_400() {
+async fn an_unknown_source_is_404_a_body_that_is_not_an_object_400_and_one_too_large_413() {
     let heap = FakeHeap::start().await;
-    let relay = Relay::start(&heap, "").await;
+    let relay = Relay::start(&heap, "[server]\nmax_body_bytes = 1024\n").await;
     let (status, answer) = preview(&relay, Some("nope"), b"{}").await;
     assert_eq!(status, 404);
     assert_eq!(answer["error"], "unknown_source");
@@ -189,6 +190,12 @@ async fn an_unknown_source_is_404_and_a_body_that_is_not_an_object_is_400() {
     }
     let (status, _) = preview(&relay, Some("default"), b"{\"data\": {}}").await;
     assert_eq!(status, 200);
+    let large = format!("{{\"pad\": \"{}\"}}", "x".repeat(1024));
+    let (status, answer) = preview(&relay, None, large.as_bytes()).await;
+    assert_eq!(
+        (status, &answer),
+        (413, &json!({"error": "payload_too_large"}))
+    );
 }
 
 /// Runs `preview ARGS` with `env`, `stdin` on standard input.
