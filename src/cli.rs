@@ -1,5 +1,5 @@
 //! The command line (contract §6): `serve` (the default), `check-config`, `sign`, `send-test`,
-//! `dlq list|show|replay|purge` and `healthcheck`.
+//! `preview`, `dlq list|show|replay|purge` and `healthcheck`.
 
 use std::path::PathBuf;
 
@@ -44,10 +44,12 @@ pub enum Command {
         #[arg(long)]
         timestamp: Option<i64>,
     },
-    /// Post a signed sample of every event kind to URL and report each status.
+    /// Post a signed sample of every event kind to URL and report each status. Against
+    /// production this writes test events into that Heap app: --dry-run shows them instead.
     SendTest {
         /// The relay's webhook URL, e.g. https://relay.example.com/webhooks/userpilot
-        url: String,
+        #[arg(required_unless_present = "dry_run")]
+        url: Option<String>,
         /// The webhook secret (default: the first secret of the source).
         #[arg(long)]
         secret: Option<String>,
@@ -58,6 +60,20 @@ pub enum Command {
         /// The user id the samples carry.
         #[arg(long, default_value = "relay-send-test")]
         user_id: String,
+        /// Post nothing: print the preview of each sample under this configuration (the
+        /// Heap requests it would become), as `preview` does.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show what the relay would do with a payload under this configuration: the Heap
+    /// requests it would send, or why it would quarantine it. Nothing is verified, queued or
+    /// sent. Exit code 2 for an unknown source or a payload that is not a JSON object.
+    Preview {
+        /// The payload; `-` reads standard input.
+        file: PathBuf,
+        /// The source to preview as (default: the default source).
+        #[arg(long)]
+        source: Option<String>,
     },
     /// Inspect, replay or purge dead letters (works on the configured queue directly).
     Dlq {

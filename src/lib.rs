@@ -13,7 +13,8 @@
 //! limits ([`forwarder::limits`]), posts it with [`heap::client`] in the wire format of
 //! [`heap::wire`], and records the verdict of [`forwarder::retry`]: ack, retry at a stored
 //! time, or dead letter. [`dead_letters`] lists, replays and purges those, for the admin API
-//! and the `dlq` command alike.
+//! and the `dlq` command alike. [`preview`] shows what a payload would become without
+//! queueing it.
 //!
 //! Around them: [`config`] (layered settings, parsed once into typed values), [`app`] (wiring
 //! and graceful shutdown), [`cli`] (the command line; the subcommands themselves live in the
@@ -31,6 +32,7 @@ pub mod dead_letters;
 pub mod forwarder;
 pub mod heap;
 pub mod http;
+pub mod preview;
 pub mod queue;
 pub mod reload;
 pub mod samples;

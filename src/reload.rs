@@ -38,6 +38,12 @@ impl Reloader {
         }
     }
 
+    /// The configuration the process started with: the values in force of the keys a reload
+    /// cannot change (a preview's batch size, for one).
+    pub fn started(&self) -> &Settings {
+        &self.started
+    }
+
     /// Where reloads read the configuration from.
     pub fn set_load(&self, load: Load) {
         *self

@@ -5,6 +5,7 @@
 mod check_config;
 mod dlq;
 mod healthcheck;
+mod preview;
 mod send_test;
 mod serve;
 mod sign;
@@ -34,13 +35,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secret,
             source,
             user_id,
+            dry_run,
         }) => {
             let source = source.as_deref();
+            let url = match url {
+                Some(url) if !dry_run => url,
+                // Nothing is posted: no URL or secret is needed, the configuration is.
+                _ => {
+                    return send_test::dry_run(&settings(&cli)?, source, user_id).await;
+                }
+            };
             let secret = match secret {
                 Some(secret) => secret.clone(),
                 None => source_secret(&cli, source.unwrap_or(DEFAULT_SOURCE))?,
             };
             send_test::run(&send_test::source_url(url, source)?, &secret, user_id).await
+        }
+        Some(Command::Preview { file, source }) => {
+            preview::run(&settings(&cli)?, source.as_deref(), file).await
         }
         Some(Command::Dlq { action }) => dlq::run(settings(&cli)?, action).await,
         Some(Command::Healthcheck { url }) => {

@@ -1,11 +1,18 @@
 //! `send-test`: posts a signed sample of every event kind to a relay and reports each answer.
+//! Against production that writes test events into the customer's Heap; `--dry-run` posts
+//! nothing and prints what each sample would become under the configuration ([`super::preview`]).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::Bytes;
 use userpilot_heap_relay::clock::{Clock, SystemClock};
+use userpilot_heap_relay::config::{DEFAULT_SOURCE, Settings};
+use userpilot_heap_relay::preview::Preview;
 use userpilot_heap_relay::{samples, userpilot};
+
+use super::preview::{Previewer, refuse};
 
 /// Where the samples for `source` go: `/webhooks/userpilot/NAME` on the host of `url`, which
 /// may be the relay's address or its webhook URL (a path prefix before `/webhooks/userpilot`,
@@ -64,6 +71,45 @@ pub async fn run(url: &str, secret: &str, user_id: &str) -> anyhow::Result<ExitC
         return Ok(ExitCode::FAILURE);
     }
     eprintln!("all samples accepted");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--dry-run`: the preview of every sample as `source` (default: the default source) would
+/// receive it, one line each (label, then the preview as JSON). No network. Exit code 1 when a
+/// sample would not be accepted, 2 for an unknown source.
+pub async fn dry_run(
+    settings: &Settings,
+    source: Option<&str>,
+    user_id: &str,
+) -> anyhow::Result<ExitCode> {
+    let previewer = Previewer::new(settings)?;
+    let source = match previewer.source(source.unwrap_or(DEFAULT_SOURCE)) {
+        Ok(source) => source,
+        Err(refused) => return Ok(refuse(&refused)),
+    };
+    let now = SystemClock.now().timestamp();
+    let nonce = uuid::Uuid::new_v4().to_string();
+    let mut failures = 0;
+    for (label, body) in samples::all(user_id, now, &nonce) {
+        let body = Bytes::from(serde_json::to_vec(&body)?);
+        match previewer.preview(source, body).await {
+            Ok(preview) => {
+                if !matches!(preview, Preview::Accepted { .. }) {
+                    failures += 1;
+                }
+                println!("{label:<26} {}", preview.to_json());
+            }
+            Err(refused) => {
+                failures += 1;
+                println!("{label:<26} error: {refused}");
+            }
+        }
+    }
+    if failures > 0 {
+        eprintln!("{failures} sample(s) would not be accepted");
+        return Ok(ExitCode::FAILURE);
+    }
+    eprintln!("dry run: nothing was sent; every sample would be accepted");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,12 +1,14 @@
 //! The admin port: `GET /metrics` (Prometheus text) and the bearer-token guarded `/admin/...`
 //! routes: dead letters (list, show one, replay, purge), status per source and lane, pausing
-//! one lane or all for a Heap maintenance window, and reloading the configuration. With no
+//! one lane or all for a Heap maintenance window, reloading the configuration, and previewing
+//! what a payload would become under it (`POST /admin/preview`). With no
 //! `admin.token` configured every `/admin` route answers 403.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -17,6 +19,7 @@ use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
+use crate::config::DEFAULT_SOURCE;
 use crate::dead_letters::{self, FilterError, FilterParams};
 use crate::forwarder::{Control, ForwarderState};
 use crate::queue::{QueueError, QueueStats};
@@ -31,6 +34,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/forwarder/pause", post(pause))
         .route("/admin/forwarder/resume", post(resume))
         .route("/admin/reload", post(reload))
+        .route("/admin/preview", post(preview))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -281,6 +285,46 @@ async fn reload(State(state): State<Arc<AppState>>) -> Response {
             Json(json!({ "error": "invalid_configuration", "problems": err.problems() })),
         )
             .into_response(),
+    }
+}
+
+/// `?source=`: the source to preview as (default: the default source).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewParams {
+    source: Option<String>,
+}
+
+/// `POST /admin/preview?source=NAME` (contract §10.3): the body is the payload; the answer
+/// says what the relay would do with it under the sources in force now (after any reload),
+/// received now. Nothing is verified, queued or sent. 404 `unknown_source`, 400
+/// `invalid_json` for a body that is not a JSON object, 413 beyond `server.max_body_bytes`.
+async fn preview(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<PreviewParams>,
+    body: Body,
+) -> Response {
+    let name = params.source.as_deref().unwrap_or(DEFAULT_SOURCE);
+    let sources = state.sources.current();
+    let Some(source) = sources.get(name) else {
+        let shown: String = name.chars().take(64).collect();
+        let detail = format!("no source `{shown}` is configured");
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "unknown_source", "detail": detail })),
+        )
+            .into_response();
+    };
+    let Ok(payload) = axum::body::to_bytes(body, state.max_body_bytes).await else {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    };
+    let batch_size = crate::preview::batch_size(&state.reloader.started().heap);
+    // stand-in until ingest::prepare: the transforms in force come from the state then.
+    let transforms = crate::preview::Transforms;
+    match crate::preview::preview(source, payload, state.clock.now(), batch_size, &transforms).await
+    {
+        Ok(preview) => Json(preview.to_json()).into_response(),
+        Err(crate::translate::InvalidJson) => error(StatusCode::BAD_REQUEST, "invalid_json"),
     }
 }
 

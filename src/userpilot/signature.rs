@@ -53,6 +53,12 @@ impl Verified {
     pub fn from_queue(stored: Bytes) -> Self {
         Self(stored)
     }
+
+    /// Bytes a preview maps as if they had been verified (contract §10.3). Nothing made from
+    /// them is queued or sent, so this does not open a way around [`verify`] either.
+    pub fn for_preview(payload: Bytes) -> Self {
+        Self(payload)
+    }
 }
 
 /// Why a signature was refused. The reason goes to logs and metrics only; the client always

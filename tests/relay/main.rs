@@ -29,6 +29,7 @@ mod outage;
 mod postgres_ingest;
 mod postgres_replicas;
 mod postgres_tls;
+mod preview;
 mod queue_conformance;
 mod queue_file_removed;
 mod queue_migrations;
