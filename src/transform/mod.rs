@@ -117,15 +117,13 @@ pub fn compile(code: &str) -> Result<Program, CompileError> {
         .with_funs(funs())
         .compile(modules)
         .map(|filter| Program { filter })
-        .map_err(|errs| {
-            match errs.into_iter().flat_map(|(_, e)| e).next() {
-                Some((found, undefined)) => at(
-                    code,
-                    found,
-                    format!("undefined {} `{found}`", undefined.as_str()),
-                ),
-                None => at(code, "", "does not compile".into()),
-            }
+        .map_err(|errs| match errs.into_iter().flat_map(|(_, e)| e).next() {
+            Some((found, undefined)) => at(
+                code,
+                found,
+                format!("undefined {} `{found}`", undefined.as_str()),
+            ),
+            None => at(code, "", "does not compile".into()),
         })
 }
 
@@ -195,7 +193,10 @@ fn at(code: &str, found: &str, message: String) -> CompileError {
 /// jaq's own reader and writer, never `serde_json::Value`: decimal literals and big integers
 /// stay as they came, and the relay's serde_json (`arbitrary_precision`) is not involved.
 /// Bounded in outputs only: time, stack and memory are bounded by the worker process.
-pub fn run_bytes(program: &Program, input: &[u8]) -> Result<Result<Vec<u8>, RunError>, NotAnObject> {
+pub fn run_bytes(
+    program: &Program,
+    input: &[u8],
+) -> Result<Result<Vec<u8>, RunError>, NotAnObject> {
     let input = match jaq_json::read::parse_single(input) {
         Ok(input @ Val::Obj(_)) => input,
         _ => return Err(NotAnObject),
@@ -301,7 +302,10 @@ mod tests {
             go(".items[]", json!({"items": [{"a": 1}, {"a": 2}]})),
             Ok(vec![json!({"a": 1}), json!({"a": 2})])
         );
-        assert_eq!(go("select(.kind == \"x\")", json!({"kind": "y"})), Ok(vec![]));
+        assert_eq!(
+            go("select(.kind == \"x\")", json!({"kind": "y"})),
+            Ok(vec![])
+        );
     }
 
     #[test]
@@ -317,9 +321,15 @@ mod tests {
 
     #[test]
     fn runtime_errors_and_halt_are_errors_not_exits() {
-        assert_eq!(go("error(\"boom\")", json!({})), Err(RunError::Jq("boom".into())));
+        assert_eq!(
+            go("error(\"boom\")", json!({})),
+            Err(RunError::Jq("boom".into()))
+        );
         assert_eq!(go("halt", json!({})), Err(RunError::Halt(0)));
-        assert_eq!(go("\"x\" | halt_error(3)", json!({})), Err(RunError::Halt(3)));
+        assert_eq!(
+            go("\"x\" | halt_error(3)", json!({})),
+            Err(RunError::Halt(3))
+        );
     }
 
     #[test]

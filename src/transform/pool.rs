@@ -379,10 +379,7 @@ pub(crate) mod tests {
             transforms.run(1, br#"{"x": 2}"#).await.unwrap(),
             br#"[{"b":2},{"c":1}]"#
         );
-        assert_eq!(
-            transforms.run(0, b"[1]").await,
-            Err(PoolError::NotAnObject)
-        );
+        assert_eq!(transforms.run(0, b"[1]").await, Err(PoolError::NotAnObject));
     }
 
     #[tokio::test]
@@ -398,7 +395,10 @@ pub(crate) mod tests {
                 took >= DEADLINE && took < DEADLINE * 3,
                 "program {slot} stopped after {took:?}"
             );
-            assert_eq!(transforms.run(2, br#"{"k":1}"#).await.unwrap(), br#"[{"k":1}]"#);
+            assert_eq!(
+                transforms.run(2, br#"{"k":1}"#).await.unwrap(),
+                br#"[{"k":1}]"#
+            );
         }
     }
 
@@ -408,7 +408,10 @@ pub(crate) mod tests {
         let error = transforms.run(0, b"{}").await.unwrap_err();
         assert!(matches!(error, PoolError::Died(_)), "{error:?}");
         assert!(error.is_transform_error());
-        assert_eq!(transforms.run(1, br#"{"k":1}"#).await.unwrap(), br#"[{"k":1}]"#);
+        assert_eq!(
+            transforms.run(1, br#"{"k":1}"#).await.unwrap(),
+            br#"[{"k":1}]"#
+        );
     }
 
     #[tokio::test]
@@ -419,7 +422,10 @@ pub(crate) mod tests {
         let started = Instant::now();
         assert_eq!(transforms.run(0, b"{}").await, Err(PoolError::Busy(1)));
         let waited = started.elapsed();
-        assert!(waited >= WORKER_WAIT && waited < WORKER_WAIT * 2, "{waited:?}");
+        assert!(
+            waited >= WORKER_WAIT && waited < WORKER_WAIT * 2,
+            "{waited:?}"
+        );
     }
 
     #[tokio::test]

@@ -71,9 +71,11 @@ pub fn serve(input: &mut impl Read, output: &mut impl Write) -> io::Result<()> {
         match run_bytes(program, payload) {
             Ok(Ok(outputs)) => reply(&mut output, OK, &outputs)?,
             Ok(Err(error)) => reply(&mut output, RUN_ERROR, error.to_string().as_bytes())?,
-            Err(not_an_object) => {
-                reply(&mut output, NOT_AN_OBJECT, not_an_object.to_string().as_bytes())?
-            }
+            Err(not_an_object) => reply(
+                &mut output,
+                NOT_AN_OBJECT,
+                not_an_object.to_string().as_bytes(),
+            )?,
         }
     }
     Ok(())
