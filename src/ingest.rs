@@ -141,3 +141,209 @@ fn transform_error(detail: &str) -> Content {
         subject: String::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::disallowed_methods)] // measures real elapsed time against the deadline
+    use std::time::{Duration, Instant};
+
+    use chrono::TimeZone;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::heap::wire::HeapRecord;
+    use crate::secret::Secret;
+    use crate::sources::Sources;
+    use crate::userpilot::{sign, verify};
+
+    const NOW: i64 = 1_726_742_461;
+
+    /// One source `s` with `transform` (none: `None`); its workers are the test binary's.
+    fn sources(transform: Option<&str>) -> Sources {
+        let transform = transform.map_or(String::new(), |code| {
+            format!("transform = {}\n", toml::Value::String(code.into()))
+        });
+        let settings = Settings::from_toml(&format!(
+            "[sources.s]\nsecrets = [\"secret-s-0000000001\"]\napp_id = \"7\"\n{transform}"
+        ))
+        .unwrap();
+        Sources::from_settings(&settings).unwrap()
+    }
+
+    fn verified(body: &str) -> Verified {
+        let header = sign(body.as_bytes(), "secret-s-0000000001", NOW);
+        verify(
+            Bytes::copy_from_slice(body.as_bytes()),
+            Some(header.as_bytes()),
+            &[Secret::new("secret-s-0000000001")],
+            300,
+            NOW,
+        )
+        .unwrap()
+    }
+
+    async fn run(sources: &Sources, body: &Value) -> Result<Prepared, PrepareError> {
+        let source = sources.get("s").unwrap();
+        let received_at = Utc.timestamp_opt(NOW, 0).unwrap();
+        prepare(
+            source,
+            &verified(&body.to_string()),
+            received_at,
+            sources.transforms(),
+        )
+        .await
+    }
+
+    fn flow(user_id: &str) -> Value {
+        json!({"timestamp": NOW, "data": {"type": "flow", "action": "started", "flow_id": "f1",
+            "user": {"user_id": user_id}}})
+    }
+
+    /// Track events as (key, event, identity).
+    fn tracks(prepared: Prepared) -> Vec<(String, String, String)> {
+        let Prepared::Content(Content::Records(records)) = prepared else {
+            panic!("not records: {prepared:?}");
+        };
+        records
+            .into_iter()
+            .filter_map(|o| match &o.record {
+                HeapRecord::Track(_) => {
+                    let json: Value = serde_json::from_str(&o.record.to_json()).unwrap();
+                    Some((
+                        o.key.clone(),
+                        json["event"].as_str().unwrap().to_owned(),
+                        json["identity"].as_str().unwrap().to_owned(),
+                    ))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn quarantined(prepared: Prepared) -> (String, String) {
+        match prepared {
+            Prepared::Content(Content::Quarantined { reason, detail, .. }) => (reason, detail),
+            other => panic!("not quarantined: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_transform_and_identity_map_in_process_with_the_same_keys() {
+        let none = tracks(run(&sources(None), &flow("u1")).await.unwrap());
+        let identity = sources(Some(" . "));
+        assert!(
+            identity.transforms().is_empty(),
+            "`.` must not start workers"
+        );
+        assert_eq!(tracks(run(&identity, &flow("u1")).await.unwrap()), none);
+        assert_eq!(none.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn each_output_is_mapped_as_a_webhook_and_the_records_are_concatenated() {
+        // A payload the decoder does not know, made right by the transform, twice over.
+        let sources = sources(Some(
+            ".events[] | {timestamp: .at, data: {type: \"flow\", action: .what, flow_id: \"f\", \
+             user: {user_id: .who}}}",
+        ));
+        let body = json!({"events": [{"at": NOW, "what": "started", "who": "a"},
+                                     {"at": NOW, "what": "completed", "who": "b"}]});
+        let events = tracks(run(&sources, &body).await.unwrap());
+        let identities: Vec<&str> = events.iter().map(|(_, _, id)| id.as_str()).collect();
+        assert_eq!(identities, ["a", "b"]);
+        assert_ne!(events[0].1, events[1].1);
+        assert_ne!(events[0].0, events[1].0, "outputs must have distinct keys");
+        // Output 0 keys as the webhook itself would.
+        let digest = verified(&body.to_string()).digest();
+        assert_eq!(output_digest(&digest, 0), digest);
+        assert_ne!(output_digest(&digest, 1), digest);
+    }
+
+    #[tokio::test]
+    async fn an_unmappable_output_quarantines_the_whole_webhook_with_its_reason() {
+        let sources = sources(Some(".a, .b"));
+        let body = json!({"a": flow("u1"), "b": {"data": {"type": "flow", "action": "started"}}});
+        let (reason, _) = quarantined(run(&sources, &body).await.unwrap());
+        assert_eq!(reason, "no_user_id");
+    }
+
+    #[tokio::test]
+    async fn no_output_is_filtered() {
+        let sources = sources(Some("select(.data.type != \"flow\")"));
+        assert!(matches!(
+            run(&sources, &flow("u1")).await,
+            Ok(Prepared::Filtered)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_non_object_output_or_a_runtime_error_is_a_transform_error_with_its_text() {
+        let (reason, detail) = quarantined(run(&sources(Some("., 1")), &flow("u")).await.unwrap());
+        assert_eq!(
+            (reason.as_str(), detail.as_str()),
+            ("transform_error", "output 1 is a number, not an object")
+        );
+        let (reason, detail) = quarantined(
+            run(&sources(Some("error(\"boom\")")), &flow("u"))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            (reason.as_str(), detail.as_str()),
+            ("transform_error", "jq error: boom")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_a_json_object_is_refused_as_without_a_transform() {
+        let sources = sources(Some("{x: 1}"));
+        assert_eq!(
+            run(&sources, &json!([1])).await.err(),
+            Some(PrepareError::InvalidJson)
+        );
+    }
+
+    #[tokio::test]
+    async fn programs_that_never_end_are_transform_errors_within_the_deadline() {
+        for program in ["def f: f; f", "until(false; .)"] {
+            let sources = sources(Some(program));
+            // The first run also starts the worker; the deadline counts from when it has one.
+            let (reason, _) = quarantined(run(&sources, &json!({"warm": 1})).await.unwrap());
+            assert_eq!(reason, "transform_error");
+            let started = Instant::now();
+            let (reason, detail) = quarantined(run(&sources, &flow("u")).await.unwrap());
+            let took = started.elapsed();
+            assert_eq!(reason, "transform_error", "{program}");
+            assert!(detail.contains("longer than 100 ms"), "{program}: {detail}");
+            assert!(took < Duration::from_millis(100) * 5, "{program}: {took:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crashing_program_is_a_transform_error_and_the_next_webhook_is_served() {
+        let sources = sources(Some("if .crash then (def f: 1 + f; f) else . end"));
+        let (reason, detail) = quarantined(run(&sources, &json!({"crash": true})).await.unwrap());
+        assert_eq!(reason, "transform_error");
+        assert!(detail.contains("worker died"), "{detail}");
+        assert_eq!(tracks(run(&sources, &flow("u2")).await.unwrap()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn repeat_is_capped_and_env_is_empty() {
+        let (reason, detail) =
+            quarantined(run(&sources(Some("repeat(.)")), &flow("u")).await.unwrap());
+        assert_eq!(
+            (reason.as_str(), detail.as_str()),
+            ("transform_error", "more than 1000 outputs")
+        );
+        // `env` could otherwise copy the relay's secrets into an event property.
+        let sources = sources(Some(".data.env_seen = (env | tostring)"));
+        let Prepared::Content(Content::Records(records)) = run(&sources, &flow("u")).await.unwrap()
+        else {
+            panic!("not mapped");
+        };
+        let track = records[0].record.to_json();
+        assert!(track.contains(r#""env_seen":"{}""#), "{track}");
+    }
+}
