@@ -402,6 +402,65 @@ pub async fn show(queue: &dyn Queue, id: i64) -> Result<Option<DeadLetterView>, 
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn replay_runs_the_current_transform_repairing_or_filtering_out_each_letter() {
+        use crate::config::Settings;
+        use crate::queue::NewWebhook;
+        use crate::queue::sqlite::SqliteQueue;
+        use sha2::{Digest, Sha256};
+
+        let dir = tempfile::tempdir().unwrap();
+        let queue = SqliteQueue::open(&dir.path().join("queue.db")).unwrap();
+        let user = r#"{"user_id": "u1"}"#;
+        let bodies = [
+            format!(r#"{{"wrapped": {{"data": {{"type": "nps", "score": 9, "user": {user}}}}}}}"#),
+            r#"{"noise": true}"#.to_owned(),
+        ];
+        // Both were quarantined under an older, broken program.
+        for body in &bodies {
+            let webhook = NewWebhook {
+                source: "s".into(),
+                app_id: "7".into(),
+                digest: Sha256::digest(body.as_bytes()).into(),
+                body: bytes::Bytes::from(body.clone()),
+                received_at_ms: 1_726_742_461_000,
+                content: Content::Quarantined {
+                    reason: Reason::TransformError.as_str().into(),
+                    detail: "jq error: boom".into(),
+                    subject: String::new(),
+                },
+            };
+            queue.enqueue(webhook).await.unwrap();
+        }
+        let fixed = Settings::from_toml(
+            "[sources.s]\nsecrets = [\"secret-s-0000000001\"]\napp_id = \"7\"\n\
+             transform = \"select(.noise | not) | .wrapped\"\n",
+        )
+        .unwrap();
+        let sources = Sources::from_settings(&fixed).unwrap();
+        let scope = DeadLetterFilter {
+            reason: Some("transform_error".into()),
+            ..DeadLetterFilter::default()
+        };
+        let now = DateTime::from_timestamp(1_726_742_500, 0).unwrap();
+        let summary = replay(&queue, &sources, scope, now).await.unwrap();
+        assert_eq!(
+            summary,
+            ReplaySummary {
+                webhooks: 2,
+                events: 1,
+                quarantined: 0,
+                filtered: 1,
+                ..ReplaySummary::default()
+            }
+        );
+        let left = queue
+            .count_dead_letters(DeadLetterFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(left.dead_letters, 0, "the filtered letter must not stay");
+    }
+
     #[test]
     fn a_replay_or_purge_without_scope_is_refused() {
         assert_eq!(

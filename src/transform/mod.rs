@@ -23,7 +23,7 @@ use jaq_core::{
 };
 use jaq_json::Val;
 
-pub use pool::{PoolError, Transforms, WorkerCommand};
+pub use pool::{PoolError, Transforms, WorkerCommand, use_worker_binary};
 
 type D = JustLut<Val>;
 type Filter = jaq_core::Filter<D>;

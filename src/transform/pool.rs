@@ -81,11 +81,26 @@ pub struct WorkerCommand {
     env: Vec<(OsString, OsString)>,
 }
 
+/// The relay binary workers are started from, when it is not the running executable.
+static WORKER_BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Starts workers from `binary` (the relay's executable) instead of the running one, for the
+/// whole process: for tests that run the relay in-process, whose own executable (a test
+/// harness) cannot serve as a worker. The first call wins.
+pub fn use_worker_binary(binary: PathBuf) {
+    let _ = WORKER_BINARY.set(binary);
+}
+
 impl WorkerCommand {
-    /// `<this binary> transform-worker`.
+    /// `<this binary> transform-worker` (or the binary [`use_worker_binary`] named).
     pub fn relay() -> Self {
+        let program = WORKER_BINARY
+            .get()
+            .cloned()
+            .or_else(|| std::env::current_exe().ok())
+            .unwrap_or_default();
         Self {
-            program: std::env::current_exe().unwrap_or_default(),
+            program,
             args: vec!["transform-worker".into()],
             env: Vec::new(),
         }
