@@ -271,6 +271,11 @@ impl Transforms {
 }
 
 fn killed(reason: &'static str) {
+    // The webhook's own log line says it was quarantined; this one says a worker was lost.
+    tracing::warn!(
+        reason,
+        "transform worker stopped; the next run starts a new one"
+    );
     metrics::counter!("relay_transform_kills_total", "reason" => reason).increment(1);
 }
 
@@ -425,6 +430,21 @@ pub(crate) mod tests {
         assert!(error.is_transform_error());
         assert_eq!(
             transforms.run(1, br#"{"k":1}"#).await.unwrap(),
+            br#"[{"k":1}]"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_program_that_allocates_without_bound_kills_only_its_worker() {
+        // 2 GB at once, over the worker's 1 GiB address space: the allocation fails and the
+        // worker aborts at once; `[range(1e9)]` grows slower and meets the deadline instead.
+        let transforms = pool(&["{s: (\"x\" * 2000000000)}", "[range(1e9)] | {}", "."], 2);
+        let error = transforms.run(0, b"{}").await.unwrap_err();
+        assert!(matches!(error, PoolError::Died(_)), "{error:?}");
+        let error = transforms.run(1, b"{}").await.unwrap_err();
+        assert!(error.is_transform_error(), "{error:?}");
+        assert_eq!(
+            transforms.run(2, br#"{"k":1}"#).await.unwrap(),
             br#"[{"k":1}]"#
         );
     }
