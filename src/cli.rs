@@ -87,6 +87,10 @@ pub enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// The relay's own transform worker process (contract §10), started by the relay with an
+    /// empty environment and spoken to over its standard input and output; not for people.
+    #[command(hide = true)]
+    TransformWorker,
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,18 +5,21 @@
 //!
 //! Replay re-maps each webhook from its original Userpilot body with the *current*
 //! configuration of its source, so fixing `heap.identity` or `[mapping]` and replaying repairs
-//! quarantined webhooks; the fresh records join the lane of the source's current app id.
+//! quarantined webhooks; it also runs the source's *current* transform ([`prepare`]), so a
+//! `transform_error`, `no_kind` or `no_user_id` letter becomes events once the program is
+//! fixed, and one the program now filters out leaves no dead letter. The fresh records join
+//! the lane of the source's current app id.
 //! Records that were delivered meanwhile keep their keys and are not sent twice. A webhook
 //! whose source is no longer configured is left in the dead letters, and counted.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::ingest::{PrepareError, Prepared, prepare};
 use crate::queue::{
     Content, DeadLetter, DeadLetterDetail, DeadLetterFilter, Queue, QueueError, ReplayItem,
 };
 use crate::sources::Sources;
-use crate::translate;
 use crate::userpilot::Verified;
 
 /// Why a record is a dead letter: the `reason` stored with it, listed in one place. Every
@@ -36,6 +39,9 @@ pub enum Reason {
     IdentityTooLong,
     /// Quarantined on arrival: the payload names no event kind.
     NoKind,
+    /// Quarantined on arrival: the source's transform failed on the payload (a runtime
+    /// error, an output that is not an object, a run over 100 ms, a worker that died).
+    TransformError,
     /// Heap refused the record alone with a permanent error.
     Rejected,
     /// Not delivered within `retry.max_event_age_secs`.
@@ -44,11 +50,12 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in the order docs/operations.md lists them.
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::NoUserId,
         Reason::NoIdentity,
         Reason::IdentityTooLong,
         Reason::NoKind,
+        Reason::TransformError,
         Reason::Rejected,
         Reason::Expired,
     ];
@@ -60,6 +67,7 @@ impl Reason {
             Reason::NoIdentity => "no_identity",
             Reason::IdentityTooLong => "identity_too_long",
             Reason::NoKind => "no_kind",
+            Reason::TransformError => "transform_error",
             Reason::Rejected => "rejected",
             Reason::Expired => "expired",
         }
@@ -194,6 +202,14 @@ pub struct ReplaySummary {
     pub events: usize,
     /// Webhooks that still cannot be mapped (quarantined again, with the current reason).
     pub quarantined: usize,
+    /// Webhooks the current transform has no output for: their dead letters are removed and
+    /// nothing is queued, as for a fresh delivery (counted in `webhooks` too).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub filtered: usize,
+    /// Webhooks left in the dead letters because no transform worker was free (or could
+    /// start): replay them again later.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub busy: usize,
     /// Webhooks of a source no longer configured: left in the dead letters as they were.
     #[serde(skip_serializing_if = "is_zero")]
     pub unknown_source: usize,
@@ -254,6 +270,8 @@ pub async fn replay_with_progress(
         webhooks = summary.webhooks,
         events = summary.events,
         quarantined = summary.quarantined,
+        filtered = summary.filtered,
+        busy = summary.busy,
         unknown_source = summary.unknown_source,
         "dead letters replayed"
     );
@@ -279,14 +297,35 @@ async fn replay_page(
         };
         let received_at = DateTime::from_timestamp_millis(item.received_at_ms).unwrap_or(now);
         let body = Verified::from_queue(item.body.clone());
-        let Ok(content) = translate::webhook(&source.mapper, &body, received_at) else {
-            // Stored bodies were valid JSON objects when they were accepted; one that is not
-            // (a corrupted file?) is left as it is for a human to look at.
-            tracing::error!(
-                webhook = item.webhook_id,
-                "stored webhook body is not JSON; left in the dead letters"
-            );
-            continue;
+        // The current transform, on the workers of the configuration replay runs under.
+        let prepared = match prepare(source, &body, received_at, sources.transforms()).await {
+            Ok(prepared) => prepared,
+            Err(PrepareError::InvalidJson) => {
+                // Stored bodies were valid JSON objects when they were accepted; one that is
+                // not (a corrupted file?) is left as it is for a human to look at.
+                tracing::error!(
+                    webhook = item.webhook_id,
+                    "stored webhook body is not JSON; left in the dead letters"
+                );
+                continue;
+            }
+            Err(error @ (PrepareError::Busy(_) | PrepareError::Unavailable(_))) => {
+                tracing::warn!(
+                    webhook = item.webhook_id,
+                    %error,
+                    "transform not run; left in the dead letters"
+                );
+                summary.busy += 1;
+                continue;
+            }
+        };
+        let content = match prepared {
+            Prepared::Content(content) => content,
+            Prepared::Filtered => {
+                // Requeueing no records removes the dead ones: the webhook is done with.
+                summary.filtered += 1;
+                Content::Records(Vec::new())
+            }
         };
         if matches!(content, Content::Quarantined { .. }) {
             summary.quarantined += 1;
@@ -363,6 +402,65 @@ pub async fn show(queue: &dyn Queue, id: i64) -> Result<Option<DeadLetterView>, 
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn replay_runs_the_current_transform_repairing_or_filtering_out_each_letter() {
+        use crate::config::Settings;
+        use crate::queue::NewWebhook;
+        use crate::queue::sqlite::SqliteQueue;
+        use sha2::{Digest, Sha256};
+
+        let dir = tempfile::tempdir().unwrap();
+        let queue = SqliteQueue::open(&dir.path().join("queue.db")).unwrap();
+        let user = r#"{"user_id": "u1"}"#;
+        let bodies = [
+            format!(r#"{{"wrapped": {{"data": {{"type": "nps", "score": 9, "user": {user}}}}}}}"#),
+            r#"{"noise": true}"#.to_owned(),
+        ];
+        // Both were quarantined under an older, broken program.
+        for body in &bodies {
+            let webhook = NewWebhook {
+                source: "s".into(),
+                app_id: "7".into(),
+                digest: Sha256::digest(body.as_bytes()).into(),
+                body: bytes::Bytes::from(body.clone()),
+                received_at_ms: 1_726_742_461_000,
+                content: Content::Quarantined {
+                    reason: Reason::TransformError.as_str().into(),
+                    detail: "jq error: boom".into(),
+                    subject: String::new(),
+                },
+            };
+            queue.enqueue(webhook).await.unwrap();
+        }
+        let fixed = Settings::from_toml(
+            "[sources.s]\nsecrets = [\"secret-s-0000000001\"]\napp_id = \"7\"\n\
+             transform = \"select(.noise | not) | .wrapped\"\n",
+        )
+        .unwrap();
+        let sources = Sources::from_settings(&fixed).unwrap();
+        let scope = DeadLetterFilter {
+            reason: Some("transform_error".into()),
+            ..DeadLetterFilter::default()
+        };
+        let now = DateTime::from_timestamp(1_726_742_500, 0).unwrap();
+        let summary = replay(&queue, &sources, scope, now).await.unwrap();
+        assert_eq!(
+            summary,
+            ReplaySummary {
+                webhooks: 2,
+                events: 1,
+                quarantined: 0,
+                filtered: 1,
+                ..ReplaySummary::default()
+            }
+        );
+        let left = queue
+            .count_dead_letters(DeadLetterFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(left.dead_letters, 0, "the filtered letter must not stay");
+    }
+
     #[test]
     fn a_replay_or_purge_without_scope_is_refused() {
         assert_eq!(
@@ -417,6 +515,7 @@ mod tests {
                 "no_identity",
                 "identity_too_long",
                 "no_kind",
+                "transform_error",
                 "rejected",
                 "expired"
             ]
@@ -447,7 +546,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "unknown reason `no_identiy`: the reasons are no_user_id, no_identity, \
-             identity_too_long, no_kind, rejected, expired"
+             identity_too_long, no_kind, transform_error, rejected, expired"
         );
         assert_eq!(typo.selection(), Err(error));
     }

@@ -4,8 +4,10 @@
 //!
 //! The request path, top to bottom: `http::webhook` takes the raw bytes within the
 //! connection limits of [`http::serve`]; [`userpilot`] verifies the signature over them into
-//! `Verified` bytes (the only way to get any) and decodes the payload; [`translate`] maps the
-//! decoded interaction with [`heap::mapping`] into Heap records or a quarantine reason;
+//! `Verified` bytes (the only way to get any) and decodes the payload; [`ingest`] runs the
+//! source's [`transform`] (a jq program, in worker processes of the relay's own binary) and
+//! [`translate`] maps each decoded interaction with [`heap::mapping`] into Heap records or a
+//! quarantine reason;
 //! [`queue`] commits them (SQLite or Postgres behind one trait); only then the handler answers
 //! 202.
 //!
@@ -32,6 +34,7 @@ pub mod dead_letters;
 pub mod forwarder;
 pub mod heap;
 pub mod http;
+pub mod ingest;
 pub mod preview;
 pub mod queue;
 pub mod reload;
@@ -41,5 +44,6 @@ pub mod sources;
 pub mod telemetry;
 pub mod tls;
 pub mod traces;
+pub mod transform;
 pub mod translate;
 pub mod userpilot;

@@ -7,10 +7,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use userpilot_heap_relay::cli::Cli;
+use userpilot_heap_relay::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::TransformWorker) = cli.command {
+        // Before any runtime: a worker is one thread answering one pipe, as small as it can be.
+        return commands::transform_worker();
+    }
     // Before any subcommand builds an HTTP client: reqwest has no crypto provider of its own.
     userpilot_heap_relay::tls::provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -18,13 +18,11 @@ use serde_json::{Value, json};
 use crate::config::HeapSettings;
 use crate::forwarder::entries::entries;
 use crate::heap::wire::{Outbound, RecordKind, bulk_body};
+use crate::ingest::{PrepareError, Prepared, prepare};
 use crate::queue::{Claimed, Content};
 use crate::sources::Source;
-use crate::translate::InvalidJson;
+use crate::transform::Transforms;
 use crate::userpilot::Verified;
-// stand-in until ingest::prepare: `use crate::ingest::{Prepared, prepare};` and the
-// transforms type of `crate::transform` replace this line.
-pub use stand_in::{Prepared, Transforms, prepare};
 
 /// What the relay would do with a payload.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,7 +80,7 @@ pub async fn preview(
     received_at: DateTime<Utc>,
     batch_size: usize,
     transforms: &Transforms,
-) -> Result<Preview, InvalidJson> {
+) -> Result<Preview, PrepareError> {
     // Nothing previewed is queued or sent, so an unverified body can go through the pipeline.
     let body = Verified::for_preview(payload);
     Ok(
@@ -148,36 +146,6 @@ fn requests(
     requests
 }
 
-/// stand-in until ingest::prepare: the pipeline's signature, without transforms (every source
-/// maps its payload as it arrives, as before transforms existed).
-pub mod stand_in {
-    use chrono::{DateTime, Utc};
-
-    use crate::queue::Content;
-    use crate::sources::Source;
-    use crate::translate::{self, InvalidJson};
-    use crate::userpilot::Verified;
-
-    /// What the pipeline makes of a verified body.
-    pub enum Prepared {
-        Content(Content),
-        Filtered,
-    }
-
-    /// The compiled transforms and where they run (nothing yet).
-    #[derive(Debug, Default)]
-    pub struct Transforms;
-
-    pub async fn prepare(
-        source: &Source,
-        body: &Verified,
-        received_at: DateTime<Utc>,
-        _transforms: &Transforms,
-    ) -> Result<Prepared, InvalidJson> {
-        translate::webhook(&source.mapper, body, received_at).map(Prepared::Content)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
@@ -202,6 +170,7 @@ mod tests {
                 false,
                 &MappingSettings::default(),
             ),
+            transform: crate::transform::Transform::Identity,
         }
     }
 
@@ -209,13 +178,13 @@ mod tests {
         Utc.timestamp_opt(NOW, 0).unwrap()
     }
 
-    async fn preview_of(body: &str, user_properties: bool) -> Result<Preview, InvalidJson> {
+    async fn preview_of(body: &str, user_properties: bool) -> Result<Preview, PrepareError> {
         preview(
             &source(user_properties),
             Bytes::copy_from_slice(body.as_bytes()),
             at(),
             100,
-            &Transforms,
+            &Transforms::default(),
         )
         .await
     }
@@ -275,8 +244,11 @@ mod tests {
         };
         assert_eq!(reason, "no_kind");
         assert!(!detail.is_empty());
-        assert_eq!(preview_of("[1]", false).await, Err(InvalidJson));
-        assert_eq!(preview_of("{", false).await, Err(InvalidJson));
+        assert_eq!(
+            preview_of("[1]", false).await,
+            Err(PrepareError::InvalidJson)
+        );
+        assert_eq!(preview_of("{", false).await, Err(PrepareError::InvalidJson));
     }
 
     #[test]

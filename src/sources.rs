@@ -1,6 +1,9 @@
 //! The sources a relay serves right now (contract §9): for each name, the secrets its
-//! signatures are checked against, its timestamp tolerance, the mapper its payloads go through
-//! and the Heap app id (the forwarding lane) its records are queued for.
+//! signatures are checked against, its timestamp tolerance, the transform and mapper its
+//! payloads go through and the Heap app id (the forwarding lane) its records are queued for.
+//! The sources of one configuration share one generation of transform workers
+//! ([`Transforms`]), which holds every source's program: a reload builds new sources and with
+//! them a new generation.
 //!
 //! [`Sources`] is built whole from [`Settings`] and never changed; a reload builds a new one
 //! and [`LiveSources::replace`] swaps it in. A webhook takes the snapshot once, when it
@@ -13,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use crate::config::{AppId, ConfigError, DEFAULT_SOURCE, Settings};
 use crate::heap::mapping::Mapper;
 use crate::secret::Secret;
+use crate::transform::{Transform, Transforms, is_identity};
 
 /// The label value that stands for "no configured source" in webhook metrics: a URL naming a
 /// source that does not exist must not mint a time series per name a client makes up. It
@@ -30,12 +34,15 @@ pub struct Source {
     pub tolerance_secs: u64,
     pub app_id: AppId,
     pub mapper: Mapper,
+    /// Its jq program (compiled by the configuration's checks), or none.
+    pub transform: Transform,
 }
 
 /// Every configured source, by name.
 #[derive(Debug, Default)]
 pub struct Sources {
     by_name: BTreeMap<String, Arc<Source>>,
+    transforms: Transforms,
 }
 
 impl Sources {
@@ -43,6 +50,7 @@ impl Sources {
     /// `[mapping]`).
     pub fn from_settings(settings: &Settings) -> Result<Sources, ConfigError> {
         let mapping = settings.mapping()?;
+        let mut programs = Vec::new();
         let by_name = settings
             .sources()
             .into_iter()
@@ -59,6 +67,16 @@ impl Sources {
                 } else {
                     mapper.scoped_to_source(&name)
                 };
+                let transform = match source.transform.as_deref() {
+                    Some(code) if !is_identity(code) => {
+                        programs.push(code.to_owned());
+                        Transform::Jq {
+                            code: code.into(),
+                            slot: programs.len() - 1,
+                        }
+                    }
+                    _ => Transform::Identity,
+                };
                 let source = Source {
                     name: name.clone(),
                     path: source.path(),
@@ -66,11 +84,22 @@ impl Sources {
                     tolerance_secs: source.tolerance.as_secs(),
                     app_id: source.app_id,
                     mapper,
+                    transform,
                 };
                 (name, Arc::new(source))
             })
             .collect();
-        Ok(Sources { by_name })
+        let transforms = Transforms::new(programs);
+        transforms.warm_up();
+        Ok(Sources {
+            by_name,
+            transforms,
+        })
+    }
+
+    /// The transform workers of this configuration, for [`crate::ingest::prepare`].
+    pub fn transforms(&self) -> &Transforms {
+        &self.transforms
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Source>> {
@@ -102,7 +131,11 @@ impl FromIterator<Source> for Sources {
             .into_iter()
             .map(|source| (source.name.clone(), Arc::new(source)))
             .collect();
-        Sources { by_name }
+        // Hand-built sources (tests) carry no jq program.
+        Sources {
+            by_name,
+            transforms: Transforms::default(),
+        }
     }
 }
 
@@ -172,6 +205,39 @@ mod tests {
         assert!(sources.get("production").is_none());
         let app_ids: Vec<String> = sources.app_ids().iter().map(AppId::to_string).collect();
         assert_eq!(app_ids, ["100", "200"]);
+    }
+
+    #[test]
+    fn only_real_programs_get_a_worker_slot_and_identity_skips_the_workers() {
+        let settings = Settings::from_toml(
+            "[sources.a]\nsecrets = [\"secret-a-0000000001\"]\napp_id = \"7\"\n\
+             transform = \"{x: 1}\"\n\
+             [sources.b]\nsecrets = [\"secret-b-0000000001\"]\napp_id = \"7\"\n\
+             transform = \" . \"\n\
+             [sources.c]\nsecrets = [\"secret-c-0000000001\"]\napp_id = \"7\"\n\
+             transform = \"select(.a)\"\n\
+             [sources.d]\nsecrets = [\"secret-d-0000000001\"]\napp_id = \"7\"\n",
+        )
+        .unwrap();
+        let sources = Sources::from_settings(&settings).unwrap();
+        let transform = |name: &str| sources.get(name).unwrap().transform.clone();
+        assert_eq!(
+            transform("a"),
+            Transform::Jq {
+                code: "{x: 1}".into(),
+                slot: 0
+            }
+        );
+        assert_eq!(transform("b"), Transform::Identity);
+        assert_eq!(
+            transform("c"),
+            Transform::Jq {
+                code: "select(.a)".into(),
+                slot: 1
+            }
+        );
+        assert_eq!(transform("d"), Transform::Identity);
+        assert_eq!(sources.transforms().len(), 2);
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub const WEBHOOK_OUTCOMES: &[&str] = &[
     "accepted",
     "duplicate",
     "quarantined",
+    "filtered",
     "unknown_source",
     "invalid_signature",
     "invalid_json",

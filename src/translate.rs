@@ -1,6 +1,8 @@
 //! The pure middle of the request path, Userpilot translated into Heap: verified bytes ->
-//! decoded [`Interaction`] -> Heap records, or the reason the webhook must be quarantined. The webhook handler and dead-letter
-//! replay both go through here, so a replay maps exactly as a fresh delivery would.
+//! decoded [`Interaction`] -> Heap records, or the reason the webhook must be quarantined.
+//! [`crate::ingest::prepare`] calls it (after the source's transform, if any) for the webhook
+//! handler, dead-letter replay and preview alike, so a replay maps exactly as a fresh
+//! delivery would.
 //!
 //! [`Interaction`]: crate::userpilot::Interaction
 
@@ -22,6 +24,17 @@ pub fn webhook(
     body: &Verified,
     received_at: DateTime<Utc>,
 ) -> Result<Content, InvalidJson> {
+    webhook_as(mapper, body, &body.digest(), received_at)
+}
+
+/// [`webhook`], with the records' idempotency keys derived from `digest` instead of the
+/// body's own: a transform's outputs are mapped under keys derived from the webhook's digest.
+pub fn webhook_as(
+    mapper: &Mapper,
+    body: &Verified,
+    digest: &[u8; 32],
+    received_at: DateTime<Utc>,
+) -> Result<Content, InvalidJson> {
     let interaction = match decode(body) {
         Ok(interaction) => interaction,
         Err(DecodeError::InvalidJson | DecodeError::NotAnObject) => return Err(InvalidJson),
@@ -33,16 +46,14 @@ pub fn webhook(
             });
         }
     };
-    Ok(
-        match mapper.map(&interaction, &body.digest(), received_at) {
-            Ok(records) => Content::Records(records),
-            Err(unmappable) => Content::Quarantined {
-                reason: unmappable.reason().into(),
-                detail: unmappable.to_string(),
-                subject: interaction.user.id.unwrap_or_default(),
-            },
+    Ok(match mapper.map(&interaction, digest, received_at) {
+        Ok(records) => Content::Records(records),
+        Err(unmappable) => Content::Quarantined {
+            reason: unmappable.reason().into(),
+            detail: unmappable.to_string(),
+            subject: interaction.user.id.unwrap_or_default(),
         },
-    )
+    })
 }
 
 #[cfg(test)]

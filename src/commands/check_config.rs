@@ -1,5 +1,6 @@
 //! `check-config [--probe]`: the effective configuration, secrets redacted, on standard output,
-//! then every source it serves (name, URL path, app id, how many secrets, tolerance, identity)
+//! then every source it serves (name, URL path, app id, how many secrets, tolerance, identity,
+//! transform) and each source's transform program, compiled again here (it is not a secret),
 //! as TOML comments, so the output stays a configuration file; its warnings and verdict on
 //! standard error. A configuration that does not load never gets
 //! here: `main` prints each of its problems on a line of its own (exit code 1).
@@ -20,6 +21,7 @@ use std::time::Duration;
 use userpilot_heap_relay::app;
 use userpilot_heap_relay::clock::Stopwatch;
 use userpilot_heap_relay::config::{Backend, DEFAULT_SOURCE, Settings, SourceSettings};
+use userpilot_heap_relay::transform;
 
 /// The exit code when the configuration is valid but a probe failed.
 const PROBE_FAILED: u8 = 2;
@@ -30,6 +32,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(settings: &Settings, probe: bool) -> anyhow::Result<ExitCode> {
     print!("{}", settings.to_redacted_toml());
     print!("{}", source_summary(&settings.sources()));
+    print!("{}", transform_summary(&settings.sources())?);
     for warning in settings.warnings() {
         eprintln!("warning: {warning}");
     }
@@ -68,6 +71,7 @@ fn source_summary(sources: &[SourceSettings]) -> String {
         "secrets",
         "tolerance_secs",
         "identity",
+        "transform",
     ];
     let mut rows = vec![header.map(str::to_owned)];
     for source in sources {
@@ -78,6 +82,11 @@ fn source_summary(sources: &[SourceSettings]) -> String {
             source.secrets.len().to_string(),
             source.tolerance.as_secs().to_string(),
             source.identity.clone(),
+            match source.transform.as_deref() {
+                None => "none".to_owned(),
+                Some(code) if transform::is_identity(code) => "identity".to_owned(),
+                Some(_) => "jq".to_owned(),
+            },
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -103,6 +112,32 @@ fn source_summary(sources: &[SourceSettings]) -> String {
         ));
     }
     text
+}
+
+/// Each source's jq program, as TOML comments, after compiling it (a configuration that loads
+/// has programs that compile, so an error here would be the relay's own bug).
+fn transform_summary(sources: &[SourceSettings]) -> anyhow::Result<String> {
+    let mut text = String::new();
+    for source in sources {
+        let Some(code) = source.transform.as_deref() else {
+            continue;
+        };
+        transform::compile(code)
+            .map_err(|error| anyhow::anyhow!("source `{}`: {error}", source.name))?;
+        text.push_str(&format!(
+            "\n# Transform of `{}` (compiles{}):\n",
+            source.name,
+            if transform::is_identity(code) {
+                "; `.` is the identity: no worker runs"
+            } else {
+                ""
+            }
+        ));
+        for line in code.lines() {
+            text.push_str(&format!("#   {line}\n").replace("#   \n", "#\n"));
+        }
+    }
+    Ok(text)
 }
 
 /// What a probe found wrong, and what to do about it.

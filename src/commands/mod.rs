@@ -65,6 +65,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             healthcheck::run(&url).await
         }
+        Some(Command::TransformWorker) => Ok(transform_worker()),
+    }
+}
+
+/// `transform-worker`: serves the relay that started it until it closes the pipe.
+pub fn transform_worker() -> ExitCode {
+    match userpilot_heap_relay::transform::worker::main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 

@@ -13,7 +13,8 @@ use bytes::Bytes;
 
 use userpilot_heap_relay::clock::{Clock, SystemClock};
 use userpilot_heap_relay::config::{DEFAULT_SOURCE, Settings};
-use userpilot_heap_relay::preview::{self, Preview, Transforms};
+use userpilot_heap_relay::ingest::PrepareError;
+use userpilot_heap_relay::preview::{self, Preview};
 use userpilot_heap_relay::sources::{Source, Sources};
 
 /// The exit code for a preview that cannot be made: an unknown source, a payload that is not
@@ -24,7 +25,6 @@ pub const REFUSED: u8 = 2;
 pub struct Previewer {
     sources: Sources,
     batch_size: usize,
-    transforms: Transforms,
 }
 
 /// Why a payload could not be previewed; one line for the operator.
@@ -34,6 +34,8 @@ pub enum Refused {
     UnknownSource { name: String, known: String },
     #[error("the payload is not a JSON object")]
     InvalidJson,
+    #[error("the transform could not run: {0}")]
+    Transform(String),
 }
 
 impl Previewer {
@@ -41,8 +43,6 @@ impl Previewer {
         Ok(Self {
             sources: Sources::from_settings(settings)?,
             batch_size: preview::batch_size(&settings.heap),
-            // stand-in until ingest::prepare: the sources' compiled transforms then.
-            transforms: Transforms,
         })
     }
 
@@ -60,9 +60,13 @@ impl Previewer {
     /// `payload` as `source` would receive it now.
     pub async fn preview(&self, source: &Source, payload: Bytes) -> Result<Preview, Refused> {
         let now = SystemClock.now();
-        preview::preview(source, payload, now, self.batch_size, &self.transforms)
+        let transforms = self.sources.transforms();
+        preview::preview(source, payload, now, self.batch_size, transforms)
             .await
-            .map_err(|_| Refused::InvalidJson)
+            .map_err(|error| match error {
+                PrepareError::InvalidJson => Refused::InvalidJson,
+                other => Refused::Transform(other.to_string()),
+            })
     }
 }
 

@@ -132,6 +132,10 @@ pub struct UserpilotSettings {
     pub secrets: Vec<Secret>,
     #[serde(rename = "tolerance_secs", with = "forms::secs")]
     pub tolerance: Duration,
+    /// The `default` source's transform (contract §10), a jq program; `[sources.<name>]`
+    /// tables have their own `transform`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

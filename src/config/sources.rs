@@ -76,6 +76,10 @@ pub struct RawSource {
     /// Default: `heap.identity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// A jq program run on each verified payload before decoding (contract §10). Default:
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<String>,
 }
 
 /// One source, resolved: its defaults filled in from `userpilot.tolerance_secs` and
@@ -87,6 +91,8 @@ pub struct SourceSettings {
     pub app_id: AppId,
     pub tolerance: Duration,
     pub identity: String,
+    /// The jq program its payloads go through first, as written (checked to compile).
+    pub transform: Option<String>,
 }
 
 impl SourceSettings {
@@ -123,6 +129,7 @@ fn is_live(key: &str) -> bool {
             key,
             "userpilot.secrets"
                 | "userpilot.tolerance_secs"
+                | "userpilot.transform"
                 | "heap.app_id"
                 | "heap.identity"
                 | "heap.user_properties"
@@ -166,6 +173,22 @@ pub(super) fn secrets_problems(key: &str, env: &str, secrets: &[Secret]) -> Vec<
         }
     }
     problems
+}
+
+/// The problem of a transform at `key`: a program that does not compile, in one line with
+/// the position (`sources.staging.transform: undefined filter `foo` at line 2, column 3`).
+/// Compiled here, once per configuration: a configuration that loads has programs that do.
+fn transform_problem(key: &str, code: Option<&str>) -> Option<String> {
+    let code = code?;
+    if code.trim().is_empty() {
+        return Some(problem(
+            key,
+            "is empty: remove the key, or write a jq program (`.` keeps the payload)",
+        ));
+    }
+    crate::transform::compile(code)
+        .err()
+        .map(|error| problem(key, format!("does not compile: {error}")))
 }
 
 /// The warnings about one list of webhook secrets at `key`: short ones.
@@ -221,6 +244,7 @@ impl Settings {
                     app_id: app_id.clone(),
                     tolerance: self.userpilot.tolerance,
                     identity: self.heap.identity.clone(),
+                    transform: self.userpilot.transform.clone(),
                 },
             );
         }
@@ -240,6 +264,7 @@ impl Settings {
                     .identity
                     .clone()
                     .unwrap_or_else(|| self.heap.identity.clone()),
+                transform: raw.transform.clone(),
             });
         }
         sources.into_values().collect()
@@ -300,6 +325,10 @@ impl Settings {
                     "is a placeholder: set your Heap environment id (RELAY_HEAP__APP_ID)",
                 ));
             }
+            problems.extend(transform_problem(
+                "userpilot.transform",
+                self.userpilot.transform.as_deref(),
+            ));
             if self.sources.contains_key(DEFAULT_SOURCE) {
                 problems.push(problem(
                     "sources.default",
@@ -342,6 +371,10 @@ impl Settings {
                     "must name `user_id` or a user property",
                 ));
             }
+            problems.extend(transform_problem(
+                &key("transform"),
+                raw.transform.as_deref(),
+            ));
             if raw.tolerance.is_some_and(|t| t > self.queue.dedup_window) {
                 // As for userpilot.tolerance_secs: a replay inside the tolerance must still be
                 // remembered.
@@ -776,10 +809,60 @@ mod tests {
     }
 
     #[test]
+    fn a_transform_that_does_not_compile_is_one_line_naming_its_key_and_position() {
+        let found = problems(&format!(
+            "{TOP}[sources.staging]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"2\"\n\
+             transform = \".a |\\n  foo(1)\"\n"
+        ));
+        assert_eq!(
+            found,
+            [
+                "`sources.staging.transform` does not compile: undefined filter `foo` at line 2, \
+              column 3"
+            ],
+        );
+        let found = problems(&format!("{TOP}transform = \"{{a: .b\"\n"));
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with("`userpilot.transform` does not compile: ")
+                && found[0].ends_with("at line 1, column 7"),
+            "{found:#?}"
+        );
+        let found = problems(&format!("{TOP}transform = \" \"\n"));
+        assert!(
+            found[0].starts_with("`userpilot.transform` is empty"),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn each_source_has_its_transform_and_the_default_source_takes_userpilot_transform() {
+        let settings = settings(&format!(
+            "{TOP}transform = \"{{data: .payload}}\"\n\
+             [sources.staging]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"2\"\n\
+             transform = \".\"\n\
+             [sources.qa]\nsecrets = [\"qa-secret-000000001\"]\napp_id = \"3\"\n"
+        ));
+        let transforms: Vec<(String, Option<String>)> = settings
+            .sources()
+            .into_iter()
+            .map(|s| (s.name.to_string(), s.transform))
+            .collect();
+        assert_eq!(
+            transforms,
+            [
+                ("default".to_owned(), Some("{data: .payload}".to_owned())),
+                ("qa".to_owned(), None),
+                ("staging".to_owned(), Some(".".to_owned())),
+            ]
+        );
+    }
+
+    #[test]
     fn every_problem_of_every_source_is_reported_at_once() {
         let problems = problems(
             "[sources.qa]\nsecrets = [\"changeme\"]\n\
-             [sources.staging]\napp_id = \"2\"\ntolerance_secs = \"soon\"\ntransform = \"x\"\n\
+             [sources.staging]\napp_id = \"2\"\ntolerance_secs = \"soon\"\nnope = \"x\"\n\
              [sources.Bad]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"3\"",
         );
         let keys: Vec<&str> = problems
@@ -790,7 +873,7 @@ mod tests {
             keys,
             [
                 "sources.staging.tolerance_secs",
-                "sources.staging.transform",
+                "sources.staging.nope",
                 "sources.Bad",
                 "sources.qa.secrets",
                 "sources.qa.app_id",

@@ -22,6 +22,7 @@ use super::AppState;
 use crate::config::DEFAULT_SOURCE;
 use crate::dead_letters::{self, FilterError, FilterParams};
 use crate::forwarder::{Control, ForwarderState};
+use crate::ingest::PrepareError;
 use crate::queue::{QueueError, QueueStats};
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -319,12 +320,15 @@ async fn preview(
         return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     };
     let batch_size = crate::preview::batch_size(&state.reloader.started().heap);
-    // stand-in until ingest::prepare: the transforms in force come from the state then.
-    let transforms = crate::preview::Transforms;
-    match crate::preview::preview(source, payload, state.clock.now(), batch_size, &transforms).await
+    let transforms = sources.transforms();
+    match crate::preview::preview(source, payload, state.clock.now(), batch_size, transforms).await
     {
         Ok(preview) => Json(preview.to_json()).into_response(),
-        Err(crate::translate::InvalidJson) => error(StatusCode::BAD_REQUEST, "invalid_json"),
+        Err(PrepareError::InvalidJson) => error(StatusCode::BAD_REQUEST, "invalid_json"),
+        Err(busy @ (PrepareError::Busy(_) | PrepareError::Unavailable(_))) => {
+            tracing::warn!(error = %busy, "preview refused: no transform worker");
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
     }
 }
 

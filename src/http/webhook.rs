@@ -1,6 +1,7 @@
 //! `POST /webhooks/userpilot/{source}` (and `/webhooks/userpilot` for the default source):
-//! raw bytes -> verified bytes -> queue content -> committed -> 202. Nothing is answered 2xx
-//! before the queue has committed it. The source is looked up once, before the body is read,
+//! raw bytes -> verified bytes -> transform + mapping ([`prepare`]) -> committed -> 202.
+//! Nothing is answered 2xx before the queue has committed it, except a webhook the source's
+//! transform filters out (202 `filtered`: there is nothing to keep). The source is looked up once, before the body is read,
 //! and its snapshot serves the whole request (a reload meanwhile does not change it): its
 //! secrets verify the signature, its mapper maps, its app id is the lane the records join. The body must arrive within
 //! [`BODY_READ_TIMEOUT`] (else 408) and is paid for from the shared body byte budget; a
@@ -24,10 +25,10 @@ use super::error::ApiError;
 use super::{AppState, BODY_READ_TIMEOUT};
 use crate::clock::{self, Stopwatch};
 use crate::config::DEFAULT_SOURCE;
+use crate::ingest::{PrepareError, Prepared, prepare};
 use crate::queue::{Content, Enqueued, NewWebhook};
-use crate::sources::{Source, UNKNOWN_SOURCE_LABEL};
+use crate::sources::{Source, Sources, UNKNOWN_SOURCE_LABEL};
 use crate::traces::WebhookSpan;
-use crate::translate::{self, InvalidJson};
 use crate::userpilot::verify;
 
 /// `POST /webhooks/userpilot`: the default source.
@@ -58,19 +59,26 @@ async fn answer(state: &AppState, name: &str, headers: &HeaderMap, body: Body) -
     let label = source.map_or(UNKNOWN_SOURCE_LABEL, |source| source.name.as_str());
     let source_label = label.to_owned();
     let result = match source {
-        Some(source) => handle(state, source, headers, body, &mut span).await,
+        Some(source) => handle(state, &sources, source, headers, body, &mut span).await,
         None => Err(ApiError::UnknownSource(name.chars().take(64).collect())),
     };
     let outcome = match &result {
-        Ok(Enqueued::Accepted { events }) => {
+        Ok(Handled::Filtered) => {
+            tracing::info!(
+                source = label,
+                "webhook filtered out by the source's transform"
+            );
+            "filtered"
+        }
+        Ok(Handled::Queued(Enqueued::Accepted { events })) => {
             tracing::info!(source = label, events, "webhook accepted");
             "accepted"
         }
-        Ok(Enqueued::Duplicate) => {
+        Ok(Handled::Queued(Enqueued::Duplicate)) => {
             tracing::info!(source = label, "webhook already stored; duplicate");
             "duplicate"
         }
-        Ok(Enqueued::Quarantined) => "quarantined",
+        Ok(Handled::Queued(Enqueued::Quarantined)) => "quarantined",
         Err(error @ ApiError::Unavailable(_)) => {
             // The one refusal that is the relay's fault: the queue could not commit.
             tracing::error!(source = label, %error, "webhook refused");
@@ -112,15 +120,18 @@ async fn answer(state: &AppState, name: &str, headers: &HeaderMap, body: Body) -
     )
     .record(started.elapsed().as_secs_f64());
     let response = match result {
-        Ok(Enqueued::Accepted { events }) => (
+        Ok(Handled::Filtered) => {
+            (StatusCode::ACCEPTED, Json(json!({ "status": "filtered" }))).into_response()
+        }
+        Ok(Handled::Queued(Enqueued::Accepted { events })) => (
             StatusCode::ACCEPTED,
             Json(json!({ "status": "accepted", "events": events })),
         )
             .into_response(),
-        Ok(Enqueued::Duplicate) => {
+        Ok(Handled::Queued(Enqueued::Duplicate)) => {
             (StatusCode::ACCEPTED, Json(json!({ "status": "duplicate" }))).into_response()
         }
-        Ok(Enqueued::Quarantined) => (
+        Ok(Handled::Queued(Enqueued::Quarantined)) => (
             StatusCode::ACCEPTED,
             Json(json!({ "status": "quarantined" })),
         )
@@ -146,13 +157,21 @@ pub async fn timed_out(uri: Uri, _: tower::BoxError) -> Response {
     ApiError::Unavailable("timed out".into()).into_response()
 }
 
+/// What became of a verified webhook.
+enum Handled {
+    Queued(Enqueued),
+    /// The transform had no output: nothing stored.
+    Filtered,
+}
+
 async fn handle(
     state: &AppState,
+    sources: &Sources,
     source: &Source,
     headers: &HeaderMap,
     body: Body,
     span: &mut WebhookSpan,
-) -> Result<Enqueued, ApiError> {
+) -> Result<Handled, ApiError> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::Draining);
     }
@@ -187,11 +206,23 @@ async fn handle(
         .await
         .map_err(|_| ApiError::Overloaded)?
         .map_err(|_| ApiError::Draining)?;
-    let content = span
-        .step("map", || {
-            translate::webhook(&source.mapper, &verified, received_at)
-        })
-        .map_err(|InvalidJson| ApiError::InvalidJson)?;
+    // The transform runs on a worker process of this configuration's generation (the one the
+    // source came from), so a reload meanwhile does not mix programs and mappers.
+    let prepared = span
+        .step_async(
+            "map",
+            prepare(source, &verified, received_at, sources.transforms()),
+        )
+        .await
+        .map_err(|error| match error {
+            PrepareError::InvalidJson => ApiError::InvalidJson,
+            PrepareError::Busy(_) => ApiError::Overloaded,
+            PrepareError::Unavailable(why) => ApiError::Unavailable(why),
+        })?;
+    let content = match prepared {
+        Prepared::Content(content) => content,
+        Prepared::Filtered => return Ok(Handled::Filtered),
+    };
     let quarantine_reason = match &content {
         Content::Quarantined { reason, .. } => Some(reason.clone()),
         Content::Records(_) => None,
@@ -221,7 +252,7 @@ async fn handle(
         }
         _ => {}
     }
-    Ok(outcome)
+    Ok(Handled::Queued(outcome))
 }
 
 /// How long a verified webhook may wait for a permit, or any body for budget bytes, before it

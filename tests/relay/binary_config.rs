@@ -599,13 +599,14 @@ fn row(cells: &[&str]) -> Vec<String> {
     cells.iter().map(|c| (*c).to_owned()).collect()
 }
 
-const SUMMARY_HEADER: [&str; 6] = [
+const SUMMARY_HEADER: [&str; 7] = [
     "name",
     "path",
     "app_id",
     "secrets",
     "tolerance_secs",
     "identity",
+    "transform",
 ];
 
 #[tokio::test]
@@ -656,7 +657,8 @@ async fn check_config_reads_sources_from_the_environment_and_lists_each_without_
                 APP_ID,
                 "1",
                 "300",
-                "user_id"
+                "user_id",
+                "none"
             ]),
             row(&[
                 "prod_eu",
@@ -664,7 +666,8 @@ async fn check_config_reads_sources_from_the_environment_and_lists_each_without_
                 "789",
                 "1",
                 "300",
-                "email"
+                "email",
+                "none"
             ]),
             row(&[
                 "staging",
@@ -672,7 +675,8 @@ async fn check_config_reads_sources_from_the_environment_and_lists_each_without_
                 "0456",
                 "2",
                 "60",
-                "user_id"
+                "user_id",
+                "none"
             ]),
         ],
         "{stdout}"
@@ -744,7 +748,8 @@ fn the_two_source_example_of_the_default_configuration_is_accepted_once_filled_i
                 "1001",
                 "1",
                 "300",
-                "user_id"
+                "user_id",
+                "none"
             ]),
             row(&[
                 "staging",
@@ -752,7 +757,8 @@ fn the_two_source_example_of_the_default_configuration_is_accepted_once_filled_i
                 "1002",
                 "1",
                 "600",
-                "email"
+                "email",
+                "none"
             ]),
         ],
         "{filled}\n{stdout}"
@@ -849,7 +855,8 @@ async fn the_staging_source_compose_and_kubernetes_show_is_accepted_once_set() {
                 "2002",
                 "2",
                 "120",
-                "email"
+                "email",
+                "none"
             ]),
             "{files:?}: {stdout}"
         );

@@ -158,7 +158,8 @@ async fn dry_runs_count_and_change_nothing_and_an_unknown_reason_lists_the_known
 
     // The README once said `no_identity` where `no_user_id` was stored: a name that matches no
     // reason is an error listing them, not an empty result.
-    let known = "no_user_id, no_identity, identity_too_long, no_kind, rejected, expired";
+    let known =
+        "no_user_id, no_identity, identity_too_long, no_kind, transform_error, rejected, expired";
     let unknown = run_cli(&env, &["dlq", "list", "--reason", "no_identiy"]);
     assert!(!unknown.status.success());
     assert_eq!(

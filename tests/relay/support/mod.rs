@@ -878,5 +878,6 @@ pub fn default_source(
         tolerance_secs: 300,
         app_id: AppId::try_from(APP_ID.to_owned()).unwrap(),
         mapper,
+        transform: userpilot_heap_relay::transform::Transform::Identity,
     }])
 }
