@@ -40,5 +40,6 @@ mod smoke;
 mod sources;
 mod sqlite_ingest;
 mod traces;
+mod transforms;
 mod validation;
 mod webhook_api;
