@@ -867,12 +867,17 @@ fn payload(rng: &mut Rng, seq: usize) -> Value {
     let samples = userpilot_heap_relay::samples::all(&format!("p-{seq}"), now, &seq.to_string());
     let mut body = if rng.chance(60) {
         samples[rng.below(samples.len())].1.clone()
-    } else {
-        let mut value = json_value(rng, 4);
-        if let Value::Object(map) = &mut value {
-            map.insert("seq".into(), json!(seq));
+    } else if rng.chance(90) {
+        // Any object: the relay answers 400 to a body that is not one, before any program.
+        let mut map = serde_json::Map::new();
+        map.insert("data".into(), json_value(rng, 4));
+        map.insert("seq".into(), json!(seq));
+        if rng.chance(50) {
+            map.insert("timestamp".into(), json_value(rng, 1));
         }
-        value
+        Value::Object(map)
+    } else {
+        json_value(rng, 4)
     };
     if rng.chance(30)
         && let Value::Object(map) = &mut body
@@ -958,8 +963,8 @@ async fn reload_programs(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn any_compiling_jq_program_on_any_payload_gets_a_defined_answer_and_never_stops_the_relay() {
     const SOURCES: usize = 24;
-    const BATCHES: usize = 4;
-    const PAYLOADS: usize = 4;
+    const BATCHES: usize = 6;
+    const PAYLOADS: usize = 5;
     const POSTERS: usize = 6;
     let seed = std::env::var("RELAY_TEST_TRANSFORM_SEED")
         .ok()
