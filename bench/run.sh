@@ -9,6 +9,11 @@
 #                                      # against 10 sources over 3 app ids (a few minutes);
 #                                      # prints its section, also written to
 #                                      # target/bench-sources.md (its figures: .json)
+#   bash bench/run.sh --transforms     # first argument: only the cost of transforms, one relay
+#                                      # with no program, `.` and a reshaping program on three
+#                                      # sources, CPU per webhook (about a minute); prints its
+#                                      # section, also written to target/bench-transforms.md
+#                                      # (its figures: .json)
 #   bash bench/run.sh --smoke          # seconds: debug builds, ~1 s of load, checks (CI)
 #
 # Postgres: when Postgres is installed (`pg_lsclusters` and a server binary exist), the suite
@@ -23,7 +28,8 @@
 # Other arguments go to `relay-bench suite` (see `relay-bench suite --help`: --runs,
 # --duration, --concurrency, --rates, --out, --no-sources, ...), or with --sources to
 # `relay-bench sources` (`relay-bench sources --help`: --runs, --concurrency, --rates, --out,
-# --json, ...). The suite includes the routing comparison; `--no-sources` skips it (for a relay
+# --json, ...), or with --transforms to `relay-bench transforms` (--runs, --duration,
+# --concurrency, ...). The suite includes the routing comparison; `--no-sources` skips it (for a relay
 # build that does not route by source). Everything runs on loopback; servers are child
 # processes of the harness and stop with it (Postgres, a service, keeps running).
 set -euo pipefail
@@ -59,6 +65,20 @@ if [[ "${1:-}" == "--sources" ]]; then
         --commit "$(commit)" \
         --out "$CARGO_TARGET_DIR/bench-sources.md" \
         --json "$CARGO_TARGET_DIR/bench-sources.json" \
+        "$@"
+fi
+
+if [[ "${1:-}" == "--transforms" ]]; then
+    # Only the transforms comparison; the other arguments go to `relay-bench transforms`.
+    shift
+    echo "== building (release)" >&2
+    cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin userpilot-heap-relay
+    cargo build --release --manifest-path "$ROOT/bench/Cargo.toml"
+    exec "$CARGO_TARGET_DIR/release/relay-bench" transforms \
+        --relay-bin "$CARGO_TARGET_DIR/release/userpilot-heap-relay" \
+        --commit "$(commit)" \
+        --out "$CARGO_TARGET_DIR/bench-transforms.md" \
+        --json "$CARGO_TARGET_DIR/bench-transforms.json" \
         "$@"
 fi
 

@@ -10,6 +10,9 @@
 //!   Postgres), and the server's durability settings as measured.
 //! - [`sources`]: the relay with 1 source against the relay with 10 sources over 3 app ids
 //!   (the cost of routing), a phase of the suite and a subcommand of its own.
+//! - [`transforms`]: one relay with a source without a jq program, one with `.` and one with a
+//!   reshaping program (the cost of transforms), a subcommand of its own and a phase of the
+//!   smoke.
 //! - [`suite`]: runs everything against the relay binary (on SQLite, and on Postgres with
 //!   `--postgres`) and the baseline and writes the report ([`report`]) from its figures
 //!   ([`results`]); [`smoke`] is the seconds-long version CI runs.
@@ -25,6 +28,7 @@ mod sink;
 mod smoke;
 mod sources;
 mod suite;
+mod transforms;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +53,9 @@ enum Command {
     /// The cost of routing alone: 1 source against 10 sources over 3 app ids; prints its
     /// section of the report.
     Sources(sources::Options),
+    /// The cost of transforms alone: no program, `.` and a reshaping program, CPU per
+    /// webhook; prints its section of the report.
+    Transforms(transforms::Options),
     /// A seconds-long end-to-end check that the harness still works (for CI).
     Smoke {
         /// The relay binary to run.
@@ -87,6 +94,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Suite(options) => suite::run(options).await,
             Command::Sources(options) => sources::run_cli(options).await,
+            Command::Transforms(options) => transforms::run_cli(options).await,
             Command::Smoke { relay_bin } => smoke::run(&relay_bin).await,
             Command::Baseline { listen } => baseline::serve(listen).await,
             Command::Load(options) => load::run_cli(options).await,

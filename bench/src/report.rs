@@ -689,6 +689,21 @@ fn label_routing(server: &str) -> &str {
     }
 }
 
+/// The transforms section, or what to run to measure it.
+fn write_transforms(out: &mut String, results: &Results) {
+    match &results.transforms {
+        Some(transforms) => out.push_str(&crate::transforms::render(transforms, "")),
+        None => {
+            let _ = writeln!(
+                out,
+                "## Transforms: the CPU cost per webhook\n\nNot measured in this run: the relay \
+                 build did not know `[sources.NAME] transform`, or the suite ran with \
+                 `--no-transforms`. `bash bench/run.sh --transforms` measures it alone.\n"
+            );
+        }
+    }
+}
+
 /// `relay-bench sources`: a heading, the machine, and the routing section alone.
 pub fn render_routing_alone(results: &Results) -> String {
     let m = &results.machine;
@@ -1208,6 +1223,7 @@ pub fn render(results: &Results) -> String {
     }
 
     write_routing(&mut out, results);
+    write_transforms(&mut out, results);
 
     // Targets.
     let _ = writeln!(out, "## Targets\n");
@@ -1414,6 +1430,18 @@ pub fn render(results: &Results) -> String {
             );
         }
     }
+    match &results.transforms {
+        Some(transforms) => {
+            let _ = writeln!(out, "{}", crate::transforms::target_row(transforms));
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "| Cost of a transform (issue 13): ≤ {} µs CPU per webhook over no transform, for `.` and a reshaping program | – | not measured (`bash bench/run.sh --transforms`) |",
+                crate::transforms::TARGET_US
+            );
+        }
+    }
     let _ = writeln!(out);
     for note in &results.notes {
         let _ = writeln!(out, "{note}\n");
@@ -1562,6 +1590,7 @@ mod tests {
             notes: Vec::new(),
             postgres,
             routing: None,
+            transforms: None,
         })
     }
 
@@ -1641,6 +1670,7 @@ mod tests {
             notes: Vec::new(),
             postgres: None,
             routing: None,
+            transforms: None,
         };
         results.routing = Some(Routing {
             sources: Vec::new(),

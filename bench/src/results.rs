@@ -174,6 +174,9 @@ pub struct Results {
     /// One source against ten (issue 12).
     #[serde(default)]
     pub routing: Option<Routing>,
+    /// No transform against `.` and a reshaping program (issue 13).
+    #[serde(default)]
+    pub transforms: Option<crate::transforms::Comparison>,
 }
 
 /// Server names in the runs (and the saved JSON).

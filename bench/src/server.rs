@@ -27,6 +27,8 @@ pub struct SourceSpec {
     pub name: String,
     pub secret: String,
     pub app_id: String,
+    /// Its jq program (contract §10, Transform), if it has one.
+    pub transform: Option<String>,
 }
 
 /// How a relay's sources are configured.
@@ -50,11 +52,15 @@ impl Sources<'_> {
         let mut toml = String::new();
         for source in *sources {
             toml.push_str(&format!(
-                "[sources.{}]\nsecrets = [{}]\napp_id = {}\n\n",
+                "[sources.{}]\nsecrets = [{}]\napp_id = {}\n",
                 source.name,
                 quote(&source.secret),
                 quote(&source.app_id)
             ));
+            if let Some(program) = &source.transform {
+                toml.push_str(&format!("transform = {}\n", quote(program)));
+            }
+            toml.push('\n');
         }
         Some(toml)
     }

@@ -11,6 +11,10 @@
 //! The routing comparison ([`sources::measure`]) runs too, briefly: a relay with 1 source and
 //! one with 10 over 3 app ids, every event counted at its app id. A relay that refuses
 //! `[sources.*]` fails the smoke, as any other failure of it does.
+//!
+//! So does the transforms comparison ([`transforms::measure`]): no program, `.` and a
+//! reshaping program on three sources of one relay, every event counted. A build that does not
+//! know `transform` yet skips it, and says so.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use crate::results::{Machine, Memory, RELAY_POSTGRES, Results};
 use crate::server::{SECRET, Server, postgres_queue};
 use crate::sink::{Endpoint, Sink};
 use crate::sources;
+use crate::transforms;
 
 /// The smoke's database on the tests' Postgres server.
 pub const POSTGRES_DATABASE: &str = "relay_bench_smoke";
@@ -169,6 +174,50 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         Err(answer) => bail!("the relay refuses `[sources.*]`:\n{answer}"),
     };
 
+    // The cost of transforms, briefly: the three sources answer and every event arrives. A
+    // build from before issue 13 does not know `transform`: said, and skipped.
+    let transforms = match transforms::accepts_transforms(relay_bin, scratch.path())? {
+        Ok(()) => {
+            let settings = transforms::Settings {
+                runs: 1,
+                duration: 0.3,
+                warmup: 0.1,
+                concurrency: 8,
+                users: 50,
+                extra_env: vec![("RELAY_HEAP__BATCH_LINGER_MS", "10".into())],
+            };
+            let comparison =
+                transforms::measure(&settings, &client, &sink, relay_bin, scratch.path())
+                    .await
+                    .context("the transforms comparison")?;
+            ensure!(
+                comparison.events_delivered >= comparison.events_expected,
+                "transforms: the fake Heap got {} of the {} track events accepted",
+                comparison.events_delivered,
+                comparison.events_expected
+            );
+            let figures: Vec<String> = comparison
+                .modes
+                .iter()
+                .map(|m| format!("{} {:.0} µs", m.source, m.tree_cpu_us))
+                .collect();
+            println!(
+                "relay-bench smoke: transforms: CPU per webhook {}; the fake Heap got all {} \
+                 events",
+                figures.join(", "),
+                comparison.events_delivered
+            );
+            Some(comparison)
+        }
+        Err(_) => {
+            println!(
+                "relay-bench smoke: transforms skipped (this relay build does not know \
+                 `[sources.NAME] transform`)"
+            );
+            None
+        }
+    };
+
     let postgres = match std::env::var("RELAY_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => {
             let (run, setup) = postgres_smoke(&client, relay_bin, &sink, scratch.path(), &url)
@@ -217,6 +266,7 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         notes: Vec::new(),
         postgres,
         routing,
+        transforms,
     };
     let markdown = report::render(&results);
     ensure!(

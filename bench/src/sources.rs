@@ -45,6 +45,7 @@ pub fn ten_sources() -> Vec<SourceSpec> {
             // Longer than the relay's 16-character minimum, so it logs no warning.
             secret: format!("bench-source-secret-s{i}"),
             app_id: app_id(i * APP_IDS / SOURCES),
+            transform: None,
         })
         .collect()
 }
@@ -475,6 +476,7 @@ pub async fn run_cli(options: Options) -> anyhow::Result<()> {
         notes: Vec::new(),
         postgres: None,
         routing: Some(routing),
+        transforms: None,
     };
     let markdown = report::render_routing_alone(&results);
     println!("{markdown}");

@@ -35,6 +35,7 @@ use crate::results::{
 use crate::server::{SECRET, Server, postgres_queue};
 use crate::sink::{Endpoint, Sink, summarize};
 use crate::sources;
+use crate::transforms;
 
 #[derive(clap::Args, Clone)]
 pub struct Options {
@@ -111,6 +112,12 @@ pub struct Options {
     /// Skip the routing comparison (for a relay build that does not route by source).
     #[arg(long)]
     pub no_sources: bool,
+    /// Closed-loop concurrency of the transforms comparison (no program, `.`, reshaping).
+    #[arg(long, default_value_t = 8)]
+    pub transforms_concurrency: usize,
+    /// Skip the transforms comparison.
+    #[arg(long)]
+    pub no_transforms: bool,
 }
 
 /// Heap's largest bulk request, the relay's default `heap.batch_max_events`.
@@ -166,6 +173,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         notes: Vec::new(),
         postgres: None,
         routing: None,
+        transforms: None,
     };
 
     let database = match &options.postgres {
@@ -221,6 +229,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     limit_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
     if !options.no_sources {
         routing_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
+    }
+    if !options.no_transforms {
+        transforms_phase(&options, &client, &sink, scratch.path(), &mut results).await?;
     }
     if let Some(webhooks) = options.drain {
         big_drain_phase(
@@ -856,6 +867,34 @@ async fn routing_phase(
         sources::measure(&settings, client, sink, &options.relay_bin, scratch).await?;
     results.runs.extend(runs);
     results.routing = Some(routing);
+    Ok(())
+}
+
+/// Phase 4b: the cost of transforms, no program against `.` and a reshaping program
+/// ([`transforms::measure`]). A build that does not know `transform` yet is noted, not failed.
+async fn transforms_phase(
+    options: &Options,
+    client: &Client,
+    sink: &Sink,
+    scratch: &std::path::Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    if let Err(answer) = transforms::accepts_transforms(&options.relay_bin, scratch)? {
+        eprintln!("== transforms: not measured, this build does not know `transform`: {answer}");
+        return Ok(());
+    }
+    eprintln!("== transforms: no program, `.` and a reshaping program");
+    let settings = transforms::Settings {
+        runs: options.runs.max(3),
+        duration: options.duration,
+        warmup: options.warmup,
+        concurrency: options.transforms_concurrency,
+        users: options.users,
+        extra_env: Vec::new(),
+    };
+    let comparison =
+        transforms::measure(&settings, client, sink, &options.relay_bin, scratch).await?;
+    results.transforms = Some(comparison);
     Ok(())
 }
 

@@ -41,5 +41,6 @@ mod smoke;
 mod sources;
 mod sqlite_ingest;
 mod traces;
+mod transforms;
 mod validation;
 mod webhook_api;
