@@ -13,8 +13,8 @@
 //! `[sources.*]` fails the smoke, as any other failure of it does.
 //!
 //! So does the transforms comparison ([`transforms::measure`]): no program, `.` and a
-//! reshaping program on three sources of one relay, every event counted. A build that does not
-//! know `transform` yet skips it, and says so.
+//! reshaping program on three sources of one relay, every event counted; a relay that refuses
+//! `transform` fails the smoke.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -174,8 +174,7 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         Err(answer) => bail!("the relay refuses `[sources.*]`:\n{answer}"),
     };
 
-    // The cost of transforms, briefly: the three sources answer and every event arrives. A
-    // build from before issue 13 does not know `transform`: said, and skipped.
+    // The cost of transforms, briefly: the three sources answer and every event arrives.
     let transforms = match transforms::accepts_transforms(relay_bin, scratch.path())? {
         Ok(()) => {
             let settings = transforms::Settings {
@@ -209,13 +208,7 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
             );
             Some(comparison)
         }
-        Err(_) => {
-            println!(
-                "relay-bench smoke: transforms skipped (this relay build does not know \
-                 `[sources.NAME] transform`)"
-            );
-            None
-        }
+        Err(answer) => bail!("the relay refuses `[sources.NAME] transform`:\n{answer}"),
     };
 
     let postgres = match std::env::var("RELAY_TEST_POSTGRES_URL") {
