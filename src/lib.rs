@@ -35,6 +35,7 @@ pub mod queue;
 pub mod reload;
 pub mod samples;
 pub mod secret;
+pub mod shapes;
 pub mod sources;
 pub mod telemetry;
 pub mod tls;

@@ -7,6 +7,7 @@ mod dlq;
 mod healthcheck;
 mod send_test;
 mod serve;
+mod shapes;
 mod sign;
 
 use std::process::ExitCode;
@@ -43,6 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             send_test::run(&send_test::source_url(url, source)?, &secret, user_id).await
         }
         Some(Command::Dlq { action }) => dlq::run(settings(&cli)?, action).await,
+        Some(Command::Shapes { source }) => shapes::run(settings(&cli)?, source.as_deref()).await,
         Some(Command::Healthcheck { url }) => {
             // Only the address: a health check must not fail on a secret it never uses.
             let url = match url {

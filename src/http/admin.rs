@@ -31,6 +31,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/forwarder/pause", post(pause))
         .route("/admin/forwarder/resume", post(resume))
         .route("/admin/reload", post(reload))
+        .route("/admin/shapes", get(shapes))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -285,6 +286,20 @@ async fn reload(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Prometheus text. Queue gauges are read at scrape time, so they are never stale.
+#[derive(Debug, serde::Deserialize)]
+struct ShapeParams {
+    source: Option<String>,
+}
+
+/// `GET /admin/shapes?source=`: the payload shapes stored (contract §10.4), newest (last
+/// seen) first, of one source when given.
+async fn shapes(State(state): State<Arc<AppState>>, Query(params): Query<ShapeParams>) -> Response {
+    match state.queue.shapes(params.source).await {
+        Ok(shapes) => Json(json!({ "shapes": shapes })).into_response(),
+        Err(err) => queue_error(err),
+    }
+}
+
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let now = state.clock.now_ms();
     let lanes = state.lanes.all();

@@ -35,6 +35,7 @@ mod queue_migrations;
 mod rate_budget;
 mod reload;
 mod serving_lock;
+mod shapes;
 mod shutdown;
 mod smoke;
 mod sources;

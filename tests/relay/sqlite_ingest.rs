@@ -19,6 +19,7 @@ fn webhook(n: usize, subject: &str) -> NewWebhook {
         digest: Sha256::digest(body.as_bytes()).into(),
         body: Bytes::from(body),
         received_at_ms: 1_700_000_000_000,
+        shape: None,
         content: Content::Records(vec![Outbound {
             key: format!("key {n}"),
             record: HeapRecord::User(UserProperties {

@@ -57,6 +57,7 @@ pub fn webhook(body: &str, at: i64, records: Vec<Outbound>) -> NewWebhook {
         body: Bytes::from(body.to_owned()),
         received_at_ms: at,
         content: Content::Records(records),
+        shape: None,
     }
 }
 
