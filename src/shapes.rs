@@ -13,10 +13,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::userpilot::{Action, Kind};
+use crate::userpilot::{Action, Kind, Verified, kind_and_action};
 
 /// `capture.samples`: what a shape keeps of its latest payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -174,27 +174,17 @@ fn action_name(action: &Action) -> String {
 }
 
 /// The places the decoder reads a kind or an action from (contract §2.2): the fields a
-/// redacted sample keeps, so that it still says what kind of payload it was.
-const KIND_AND_ACTION_FIELDS: &[&[&str]] = &[
-    &["type"],
-    &["event_type"],
-    &["event"],
-    &["action"],
-    &["status"],
-    &["data", "type"],
-    &["data", "event_type"],
-    &["data", "event"],
-    &["data", "action"],
-    &["data", "status"],
-    &["data", "state"],
-];
+/// redacted sample keeps, so that it still says what kind of payload it was. At the top level:
+const KEPT_AT_TOP: &[&str] = &["type", "event_type", "event", "action", "status"];
+/// And inside the top-level `data` object:
+const KEPT_IN_DATA: &[&str] = &["type", "event_type", "event", "action", "status", "state"];
 
 /// The sample a shape keeps of `payload` under `samples`, as JSON text.
 pub fn sample(payload: &Value, samples: Samples) -> Option<String> {
     match samples {
         Samples::Off => None,
         Samples::Full => Some(payload.to_string()),
-        Samples::Redacted => Some(redact(payload).to_string()),
+        Samples::Redacted => serde_json::to_string(&Redacted::root(payload)).ok(),
     }
 }
 
@@ -202,32 +192,77 @@ pub fn sample(payload: &Value, samples: Samples) -> Option<String> {
 /// number by `"<number>"`, except strings at the kind and action fields. Keys, booleans and
 /// nulls stay: they are the shape, not the data.
 pub fn redact(payload: &Value) -> Value {
-    redact_at(payload, &mut Vec::new())
+    serde_json::to_value(Redacted::root(payload)).unwrap_or(Value::Null)
 }
 
-fn redact_at<'a>(value: &'a Value, path: &mut Vec<&'a str>) -> Value {
-    match value {
-        Value::String(text) if KIND_AND_ACTION_FIELDS.contains(&path.as_slice()) => {
-            Value::String(text.clone())
+/// Where a value sits, as far as the kept fields go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Top,
+    Data,
+    Deeper,
+}
+
+/// A value serialized redacted in one pass, with no redacted copy built first: this runs for
+/// every webhook.
+struct Redacted<'a> {
+    value: &'a Value,
+    /// Where its members sit.
+    place: Place,
+    /// Whether it is a kind or action field itself.
+    kept: bool,
+}
+
+impl<'a> Redacted<'a> {
+    fn root(value: &'a Value) -> Self {
+        Redacted {
+            value,
+            place: Place::Top,
+            kept: false,
         }
-        Value::String(text) => Value::String(format!("<string:{}>", text.chars().count())),
-        Value::Number(_) => Value::String("<number>".into()),
-        Value::Bool(_) | Value::Null => value.clone(),
-        Value::Array(items) => {
-            // An element is never a kind or action field: a path with `[]` names none.
-            path.push("[]");
-            let items = items.iter().map(|item| redact_at(item, path)).collect();
-            path.pop();
-            Value::Array(items)
-        }
-        Value::Object(map) => {
-            let mut out = Map::with_capacity(map.len());
-            for (key, child) in map {
-                path.push(key);
-                out.insert(key.clone(), redact_at(child, path));
-                path.pop();
+    }
+
+    fn member(&self, key: &str, value: &'a Value) -> Self {
+        let (place, kept) = match self.place {
+            Place::Top => (
+                if key == "data" {
+                    Place::Data
+                } else {
+                    Place::Deeper
+                },
+                KEPT_AT_TOP.contains(&key),
+            ),
+            Place::Data => (Place::Deeper, KEPT_IN_DATA.contains(&key)),
+            Place::Deeper => (Place::Deeper, false),
+        };
+        Redacted { value, place, kept }
+    }
+}
+
+impl Serialize for Redacted<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.value {
+            Value::String(text) if self.kept => serializer.serialize_str(text),
+            Value::String(text) => {
+                serializer.collect_str(&format_args!("<string:{}>", text.chars().count()))
             }
-            Value::Object(out)
+            Value::Number(_) => serializer.serialize_str("<number>"),
+            Value::Bool(flag) => serializer.serialize_bool(*flag),
+            Value::Null => serializer.serialize_unit(),
+            // An element is never a kind or action field.
+            Value::Array(items) => serializer.collect_seq(items.iter().map(|item| Redacted {
+                value: item,
+                place: Place::Deeper,
+                kept: false,
+            })),
+            Value::Object(map) => {
+                let mut out = serializer.serialize_map(Some(map.len()))?;
+                for (key, value) in map {
+                    out.serialize_entry(key, &self.member(key, value))?;
+                }
+                out.end()
+            }
         }
     }
 }
@@ -265,16 +300,11 @@ impl Recorder {
 
     /// The shape of a verified body posted to `source`, to store with its webhook; `None` when
     /// the body is not JSON (the webhook is refused anyway) or the source is full and the shape
-    /// new. A first sighting logs one line.
-    pub fn observe(
-        &self,
-        source: &str,
-        body: &[u8],
-        kind: Option<&Kind>,
-        action: Option<&Action>,
-    ) -> Option<ShapeObservation> {
-        let payload: Value = serde_json::from_slice(body).ok()?;
-        let shape = of(&payload, kind, action);
+    /// new. A first sighting logs one line. One parse of the body; kind and action as the
+    /// decoder finds them.
+    pub fn observe(&self, source: &str, body: &Verified) -> Option<ShapeObservation> {
+        let (payload, kind, action) = kind_and_action(body)?;
+        let shape = of(&payload, kind.as_ref(), action.as_ref());
         let key = shape.key(source);
         let Some(new) = self.admit(source, key) else {
             metrics::counter!("relay_shapes_overflow_total", "source" => source.to_owned())
@@ -404,13 +434,32 @@ mod tests {
     #[test]
     fn the_recorder_admits_known_shapes_always_and_new_ones_up_to_the_bound() {
         let recorder = Recorder::new(Samples::Redacted, 2, []);
-        let body = |field: &str| format!("{{\"{field}\": 1}}").into_bytes();
-        assert!(recorder.observe("s", &body("a"), None, None).is_some());
-        assert!(recorder.observe("s", &body("b"), None, None).is_some());
-        assert!(recorder.observe("s", &body("c"), None, None).is_none());
-        assert!(recorder.observe("s", &body("a"), None, None).is_some());
-        assert!(recorder.observe("t", &body("c"), None, None).is_some());
+        let body = |text: &str| Verified::from_queue(text.to_owned().into());
+        let shape = |field: &str| body(&format!("{{\"{field}\": 1}}"));
+        assert!(recorder.observe("s", &shape("a")).is_some());
+        assert!(recorder.observe("s", &shape("b")).is_some());
+        assert!(recorder.observe("s", &shape("c")).is_none());
+        assert!(recorder.observe("s", &shape("a")).is_some());
+        assert!(recorder.observe("t", &shape("c")).is_some());
         assert_eq!(recorder.known("s"), 2);
-        assert!(recorder.observe("s", b"not json", None, None).is_none());
+        assert!(recorder.observe("s", &body("not json")).is_none());
+        let flow = recorder
+            .observe(
+                "t",
+                &body(r#"{"data": {"type": "flow", "action": "started"}}"#),
+            )
+            .unwrap();
+        assert_eq!(
+            (flow.kind.as_deref(), flow.action.as_deref()),
+            (Some("experience"), Some("started"))
+        );
+        let kindless = recorder
+            .observe("u", &body(r#"{"action": "started"}"#))
+            .unwrap();
+        assert_eq!(
+            (kindless.kind, kindless.action),
+            (None, None),
+            "no kind: neither"
+        );
     }
 }

@@ -196,14 +196,8 @@ async fn handle(
         Content::Quarantined { reason, .. } => Some(reason.clone()),
         Content::Records(_) => None,
     };
-    // The shape of the payload as received (contract §10.4), kind and action as decoded.
-    let decoded = crate::userpilot::decode(&verified).ok();
-    let (kind, action) = decoded
-        .as_ref()
-        .map_or((None, None), |d| (Some(&d.kind), d.action.as_ref()));
-    let shape = state
-        .shapes
-        .observe(&source.name, verified.bytes(), kind, action);
+    // The shape of the payload as received (contract §10.4).
+    let shape = state.shapes.observe(&source.name, &verified);
     let webhook = NewWebhook {
         shape,
         source: source.name.clone(),

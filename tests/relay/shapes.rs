@@ -252,3 +252,92 @@ async fn full_samples_keep_the_payload_and_off_keeps_none() {
         );
     }
 }
+
+/// CPU time of this process (all threads, the queue's writer included), from
+/// `/proc/self/stat` (clock ticks of 10 ms).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Maps and stores `rounds` × every sample into a fresh SQLite queue, as the handler does,
+/// with or without recording shapes; CPU per webhook in µs.
+async fn ingest_cpu_per_webhook(rounds: usize, record: bool) -> f64 {
+    use userpilot_heap_relay::heap::mapping::{Mapper, MappingSettings};
+    use userpilot_heap_relay::queue::sqlite::SqliteQueue;
+    use userpilot_heap_relay::queue::{NewWebhook, Queue};
+
+    let dir = tempfile::tempdir().unwrap();
+    let queue = std::sync::Arc::new(SqliteQueue::open(&dir.path().join("q.sqlite3")).unwrap());
+    let mapper = Mapper::new("user_id", true, false, &MappingSettings::default());
+    let recorder = shapes::Recorder::new(shapes::Samples::Redacted, 500, []);
+    let bodies: Vec<bytes::Bytes> = (0..rounds)
+        .flat_map(|round| all_samples(&format!("cpu-{round}")))
+        .map(|(_, body)| body.to_string().into_bytes().into())
+        .collect();
+    let received_at = chrono::Utc::now();
+    let started = process_cpu();
+    // 64 in flight, as concurrent requests: the writer commits them in groups.
+    for chunk in bodies.chunks(64) {
+        let stores = chunk.iter().map(|body| {
+            let verified = Verified::from_queue(body.clone());
+            let content =
+                userpilot_heap_relay::translate::webhook(&mapper, &verified, received_at).unwrap();
+            let shape = record.then(|| recorder.observe("default", &verified));
+            let webhook = NewWebhook {
+                source: "default".into(),
+                app_id: crate::support::APP_ID.into(),
+                digest: verified.digest(),
+                body: verified.into_bytes(),
+                received_at_ms: received_at.timestamp_millis(),
+                content,
+                shape: shape.flatten(),
+            };
+            let queue = queue.clone();
+            async move { queue.enqueue(webhook).await.unwrap() }
+        });
+        futures_util::future::join_all(stores).await;
+    }
+    let spent = process_cpu() - started;
+    let stored = queue.shapes(None).await.unwrap();
+    assert_eq!(stored.is_empty(), !record);
+    if record {
+        let counted: u64 = stored.iter().map(|s| s.count).sum();
+        assert_eq!(
+            counted as usize,
+            bodies.len(),
+            "every webhook's shape counted"
+        );
+    }
+    spent.as_secs_f64() * 1e6 / bodies.len() as f64
+}
+
+/// A measurement, not a check of behaviour (run it with `--ignored --nocapture`): the CPU a
+/// webhook costs to map and store on SQLite, without recording shapes and with, alternated
+/// three times on the same machine.
+#[ignore = "a measurement: cargo test --test relay shapes::ingest_cost -- --ignored --nocapture"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_cost_of_recording_shapes_per_webhook() {
+    let rounds = 400;
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    for _ in 0..3 {
+        without.push(ingest_cpu_per_webhook(rounds, false).await);
+        with.push(ingest_cpu_per_webhook(rounds, true).await);
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let (before, after) = (median(&mut without), median(&mut with));
+    println!(
+        "CPU per webhook (map + store, SQLite): without shapes {before:.1} µs, with shapes \
+         {after:.1} µs, +{:.1} µs ({without:?} / {with:?})",
+        after - before
+    );
+    assert!(before > 0.0 && after > 0.0);
+}
