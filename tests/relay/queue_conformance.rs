@@ -32,7 +32,6 @@ use userpilot_heap_relay::queue::{
 };
 
 use serde_json::json;
-use userpilot_heap_relay::shapes::{self, ShapeObservation};
 
 use crate::support::eventually;
 use crate::support::postgres::{Database, Schema, lane as own_lane};
@@ -107,20 +106,7 @@ async fn dead_ids(queue: &Arc<dyn Queue>, filter: DeadLetterFilter) -> Vec<i64> 
     letters.iter().map(|l| l.id).collect()
 }
 
-/// `webhook` carrying the shape of `payload` on its source, with the redacted sample.
-fn shaped(webhook: NewWebhook, payload: &Value) -> NewWebhook {
-    let shape = shapes::of(payload, None, None);
-    NewWebhook {
-        shape: Some(ShapeObservation {
-            key: shape.key(&webhook.source),
-            kind: Some("form".into()),
-            action: None,
-            paths: shape.paths,
-            sample: shapes::sample(payload, shapes::Samples::Redacted),
-        }),
-        ..webhook
-    }
-}
+use records::shaped;
 
 // ---------------------------------------------------------------------------------------------
 // The suite: each function states one behaviour of every backend.
