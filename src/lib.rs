@@ -6,8 +6,9 @@
 //! connection limits of [`http::serve`]; [`userpilot`] verifies the signature over them into
 //! `Verified` bytes (the only way to get any) and decodes the payload; [`translate`] maps the
 //! decoded interaction with [`heap::mapping`] into Heap records or a quarantine reason;
-//! [`queue`] commits them (SQLite or Postgres behind one trait); only then the handler answers
-//! 202.
+//! [`queue`] commits them (SQLite or Postgres behind one trait), with the payload's shape
+//! ([`shapes`], what really arrives, per source) in the same commit; only then the handler
+//! answers 202.
 //!
 //! The delivery path: the [`forwarder`] claims a batch from the [`queue`], applies Heap's rate
 //! limits ([`forwarder::limits`]), posts it with [`heap::client`] in the wire format of

@@ -273,6 +273,10 @@ impl Serialize for Redacted<'_> {
 /// fewer than the bound, else not (`relay_shapes_overflow_total{source}`). With several
 /// Postgres replicas each has its own index, so a source can end up with up to the bound of
 /// new shapes per replica beyond what was stored at their starts.
+///
+/// A key enters the index when its webhook is handled, before the commit: should that commit
+/// fail, the shape is stored (upserted) with the next webhook of its kind all the same, only
+/// without a second "new payload shape" line.
 pub struct Recorder {
     samples: Samples,
     max_per_source: usize,
