@@ -490,7 +490,6 @@ async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() 
             "records_due",
             "records_unassigned",
             "records_webhook_key",
-            "shapes_last_seen",
             "webhooks_received",
             "webhooks_source_digest",
         ]

@@ -82,7 +82,9 @@ CREATE INDEX IF NOT EXISTS records_unassigned ON records (id) WHERE app_id = '';
 ";
 
 /// Version 4: the payload shapes of each source (contract §10.4), upserted in the statement
-/// that stores the webhooks they were seen in; as the SQLite table.
+/// that stores the webhooks they were seen in; as the SQLite table, and as there with no index
+/// on `last_seen` (which every webhook moves; without one an update can stay on its page, HOT):
+/// a listing sorts the few rows itself.
 const SCHEMA_V4: &str = "
 CREATE TABLE IF NOT EXISTS shapes (
     key        BYTEA  PRIMARY KEY,  -- the shape's SHA-256, source included
@@ -95,7 +97,6 @@ CREATE TABLE IF NOT EXISTS shapes (
     last_seen  BIGINT NOT NULL,
     sample     TEXT                 -- JSON text; NULL with capture.samples = off
 );
-CREATE INDEX IF NOT EXISTS shapes_last_seen ON shapes (last_seen);
 ";
 
 const MIGRATIONS: &[(i32, &str)] = &[

@@ -86,7 +86,9 @@ CREATE INDEX IF NOT EXISTS records_unassigned ON records (id) WHERE app_id = '';
 /// The payload shapes of each source (schema version 4, contract §10.4), upserted in the
 /// commit of the webhook they were seen in. `key` is the shape's SHA-256 (source included);
 /// `paths` a JSON array of `path:type`; `sample` JSON text, NULL with `capture.samples = off`.
-/// Without rowid: the key is the table's one b-tree, so an upsert writes it once.
+/// Without rowid and without a second index: the key is the table's one b-tree, so an upsert
+/// writes one entry; a listing sorts the few rows (at most `capture.max_shapes_per_source` per
+/// source) by `last_seen` itself, which every webhook moves.
 const SHAPES: &str = "
 CREATE TABLE IF NOT EXISTS shapes (
     key        BLOB    PRIMARY KEY,
@@ -99,7 +101,6 @@ CREATE TABLE IF NOT EXISTS shapes (
     last_seen  INTEGER NOT NULL,
     sample     TEXT
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS shapes_last_seen ON shapes (last_seen);
 ";
 
 /// Version 2's records columns, in order: what a rebuild from version 1 copies.
