@@ -239,6 +239,12 @@ impl App {
         let (lanes, starts) = Lanes::new();
         register_lanes(&sources, queue.as_ref(), &lanes, clock.now_ms()).await;
         let traces = Traces::start(&settings.telemetry)?;
+        // The shapes index starts from the table, so a restart keeps counting, not recounting.
+        let shapes = crate::shapes::Recorder::new(
+            settings.capture.samples,
+            settings.capture.max_shapes_per_source.get(),
+            queue.shape_keys().await?,
+        );
         let build_lane = lane_builder(
             &settings,
             queue.clone(),
@@ -260,6 +266,7 @@ impl App {
             body_budget: http::body_budget(settings.server.max_body_bytes.get()),
             metrics,
             traces,
+            shapes,
         });
         let public = bind(settings.server.listen).await?;
         let admin = bind(settings.server.admin_listen).await?;

@@ -1,5 +1,5 @@
 //! The command line (contract §6): `serve` (the default), `check-config`, `sign`, `send-test`,
-//! `preview`, `dlq list|show|replay|purge` and `healthcheck`.
+//! `preview`, `dlq list|show|replay|purge`, `shapes` and `healthcheck`.
 
 use std::path::PathBuf;
 
@@ -79,6 +79,13 @@ pub enum Command {
     Dlq {
         #[command(subcommand)]
         action: DlqCommand,
+    },
+    /// List the payload shapes received, as JSON lines, newest (last seen) first (works on
+    /// the configured queue directly).
+    Shapes {
+        /// Only the shapes of this source.
+        #[arg(long)]
+        source: Option<String>,
     },
     /// Exit 0 when /readyz answers 200 (for container health checks). Needs no secrets: only
     /// server.listen is read, and only without --url.

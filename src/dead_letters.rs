@@ -419,6 +419,7 @@ mod tests {
         // Both were quarantined under an older, broken program.
         for body in &bodies {
             let webhook = NewWebhook {
+                shape: None,
                 source: "s".into(),
                 app_id: "7".into(),
                 digest: Sha256::digest(body.as_bytes()).into(),

@@ -7,9 +7,9 @@
 //! `Verified` bytes (the only way to get any) and decodes the payload; [`ingest`] runs the
 //! source's [`transform`] (a jq program, in worker processes of the relay's own binary) and
 //! [`translate`] maps each decoded interaction with [`heap::mapping`] into Heap records or a
-//! quarantine reason;
-//! [`queue`] commits them (SQLite or Postgres behind one trait); only then the handler answers
-//! 202.
+//! quarantine reason; [`queue`] commits them (SQLite or Postgres behind one trait), with the
+//! payload's shape ([`shapes`], what really arrives, per source) in the same commit; only then
+//! the handler answers 202.
 //!
 //! The delivery path: the [`forwarder`] claims a batch from the [`queue`], applies Heap's rate
 //! limits ([`forwarder::limits`]), posts it with [`heap::client`] in the wire format of
@@ -40,6 +40,7 @@ pub mod queue;
 pub mod reload;
 pub mod samples;
 pub mod secret;
+pub mod shapes;
 pub mod sources;
 pub mod telemetry;
 pub mod tls;

@@ -107,6 +107,10 @@ fn describe() {
         "Time to answer a webhook, by source and outcome."
     );
     metrics::describe_counter!(
+        "relay_shapes_overflow_total",
+        "Webhooks whose new payload shape was not stored because their source already has capture.max_shapes_per_source shapes, by source."
+    );
+    metrics::describe_counter!(
         "relay_signature_failures_total",
         "Webhooks refused for their signature, by source and reason."
     );
@@ -162,6 +166,7 @@ fn describe() {
 /// Starts the counters of webhooks to `source` at zero, so rate and ratio queries have a series
 /// from the first scrape (contract §8.2).
 pub fn zero_source_series(source: &str) {
+    metrics::counter!("relay_shapes_overflow_total", "source" => source.to_owned()).increment(0);
     for &outcome in WEBHOOK_OUTCOMES {
         metrics::counter!("relay_webhooks_total", "outcome" => outcome, "source" => source.to_owned())
             .increment(0);

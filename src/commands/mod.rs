@@ -8,6 +8,7 @@ mod healthcheck;
 mod preview;
 mod send_test;
 mod serve;
+mod shapes;
 mod sign;
 
 use std::process::ExitCode;
@@ -55,6 +56,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             preview::run(&settings(&cli)?, source.as_deref(), file).await
         }
         Some(Command::Dlq { action }) => dlq::run(settings(&cli)?, action).await,
+        Some(Command::Shapes { source }) => shapes::run(settings(&cli)?, source.as_deref()).await,
         Some(Command::Healthcheck { url }) => {
             // Only the address: a health check must not fail on a secret it never uses.
             let url = match url {

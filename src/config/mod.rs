@@ -106,6 +106,7 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub log: LogSettings,
     pub telemetry: TelemetrySettings,
+    pub capture: CaptureSettings,
     #[serde(default)]
     pub mapping: RawMapping,
     /// `[sources.<name>]` as written, by name (not yet checked: see [`Settings::sources`]).
@@ -269,6 +270,17 @@ pub struct TelemetrySettings {
     pub otlp_endpoint: Option<Url>,
     #[serde(deserialize_with = "forms::not_blank")]
     pub service_name: String,
+}
+
+/// `[capture]`: what the relay records of the payloads it receives (contract §10.4,
+/// [`crate::shapes`]). Read at start: a reload does not change it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureSettings {
+    pub samples: crate::shapes::Samples,
+    /// Shapes stored per source, at least 1.
+    #[serde(deserialize_with = "forms::non_zero")]
+    pub max_shapes_per_source: NonZeroUsize,
 }
 
 /// `[mapping]` as written: `rename` is a table in files, and a `Old=New;Other=New` string in

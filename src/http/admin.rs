@@ -1,8 +1,9 @@
 //! The admin port: `GET /metrics` (Prometheus text) and the bearer-token guarded `/admin/...`
 //! routes: dead letters (list, show one, replay, purge), status per source and lane, pausing
-//! one lane or all for a Heap maintenance window, reloading the configuration, and previewing
-//! what a payload would become under it (`POST /admin/preview`). With no
-//! `admin.token` configured every `/admin` route answers 403.
+//! one lane or all for a Heap maintenance window, reloading the configuration, previewing what
+//! a payload would become under it (`POST /admin/preview`), and the payload shapes that
+//! arrived (`GET /admin/shapes`). With no `admin.token` configured every `/admin` route
+//! answers 403.
 
 use std::sync::Arc;
 
@@ -36,6 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/forwarder/resume", post(resume))
         .route("/admin/reload", post(reload))
         .route("/admin/preview", post(preview))
+        .route("/admin/shapes", get(shapes))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -329,6 +331,22 @@ async fn preview(
             tracing::warn!(error = %busy, "preview refused: no transform worker");
             error(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
         }
+    }
+}
+
+/// `?source=`: the shapes of one source only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShapeParams {
+    source: Option<String>,
+}
+
+/// `GET /admin/shapes?source=`: the payload shapes stored (contract §10.4), newest (last
+/// seen) first, of one source when given.
+async fn shapes(State(state): State<Arc<AppState>>, Query(params): Query<ShapeParams>) -> Response {
+    match state.queue.shapes(params.source).await {
+        Ok(shapes) => Json(json!({ "shapes": shapes })).into_response(),
+        Err(err) => queue_error(err),
     }
 }
 

@@ -50,6 +50,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The `webhook` spans (off unless `telemetry.otlp_endpoint` is set).
     pub traces: crate::traces::Traces,
+    /// The index of payload shapes stored per source ([`crate::shapes`]).
+    pub shapes: crate::shapes::Recorder,
 }
 
 /// Verified webhooks handled at once (decoded, mapped, waiting for the commit). The permit is

@@ -227,7 +227,10 @@ async fn handle(
         Content::Quarantined { reason, .. } => Some(reason.clone()),
         Content::Records(_) => None,
     };
+    // The shape of the payload as received (contract §10.4).
+    let shape = state.shapes.observe(&source.name, &verified);
     let webhook = NewWebhook {
+        shape,
         source: source.name.clone(),
         app_id: source.app_id.to_string(),
         digest,

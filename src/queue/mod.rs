@@ -14,6 +14,11 @@
 //! times and the rate budget's `delivered_since` are per lane, so one app id's backlog never
 //! stands in another's way. Records stored before v3 have the lane `''` until the serving
 //! relay adopts them ([`Queue::adopt_unassigned`]).
+//!
+//! Shapes (schema v4, contract §10.4): a webhook may carry the shape of its payload
+//! ([`crate::shapes`]); it is upserted into `shapes` (count + 1, last seen, latest sample) in
+//! the same transaction as the webhook, never in a round trip of its own, and only when the
+//! webhook is new (a duplicate delivery is not counted again).
 
 /// The SQL text `template` (a constant) with `{pending}`, `{delivered}` and `{dead}` spelled as
 /// the [`RecordState`]s' stored integers, made once per call site and kept as a `&'static str`
@@ -39,6 +44,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::heap::wire::{Outbound, RecordKind};
+use crate::shapes::{ShapeObservation, StoredShape};
 
 /// The `kind` of a quarantine record: a webhook that could not be mapped to Heap records.
 pub const QUARANTINE_KIND: &str = "webhook";
@@ -112,6 +118,9 @@ pub struct NewWebhook {
     pub body: Bytes,
     pub received_at_ms: i64,
     pub content: Content,
+    /// The payload's shape, stored in the webhook's commit; `None`: not recorded (the
+    /// source's shapes are full, or the caller records none).
+    pub shape: Option<ShapeObservation>,
 }
 
 #[derive(Debug, Clone)]
@@ -435,6 +444,12 @@ pub trait Queue: Send + Sync + 'static {
         app_id: &str,
         now_ms: i64,
     ) -> Result<usize, QueueError>;
+
+    /// The stored shapes, of `source` only when given, newest (last seen) first.
+    async fn shapes(&self, source: Option<String>) -> Result<Vec<StoredShape>, QueueError>;
+
+    /// Every stored shape's (source, key): what the request path's index starts from.
+    async fn shape_keys(&self) -> Result<Vec<(String, [u8; 32])>, QueueError>;
 
     /// Deletes the selected dead letters; returns how many.
     async fn purge(&self, filter: DeadLetterFilter) -> Result<u64, QueueError>;

@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use super::{Content, Enqueued, NewWebhook};
 use crate::heap::wire::RecordKind;
+use crate::shapes::ShapeObservation;
 
 /// A webhook ready to insert.
 pub(crate) struct Prepared {
@@ -15,6 +16,30 @@ pub(crate) struct Prepared {
     pub body: Bytes,
     pub received_at_ms: i64,
     pub rows: Rows,
+    pub shape: Option<StorableShape>,
+}
+
+/// A shape's columns as stored: its paths as a JSON array, its text storable.
+pub(crate) struct StorableShape {
+    pub key: [u8; 32],
+    pub kind: Option<String>,
+    pub action: Option<String>,
+    pub paths: String,
+    pub sample: Option<String>,
+}
+
+impl From<ShapeObservation> for StorableShape {
+    fn from(shape: ShapeObservation) -> Self {
+        StorableShape {
+            key: shape.key,
+            kind: shape.kind.map(storable),
+            action: shape.action.map(storable),
+            // A list of strings always serializes; the fallback is never taken.
+            paths: storable(serde_json::to_string(&shape.paths).unwrap_or_default()),
+            // JSON text escapes U+0000 itself.
+            sample: shape.sample,
+        }
+    }
 }
 
 /// A webhook's records as stored.
@@ -92,6 +117,7 @@ impl From<NewWebhook> for Prepared {
             digest: webhook.digest,
             body: webhook.body,
             received_at_ms: webhook.received_at_ms,
+            shape: webhook.shape.map(StorableShape::from),
         }
     }
 }

@@ -5,5 +5,5 @@
 mod payload;
 mod signature;
 
-pub use payload::{Action, Company, DecodeError, Interaction, Kind, User, decode};
+pub use payload::{Action, Company, DecodeError, Interaction, Kind, User, decode, kind_and_action};
 pub use signature::{SignatureError, Verified, sign, verify};

@@ -51,6 +51,7 @@ async fn enqueue(queue: &dyn Queue, mapper: &Mapper, body: Bytes, at_ms: i64) ->
             body,
             received_at_ms: at_ms,
             content,
+            shape: None,
         })
         .await
         .unwrap()

@@ -36,6 +36,7 @@ mod queue_migrations;
 mod rate_budget;
 mod reload;
 mod serving_lock;
+mod shapes;
 mod shutdown;
 mod smoke;
 mod sources;

@@ -398,6 +398,12 @@ async fn a_webhook_postgres_refuses_fails_alone_and_its_group_neighbours_are_sto
     group.push(webhook("old", at + 50, vec![track("old-again", "ann")]));
     group.push(quarantined("still-quarantined", at, "detail", "cy"));
 
+    // Every webhook of the group carries the same shape: only those stored may count it.
+    let shape = serde_json::json!({"data": {"type": "form"}});
+    let group = group
+        .into_iter()
+        .map(|webhook| records::shaped(webhook, &shape))
+        .collect();
     let results = enqueue_together(&queue, group).await;
     let (refused, rest): (Vec<_>, Vec<_>) = results
         .into_iter()
@@ -440,6 +446,12 @@ async fn a_webhook_postgres_refuses_fails_alone_and_its_group_neighbours_are_sto
     assert_eq!(webhooks["good-0"], at);
     let records = stored_records(&client).await;
     assert_eq!(records.len(), 1 + 10 * 2 + 1);
+    let shapes = queue.shapes(None).await.unwrap();
+    assert_eq!(shapes.len(), 1);
+    assert_eq!(
+        shapes[0].count, 11,
+        "the ten good webhooks and the quarantined one; not the refused, not the duplicates"
+    );
     assert!(records.iter().all(|(_, key, ..)| !key.ends_with("-again")));
 
     // Nothing is stuck: sent again with new neighbours, the refused webhook fails alone again,

@@ -10,6 +10,10 @@
 //! stats, the same body on two sources is two webhooks, dead letters carry and filter by their
 //! source, requeue into a given lane, adoption of records without a lane.
 //!
+//! Shapes (schema v4): stored in the webhook's commit with count and first/last seen, not
+//! counted again for a duplicate, summed when one group commits several sightings, listed
+//! newest first and by source, their keys loadable for the request path's index.
+//!
 //! Postgres only: concurrent claimers never share a record, one leader per lane with a
 //! fast takeover of a gone replica's leases, two replicas leading two lanes at once, migrations racing at startup, and failing fast
 //! while the database is unreachable, then recovering without a restart.
@@ -27,6 +31,8 @@ use userpilot_heap_relay::queue::{
     Claimed, Content, DEFAULT_SOURCE, DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError,
 };
 
+use serde_json::json;
+
 use crate::support::eventually;
 use crate::support::postgres::{Database, Schema, lane as own_lane};
 use crate::support::records::{self, APP, user};
@@ -36,7 +42,7 @@ const T0: i64 = 1_700_000_000_000;
 const LEASE: i64 = 60_000;
 const FAR: i64 = T0 + 1_000_000_000;
 /// Migrations the Postgres backend has (one `schema_version` row each once applied).
-const MIGRATIONS: i64 = 3;
+const MIGRATIONS: i64 = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Building blocks
@@ -99,6 +105,8 @@ async fn dead_ids(queue: &Arc<dyn Queue>, filter: DeadLetterFilter) -> Vec<i64> 
     let letters = queue.dead_letters(filter).await.unwrap();
     letters.iter().map(|l| l.id).collect()
 }
+
+use records::shaped;
 
 // ---------------------------------------------------------------------------------------------
 // The suite: each function states one behaviour of every backend.
@@ -1136,6 +1144,98 @@ async fn records_without_a_lane_are_adopted_once_by_the_given_app_id(queue: Arc<
 // ---------------------------------------------------------------------------------------------
 // Both backends run every function above.
 
+async fn shapes_are_stored_with_their_webhook_counted_and_listed_newest_first(
+    queue: Arc<dyn Queue>,
+) {
+    let a = json!({"data": {"type": "form", "answer": "yes"}});
+    let a_later = json!({"data": {"type": "form", "answer": "a longer answer"}});
+    let b = json!({"data": {"type": "form", "score": 9}});
+    store(&queue, shaped(webhook("s1", T0, vec![track("a")]), &a)).await;
+    let other = records::on("other", &lane(), webhook("s3", T0 + 5, vec![track("c")]));
+    store(&queue, shaped(other, &b)).await;
+    store(
+        &queue,
+        shaped(webhook("s2", T0 + 10, vec![track("b")]), &a_later),
+    )
+    .await;
+    // A redelivery of s1 is not another sighting.
+    let again = store(&queue, shaped(webhook("s1", T0 + 20, vec![track("a")]), &a)).await;
+    assert_eq!(again, Enqueued::Duplicate);
+
+    let listed = queue.shapes(None).await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let (first, second) = (&listed[0], &listed[1]);
+    assert_eq!((first.source.as_str(), first.count), (DEFAULT_SOURCE, 2));
+    assert_eq!((first.first_seen_ms, first.last_seen_ms), (T0, T0 + 10));
+    assert_eq!(first.kind.as_deref(), Some("form"));
+    assert!(
+        first.paths.contains(&"data.answer:string".to_owned()),
+        "{first:?}"
+    );
+    assert_eq!(
+        first.sample,
+        Some(json!({"data": {"type": "form", "answer": "<string:15>"}})),
+        "the latest sample, redacted"
+    );
+    assert_eq!((second.source.as_str(), second.count), ("other", 1));
+    assert_eq!(
+        (second.first_seen_ms, second.last_seen_ms),
+        (T0 + 5, T0 + 5)
+    );
+
+    let of_other = queue.shapes(Some("other".into())).await.unwrap();
+    assert_eq!(of_other, vec![second.clone()]);
+    let mut keys: Vec<(String, String)> = queue
+        .shape_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(source, key)| (source, hex::encode(key)))
+        .collect();
+    keys.sort();
+    let mut expected: Vec<(String, String)> = listed
+        .iter()
+        .map(|shape| (shape.source.clone(), shape.key.clone()))
+        .collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+}
+
+async fn sightings_committed_together_are_all_counted(queue: Arc<dyn Queue>) {
+    let payload = json!({"data": {"type": "form"}});
+    // Concurrent enqueues share group commits: one statement then holds several sightings of
+    // one shape, which must add up, not collide.
+    let stores = (0..40).map(|n| {
+        let queue = queue.clone();
+        let webhook = shaped(
+            webhook(&format!("g{n}"), T0 + n, vec![track(&format!("g{n}"))]),
+            &payload,
+        );
+        async move { queue.enqueue(webhook).await.unwrap() }
+    });
+    futures_util::future::join_all(stores).await;
+    let listed = queue.shapes(None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].count, 40);
+    assert_eq!(
+        (listed[0].first_seen_ms, listed[0].last_seen_ms),
+        (T0, T0 + 39)
+    );
+}
+
+async fn a_webhook_without_a_shape_records_none_and_off_keeps_no_sample(queue: Arc<dyn Queue>) {
+    store(&queue, webhook("plain", T0, vec![track("a")])).await;
+    assert!(queue.shapes(None).await.unwrap().is_empty());
+    let mut unsampled = shaped(webhook("off", T0, vec![track("b")]), &json!({"x": 1}));
+    if let Some(shape) = unsampled.shape.as_mut() {
+        shape.sample = None;
+    }
+    store(&queue, unsampled).await;
+    let listed = queue.shapes(None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].sample, None);
+}
+
 async fn sqlite_queue() -> (Arc<dyn Queue>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let queue = SqliteQueue::open(&dir.path().join("queue.sqlite3")).unwrap();
@@ -1202,6 +1302,9 @@ conformance!(
     dead_letters_carry_their_source_and_lane_and_filter_by_source,
     a_requeued_webhook_goes_to_the_lane_it_is_given,
     records_without_a_lane_are_adopted_once_by_the_given_app_id,
+    shapes_are_stored_with_their_webhook_counted_and_listed_newest_first,
+    sightings_committed_together_are_all_counted,
+    a_webhook_without_a_shape_records_none_and_off_keeps_no_sample,
 );
 
 // ---------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@
 //! those versions wrote (copied here, as it stands in git at the version-2 commit), holding
 //! records in every state; after the upgrade every record and webhook is there, of source
 //! `default` and lane `''`, until `adopt_unassigned` gives them the serving relay's lane.
+//!
+//! Version 3 to 4 (the `shapes` table, contract §10.4): a version-3 database is a version-4
+//! one without that table, so it is made by this code's queue, with records in every state,
+//! and taken back to version 3; after the upgrade every record is in its state and shapes
+//! are recorded.
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -50,6 +55,7 @@ fn new_webhook(body: &'static str, app_id: &str) -> NewWebhook {
         body: Bytes::from_static(body.as_bytes()),
         received_at_ms: T0,
         content: Content::Records(vec![user("k"), user("k")]),
+        shape: None,
     }
 }
 
@@ -122,7 +128,7 @@ async fn a_version_1_sqlite_file_is_upgraded_keeping_its_records() {
     let queue = SqliteQueue::open(&path).unwrap();
     assert_upgraded(&queue, APP).await;
     drop(queue);
-    assert_eq!(sqlite_version(&path), 3);
+    assert_eq!(sqlite_version(&path), 4);
 }
 
 fn sqlite_version(path: &std::path::Path) -> i64 {
@@ -178,7 +184,7 @@ async fn a_version_1_postgres_schema_is_upgraded_keeping_its_records() {
         schema
             .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
             .await,
-        3
+        4
     );
     drop(queue);
     schema.drop().await;
@@ -463,7 +469,7 @@ async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() 
     }
 
     let queue = SqliteQueue::open(&path).unwrap();
-    assert_eq!(sqlite_version(&path), 3);
+    assert_eq!(sqlite_version(&path), 4);
     assert_upgraded_from_v2(&queue, APP).await;
     drop(queue);
 
@@ -560,7 +566,7 @@ async fn a_version_2_postgres_schema_is_upgraded_keeping_every_record_and_webhoo
         schema
             .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
             .await,
-        3
+        4
     );
     assert_upgraded_from_v2(&queue, &own_lane()).await;
     // The new layout: lane-led indexes, per-source deduplication.
@@ -600,6 +606,155 @@ async fn a_version_2_postgres_schema_is_upgraded_keeping_every_record_and_webhoo
         0,
         "the digest-only constraint is gone"
     );
+    drop(queue);
+    schema.drop().await;
+}
+
+/// Webhooks and records in every state, stored through `queue` in lane `app_id`: one track
+/// record each delivered, pending (retried), in flight (leased) and dead (refused), and a
+/// quarantined webhook.
+async fn fill_every_state(queue: &dyn Queue, app_id: &str) {
+    let tracks = ["delivered", "retried", "leased", "refused"]
+        .map(|key| records::track(key, "u1"))
+        .to_vec();
+    let webhook = records::on(
+        DEFAULT_SOURCE,
+        app_id,
+        records::webhook("v3 webhook", T0, tracks),
+    );
+    assert_eq!(
+        queue.enqueue(webhook).await.unwrap(),
+        Enqueued::Accepted { events: 4 }
+    );
+    let quarantined = records::quarantined("v3 quarantined", T0, "no_kind", "no kind", "");
+    let quarantined = records::on(DEFAULT_SOURCE, app_id, quarantined);
+    assert_eq!(
+        queue.enqueue(quarantined).await.unwrap(),
+        Enqueued::Quarantined
+    );
+    let claimed = queue
+        .claim(app_id, RecordKind::Track, 10, T0, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    let id = |key: &str| {
+        claimed
+            .iter()
+            .find(|c| c.json.contains(&format!("\"{key}\"")))
+            .map(|c| c.id)
+            .unwrap()
+    };
+    queue.ack(vec![id("delivered")], T0 + 1).await.unwrap();
+    queue
+        .retry_at(
+            vec![id("retried")],
+            T0 + 10,
+            true,
+            "heap answered 500".into(),
+        )
+        .await
+        .unwrap();
+    queue
+        .dead_letter(
+            vec![id("refused")],
+            "rejected".into(),
+            "heap answered 400".into(),
+            true,
+            T0 + 2,
+        )
+        .await
+        .unwrap();
+}
+
+/// What a queue upgraded from version 3 must show: every record in its state, the old webhooks
+/// still deduplicated, and shapes recorded from now on.
+async fn assert_upgraded_from_v3(queue: &dyn Queue, app_id: &str) {
+    let stats = queue.lane_stats(T0).await.unwrap()[app_id];
+    assert_eq!(
+        (stats.pending, stats.in_flight, stats.delivered, stats.dead),
+        (1, 1, 1, 2),
+        "{stats:?}"
+    );
+    let reasons: Vec<String> = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|letter| letter.reason)
+        .collect();
+    assert_eq!(reasons, ["rejected", "no_kind"]);
+    let again = records::on(
+        DEFAULT_SOURCE,
+        app_id,
+        records::webhook("v3 webhook", T0, vec![]),
+    );
+    assert_eq!(queue.enqueue(again).await.unwrap(), Enqueued::Duplicate);
+    assert!(queue.shapes(None).await.unwrap().is_empty());
+
+    let payload = serde_json::json!({"data": {"type": "form"}});
+    let shape = userpilot_heap_relay::shapes::of(&payload, None, None);
+    let mut shaped = records::on(
+        DEFAULT_SOURCE,
+        app_id,
+        records::webhook("v4 webhook", T0 + 5, vec![]),
+    );
+    shaped.shape = Some(userpilot_heap_relay::shapes::ShapeObservation {
+        key: shape.key(DEFAULT_SOURCE),
+        kind: None,
+        action: None,
+        paths: shape.paths.clone(),
+        sample: None,
+    });
+    queue.enqueue(shaped).await.unwrap();
+    let listed = queue.shapes(None).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].count, listed[0].paths.clone()), (1, shape.paths));
+}
+
+#[tokio::test]
+async fn a_version_3_sqlite_file_is_upgraded_keeping_every_record_in_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.sqlite3");
+    {
+        let queue = SqliteQueue::open(&path).unwrap();
+        fill_every_state(&queue, APP).await;
+    }
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE shapes; PRAGMA user_version = 3;")
+            .unwrap();
+    }
+    assert_eq!(sqlite_version(&path), 3);
+
+    let queue = SqliteQueue::open(&path).unwrap();
+    assert_upgraded_from_v3(&queue, APP).await;
+    drop(queue);
+    assert_eq!(sqlite_version(&path), 4);
+}
+
+#[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
+#[tokio::test]
+async fn a_version_3_postgres_schema_is_upgraded_keeping_every_record_in_its_state() {
+    let schema = Schema::fresh().await;
+    let app_id = own_lane();
+    {
+        let queue = schema.queue().await;
+        fill_every_state(&queue, &app_id).await;
+    }
+    let admin = crate::support::postgres::connect(&schema.url).await;
+    admin
+        .batch_execute("DROP TABLE shapes; DELETE FROM schema_version WHERE version = 4;")
+        .await
+        .unwrap();
+
+    let queue = PostgresQueue::connect(&schema.url).await.unwrap();
+    assert_eq!(
+        schema
+            .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
+            .await,
+        4
+    );
+    assert_upgraded_from_v3(&queue, &app_id).await;
     drop(queue);
     schema.drop().await;
 }

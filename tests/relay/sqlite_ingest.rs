@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use userpilot_heap_relay::heap::wire::{HeapRecord, Outbound, RecordKind, UserProperties};
 use userpilot_heap_relay::queue::sqlite::SqliteQueue;
@@ -19,6 +20,7 @@ fn webhook(n: usize, subject: &str) -> NewWebhook {
         digest: Sha256::digest(body.as_bytes()).into(),
         body: Bytes::from(body),
         received_at_ms: 1_700_000_000_000,
+        shape: None,
         content: Content::Records(vec![Outbound {
             key: format!("key {n}"),
             record: HeapRecord::User(UserProperties {
@@ -47,7 +49,9 @@ async fn a_failing_webhook_does_not_take_its_group_down() {
     for n in 0..50 {
         let queue = queue.clone();
         let subject = if n == 25 { "poison" } else { "u" };
-        tasks.spawn(async move { (n, queue.enqueue(webhook(n, subject)).await) });
+        // Each with the same shape: only the stored ones may count it.
+        let shaped = crate::support::records::shaped(webhook(n, subject), &json!({"n": "x"}));
+        tasks.spawn(async move { (n, queue.enqueue(shaped).await) });
     }
     while let Some(joined) = tasks.join_next().await {
         let (n, result) = joined.unwrap();
@@ -68,6 +72,12 @@ async fn a_failing_webhook_does_not_take_its_group_down() {
         .await
         .unwrap();
     assert_eq!(claimed.len(), 49);
+    let shapes = queue.shapes(None).await.unwrap();
+    assert_eq!(
+        (shapes.len(), shapes[0].count),
+        (1, 49),
+        "the refused webhook's savepoint took its shape with it"
+    );
     assert!(claimed.iter().all(|record| record.subject == "u"));
     // The failed webhook left nothing behind: a redelivery is new, not a duplicate.
     rusqlite::Connection::open(&path)

@@ -128,11 +128,31 @@ WITH w AS (
     ORDER BY u.n
     ON CONFLICT (webhook_id, key) DO NOTHING
     RETURNING webhook_id, kind
+), s AS (
+    INSERT INTO shapes AS t (key, source, kind, action, paths, count, first_seen, last_seen,
+                             sample)
+    SELECT u.shape_key, (array_agg(u.source))[1], (array_agg(u.kind))[1],
+           (array_agg(u.action))[1], (array_agg(u.paths))[1], COUNT(*), MIN(w.received_at),
+           MAX(w.received_at), (array_agg(u.sample ORDER BY w.received_at DESC, u.n DESC))[1]
+    FROM UNNEST($13::text[], $1::bytea[], $16::bytea[], $17::text[], $18::text[],
+                $19::text[], $20::text[])
+             WITH ORDINALITY AS u(source, digest, shape_key, kind, action, paths, sample, n)
+         JOIN w ON w.source = u.source AND w.digest = u.digest
+    WHERE u.shape_key IS NOT NULL
+    GROUP BY u.shape_key
+    ORDER BY u.shape_key
+    ON CONFLICT (key) DO UPDATE SET count = t.count + EXCLUDED.count,
+        first_seen = LEAST(t.first_seen, EXCLUDED.first_seen),
+        last_seen = GREATEST(t.last_seen, EXCLUDED.last_seen), sample = EXCLUDED.sample
 )
 SELECT w.source, w.digest, COUNT(r.kind) FILTER (WHERE r.kind = $12)
 FROM w LEFT JOIN r ON r.webhook_id = w.id
 GROUP BY w.source, w.digest";
 
+/// Shapes (`s`): the group's new webhooks that carry one, one row per shape key — a statement
+/// may not upsert a row twice, so sightings in one group are summed, the latest sample kept —
+/// taken in key order, so two groups lock shared shape rows in the same order.
+///
 /// Inserts a group sorted by (source, digest) with [`INSERT_GROUP`] (its webhooks in that
 /// order: `ORDER BY u.n`); the outcome of each webhook, in order. Of equal (source, digest)
 /// only the first goes in; the others are duplicates, as they would be one after the other.
@@ -155,7 +175,19 @@ async fn insert_group(
     let mut states: Vec<i32> = Vec::new();
     let mut reasons: Vec<Option<&str>> = Vec::new();
     let mut details: Vec<Option<&str>> = Vec::new();
+    // One entry per webhook, as `sources`: its shape's columns, NULL without one.
+    let mut shape_keys: Vec<Option<&[u8]>> = Vec::with_capacity(group.len());
+    let mut shape_kinds: Vec<Option<&str>> = Vec::with_capacity(group.len());
+    let mut shape_actions: Vec<Option<&str>> = Vec::with_capacity(group.len());
+    let mut shape_paths: Vec<Option<&str>> = Vec::with_capacity(group.len());
+    let mut shape_samples: Vec<Option<&str>> = Vec::with_capacity(group.len());
     for webhook in first_of_each_key(group) {
+        let shape = webhook.shape.as_ref();
+        shape_keys.push(shape.map(|shape| &shape.key[..]));
+        shape_kinds.push(shape.and_then(|shape| shape.kind.as_deref()));
+        shape_actions.push(shape.and_then(|shape| shape.action.as_deref()));
+        shape_paths.push(shape.map(|shape| shape.paths.as_str()));
+        shape_samples.push(shape.and_then(|shape| shape.sample.as_deref()));
         sources.push(&webhook.source);
         digests.push(&webhook.digest);
         bodies.push(&webhook.body);
@@ -215,6 +247,11 @@ async fn insert_group(
                 &sources,
                 &owner_sources,
                 &lanes,
+                &shape_keys,
+                &shape_kinds,
+                &shape_actions,
+                &shape_paths,
+                &shape_samples,
             ],
         )
         .await?;
@@ -312,6 +349,33 @@ async fn insert_webhook(
         webhook.received_at_ms,
     )
     .await?;
+    if let Some(shape) = &webhook.shape {
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO shapes AS t (key, source, kind, action, paths, count, first_seen,
+                 last_seen, sample) VALUES ($1, $2, $3, $4, $5, 1, $6, $6, $7)
+                 ON CONFLICT (key) DO UPDATE SET count = t.count + 1,
+                     first_seen = LEAST(t.first_seen, EXCLUDED.first_seen),
+                     last_seen = GREATEST(t.last_seen, EXCLUDED.last_seen),
+                     sample = EXCLUDED.sample",
+            )
+            .await
+            .map_err(storage)?;
+        tx.execute(
+            &statement,
+            &[
+                &&shape.key[..],
+                &webhook.source,
+                &shape.kind,
+                &shape.action,
+                &shape.paths,
+                &webhook.received_at_ms,
+                &shape.sample,
+            ],
+        )
+        .await
+        .map_err(storage)?;
+    }
     Ok(webhook.rows.outcome(events))
 }
 

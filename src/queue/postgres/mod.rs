@@ -92,6 +92,7 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
+use crate::shapes::StoredShape;
 
 mod ingest;
 mod leader;
@@ -729,6 +730,48 @@ impl Queue for PostgresQueue {
         .await?;
         tx.commit().await.map_err(storage)?;
         Ok(events)
+    }
+
+    async fn shapes(&self, source: Option<String>) -> Result<Vec<StoredShape>, QueueError> {
+        let rows = self
+            .query(
+                "SELECT key, source, kind, action, paths, count, first_seen, last_seen, sample
+                 FROM shapes WHERE $1::text IS NULL OR source = $1
+                 ORDER BY last_seen DESC, key",
+                &[&source],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let key: Vec<u8> = row.try_get(0)?;
+                let paths: String = row.try_get(4)?;
+                let sample: Option<String> = row.try_get(8)?;
+                Ok(StoredShape {
+                    key: hex::encode(key),
+                    source: row.try_get(1)?,
+                    kind: row.try_get(2)?,
+                    action: row.try_get(3)?,
+                    paths: serde_json::from_str(&paths).unwrap_or_default(),
+                    count: row.try_get::<_, i64>(5)?.try_into().unwrap_or(0),
+                    first_seen_ms: row.try_get(6)?,
+                    last_seen_ms: row.try_get(7)?,
+                    sample: sample.and_then(|text| serde_json::from_str(&text).ok()),
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(storage)
+    }
+
+    async fn shape_keys(&self) -> Result<Vec<(String, [u8; 32])>, QueueError> {
+        let rows = self.query("SELECT source, key FROM shapes", &[]).await?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let key: Vec<u8> = row.try_get(1).map_err(storage)?;
+            if let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) {
+                keys.push((row.try_get(0).map_err(storage)?, key));
+            }
+        }
+        Ok(keys)
     }
 
     async fn purge(&self, filter: DeadLetterFilter) -> Result<u64, QueueError> {

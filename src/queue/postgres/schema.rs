@@ -8,7 +8,7 @@ use super::{QueueError, storage, unavailable};
 use crate::queue::spell_states;
 
 /// The schema version this code writes (table `schema_version`). Add a migration to bump it.
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 
 /// `pg_advisory_xact_lock` key serializing migrations ("relaymig").
 const MIGRATION_LOCK: i64 = 0x7265_6c61_796d_6967;
@@ -81,7 +81,30 @@ CREATE INDEX IF NOT EXISTS records_delivered ON records (app_id, kind, updated_a
 CREATE INDEX IF NOT EXISTS records_unassigned ON records (id) WHERE app_id = '';
 ";
 
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+/// Version 4: the payload shapes of each source (contract §10.4), upserted in the statement
+/// that stores the webhooks they were seen in; as the SQLite table, and as there with no index
+/// on `last_seen` (which every webhook moves; without one an update can stay on its page, HOT):
+/// a listing sorts the few rows itself.
+const SCHEMA_V4: &str = "
+CREATE TABLE IF NOT EXISTS shapes (
+    key        BYTEA  PRIMARY KEY,  -- the shape's SHA-256, source included
+    source     TEXT   NOT NULL,
+    kind       TEXT,
+    action     TEXT,
+    paths      TEXT   NOT NULL,     -- JSON array of path:type
+    count      BIGINT NOT NULL,
+    first_seen BIGINT NOT NULL,
+    last_seen  BIGINT NOT NULL,
+    sample     TEXT                 -- JSON text; NULL with capture.samples = off
+);
+";
+
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+];
 
 /// Creates or upgrades the schema, once, whatever the number of replicas starting at once.
 pub(super) async fn migrate(pool: &Pool) -> Result<(), QueueError> {

@@ -36,6 +36,7 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
+use crate::shapes::StoredShape;
 
 mod file;
 mod lock;
@@ -613,6 +614,49 @@ impl Queue for SqliteQueue {
             )?;
             tx.commit()?;
             Ok(events)
+        })
+        .await
+    }
+
+    async fn shapes(&self, source: Option<String>) -> Result<Vec<StoredShape>, QueueError> {
+        self.read(move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT key, source, kind, action, paths, count, first_seen, last_seen, sample
+                 FROM shapes WHERE ?1 IS NULL OR source = ?1 ORDER BY last_seen DESC, key",
+            )?;
+            let rows = select.query_map(params![source], |row| {
+                let key: Vec<u8> = row.get(0)?;
+                let paths: String = row.get(4)?;
+                let sample: Option<String> = row.get(8)?;
+                Ok(StoredShape {
+                    key: hex::encode(key),
+                    source: row.get(1)?,
+                    kind: row.get(2)?,
+                    action: row.get(3)?,
+                    paths: serde_json::from_str(&paths).unwrap_or_default(),
+                    count: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
+                    first_seen_ms: row.get(6)?,
+                    last_seen_ms: row.get(7)?,
+                    sample: sample.and_then(|text| serde_json::from_str(&text).ok()),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn shape_keys(&self) -> Result<Vec<(String, [u8; 32])>, QueueError> {
+        self.read(|conn| {
+            let mut select = conn.prepare_cached("SELECT source, key FROM shapes")?;
+            let rows = select.query_map([], |row| {
+                let key: Vec<u8> = row.get(1)?;
+                Ok((row.get(0)?, <[u8; 32]>::try_from(key.as_slice()).ok()))
+            })?;
+            let keys = rows.collect::<rusqlite::Result<Vec<(String, Option<[u8; 32]>)>>>()?;
+            Ok(keys
+                .into_iter()
+                .filter_map(|(source, key)| Some((source, key?)))
+                .collect())
         })
         .await
     }

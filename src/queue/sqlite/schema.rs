@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::queue::spell_states;
 
 /// The schema version this code writes (`PRAGMA user_version`). Bump it with a migration.
-pub(super) const SCHEMA_VERSION: i64 = 3;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// Pages of SQLite's own cache (negative: KiB), 16 MiB. The digest index takes random inserts;
 /// with SQLite's default 2 MiB, a queue holding a week of webhooks read most of its pages back
@@ -83,6 +83,26 @@ CREATE INDEX IF NOT EXISTS records_delivered ON records (app_id, kind, updated_a
 CREATE INDEX IF NOT EXISTS records_unassigned ON records (id) WHERE app_id = '';
 ";
 
+/// The payload shapes of each source (schema version 4, contract §10.4), upserted in the
+/// commit of the webhook they were seen in. `key` is the shape's SHA-256 (source included);
+/// `paths` a JSON array of `path:type`; `sample` JSON text, NULL with `capture.samples = off`.
+/// Without rowid and without a second index: the key is the table's one b-tree, so an upsert
+/// writes one entry; a listing sorts the few rows (at most `capture.max_shapes_per_source` per
+/// source) by `last_seen` itself, which every webhook moves.
+const SHAPES: &str = "
+CREATE TABLE IF NOT EXISTS shapes (
+    key        BLOB    PRIMARY KEY,
+    source     TEXT    NOT NULL,
+    kind       TEXT,
+    action     TEXT,
+    paths      TEXT    NOT NULL,
+    count      INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen  INTEGER NOT NULL,
+    sample     TEXT
+) WITHOUT ROWID;
+";
+
 /// Version 2's records columns, in order: what a rebuild from version 1 copies.
 const RECORDS_V2_COLUMNS: &str = "id, webhook_id, key, kind, subject, json, state, claimed, \
     attempts, received_at, next_attempt_at, updated_at, last_error, dead_reason, dead_detail";
@@ -147,6 +167,8 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
             )?;
             tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated");
         }
+        // Version 4 only adds the shapes table, made below.
+        3 => tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated"),
         _ => {
             return Err(rusqlite::Error::InvalidParameterName(format!(
                 "queue schema version {version} is unknown to this relay"
@@ -155,6 +177,7 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     }
     tx.execute_batch(WEBHOOKS_INDEXES)?;
     tx.execute_batch(&spell_states(RECORDS_INDEXES))?;
+    tx.execute_batch(SHAPES)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
 }

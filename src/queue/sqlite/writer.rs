@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::file::QueueFile;
 use super::{BOOKKEEPING_CHUNK, storage};
 use crate::heap::wire::RecordKind;
-use crate::queue::prepared::{Prepared, Rows};
+use crate::queue::prepared::{Prepared, Rows, StorableShape};
 use crate::queue::{Claimed, Enqueued, QUARANTINE_KIND, QueueError};
 
 /// The most webhooks committed in one transaction.
@@ -166,7 +166,37 @@ fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enque
         &webhook.rows,
         webhook.received_at_ms,
     )?;
+    if let Some(shape) = &webhook.shape {
+        upsert_shape(tx, &webhook.source, shape, webhook.received_at_ms)?;
+    }
     Ok(webhook.rows.outcome(events))
+}
+
+/// Counts a sighting of `shape` in `source` at `seen_ms`, in the webhook's own transaction
+/// (or savepoint): a new shape starts at 1, a known one moves its last sighting and sample.
+fn upsert_shape(
+    tx: &Connection,
+    source: &str,
+    shape: &StorableShape,
+    seen_ms: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO shapes (key, source, kind, action, paths, count, first_seen, last_seen,
+         sample) VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6, ?7)
+         ON CONFLICT (key) DO UPDATE SET count = count + 1,
+             first_seen = MIN(first_seen, excluded.first_seen),
+             last_seen = MAX(last_seen, excluded.last_seen), sample = excluded.sample",
+    )?
+    .execute(params![
+        &shape.key[..],
+        source,
+        shape.kind,
+        shape.action,
+        shape.paths,
+        seen_ms,
+        shape.sample,
+    ])?;
+    Ok(())
 }
 
 /// Inserts a webhook's records into lane `app_id`; returns how many track events were new.

@@ -111,6 +111,22 @@ pub fn decode(body: &Verified) -> Result<Interaction, DecodeError> {
     decode_bytes(body.bytes())
 }
 
+/// A verified body parsed, with the kind and action [`decode`] would find in it and nothing
+/// else decoded: what a payload shape is filed under (`crate::shapes`), for one parse. The
+/// action is `None` when the kind is (a body that does not decode has neither). `None` for a
+/// body that is not JSON.
+pub fn kind_and_action(body: &Verified) -> Option<(Value, Option<Kind>, Option<Action>)> {
+    let value: Value = serde_json::from_slice(body.bytes()).ok()?;
+    let (kind, action) = match &value {
+        Value::Object(root) => match kind(root) {
+            Some(kind) => (Some(kind), action(root)),
+            None => (None, None),
+        },
+        _ => (None, None),
+    };
+    Some((value, kind, action))
+}
+
 /// A place in the body: object keys from the top level down.
 type Path = &'static [&'static str];
 

@@ -57,6 +57,7 @@ pub fn webhook(body: &str, at: i64, records: Vec<Outbound>) -> NewWebhook {
         body: Bytes::from(body.to_owned()),
         received_at_ms: at,
         content: Content::Records(records),
+        shape: None,
     }
 }
 
@@ -77,6 +78,23 @@ pub fn on(source: &str, app_id: &str, webhook: NewWebhook) -> NewWebhook {
     NewWebhook {
         source: source.to_owned(),
         app_id: app_id.to_owned(),
+        ..webhook
+    }
+}
+
+/// `webhook` carrying the shape of `payload` on its source (kind `form`, no action), with
+/// the redacted sample: as the handler attaches it (contract §10.4).
+pub fn shaped(webhook: NewWebhook, payload: &serde_json::Value) -> NewWebhook {
+    use userpilot_heap_relay::shapes;
+    let shape = shapes::of(payload, None, None);
+    NewWebhook {
+        shape: Some(shapes::ShapeObservation {
+            key: shape.key(&webhook.source),
+            kind: Some("form".into()),
+            action: None,
+            paths: shape.paths,
+            sample: shapes::sample(payload, shapes::Samples::Redacted),
+        }),
         ..webhook
     }
 }
