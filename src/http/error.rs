@@ -33,7 +33,9 @@ pub enum ApiError {
     Draining,
     #[error("too many webhooks in flight")]
     Overloaded,
-    #[error("queue unavailable: {0}")]
+    /// The relay's own fault, said in full: the queue could not commit (its error says so), or
+    /// no transform worker could start.
+    #[error("{0}")]
     Unavailable(String),
 }
 

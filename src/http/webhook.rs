@@ -80,7 +80,8 @@ async fn answer(state: &AppState, name: &str, headers: &HeaderMap, body: Body) -
         }
         Ok(Handled::Queued(Enqueued::Quarantined)) => "quarantined",
         Err(error @ ApiError::Unavailable(_)) => {
-            // The one refusal that is the relay's fault: the queue could not commit.
+            // The one refusal that is the relay's fault: the queue could not commit, or no
+            // transform worker could start.
             tracing::error!(source = label, %error, "webhook refused");
             "unavailable"
         }
@@ -154,7 +155,8 @@ pub async fn timed_out(uri: Uri, _: tower::BoxError) -> Response {
     tracing::warn!(source, "webhook timed out");
     metrics::counter!("relay_webhooks_total", "outcome" => "timed_out", "source" => source)
         .increment(1);
-    ApiError::Unavailable("timed out".into()).into_response()
+    ApiError::Unavailable("the webhook was not answered within its time limit".into())
+        .into_response()
 }
 
 /// What became of a verified webhook.
