@@ -69,6 +69,35 @@ pub struct StoredShape {
     pub sample: Option<Value>,
 }
 
+/// A `shapes` row's columns as both backends store them: `paths` and `sample` as JSON text.
+pub struct ShapeRow {
+    pub key: Vec<u8>,
+    pub source: String,
+    pub kind: Option<String>,
+    pub action: Option<String>,
+    pub paths: String,
+    pub count: i64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub sample: Option<String>,
+}
+
+impl From<ShapeRow> for StoredShape {
+    fn from(row: ShapeRow) -> Self {
+        StoredShape {
+            key: hex::encode(row.key),
+            source: row.source,
+            kind: row.kind,
+            action: row.action,
+            paths: serde_json::from_str(&row.paths).unwrap_or_default(),
+            count: row.count.try_into().unwrap_or(0),
+            first_seen_ms: row.first_seen_ms,
+            last_seen_ms: row.last_seen_ms,
+            sample: row.sample.and_then(|text| serde_json::from_str(&text).ok()),
+        }
+    }
+}
+
 /// The shape of `payload`, whose kind and action the decoder found (or not).
 pub fn of(payload: &Value, kind: Option<&Kind>, action: Option<&Action>) -> Shape {
     let mut paths = BTreeSet::new();

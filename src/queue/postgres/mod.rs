@@ -92,7 +92,7 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
-use crate::shapes::StoredShape;
+use crate::shapes::{ShapeRow, StoredShape};
 
 mod ingest;
 mod leader;
@@ -743,20 +743,17 @@ impl Queue for PostgresQueue {
             .await?;
         rows.iter()
             .map(|row| {
-                let key: Vec<u8> = row.try_get(0)?;
-                let paths: String = row.try_get(4)?;
-                let sample: Option<String> = row.try_get(8)?;
-                Ok(StoredShape {
-                    key: hex::encode(key),
+                Ok(StoredShape::from(ShapeRow {
+                    key: row.try_get(0)?,
                     source: row.try_get(1)?,
                     kind: row.try_get(2)?,
                     action: row.try_get(3)?,
-                    paths: serde_json::from_str(&paths).unwrap_or_default(),
-                    count: row.try_get::<_, i64>(5)?.try_into().unwrap_or(0),
+                    paths: row.try_get(4)?,
+                    count: row.try_get(5)?,
                     first_seen_ms: row.try_get(6)?,
                     last_seen_ms: row.try_get(7)?,
-                    sample: sample.and_then(|text| serde_json::from_str(&text).ok()),
-                })
+                    sample: row.try_get(8)?,
+                }))
             })
             .collect::<Result<_, tokio_postgres::Error>>()
             .map_err(storage)

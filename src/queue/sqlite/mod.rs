@@ -36,7 +36,7 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
-use crate::shapes::StoredShape;
+use crate::shapes::{ShapeRow, StoredShape};
 
 mod file;
 mod lock;
@@ -625,20 +625,17 @@ impl Queue for SqliteQueue {
                  FROM shapes WHERE ?1 IS NULL OR source = ?1 ORDER BY last_seen DESC, key",
             )?;
             let rows = select.query_map(params![source], |row| {
-                let key: Vec<u8> = row.get(0)?;
-                let paths: String = row.get(4)?;
-                let sample: Option<String> = row.get(8)?;
-                Ok(StoredShape {
-                    key: hex::encode(key),
+                Ok(StoredShape::from(ShapeRow {
+                    key: row.get(0)?,
                     source: row.get(1)?,
                     kind: row.get(2)?,
                     action: row.get(3)?,
-                    paths: serde_json::from_str(&paths).unwrap_or_default(),
-                    count: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
+                    paths: row.get(4)?,
+                    count: row.get(5)?,
                     first_seen_ms: row.get(6)?,
                     last_seen_ms: row.get(7)?,
-                    sample: sample.and_then(|text| serde_json::from_str(&text).ok()),
-                })
+                    sample: row.get(8)?,
+                }))
             })?;
             rows.collect()
         })
