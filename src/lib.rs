@@ -31,6 +31,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dead_letters;
+pub mod erase;
 pub mod forwarder;
 pub mod heap;
 pub mod http;

@@ -171,6 +171,7 @@ mod tests {
                 &MappingSettings::default(),
             ),
             transform: crate::transform::Transform::Identity,
+            api_key: None,
         }
     }
 

@@ -36,6 +36,8 @@ pub struct Source {
     pub mapper: Mapper,
     /// Its jq program (compiled by the configuration's checks), or none.
     pub transform: Transform,
+    /// Heap's API key for `app_id`: erasures also delete the user in Heap (contract §12).
+    pub api_key: Option<Secret>,
 }
 
 /// Every configured source, by name.
@@ -85,6 +87,7 @@ impl Sources {
                     app_id: source.app_id,
                     mapper,
                     transform,
+                    api_key: source.api_key,
                 };
                 (name, Arc::new(source))
             })

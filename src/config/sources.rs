@@ -93,6 +93,9 @@ pub struct SourceSettings {
     pub identity: String,
     /// The jq program its payloads go through first, as written (checked to compile).
     pub transform: Option<String>,
+    /// Heap's API key for its app id: with it, an erasure also deletes the user in Heap
+    /// (contract §12).
+    pub api_key: Option<Secret>,
 }
 
 impl SourceSettings {
@@ -245,6 +248,7 @@ impl Settings {
                     tolerance: self.userpilot.tolerance,
                     identity: self.heap.identity.clone(),
                     transform: self.userpilot.transform.clone(),
+                    api_key: None, // BASE: filled from heap.api_key
                 },
             );
         }
@@ -265,6 +269,7 @@ impl Settings {
                     .clone()
                     .unwrap_or_else(|| self.heap.identity.clone()),
                 transform: raw.transform.clone(),
+                api_key: None, // BASE: filled from sources.<name>.api_key
             });
         }
         sources.into_values().collect()

@@ -33,6 +33,7 @@ macro_rules! sql {
     }};
 }
 
+mod erasure;
 pub mod postgres;
 mod prepared;
 pub mod sqlite;
@@ -105,6 +106,10 @@ pub(crate) fn spell_states(template: &str) -> String {
 /// The source of webhooks stored before sources existed (schema v2, whose migration spells it
 /// as a literal), and of the top-level configuration keys.
 pub use crate::config::DEFAULT_SOURCE;
+pub use erasure::{
+    ErasureFilter, ErasureRow, ErasureScan, ErasureState, ErasureUpdate, NewErasure, Removed,
+    ScanCandidate,
+};
 
 /// A verified webhook and what the mapper made of it.
 #[derive(Debug, Clone)]
@@ -459,6 +464,65 @@ pub trait Queue: Send + Sync + 'static {
     /// `delivered_before_ms` (after which a redelivery is no longer recognised).
     async fn prune(&self, delivered_before_ms: i64, dead_before_ms: i64)
     -> Result<u64, QueueError>;
+
+    // Erasures (contract §12), driven by `crate::erase`.
+
+    /// One page of an erasure's scan: looks at up to `scan` webhooks of `source` with ids
+    /// above `after_id`, in id order, and returns those that may hold `identity` (a record
+    /// with it as subject, or its bytes in the body). Reads only: ingest never waits for it.
+    async fn erasure_scan(
+        &self,
+        source: &str,
+        identity: &str,
+        after_id: i64,
+        scan: usize,
+    ) -> Result<ErasureScan, QueueError>;
+
+    /// Erases webhooks in one transaction: every record of theirs (pending, delivered, dead)
+    /// deleted, their body emptied; id, source, digest and received_at stay, so a redelivery
+    /// is still a duplicate. Returns what was removed (`shape_samples` 0).
+    async fn erase_webhooks(&self, ids: Vec<i64>) -> Result<Removed, QueueError>;
+
+    /// Clears the sample of each of `source`'s shapes whose text holds `identity`; returns
+    /// how many.
+    async fn erase_samples(&self, source: &str, identity: &str) -> Result<u64, QueueError>;
+
+    /// Makes deleted content unreadable in the backend's files, and returns once it is: the
+    /// SQLite queue zeroes content as it deletes it (`secure_delete`), then checkpoints and
+    /// truncates its WAL; the Postgres queue vacuums the tables erasures touch.
+    async fn scrub(&self) -> Result<(), QueueError>;
+
+    /// Records an erasure whose local part is committed, `local_done`; returns its id. Its
+    /// Heap part, if any, is due at once.
+    async fn record_erasure(&self, erasure: NewErasure) -> Result<i64, QueueError>;
+
+    /// The erasures `filter` selects, by id ascending.
+    async fn erasures(&self, filter: ErasureFilter) -> Result<Vec<ErasureRow>, QueueError>;
+
+    /// Leases up to `max` erasures whose Heap part is due at `now_ms` — `local_done` with a
+    /// Heap app id and an identity (to request), or `heap_pending` (to check) — until
+    /// `now_ms + lease_ms`, oldest first: among replicas, one handles each.
+    async fn claim_erasures(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<ErasureRow>, QueueError>;
+
+    /// Applies `update` to erasure `id` (updated at `now_ms`) and ends its lease.
+    async fn update_erasure(
+        &self,
+        id: i64,
+        update: ErasureUpdate,
+        now_ms: i64,
+    ) -> Result<(), QueueError>;
+
+    /// When the earliest Heap part of an erasure is due (or its lease ends), if any.
+    async fn next_erasure_due_ms(&self) -> Result<Option<i64>, QueueError>;
+
+    /// Which of `ids` are still pending records: an erasure may have removed some of a
+    /// forwarder's claimed records before they were sent.
+    async fn still_pending(&self, ids: Vec<i64>) -> Result<Vec<i64>, QueueError>;
 }
 
 #[cfg(test)]

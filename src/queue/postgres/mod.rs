@@ -87,6 +87,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::prepared::{Prepared, Rows, storable};
 use super::{
+    ErasureFilter, ErasureRow, ErasureScan, ErasureUpdate, NewErasure, Removed,
     Claimed, Content, DeadLetter, DeadLetterCount, DeadLetterDetail, DeadLetterFilter, Enqueued,
     FilterValue, NewWebhook, Queue, QueueError, QueueStats, ReplayItem,
 };
@@ -96,6 +97,7 @@ use crate::shapes::{ShapeRow, StoredShape};
 
 mod ingest;
 mod leader;
+mod erasure;
 mod schema;
 mod tls;
 
@@ -820,6 +822,61 @@ impl Queue for PostgresQueue {
             }
         }
         Ok(total)
+    }
+    async fn erasure_scan(
+        &self,
+        source: &str,
+        identity: &str,
+        after_id: i64,
+        scan: usize,
+    ) -> Result<ErasureScan, QueueError> {
+        erasure::scan(self, source, identity, after_id, scan).await
+    }
+
+    async fn erase_webhooks(&self, ids: Vec<i64>) -> Result<Removed, QueueError> {
+        erasure::erase_webhooks(self, ids).await
+    }
+
+    async fn erase_samples(&self, source: &str, identity: &str) -> Result<u64, QueueError> {
+        erasure::erase_samples(self, source, identity).await
+    }
+
+    async fn scrub(&self) -> Result<(), QueueError> {
+        erasure::scrub(self).await
+    }
+
+    async fn record_erasure(&self, erasure: NewErasure) -> Result<i64, QueueError> {
+        erasure::record(self, erasure).await
+    }
+
+    async fn erasures(&self, filter: ErasureFilter) -> Result<Vec<ErasureRow>, QueueError> {
+        erasure::list(self, filter).await
+    }
+
+    async fn claim_erasures(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<ErasureRow>, QueueError> {
+        erasure::claim(self, now_ms, lease_ms, max).await
+    }
+
+    async fn update_erasure(
+        &self,
+        id: i64,
+        update: ErasureUpdate,
+        now_ms: i64,
+    ) -> Result<(), QueueError> {
+        erasure::update(self, id, update, now_ms).await
+    }
+
+    async fn next_erasure_due_ms(&self) -> Result<Option<i64>, QueueError> {
+        erasure::next_due_ms(self).await
+    }
+
+    async fn still_pending(&self, ids: Vec<i64>) -> Result<Vec<i64>, QueueError> {
+        erasure::still_pending(self, ids).await
     }
 }
 

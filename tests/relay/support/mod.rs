@@ -879,5 +879,6 @@ pub fn default_source(
         app_id: AppId::try_from(APP_ID.to_owned()).unwrap(),
         mapper,
         transform: userpilot_heap_relay::transform::Transform::Identity,
+        api_key: None,
     }])
 }
