@@ -397,3 +397,258 @@ pub(super) async fn still_pending(
         })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use bytes::Bytes;
+    use serde_json::{Map, json};
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::heap::wire::{HeapRecord, Outbound, RecordKind, TrackEvent};
+    use crate::queue::{Content, NewWebhook, Queue};
+    use crate::shapes::ShapeObservation;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    /// A webhook of source `default` with `body`, one track event of `identity` carrying
+    /// `properties`, and a full sample of the body.
+    fn webhook(body: &str, identity: &str, properties: serde_json::Value) -> NewWebhook {
+        let digest: [u8; 32] = Sha256::digest(body.as_bytes()).into();
+        let properties: Map<String, serde_json::Value> =
+            serde_json::from_value(properties).unwrap();
+        NewWebhook {
+            source: "default".into(),
+            app_id: "app-1".into(),
+            digest,
+            body: Bytes::from(body.to_owned()),
+            received_at_ms: T0,
+            content: Content::Records(vec![Outbound {
+                key: format!("key-{identity}"),
+                record: HeapRecord::Track(TrackEvent {
+                    identity: identity.into(),
+                    event: "Userpilot Test".into(),
+                    timestamp: "2023-11-14T22:13:20Z".into(),
+                    idempotency_key: format!("key-{identity}"),
+                    properties,
+                }),
+            }]),
+            shape: Some(ShapeObservation {
+                key: digest,
+                kind: Some("form".into()),
+                action: None,
+                paths: vec!["user_id:string".into()],
+                sample: Some(body.to_owned()),
+            }),
+        }
+    }
+
+    /// The bytes of the database file and of its WAL, as on disk.
+    fn on_disk(path: &Path) -> (Vec<u8>, Vec<u8>) {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let database = std::fs::read(path).unwrap();
+        (database, std::fs::read(wal).unwrap_or_default())
+    }
+
+    fn holds(bytes: &[u8], text: &str) -> bool {
+        bytes
+            .windows(text.len())
+            .any(|window| window == text.as_bytes())
+    }
+
+    /// Erases every webhook of `identity` the scan finds as the erase module does (one page,
+    /// all candidates), its samples, and scrubs.
+    async fn erase(queue: &SqliteQueue, identity: &str) -> Removed {
+        let page = scan(queue, "default", identity, 0, 1000).await.unwrap();
+        let ids = page.candidates.iter().map(|c| c.webhook_id).collect();
+        let mut removed = erase_webhooks(queue, ids).await.unwrap();
+        removed.shape_samples = erase_samples(queue, "default", identity).await.unwrap();
+        scrub(queue).await.unwrap();
+        removed
+    }
+
+    #[tokio::test]
+    async fn after_an_erasure_and_scrub_neither_file_holds_the_identity_but_others_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let queue = SqliteQueue::open(&path).unwrap();
+        let (gone, kept) = ("erase-me-7f3a9c41", "keep-me-51d2e0b7");
+        for (n, identity) in [gone, kept, gone].into_iter().enumerate() {
+            let body = format!(r#"{{"user_id":"{identity}","n":{n}}}"#);
+            let props = json!({"email": format!("{identity}@example.com")});
+            queue
+                .enqueue(webhook(&body, identity, props))
+                .await
+                .unwrap();
+        }
+        // One of them delivered, one dead: every state goes.
+        let claimed = queue
+            .claim("app-1", RecordKind::Track, 10, T0, 60_000)
+            .await
+            .unwrap();
+        queue.ack(vec![claimed[0].id], T0).await.unwrap();
+        queue
+            .dead_letter(
+                vec![claimed[2].id],
+                "rejected".into(),
+                gone.into(),
+                true,
+                T0,
+            )
+            .await
+            .unwrap();
+        let (database, wal) = on_disk(&path);
+        assert!(
+            holds(&database, gone) || holds(&wal, gone),
+            "written at all"
+        );
+
+        let removed = erase(&queue, gone).await;
+        assert_eq!(
+            (
+                removed.webhooks,
+                removed.delivered_records,
+                removed.dead_letters
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!(
+            removed.shape_samples, 2,
+            "each webhook has its own shape here"
+        );
+
+        let (database, wal) = on_disk(&path);
+        assert!(wal.is_empty(), "the WAL is truncated: {} bytes", wal.len());
+        assert!(
+            !holds(&database, gone),
+            "the erased identity is in the database file"
+        );
+        assert!(
+            holds(&database, kept),
+            "another user's identity was removed too"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_acked_records_old_json_is_zeroed_so_no_later_erasure_needs_to_find_it() {
+        // The ack empties `json`; the record row (its subject) stays until erased. What the
+        // JSON alone held — an email here — must be gone from the file, though the erasure
+        // only deletes a row whose JSON is already ''. Later records share its page, so the
+        // freed space is a hole between cells; the email is not at the JSON's end, which the
+        // emptied (shorter) record would overwrite in that hole anyway.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let queue = SqliteQueue::open(&path).unwrap();
+        let (identity, email) = ("user-3e9d", "only-in-json-0c4f2a@example.com");
+        let mut delivered = webhook(
+            r#"{"user_id":"user-3e9d"}"#,
+            identity,
+            json!({"email": email, "padding": "x".repeat(200)}),
+        );
+        delivered.shape = None;
+        queue.enqueue(delivered).await.unwrap();
+        for n in 0..3 {
+            let neighbour = webhook(&format!(r#"{{"n":{n}}}"#), &format!("other-{n}"), json!({}));
+            queue.enqueue(neighbour).await.unwrap();
+        }
+        scrub(&queue).await.unwrap();
+        assert!(
+            holds(&on_disk(&path).0, email),
+            "the JSON is in the file before the ack"
+        );
+        let claimed = queue
+            .claim("app-1", RecordKind::Track, 10, T0, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(claimed[0].subject, identity);
+        queue.ack(vec![claimed[0].id], T0).await.unwrap();
+
+        let removed = erase(&queue, identity).await;
+        assert_eq!((removed.webhooks, removed.delivered_records), (1, 1));
+        let (database, wal) = on_disk(&path);
+        assert!(!holds(&database, email) && !holds(&wal, email));
+        assert!(!holds(&database, identity));
+        assert!(holds(&database, "other-2"), "the neighbours stay");
+        drop(queue);
+
+        // Without secure_delete, the same ack, erasure and checkpoint leave the JSON behind in
+        // the page's free space: that is why every writing connection turns it on.
+        let control = dir.path().join("control.sqlite3");
+        let json = json!({"email": email, "padding": "x".repeat(200)}).to_string();
+        let mut conn = Connection::open(&control).unwrap();
+        super::super::schema::prepare(&mut conn).unwrap();
+        conn.pragma_update(None, "secure_delete", "OFF").unwrap();
+        conn.execute_batch(&crate::queue::spell_states(&format!(
+            "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
+                 next_attempt_at, updated_at)
+             VALUES (1, 'k', 'track', '{identity}', '{json}', {{pending}}, 0, 0, 0),
+                    (2, 'k', 'track', 'other-0', '{{}}', {{pending}}, 0, 0, 0),
+                    (3, 'k', 'track', 'other-1', '{{}}', {{pending}}, 0, 0, 0);
+             PRAGMA wal_checkpoint(TRUNCATE);
+             UPDATE records SET state = {{delivered}}, json = '' WHERE webhook_id = 1;
+             DELETE FROM records WHERE webhook_id = 1;
+             PRAGMA wal_checkpoint(TRUNCATE);"
+        )))
+        .unwrap();
+        let (database, _) = on_disk(&control);
+        assert!(
+            holds(&database, email),
+            "control: the bytes stay without it"
+        );
+    }
+
+    #[tokio::test]
+    async fn scans_read_the_webhooks_in_id_order_not_the_digest_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        drop(SqliteQueue::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {SCAN}")).unwrap();
+        let plan = statement
+            .query_map(params!["default", 0, 10, "x", b"x".to_vec()], |row| {
+                row.get::<_, String>(3)
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+            .join("; ");
+        assert!(
+            plan.contains("webhooks USING INTEGER PRIMARY KEY (rowid>?)"),
+            "{plan}"
+        );
+        assert!(!plan.contains("webhooks_source_digest"), "{plan}");
+    }
+
+    #[tokio::test]
+    async fn a_version_4_file_gets_the_erasures_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        drop(SqliteQueue::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE erasures; PRAGMA user_version = 4;")
+            .unwrap();
+        drop(conn);
+        let queue = SqliteQueue::open(&path).unwrap();
+        let filter = ErasureFilter {
+            limit: 10,
+            ..ErasureFilter::default()
+        };
+        assert!(list(&queue, filter).await.unwrap().is_empty());
+        drop(queue);
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, 5);
+        let secure: i64 = {
+            let mut conn = conn;
+            super::super::schema::prepare(&mut conn).unwrap();
+            conn.query_row("PRAGMA secure_delete", [], |row| row.get(0))
+                .unwrap()
+        };
+        assert_eq!(secure, 1, "prepare turns secure_delete on");
+    }
+}
