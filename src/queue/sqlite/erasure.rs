@@ -651,4 +651,32 @@ mod tests {
         };
         assert_eq!(secure, 1, "prepare turns secure_delete on");
     }
+
+    #[tokio::test]
+    async fn scrub_gives_up_with_an_error_while_a_reader_holds_the_wal_then_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let queue = SqliteQueue::open(&path).unwrap();
+        let body = r#"{"user_id":"held-8a1f"}"#;
+        let mut held = webhook(body, "held-8a1f", json!({}));
+        held.shape = None;
+        queue.enqueue(held).await.unwrap();
+        // A reader (a `dlq` beside the relay, say) in a transaction on the current snapshot.
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM webhooks", [], |row| row.get(0))
+            .unwrap();
+        let page = scan(&queue, "default", "held-8a1f", 0, 10).await.unwrap();
+        let ids = page.candidates.iter().map(|c| c.webhook_id).collect();
+        erase_webhooks(&queue, ids).await.unwrap();
+
+        let error = scrub(&queue).await.unwrap_err().to_string();
+        assert!(error.contains("blocked by a reader"), "{error}");
+        assert!(!on_disk(&path).1.is_empty(), "the WAL was not truncated");
+        reader.execute_batch("COMMIT").unwrap();
+        scrub(&queue).await.unwrap();
+        let (database, wal) = on_disk(&path);
+        assert!(wal.is_empty() && !holds(&database, "held-8a1f"));
+    }
 }
