@@ -39,7 +39,10 @@ const CLAIMABLE: &str = "((state = 'local_done' AND heap_app_id IS NOT NULL
 /// whether a record names the identity (`?4`, as the subject column stores it) and, for
 /// candidates only, the body: by subject, or holding the identity's bytes (`?5`, a blob, so
 /// `instr` compares bytes). `+source`: the rowid range in id order, not the `(source, digest)`
-/// index, which would read the source's whole range in digest order on every page.
+/// index, which would read the source's whole range in digest order on every page (other
+/// sources' rows are passed over, once per erasure). The byte match sees the identity as the
+/// body spells it: one the sender escaped in its JSON (`\"`, `\u00e9`) is found only through
+/// a record's subject.
 const SCAN: &str = "SELECT id, by_subject,
         CASE WHEN by_subject OR instr(body, ?5) > 0 THEN body END
     FROM (SELECT id, body,
