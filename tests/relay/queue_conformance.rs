@@ -14,6 +14,13 @@
 //! counted again for a duplicate, summed when one group commits several sightings, listed
 //! newest first and by source, their keys loadable for the request path's index.
 //!
+//! Erasures (schema v5, contract §12): a scan pages a source's webhooks by id, finding them
+//! by a record's subject or the identity's bytes in the body; erasing webhooks deletes all
+//! their records (counted by state) and empties their bodies while a redelivery stays a
+//! duplicate; only matching samples of the source are cleared; erasures are recorded,
+//! listed, filtered and paged; claims lease only erasures with Heap work due, each update
+//! does what it says; the next due time; which claimed records are still pending.
+//!
 //! Postgres only: concurrent claimers never share a record, one leader per lane with a
 //! fast takeover of a gone replica's leases, two replicas leading two lanes at once, migrations racing at startup, and failing fast
 //! while the database is unreachable, then recovering without a restart.
@@ -28,8 +35,10 @@ use userpilot_heap_relay::heap::wire::{Outbound, RecordKind};
 use userpilot_heap_relay::queue::postgres::PostgresQueue;
 use userpilot_heap_relay::queue::sqlite::SqliteQueue;
 use userpilot_heap_relay::queue::{
-    Claimed, Content, DEFAULT_SOURCE, DeadLetterFilter, Enqueued, NewWebhook, Queue, QueueError,
+    Claimed, Content, DEFAULT_SOURCE, DeadLetterFilter, Enqueued, ErasureFilter, ErasureRow,
+    ErasureScan, ErasureState, ErasureUpdate, NewErasure, NewWebhook, Queue, QueueError, Removed,
 };
+use userpilot_heap_relay::shapes;
 
 use serde_json::json;
 
@@ -42,7 +51,7 @@ const T0: i64 = 1_700_000_000_000;
 const LEASE: i64 = 60_000;
 const FAR: i64 = T0 + 1_000_000_000;
 /// Migrations the Postgres backend has (one `schema_version` row each once applied).
-const MIGRATIONS: i64 = 4;
+const MIGRATIONS: i64 = 5;
 
 // ---------------------------------------------------------------------------------------------
 // Building blocks
@@ -1236,6 +1245,580 @@ async fn a_webhook_without_a_shape_records_none_and_off_keeps_no_sample(queue: A
     assert_eq!(listed[0].sample, None);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Erasures (schema v5, contract §12).
+
+/// A webhook on `source` in the test's lane, one track event of `identity` per key.
+fn of(source: &str, body: &str, at: i64, identity: &str, keys: &[&str]) -> NewWebhook {
+    let tracks = keys.iter().map(|k| records::track(k, identity)).collect();
+    records::on(source, &lane(), records::webhook(body, at, tracks))
+}
+
+/// The ids of every webhook of `source`, in order, as single-webhook scan pages report them.
+async fn webhook_ids(queue: &Arc<dyn Queue>, source: &str) -> Vec<i64> {
+    let (mut ids, mut after) = (Vec::new(), 0);
+    while let Some(last) = queue
+        .erasure_scan(source, "nobody", after, 1)
+        .await
+        .unwrap()
+        .last_id
+    {
+        ids.push(last);
+        after = last;
+    }
+    ids
+}
+
+fn new_erasure(source: &str, identity: &str, heap: bool, at: i64) -> NewErasure {
+    NewErasure {
+        source: source.to_owned(),
+        heap_app_id: heap.then(|| "heap-app".to_owned()),
+        identity: heap.then(|| identity.to_owned()),
+        identity_sha256: hex::encode(Sha256::digest(identity.as_bytes())),
+        removed: Removed {
+            webhooks: 3,
+            pending_records: 2,
+            delivered_records: 4,
+            dead_letters: 1,
+            shape_samples: 1,
+        },
+        requested_at_ms: at,
+    }
+}
+
+fn every_erasure() -> ErasureFilter {
+    ErasureFilter {
+        limit: 100,
+        ..ErasureFilter::default()
+    }
+}
+
+async fn erasure(queue: &Arc<dyn Queue>, id: i64) -> ErasureRow {
+    let rows = queue.erasures(every_erasure()).await.unwrap();
+    rows.into_iter().find(|row| row.id == id).unwrap()
+}
+
+fn erasure_ids(rows: &[ErasureRow]) -> Vec<i64> {
+    rows.iter().map(|row| row.id).collect()
+}
+
+async fn an_erasure_scan_finds_webhooks_by_record_subject_and_by_body_bytes_in_pages(
+    queue: Arc<dyn Queue>,
+) {
+    // a: erin's record and body; b: erin only in the body; (other source: never); c: erin's
+    // record only; d: bob's; q: a quarantine that resolved erin.
+    store(
+        &queue,
+        of(DEFAULT_SOURCE, r#"{"user":"erin"}"#, T0, "erin", &["a"]),
+    )
+    .await;
+    let b_body = r#"{"note":"bob wrote to erin"}"#;
+    store(&queue, of(DEFAULT_SOURCE, b_body, T0, "bob", &["b"])).await;
+    store(
+        &queue,
+        of("other", r#"{"user":"erin"}"#, T0, "erin", &["e"]),
+    )
+    .await;
+    store(&queue, of(DEFAULT_SOURCE, r#"{"x":1}"#, T0, "erin", &["c"])).await;
+    store(
+        &queue,
+        of(DEFAULT_SOURCE, r#"{"user":"bob"}"#, T0, "bob", &["d"]),
+    )
+    .await;
+    store(&queue, quarantined(r#"{"q":"?"}"#, T0, "unmapped", "erin")).await;
+    let ids = webhook_ids(&queue, DEFAULT_SOURCE).await;
+    assert_eq!(ids.len(), 5, "the other source's webhook is not scanned");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let [a, b, c, d, q] = ids[..] else { panic!() };
+
+    let mut pages = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = queue
+            .erasure_scan(DEFAULT_SOURCE, "erin", after, 2)
+            .await
+            .unwrap();
+        let Some(last) = page.last_id else {
+            assert!(page.candidates.is_empty());
+            break;
+        };
+        after = last;
+        pages.push(page);
+    }
+    let last_ids: Vec<Option<i64>> = pages.iter().map(|p| p.last_id).collect();
+    assert_eq!(last_ids, [Some(b), Some(d), Some(q)]);
+    let found: Vec<Vec<(i64, bool)>> = pages
+        .iter()
+        .map(|p| {
+            p.candidates
+                .iter()
+                .map(|c| (c.webhook_id, c.by_subject))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            vec![(a, true), (b, false)],
+            vec![(c, true)],
+            vec![(q, true)]
+        ]
+    );
+    assert_eq!(pages[0].candidates[1].body, b_body.as_bytes());
+    assert_eq!(pages[1].candidates[0].body, &br#"{"x":1}"#[..]);
+
+    // One webhook is enough to tell that a source has any; an unknown one has none.
+    let first = queue
+        .erasure_scan(DEFAULT_SOURCE, "erin", 0, 1)
+        .await
+        .unwrap();
+    assert_eq!(first.last_id, Some(a));
+    let none = queue.erasure_scan("nowhere", "erin", 0, 10).await.unwrap();
+    assert_eq!(none, ErasureScan::default());
+}
+
+async fn erasing_webhooks_deletes_all_their_records_and_bodies_but_keeps_their_digests(
+    queue: Arc<dyn Queue>,
+) {
+    let mut w1 = of(DEFAULT_SOURCE, "erin's", T0, "erin", &["a", "b", "c"]);
+    if let Content::Records(records) = &mut w1.content {
+        records.push(user("erin"));
+    }
+    store(&queue, w1.clone()).await;
+    store(
+        &queue,
+        quarantined("erin's bad one", T0, "unmapped", "erin"),
+    )
+    .await;
+    store(
+        &queue,
+        webhook("bob's", T0, vec![records::track("k", "bob")]),
+    )
+    .await;
+    // Of erin's tracks: a delivered, b dead, c in flight; her user record pending.
+    let claimed = tracks(&queue, T0).await;
+    let erins: Vec<&Claimed> = claimed.iter().filter(|c| c.subject == "erin").collect();
+    queue.ack(vec![erins[0].id], T0).await.unwrap();
+    queue
+        .dead_letter(vec![erins[1].id], "rejected".into(), "no".into(), true, T0)
+        .await
+        .unwrap();
+    let ids = webhook_ids(&queue, DEFAULT_SOURCE).await;
+
+    let removed = queue.erase_webhooks(ids[..2].to_vec()).await.unwrap();
+    assert_eq!(
+        removed,
+        Removed {
+            webhooks: 2,
+            pending_records: 2,
+            delivered_records: 1,
+            dead_letters: 2,
+            shape_samples: 0,
+        }
+    );
+    let stats = queue.stats(T0).await.unwrap();
+    assert_eq!(
+        (stats.pending + stats.in_flight, stats.delivered, stats.dead),
+        (1, 0, 0),
+        "only bob's record is left"
+    );
+    assert!(
+        queue
+            .dead_letters(DeadLetterFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(claim_all(&queue, RecordKind::User, FAR).await.is_empty());
+    let left = tracks(&queue, FAR).await;
+    assert_eq!(
+        left.iter().map(|c| c.subject.as_str()).collect::<Vec<_>>(),
+        ["bob"]
+    );
+
+    // The rows stay, emptied: nothing of erin is found again, bob's body is whole.
+    assert_eq!(webhook_ids(&queue, DEFAULT_SOURCE).await, ids);
+    let again = queue
+        .erasure_scan(DEFAULT_SOURCE, "erin", 0, 10)
+        .await
+        .unwrap();
+    assert!(again.candidates.is_empty(), "{again:?}");
+    let bobs = queue
+        .erasure_scan(DEFAULT_SOURCE, "bob", 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(bobs.candidates.len(), 1);
+    assert_eq!(bobs.candidates[0].body, &b"bob's"[..]);
+
+    // A redelivery of an erased webhook is a duplicate; erasing again removes nothing.
+    assert_eq!(store(&queue, w1).await, Enqueued::Duplicate);
+    let quarantine = quarantined("erin's bad one", T0 + 5, "unmapped", "erin");
+    assert_eq!(store(&queue, quarantine).await, Enqueued::Duplicate);
+    let twice = queue.erase_webhooks(ids[..2].to_vec()).await.unwrap();
+    assert_eq!(twice, Removed::default());
+    assert_eq!(
+        queue.erase_webhooks(Vec::new()).await.unwrap(),
+        Removed::default()
+    );
+}
+
+async fn erasing_samples_clears_only_the_matching_samples_of_the_source(queue: Arc<dyn Queue>) {
+    let full = |webhook: NewWebhook, payload: Value| {
+        let mut shaped = shaped(webhook, &payload);
+        if let Some(shape) = shaped.shape.as_mut() {
+            shape.sample = shapes::sample(&payload, shapes::Samples::Full);
+        }
+        shaped
+    };
+    let erins = json!({"data": {"user": "erin"}});
+    let bobs = json!({"data": {"who": "bob", "score": 3}});
+    store(
+        &queue,
+        full(webhook("s1", T0, vec![track("a")]), erins.clone()),
+    )
+    .await;
+    store(
+        &queue,
+        full(webhook("s2", T0 + 1, vec![track("b")]), bobs.clone()),
+    )
+    .await;
+    let elsewhere = records::on("other", &lane(), webhook("s3", T0 + 2, vec![track("c")]));
+    store(&queue, full(elsewhere, erins.clone())).await;
+    let before = queue.shapes(None).await.unwrap();
+
+    assert_eq!(
+        queue.erase_samples(DEFAULT_SOURCE, "erin").await.unwrap(),
+        1
+    );
+    let after = queue.shapes(None).await.unwrap();
+    assert_eq!(after.len(), 3);
+    for (old, new) in before.iter().zip(&after) {
+        assert_eq!(
+            (&old.key, &old.paths, old.count),
+            (&new.key, &new.paths, new.count)
+        );
+        let cleared = new.source == DEFAULT_SOURCE && old.sample.as_ref() == Some(&erins);
+        assert_eq!(new.sample.is_none(), cleared, "{new:?}");
+    }
+    assert_eq!(
+        queue.erase_samples(DEFAULT_SOURCE, "erin").await.unwrap(),
+        0
+    );
+    assert_eq!(
+        queue.erase_samples(DEFAULT_SOURCE, "nobody").await.unwrap(),
+        0
+    );
+}
+
+async fn erasures_are_recorded_listed_filtered_and_paged_by_id(queue: Arc<dyn Queue>) {
+    let local = queue
+        .record_erasure(new_erasure(DEFAULT_SOURCE, "erin", false, T0))
+        .await
+        .unwrap();
+    let heap = queue
+        .record_erasure(new_erasure(DEFAULT_SOURCE, "bob", true, T0 + 1))
+        .await
+        .unwrap();
+    let other = queue
+        .record_erasure(new_erasure("other", "carol", true, T0 + 2))
+        .await
+        .unwrap();
+    assert!(local < heap && heap < other);
+
+    let all = queue.erasures(every_erasure()).await.unwrap();
+    assert_eq!(erasure_ids(&all), [local, heap, other]);
+    let expected = new_erasure(DEFAULT_SOURCE, "bob", true, T0 + 1);
+    assert_eq!(
+        all[1],
+        ErasureRow {
+            id: heap,
+            source: expected.source,
+            heap_app_id: expected.heap_app_id,
+            identity: expected.identity,
+            identity_sha256: expected.identity_sha256,
+            state: ErasureState::LocalDone,
+            removed: expected.removed,
+            requested_at_ms: T0 + 1,
+            updated_at_ms: T0 + 1,
+            deletion_request_id: None,
+            attempts: 0,
+            last_error: None,
+            reason: None,
+            next_attempt_at_ms: T0 + 1,
+        }
+    );
+    assert_eq!(
+        (all[0].heap_app_id.as_deref(), all[0].identity.as_deref()),
+        (None, None)
+    );
+
+    let select = |source: Option<&str>, state: Option<ErasureState>, after_id, limit| {
+        let queue = queue.clone();
+        let filter = ErasureFilter {
+            source: source.map(str::to_owned),
+            state,
+            after_id,
+            limit,
+        };
+        async move { erasure_ids(&queue.erasures(filter).await.unwrap()) }
+    };
+    assert_eq!(select(Some("other"), None, None, 100).await, [other]);
+    assert_eq!(
+        select(Some(DEFAULT_SOURCE), None, None, 100).await,
+        [local, heap]
+    );
+    let local_done = Some(ErasureState::LocalDone);
+    assert_eq!(
+        select(None, local_done, None, 100).await,
+        [local, heap, other]
+    );
+    assert!(
+        select(None, Some(ErasureState::HeapPending), None, 100)
+            .await
+            .is_empty()
+    );
+    assert_eq!(select(None, None, Some(local), 1).await, [heap]);
+    assert_eq!(select(None, None, Some(heap), 1).await, [other]);
+    assert!(select(None, None, Some(other), 1).await.is_empty());
+}
+
+async fn claimed_erasures_are_leased_and_local_only_or_finished_ones_never(queue: Arc<dyn Queue>) {
+    let record = |identity: &str, heap: bool, at: i64| {
+        let queue = queue.clone();
+        let erasure = new_erasure(DEFAULT_SOURCE, identity, heap, at);
+        async move { queue.record_erasure(erasure).await.unwrap() }
+    };
+    let local = record("l", false, T0).await;
+    let first = record("a", true, T0).await;
+    let later = record("b", true, T0 + 10).await;
+    let failed = record("f", true, T0).await;
+    let done = record("d", true, T0).await;
+    let pending = record("p", true, T0).await;
+    let failure = ErasureUpdate::Failed {
+        reason: "401".into(),
+    };
+    queue.update_erasure(failed, failure, T0).await.unwrap();
+    queue
+        .update_erasure(done, ErasureUpdate::Done, T0)
+        .await
+        .unwrap();
+    let requested = ErasureUpdate::Requested {
+        deletion_request_id: "req-p".into(),
+        check_at_ms: T0 + 5,
+    };
+    queue.update_erasure(pending, requested, T0).await.unwrap();
+
+    let claimed = queue.claim_erasures(T0, LEASE, 10).await.unwrap();
+    assert_eq!(erasure_ids(&claimed), [first]);
+    assert_eq!(claimed[0].identity.as_deref(), Some("a"));
+    assert_eq!(
+        claimed[0].next_attempt_at_ms,
+        T0 + LEASE,
+        "due again when the lease ends"
+    );
+    // Later: the due ones, oldest first and at most max; the leased one is not due again.
+    let one = queue.claim_erasures(T0 + 20, LEASE, 1).await.unwrap();
+    assert_eq!(erasure_ids(&one), [later]);
+    let rest = queue.claim_erasures(T0 + 20, LEASE, 10).await.unwrap();
+    assert_eq!(erasure_ids(&rest), [pending]);
+    assert_eq!(rest[0].state, ErasureState::HeapPending);
+    assert!(
+        queue
+            .claim_erasures(T0 + 30, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The first lease ends: claimed again; then all three, never the other three.
+    let expired = queue.claim_erasures(T0 + LEASE, LEASE, 10).await.unwrap();
+    assert_eq!(erasure_ids(&expired), [first]);
+    let all = queue.claim_erasures(FAR, LEASE, 10).await.unwrap();
+    assert_eq!(erasure_ids(&all), [first, later, pending]);
+    let untouched = erasure(&queue, local).await;
+    assert_eq!(
+        untouched.next_attempt_at_ms, T0,
+        "a local-only erasure is never leased"
+    );
+}
+
+async fn each_erasure_update_changes_what_it_says_and_ends_the_lease(queue: Arc<dyn Queue>) {
+    let id = queue
+        .record_erasure(new_erasure(DEFAULT_SOURCE, "erin", true, T0))
+        .await
+        .unwrap();
+    assert_eq!(
+        erasure_ids(&queue.claim_erasures(T0, LEASE, 10).await.unwrap()),
+        [id]
+    );
+
+    let retry = ErasureUpdate::Retry {
+        error: "503 Service Unavailable".into(),
+        at_ms: T0 + 100,
+    };
+    queue.update_erasure(id, retry, T0 + 1).await.unwrap();
+    let row = erasure(&queue, id).await;
+    assert_eq!(row.state, ErasureState::LocalDone);
+    assert_eq!(
+        (row.attempts, row.last_error.as_deref()),
+        (1, Some("503 Service Unavailable"))
+    );
+    assert_eq!(
+        (row.next_attempt_at_ms, row.updated_at_ms),
+        (T0 + 100, T0 + 1)
+    );
+    assert_eq!(
+        row.identity.as_deref(),
+        Some("erin"),
+        "kept until Heap is asked"
+    );
+    // Due at the retry time, long before the lease would have ended.
+    let claimed = queue.claim_erasures(T0 + 100, LEASE, 10).await.unwrap();
+    assert_eq!(erasure_ids(&claimed), [id]);
+
+    let requested = ErasureUpdate::Requested {
+        deletion_request_id: "req-1".into(),
+        check_at_ms: T0 + 200,
+    };
+    queue.update_erasure(id, requested, T0 + 101).await.unwrap();
+    let row = erasure(&queue, id).await;
+    assert_eq!(row.state, ErasureState::HeapPending);
+    assert_eq!(row.deletion_request_id.as_deref(), Some("req-1"));
+    assert_eq!((row.identity, row.last_error), (None, None));
+    assert_eq!((row.attempts, row.next_attempt_at_ms), (1, T0 + 200));
+    assert_eq!(row.updated_at_ms, T0 + 101);
+
+    let claimed = queue.claim_erasures(T0 + 200, LEASE, 10).await.unwrap();
+    assert_eq!(erasure_ids(&claimed), [id]);
+    let later = ErasureUpdate::CheckLater { at_ms: T0 + 300 };
+    queue.update_erasure(id, later, T0 + 201).await.unwrap();
+    let row = erasure(&queue, id).await;
+    assert_eq!((row.state, row.attempts), (ErasureState::HeapPending, 1));
+    assert_eq!(
+        (row.next_attempt_at_ms, row.updated_at_ms),
+        (T0 + 300, T0 + 201)
+    );
+    assert_eq!(
+        erasure_ids(&queue.claim_erasures(T0 + 300, LEASE, 10).await.unwrap()),
+        [id]
+    );
+
+    queue
+        .update_erasure(id, ErasureUpdate::Done, T0 + 301)
+        .await
+        .unwrap();
+    let row = erasure(&queue, id).await;
+    assert_eq!(
+        (row.state, row.updated_at_ms),
+        (ErasureState::Done, T0 + 301)
+    );
+    assert_eq!(row.deletion_request_id.as_deref(), Some("req-1"));
+
+    let refused = queue
+        .record_erasure(new_erasure(DEFAULT_SOURCE, "bob", true, T0))
+        .await
+        .unwrap();
+    let failure = ErasureUpdate::Failed {
+        reason: "401 Unauthorized: bad key".into(),
+    };
+    queue
+        .update_erasure(refused, failure, T0 + 2)
+        .await
+        .unwrap();
+    let row = erasure(&queue, refused).await;
+    assert_eq!(row.state, ErasureState::HeapFailed);
+    assert_eq!(row.reason.as_deref(), Some("401 Unauthorized: bad key"));
+    assert_eq!((row.identity, row.updated_at_ms), (None, T0 + 2));
+    assert!(
+        queue
+            .claim_erasures(FAR, LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn next_erasure_due_is_the_earliest_claimable_due_time_or_lease_end(queue: Arc<dyn Queue>) {
+    assert_eq!(queue.next_erasure_due_ms().await.unwrap(), None);
+    let record = |heap: bool, at: i64| {
+        let queue = queue.clone();
+        let erasure = new_erasure(DEFAULT_SOURCE, "erin", heap, at);
+        async move { queue.record_erasure(erasure).await.unwrap() }
+    };
+    record(false, T0).await;
+    assert_eq!(
+        queue.next_erasure_due_ms().await.unwrap(),
+        None,
+        "local only"
+    );
+    let late = record(true, T0 + 50).await;
+    assert_eq!(queue.next_erasure_due_ms().await.unwrap(), Some(T0 + 50));
+    record(true, T0 + 30).await;
+    assert_eq!(queue.next_erasure_due_ms().await.unwrap(), Some(T0 + 30));
+    queue.claim_erasures(T0 + 40, LEASE, 1).await.unwrap();
+    assert_eq!(queue.next_erasure_due_ms().await.unwrap(), Some(T0 + 50));
+    let requested = ErasureUpdate::Requested {
+        deletion_request_id: "req".into(),
+        check_at_ms: FAR,
+    };
+    queue
+        .update_erasure(late, requested, T0 + 41)
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.next_erasure_due_ms().await.unwrap(),
+        Some(T0 + 40 + LEASE),
+        "the lease's end"
+    );
+    let failure = ErasureUpdate::Failed {
+        reason: "no".into(),
+    };
+    let claimed = queue.claim_erasures(FAR, LEASE, 10).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    for erasure in claimed {
+        queue
+            .update_erasure(erasure.id, failure.clone(), FAR)
+            .await
+            .unwrap();
+    }
+    assert_eq!(queue.next_erasure_due_ms().await.unwrap(), None);
+}
+
+async fn still_pending_keeps_only_the_ids_of_pending_records(queue: Arc<dyn Queue>) {
+    store(
+        &queue,
+        webhook(
+            "w1",
+            T0,
+            vec![track("a"), track("b"), track("c"), track("d")],
+        ),
+    )
+    .await;
+    let claimed = tracks(&queue, T0).await;
+    let [a, b, c, d] = ids(&claimed)[..] else {
+        panic!()
+    };
+    queue.ack(vec![a], T0).await.unwrap();
+    queue
+        .dead_letter(vec![b], "rejected".into(), "no".into(), true, T0)
+        .await
+        .unwrap();
+    queue
+        .retry_at(vec![d], T0 + 10, true, "503".into())
+        .await
+        .unwrap();
+    // c is in flight, d waits for its retry: both still pending; a made-up id is not.
+    let mut still = queue
+        .still_pending(vec![a, b, c, d, d + 1000])
+        .await
+        .unwrap();
+    still.sort();
+    assert_eq!(still, [c, d]);
+    assert!(queue.still_pending(Vec::new()).await.unwrap().is_empty());
+    let webhooks = webhook_ids(&queue, DEFAULT_SOURCE).await;
+    queue.erase_webhooks(webhooks).await.unwrap();
+    assert!(queue.still_pending(vec![c, d]).await.unwrap().is_empty());
+}
+
 async fn sqlite_queue() -> (Arc<dyn Queue>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let queue = SqliteQueue::open(&dir.path().join("queue.sqlite3")).unwrap();
@@ -1305,6 +1888,14 @@ conformance!(
     shapes_are_stored_with_their_webhook_counted_and_listed_newest_first,
     sightings_committed_together_are_all_counted,
     a_webhook_without_a_shape_records_none_and_off_keeps_no_sample,
+    an_erasure_scan_finds_webhooks_by_record_subject_and_by_body_bytes_in_pages,
+    erasing_webhooks_deletes_all_their_records_and_bodies_but_keeps_their_digests,
+    erasing_samples_clears_only_the_matching_samples_of_the_source,
+    erasures_are_recorded_listed_filtered_and_paged_by_id,
+    claimed_erasures_are_leased_and_local_only_or_finished_ones_never,
+    each_erasure_update_changes_what_it_says_and_ends_the_lease,
+    next_erasure_due_is_the_earliest_claimable_due_time_or_lease_end,
+    still_pending_keeps_only_the_ids_of_pending_records,
 );
 
 // ---------------------------------------------------------------------------------------------

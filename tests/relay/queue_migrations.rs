@@ -128,7 +128,7 @@ async fn a_version_1_sqlite_file_is_upgraded_keeping_its_records() {
     let queue = SqliteQueue::open(&path).unwrap();
     assert_upgraded(&queue, APP).await;
     drop(queue);
-    assert_eq!(sqlite_version(&path), 4);
+    assert_eq!(sqlite_version(&path), 5);
 }
 
 fn sqlite_version(path: &std::path::Path) -> i64 {
@@ -184,7 +184,7 @@ async fn a_version_1_postgres_schema_is_upgraded_keeping_its_records() {
         schema
             .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
             .await,
-        4
+        5
     );
     drop(queue);
     schema.drop().await;
@@ -469,7 +469,7 @@ async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() 
     }
 
     let queue = SqliteQueue::open(&path).unwrap();
-    assert_eq!(sqlite_version(&path), 4);
+    assert_eq!(sqlite_version(&path), 5);
     assert_upgraded_from_v2(&queue, APP).await;
     drop(queue);
 
@@ -485,6 +485,7 @@ async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() 
     assert_eq!(
         indexes,
         [
+            "erasures_due",
             "records_delivered",
             "records_done",
             "records_due",
@@ -566,7 +567,7 @@ async fn a_version_2_postgres_schema_is_upgraded_keeping_every_record_and_webhoo
         schema
             .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
             .await,
-        4
+        5
     );
     assert_upgraded_from_v2(&queue, &own_lane()).await;
     // The new layout: lane-led indexes, per-source deduplication.
@@ -721,7 +722,7 @@ async fn a_version_3_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
     }
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE shapes; PRAGMA user_version = 3;")
+        conn.execute_batch("DROP TABLE shapes; DROP TABLE erasures; PRAGMA user_version = 3;")
             .unwrap();
     }
     assert_eq!(sqlite_version(&path), 3);
@@ -729,7 +730,7 @@ async fn a_version_3_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
     let queue = SqliteQueue::open(&path).unwrap();
     assert_upgraded_from_v3(&queue, APP).await;
     drop(queue);
-    assert_eq!(sqlite_version(&path), 4);
+    assert_eq!(sqlite_version(&path), 5);
 }
 
 #[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]
@@ -743,7 +744,10 @@ async fn a_version_3_postgres_schema_is_upgraded_keeping_every_record_in_its_sta
     }
     let admin = crate::support::postgres::connect(&schema.url).await;
     admin
-        .batch_execute("DROP TABLE shapes; DELETE FROM schema_version WHERE version = 4;")
+        .batch_execute(
+            "DROP TABLE shapes; DROP TABLE IF EXISTS erasures;
+             DELETE FROM schema_version WHERE version >= 4;",
+        )
         .await
         .unwrap();
 
@@ -752,7 +756,7 @@ async fn a_version_3_postgres_schema_is_upgraded_keeping_every_record_in_its_sta
         schema
             .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
             .await,
-        4
+        5
     );
     assert_upgraded_from_v3(&queue, &app_id).await;
     drop(queue);

@@ -31,17 +31,17 @@ use tokio::sync::oneshot;
 
 use super::prepared::{Rows, storable};
 use super::{
-    ErasureFilter, ErasureRow, ErasureScan, ErasureUpdate, NewErasure, Removed,
     Claimed, Content, DeadLetter, DeadLetterCount, DeadLetterDetail, DeadLetterFilter, Enqueued,
-    FilterValue, NewWebhook, Queue, QueueError, QueueStats, ReplayItem,
+    ErasureFilter, ErasureRow, ErasureScan, ErasureUpdate, FilterValue, NewErasure, NewWebhook,
+    Queue, QueueError, QueueStats, Removed, ReplayItem,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
 use crate::shapes::{ShapeRow, StoredShape};
 
+mod erasure;
 mod file;
 mod lock;
-mod erasure;
 mod schema;
 mod writer;
 

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::queue::spell_states;
 
 /// The schema version this code writes (`PRAGMA user_version`). Bump it with a migration.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Pages of SQLite's own cache (negative: KiB), 16 MiB. The digest index takes random inserts;
 /// with SQLite's default 2 MiB, a queue holding a week of webhooks read most of its pages back
@@ -103,6 +103,33 @@ CREATE TABLE IF NOT EXISTS shapes (
 ) WITHOUT ROWID;
 ";
 
+/// The erasures of people (schema version 5, contract §12): one row per erasure whose local
+/// part is committed, and the state of its Heap part. `identity` is kept only while Heap is
+/// still to be asked, and cleared (zeroed, see `secure_delete` in [`prepare`]) once Heap
+/// accepts or refuses; `removed` is the JSON of [`crate::queue::Removed`]; `next_attempt_at`
+/// is the due time, or the lease's end while `claimed`. The index serves the due queries
+/// (claims, the next due time), which name the states.
+const ERASURES: &str = "
+CREATE TABLE IF NOT EXISTS erasures (
+    id                  INTEGER PRIMARY KEY,
+    source              TEXT    NOT NULL,
+    heap_app_id         TEXT,              -- NULL: local only
+    identity            TEXT,              -- only while the Heap request is still to be made
+    identity_sha256     TEXT    NOT NULL,
+    state               TEXT    NOT NULL,  -- ErasureState::as_str
+    removed             TEXT    NOT NULL,  -- JSON of Removed
+    requested_at        INTEGER NOT NULL,
+    updated_at          INTEGER NOT NULL,
+    deletion_request_id TEXT,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    last_error          TEXT,
+    reason              TEXT,
+    next_attempt_at     INTEGER NOT NULL,  -- due time, or the lease's end while claimed
+    claimed             INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS erasures_due ON erasures (state, next_attempt_at);
+";
+
 /// Version 2's records columns, in order: what a rebuild from version 1 copies.
 const RECORDS_V2_COLUMNS: &str = "id, webhook_id, key, kind, subject, json, state, claimed, \
     attempts, received_at, next_attempt_at, updated_at, last_error, dead_reason, dead_detail";
@@ -118,6 +145,11 @@ pub(super) fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     // every 1,000 pages): a separate checkpointing thread measured a worse p99 on a large file.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    // Deleted and overwritten content is zeroed in the pages, always, not only during an
+    // erasure (contract §12): an ack (`json = ''`), a prune or a purge would otherwise leave
+    // the old bytes in the pages' free space, where no later erasure can find them to remove
+    // them. The erasure's checkpoint (`scrub`) then leaves no copy in the WAL either.
+    conn.pragma_update(None, "secure_delete", "ON")?;
     migrate(conn)
 }
 
@@ -167,8 +199,8 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
             )?;
             tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated");
         }
-        // Version 4 only adds the shapes table, made below.
-        3 => tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated"),
+        // Version 4 only adds the shapes table, version 5 the erasures table, made below.
+        3 | 4 => tracing::info!(from = version, to = SCHEMA_VERSION, "queue schema migrated"),
         _ => {
             return Err(rusqlite::Error::InvalidParameterName(format!(
                 "queue schema version {version} is unknown to this relay"
@@ -178,6 +210,7 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.execute_batch(WEBHOOKS_INDEXES)?;
     tx.execute_batch(&spell_states(RECORDS_INDEXES))?;
     tx.execute_batch(SHAPES)?;
+    tx.execute_batch(ERASURES)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
 }
