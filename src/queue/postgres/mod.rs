@@ -87,17 +87,17 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::prepared::{Prepared, Rows, storable};
 use super::{
-    ErasureFilter, ErasureRow, ErasureScan, ErasureUpdate, NewErasure, Removed,
     Claimed, Content, DeadLetter, DeadLetterCount, DeadLetterDetail, DeadLetterFilter, Enqueued,
-    FilterValue, NewWebhook, Queue, QueueError, QueueStats, ReplayItem,
+    ErasureFilter, ErasureRow, ErasureScan, ErasureUpdate, FilterValue, NewErasure, NewWebhook,
+    Queue, QueueError, QueueStats, Removed, ReplayItem,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
 use crate::shapes::{ShapeRow, StoredShape};
 
+mod erasure;
 mod ingest;
 mod leader;
-mod erasure;
 mod schema;
 mod tls;
 
