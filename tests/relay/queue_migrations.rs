@@ -184,7 +184,7 @@ async fn a_version_1_postgres_schema_is_upgraded_keeping_its_records() {
         schema
             .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
             .await,
-        4
+        5
     );
     drop(queue);
     schema.drop().await;
@@ -566,7 +566,7 @@ async fn a_version_2_postgres_schema_is_upgraded_keeping_every_record_and_webhoo
         schema
             .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
             .await,
-        4
+        5
     );
     assert_upgraded_from_v2(&queue, &own_lane()).await;
     // The new layout: lane-led indexes, per-source deduplication.
@@ -743,7 +743,9 @@ async fn a_version_3_postgres_schema_is_upgraded_keeping_every_record_in_its_sta
     }
     let admin = crate::support::postgres::connect(&schema.url).await;
     admin
-        .batch_execute("DROP TABLE shapes; DELETE FROM schema_version WHERE version = 4;")
+        .batch_execute(
+            "DROP TABLE shapes, erasures; DELETE FROM schema_version WHERE version >= 4;",
+        )
         .await
         .unwrap();
 
@@ -752,7 +754,7 @@ async fn a_version_3_postgres_schema_is_upgraded_keeping_every_record_in_its_sta
         schema
             .count("SELECT MAX(version)::BIGINT FROM {schema}.schema_version")
             .await,
-        4
+        5
     );
     assert_upgraded_from_v3(&queue, &app_id).await;
     drop(queue);
