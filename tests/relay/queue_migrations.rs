@@ -745,8 +745,7 @@ async fn a_version_3_postgres_schema_is_upgraded_keeping_every_record_in_its_sta
     let admin = crate::support::postgres::connect(&schema.url).await;
     admin
         .batch_execute(
-            "DROP TABLE shapes; DROP TABLE IF EXISTS erasures;
-             DELETE FROM schema_version WHERE version >= 4;",
+            "DROP TABLE shapes, erasures; DELETE FROM schema_version WHERE version >= 4;",
         )
         .await
         .unwrap();

@@ -70,9 +70,14 @@
 //! when it is back. Migrations run at startup in one transaction under an advisory lock, so
 //! replicas starting together apply them once.
 //!
+//! **Erasures** (contract §12, schema v5): a person's webhooks are found by a read-only scan,
+//! erased a chunk per transaction (records deleted, body emptied, digest kept), and the tables
+//! are then vacuumed (plain VACUUM: inserts and claims go on) so that no row version holds the
+//! erased content; see `erasure` for what VACUUM does not reach (free space, WAL, backups).
+//!
 //! Here: the handle ([`PostgresQueue`]), its pool and the [`Queue`] operations; group commit
-//! lives in `ingest`, leadership in `leader`, the DDL and migrations in `schema`, `sslmode` in
-//! `tls`.
+//! lives in `ingest`, leadership in `leader`, erasures in `erasure`, the DDL and migrations in
+//! `schema`, `sslmode` in `tls`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -87,17 +92,17 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::prepared::{Prepared, Rows, storable};
 use super::{
-    ErasureFilter, ErasureRow, ErasureScan, ErasureUpdate, NewErasure, Removed,
     Claimed, Content, DeadLetter, DeadLetterCount, DeadLetterDetail, DeadLetterFilter, Enqueued,
-    FilterValue, NewWebhook, Queue, QueueError, QueueStats, ReplayItem,
+    ErasureFilter, ErasureRow, ErasureScan, ErasureUpdate, FilterValue, NewErasure, NewWebhook,
+    Queue, QueueError, QueueStats, Removed, ReplayItem,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
 use crate::shapes::{ShapeRow, StoredShape};
 
+mod erasure;
 mod ingest;
 mod leader;
-mod erasure;
 mod schema;
 mod tls;
 

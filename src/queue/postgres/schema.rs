@@ -8,7 +8,7 @@ use super::{QueueError, storage, unavailable};
 use crate::queue::spell_states;
 
 /// The schema version this code writes (table `schema_version`). Add a migration to bump it.
-const SCHEMA_VERSION: i32 = 4;
+const SCHEMA_VERSION: i32 = 5;
 
 /// `pg_advisory_xact_lock` key serializing migrations ("relaymig").
 const MIGRATION_LOCK: i64 = 0x7265_6c61_796d_6967;
@@ -99,11 +99,38 @@ CREATE TABLE IF NOT EXISTS shapes (
 );
 ";
 
+/// Version 5: erasures (contract §12), as the SQLite table, plus `claimed_by` as on records.
+/// `identity` is kept only while Heap is still to be asked; `next_attempt_at` is the due time,
+/// or the lease's end while claimed. `erasures_due` serves the claim's and the due time's
+/// `state IN (...) AND next_attempt_at <= now`.
+const SCHEMA_V5: &str = "
+CREATE TABLE IF NOT EXISTS erasures (
+    id                  BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source              TEXT    NOT NULL,
+    heap_app_id         TEXT,              -- NULL: local only
+    identity            TEXT,              -- only while the Heap request is still to be made
+    identity_sha256     TEXT    NOT NULL,
+    state               TEXT    NOT NULL,  -- ErasureState::as_str
+    removed             TEXT    NOT NULL,  -- JSON of Removed
+    requested_at        BIGINT  NOT NULL,
+    updated_at          BIGINT  NOT NULL,
+    deletion_request_id TEXT,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    last_error          TEXT,
+    reason              TEXT,
+    next_attempt_at     BIGINT  NOT NULL,  -- due time, or the lease's end while claimed
+    claimed             INTEGER NOT NULL DEFAULT 0,
+    claimed_by          TEXT               -- application_name of the claiming replica
+);
+CREATE INDEX IF NOT EXISTS erasures_due ON erasures (state, next_attempt_at);
+";
+
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, SCHEMA_V1),
     (2, SCHEMA_V2),
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
+    (5, SCHEMA_V5),
 ];
 
 /// Creates or upgrades the schema, once, whatever the number of replicas starting at once.
