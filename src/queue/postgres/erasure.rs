@@ -161,7 +161,8 @@ pub(super) async fn erase_webhooks(
     }
     removed.webhooks = tx
         .execute(
-            "UPDATE webhooks SET body = ''::bytea WHERE id = ANY($1)",
+            // An already empty body (erased before) is not counted again.
+            "UPDATE webhooks SET body = ''::bytea WHERE id = ANY($1) AND length(body) > 0",
             &[&ids],
         )
         .await
