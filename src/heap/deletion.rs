@@ -379,7 +379,8 @@ fn transport_text(error: reqwest::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    //! Also the fake Heap of [`crate::erase::heap`]'s tests.
     use super::*;
 
     use std::sync::Mutex;
