@@ -14,11 +14,13 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Clock, SystemClock};
 use crate::config::AppId;
 use crate::config::{Backend, Settings};
+use crate::erase::heap::{EraserConfig, HeapEraser};
 use crate::forwarder::lanes::{self, Lanes, Starts};
 use crate::forwarder::limits::Limits;
 use crate::forwarder::retry::Backoff;
 use crate::forwarder::{Control, Forwarder, ForwarderConfig};
 use crate::heap::client::HeapClient;
+use crate::heap::deletion::DeletionClient;
 use crate::http::{self, AppState};
 use crate::queue::Queue;
 use crate::queue::postgres::PostgresQueue;
@@ -316,6 +318,22 @@ impl App {
         let draining = state.shutdown.clone();
         let listen = public.local_addr().map_err(AppError::Serve)?;
         let admin_listen = admin.local_addr().map_err(AppError::Serve)?;
+        // Heap deletions of erasures (contract §12), on every backend: on a shared queue the
+        // claim's lease decides which replica asks.
+        let eraser = HeapEraser::new(
+            state.queue.clone(),
+            DeletionClient::new(
+                &settings.heap.base_url,
+                settings.heap.timeout,
+                state.clock.clone(),
+            )?,
+            state.clock.clone(),
+            EraserConfig::from_settings(&settings),
+            {
+                let state = state.clone();
+                move || state.sources.current()
+            },
+        );
         tracing::info!(
             %listen,
             %admin_listen,
@@ -335,6 +353,7 @@ impl App {
         tasks.spawn(http::serve::serve(admin, admin_app, stop).map_ok());
         tasks.spawn(lanes::run(starts, build_lane, draining.clone()).map_ok());
         tasks.spawn(prune_periodically(state.clone(), settings.clone(), draining.clone()).map_ok());
+        tasks.spawn(eraser.run(draining.clone()).map_ok());
 
         // Serve until asked to stop — or until a task fails on its own.
         let early = tokio::select! {
@@ -355,7 +374,8 @@ impl App {
                 return Err(AppError::TaskFailed(panicked.to_string()));
             }
             Some(Ok(Ok(()))) => {
-                // Servers, forwarder and pruning run until shutdown; one ending is a fault.
+                // Servers, forwarder, pruning and erasures run until shutdown; one ending is a
+                // fault.
                 closing.cancel();
                 return Err(AppError::TaskFailed("a task stopped unexpectedly".into()));
             }
