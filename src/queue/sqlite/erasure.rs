@@ -656,6 +656,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_relay_restarted_after_kill_9_takes_up_the_erasures_its_predecessor_had_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let queue = SqliteQueue::open_for_serving(&path).await.unwrap();
+        // Real times: opening for serving releases leases as of the clock's now.
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let erasure = NewErasure {
+            source: "default".into(),
+            heap_app_id: Some("app-1".into()),
+            identity: Some("someone".into()),
+            identity_sha256: crate::erase::identity_sha256("someone"),
+            removed: Removed::default(),
+            requested_at_ms: now,
+        };
+        let id = record(&queue, erasure).await.unwrap();
+        let lease = 300_000;
+        assert_eq!(claim(&queue, now, lease, 10).await.unwrap().len(), 1);
+        assert!(claim(&queue, now + 1, lease, 10).await.unwrap().is_empty());
+        // Killed mid-request: the lease is still in the file when the next relay opens it.
+        drop(queue);
+        let queue = SqliteQueue::open_for_serving(&path).await.unwrap();
+        let later = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        assert!(later < now + lease, "the old lease would still run");
+        let claimed = claim(&queue, later, lease, 10).await.unwrap();
+        assert_eq!(claimed.iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
+    }
+
+    #[tokio::test]
     async fn scrub_gives_up_with_an_error_while_a_reader_holds_the_wal_then_succeeds() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.sqlite3");

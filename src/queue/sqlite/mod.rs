@@ -109,8 +109,8 @@ fn storage(error: rusqlite::Error) -> QueueError {
 
 impl SqliteQueue {
     /// Opens the queue file for the relay that forwards from it: as [`SqliteQueue::open`],
-    /// and leases left by a previous process (killed mid-batch) are released at once instead
-    /// of when they run out, since only one relay forwards from a SQLite file. That one relay
+    /// and leases left by a previous process (killed mid-batch, or mid-way through an
+    /// erasure's Heap request) are released at once instead of when they run out, since only one relay forwards from a SQLite file. That one relay
     /// is made sure of first: the exclusive lock on `<path>.lock` (`lock`) is taken before the
     /// file is opened, and a second relay fails here, naming the holder's PID. Tools (`dlq`)
     /// use `open`, which takes no lock, so they work beside the relay and never release its
@@ -136,6 +136,13 @@ impl SqliteQueue {
                         "UPDATE records SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
                          WHERE state = {pending} AND claimed = 1"
                     ),
+                    params![now],
+                )?;
+                // The same for erasures whose Heap request a killed relay was making: the
+                // serving lock says no other process works on them.
+                conn.execute(
+                    "UPDATE erasures SET claimed = 0, next_attempt_at = MIN(next_attempt_at, ?1)
+                     WHERE claimed = 1",
                     params![now],
                 )
             })
