@@ -1107,7 +1107,10 @@ mod tests {
             "{}[sources.staging]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"2\"\n\
              api_key = \"staging-heap-key\"\n\
              [sources.qa]\nsecrets = [\"qa-secret-000000001\"]\napp_id = \"3\"\napi_key = \"\"\n",
-            TOP.replace("app_id = \"100\"", "app_id = \"100\"\napi_key = \"default-heap-key\"")
+            TOP.replace(
+                "app_id = \"100\"",
+                "app_id = \"100\"\napi_key = \"default-heap-key\""
+            )
         ));
         assert_eq!(
             api_keys(&settings),
@@ -1129,8 +1132,10 @@ mod tests {
         ));
         assert_eq!(
             found,
-            ["`heap.api_key` is a placeholder, not an API key: set the Heap API key of the app \
-              id (RELAY_HEAP__API_KEY), or leave it empty for local-only erasures"]
+            [
+                "`heap.api_key` is a placeholder, not an API key: set the Heap API key of the app \
+              id (RELAY_HEAP__API_KEY), or leave it empty for local-only erasures"
+            ]
         );
         let found = problems(&format!(
             "{TOP}[sources.staging]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"2\"\n\
@@ -1150,7 +1155,10 @@ mod tests {
         let settings = settings(&format!(
             "{}[sources.staging]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"2\"\n\
              api_key = \"staging-heap-key\"\n",
-            TOP.replace("app_id = \"100\"", "app_id = \"100\"\napi_key = \"default-heap-key\"")
+            TOP.replace(
+                "app_id = \"100\"",
+                "app_id = \"100\"\napi_key = \"default-heap-key\""
+            )
         ));
         let printed = settings.to_redacted_toml();
         assert!(!printed.contains("heap-key"), "{printed}");
@@ -1174,18 +1182,31 @@ mod tests {
     #[test]
     fn a_changed_api_key_is_applied_by_a_reload_though_both_print_redacted() {
         let with_keys = BASE
-            .replace("app_id = \"100\"", "app_id = \"100\"\napi_key = \"default-key-1\"")
-            .replace("app_id = \"200\"", "app_id = \"200\"\napi_key = \"staging-key-1\"");
+            .replace(
+                "app_id = \"100\"",
+                "app_id = \"100\"\napi_key = \"default-key-1\"",
+            )
+            .replace(
+                "app_id = \"200\"",
+                "app_id = \"200\"\napi_key = \"staging-key-1\"",
+            );
         assert!(changes(&with_keys, &with_keys).is_empty());
         assert_eq!(
-            changes(&with_keys, &with_keys.replace("default-key-1", "default-key-2")),
+            changes(
+                &with_keys,
+                &with_keys.replace("default-key-1", "default-key-2")
+            ),
             ReloadChanges {
                 applied: vec!["heap.api_key".into()],
                 ignored: vec![],
             }
         );
         assert_eq!(
-            changes(&with_keys, &with_keys.replace("staging-key-1", "staging-key-2")).applied,
+            changes(
+                &with_keys,
+                &with_keys.replace("staging-key-1", "staging-key-2")
+            )
+            .applied,
             ["sources.staging.api_key"]
         );
         // Added where there was none: applied too.
