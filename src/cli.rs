@@ -1,5 +1,5 @@
 //! The command line (contract §6): `serve` (the default), `check-config`, `sign`, `send-test`,
-//! `preview`, `dlq list|show|replay|purge`, `shapes` and `healthcheck`.
+//! `preview`, `dlq list|show|replay|purge`, `shapes`, `erase` and `healthcheck`.
 
 use std::path::PathBuf;
 
@@ -86,6 +86,17 @@ pub enum Command {
         /// Only the shapes of this source.
         #[arg(long)]
         source: Option<String>,
+    },
+    /// Erase every trace of a person that the relay holds for a source (contract §12):
+    /// their webhooks' bodies, pending and delivered records, dead letters and shape samples.
+    /// Works on the configured queue directly; prints what was removed as one JSON line. When
+    /// the source has an api_key, a running relay then asks Heap to delete the user too.
+    Erase {
+        /// The source (default: the default source).
+        #[arg(long, default_value = crate::config::DEFAULT_SOURCE)]
+        source: String,
+        /// The person's identity as Heap knows it (user id, email...), exact bytes.
+        identity: String,
     },
     /// Exit 0 when /readyz answers 200 (for container health checks). Needs no secrets: only
     /// server.listen is read, and only without --url.

@@ -365,7 +365,8 @@ pub struct DeadLetterView {
     pub webhook: serde_json::Value,
 }
 
-fn rfc3339(ms: i64) -> String {
+/// Unix ms as RFC 3339 in UTC with milliseconds (empty for a time out of range).
+pub(crate) fn rfc3339(ms: i64) -> String {
     DateTime::from_timestamp_millis(ms).map_or_else(String::new, |t| {
         t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
     })

@@ -149,6 +149,10 @@ fn describe() {
         "Postgres queue only: 1 on the replica that forwards for the app id, 0 on the others."
     );
     metrics::describe_counter!(
+        "relay_erasures_total",
+        "Erasures of a person committed in the queue (POST /admin/erase, the erase command), by source."
+    );
+    metrics::describe_counter!(
         "relay_config_reloads_total",
         "Configuration reloads (SIGHUP, POST /admin/reload), by result: ok, or error (the running configuration stayed)."
     );
@@ -167,6 +171,7 @@ fn describe() {
 /// from the first scrape (contract §8.2).
 pub fn zero_source_series(source: &str) {
     metrics::counter!("relay_shapes_overflow_total", "source" => source.to_owned()).increment(0);
+    metrics::counter!("relay_erasures_total", "source" => source.to_owned()).increment(0);
     for &outcome in WEBHOOK_OUTCOMES {
         metrics::counter!("relay_webhooks_total", "outcome" => outcome, "source" => source.to_owned())
             .increment(0);

@@ -4,6 +4,7 @@
 
 mod check_config;
 mod dlq;
+mod erase;
 mod healthcheck;
 mod preview;
 mod send_test;
@@ -57,6 +58,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Some(Command::Dlq { action }) => dlq::run(settings(&cli)?, action).await,
         Some(Command::Shapes { source }) => shapes::run(settings(&cli)?, source.as_deref()).await,
+        Some(Command::Erase { source, identity }) => {
+            erase::run(settings(&cli)?, source, identity).await
+        }
         Some(Command::Healthcheck { url }) => {
             // Only the address: a health check must not fail on a secret it never uses.
             let url = match url {

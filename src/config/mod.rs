@@ -161,6 +161,9 @@ pub struct HeapSettings {
     pub identity_events_per_minute: NonZeroU32,
     pub user_properties: bool,
     pub account_properties: bool,
+    /// The `default` source's Heap API key (contract §12): with it, an erasure also asks
+    /// Heap to delete the user. Empty: erasures of `default` are local only.
+    pub api_key: Secret,
 }
 
 /// The most events Heap takes in one bulk request.

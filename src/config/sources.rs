@@ -80,6 +80,10 @@ pub struct RawSource {
     /// none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transform: Option<String>,
+    /// Heap's API key for its app id (contract §12): erasures of the source also delete the
+    /// user in Heap. Default (or empty): none, erasures are local only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<Secret>,
 }
 
 /// One source, resolved: its defaults filled in from `userpilot.tolerance_secs` and
@@ -134,6 +138,7 @@ fn is_live(key: &str) -> bool {
                 | "userpilot.tolerance_secs"
                 | "userpilot.transform"
                 | "heap.app_id"
+                | "heap.api_key"
                 | "heap.identity"
                 | "heap.user_properties"
                 | "heap.account_properties"
@@ -176,6 +181,25 @@ pub(super) fn secrets_problems(key: &str, env: &str, secrets: &[Secret]) -> Vec<
         }
     }
     problems
+}
+
+/// An API key that is set: empty is the same as none (the form an environment file's
+/// `KEY=` takes).
+fn present(key: &Secret) -> Option<Secret> {
+    (!key.is_empty()).then(|| key.clone())
+}
+
+/// The problem of a Heap API key at `key`: a placeholder (never shown: it is a secret).
+fn api_key_problem(key: &str, env: &str, api_key: Option<&Secret>) -> Option<String> {
+    api_key.filter(|k| is_placeholder(k.expose())).map(|_| {
+        problem(
+            key,
+            format!(
+                "is a placeholder, not an API key: set the Heap API key of the app id ({env}), \
+                 or leave it empty for local-only erasures"
+            ),
+        )
+    })
 }
 
 /// The problem of a transform at `key`: a program that does not compile, in one line with
@@ -248,7 +272,7 @@ impl Settings {
                     tolerance: self.userpilot.tolerance,
                     identity: self.heap.identity.clone(),
                     transform: self.userpilot.transform.clone(),
-                    api_key: None, // BASE: filled from heap.api_key
+                    api_key: present(&self.heap.api_key),
                 },
             );
         }
@@ -269,7 +293,7 @@ impl Settings {
                     .clone()
                     .unwrap_or_else(|| self.heap.identity.clone()),
                 transform: raw.transform.clone(),
-                api_key: None, // BASE: filled from sources.<name>.api_key
+                api_key: raw.api_key.as_ref().and_then(present),
             });
         }
         sources.into_values().collect()
@@ -313,6 +337,11 @@ impl Settings {
     /// (or the top-level key, for `default`).
     pub(super) fn source_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        problems.extend(api_key_problem(
+            "heap.api_key",
+            "RELAY_HEAP__API_KEY",
+            Some(&self.heap.api_key),
+        ));
         if self.top_level_source_set() {
             let secrets = &self.userpilot.secrets;
             if !secrets.iter().all(Secret::is_empty) {
@@ -380,6 +409,11 @@ impl Settings {
                 &key("transform"),
                 raw.transform.as_deref(),
             ));
+            problems.extend(api_key_problem(
+                &key("api_key"),
+                &env_name(name, "api_key"),
+                raw.api_key.as_ref(),
+            ));
             if raw.tolerance.is_some_and(|t| t > self.queue.dedup_window) {
                 // As for userpilot.tolerance_secs: a replay inside the tolerance must still be
                 // remembered.
@@ -397,6 +431,14 @@ impl Settings {
         let mut warnings = secrets_warnings("userpilot.secrets", &self.userpilot.secrets);
         if let Some(app_id) = &self.heap.app_id {
             warnings.extend(app_id_warning("heap.app_id", app_id.as_str()));
+        }
+        if !self.heap.api_key.is_empty() && !self.top_level_source_set() {
+            warnings.push(Warning {
+                key: "heap.api_key".to_owned(),
+                message: "is the API key of the source `default`, which is not configured: \
+                          it is not used (a [sources.<name>] table takes its own api_key)"
+                    .to_owned(),
+            });
         }
         for (name, raw) in &self.sources {
             warnings.extend(secrets_warnings(
@@ -437,6 +479,7 @@ impl Settings {
             self.userpilot.secrets != new.userpilot.secrets,
         );
         secret_differs("admin.token".into(), self.admin.token != new.admin.token);
+        secret_differs("heap.api_key".into(), self.heap.api_key != new.heap.api_key);
         secret_differs(
             "queue.postgres_url".into(),
             self.queue.postgres_url != new.queue.postgres_url,
@@ -446,6 +489,10 @@ impl Settings {
                 secret_differs(
                     format!("sources.{name}.secrets"),
                     old.secrets != fresh.secrets,
+                );
+                secret_differs(
+                    format!("sources.{name}.api_key"),
+                    old.api_key != fresh.api_key,
                 );
             }
         }
@@ -785,8 +832,8 @@ mod tests {
                 "`queue.dedup_window_secs` must be at least sources.staging.tolerance_secs",
             ),
             (
-                format!("[sources.staging]\n{ok}\napi_key = \"k\""),
-                "unknown key `sources.staging.api_key`",
+                format!("[sources.staging]\n{ok}\nwrite_key = \"k\""),
+                "unknown key `sources.staging.write_key`",
             ),
             (
                 format!("[sources.staging]\n{ok}\ntolerance_secs = \"soon\""),
@@ -1041,6 +1088,131 @@ mod tests {
         assert_eq!(
             changes(BASE, new).applied,
             ["heap.app_id", "sources.default", "userpilot.secrets"]
+        );
+    }
+
+    // --- api keys (contract §12) ------------------------------------------------------------
+
+    fn api_keys(settings: &Settings) -> Vec<(String, Option<String>)> {
+        settings
+            .sources()
+            .into_iter()
+            .map(|s| (s.name.to_string(), s.api_key.map(|k| k.expose().to_owned())))
+            .collect()
+    }
+
+    #[test]
+    fn each_source_has_its_api_key_and_the_default_source_takes_heap_api_key() {
+        let settings = settings(&format!(
+            "{}[sources.staging]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"2\"\n\
+             api_key = \"staging-heap-key\"\n\
+             [sources.qa]\nsecrets = [\"qa-secret-000000001\"]\napp_id = \"3\"\napi_key = \"\"\n",
+            TOP.replace(
+                "app_id = \"100\"",
+                "app_id = \"100\"\napi_key = \"default-heap-key\""
+            )
+        ));
+        assert_eq!(
+            api_keys(&settings),
+            [
+                ("default".to_owned(), Some("default-heap-key".to_owned())),
+                // Empty is none: the form an environment file's `KEY=` takes.
+                ("qa".to_owned(), None),
+                ("staging".to_owned(), Some("staging-heap-key".to_owned())),
+            ]
+        );
+        assert_eq!(api_keys(&self::settings(TOP))[0].1, None);
+    }
+
+    #[test]
+    fn a_placeholder_api_key_is_refused_with_one_line_naming_the_key_but_not_the_value() {
+        let found = problems(&TOP.replace(
+            "app_id = \"100\"",
+            "app_id = \"100\"\napi_key = \"<heap api key>\"",
+        ));
+        assert_eq!(
+            found,
+            [
+                "`heap.api_key` is a placeholder, not an API key: set the Heap API key of the app \
+              id (RELAY_HEAP__API_KEY), or leave it empty for local-only erasures"
+            ]
+        );
+        let found = problems(&format!(
+            "{TOP}[sources.staging]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"2\"\n\
+             api_key = \"REPLACE_ME\"\n"
+        ));
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with("`sources.staging.api_key` is a placeholder")
+                && found[0].contains("(RELAY_SOURCES__STAGING__API_KEY)")
+                && !found[0].contains("REPLACE_ME"),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn api_keys_print_redacted_and_heap_api_key_without_a_default_source_is_warned_about() {
+        let settings = settings(&format!(
+            "{}[sources.staging]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"2\"\n\
+             api_key = \"staging-heap-key\"\n",
+            TOP.replace(
+                "app_id = \"100\"",
+                "app_id = \"100\"\napi_key = \"default-heap-key\""
+            )
+        ));
+        let printed = settings.to_redacted_toml();
+        assert!(!printed.contains("heap-key"), "{printed}");
+        let table: toml::Table = printed.parse().unwrap();
+        assert_eq!(table["heap"]["api_key"].as_str(), Some("[redacted]"));
+        assert_eq!(
+            table["sources"]["staging"]["api_key"].as_str(),
+            Some("[redacted]")
+        );
+        assert!(settings.warnings().is_empty(), "{:?}", settings.warnings());
+
+        let orphan = self::settings(
+            "[heap]\napi_key = \"default-heap-key\"\n\
+             [sources.staging]\nsecrets = [\"staging-secret-0001\"]\napp_id = \"2\"\n",
+        );
+        let keys: Vec<String> = orphan.warnings().into_iter().map(|w| w.key).collect();
+        assert_eq!(keys, ["heap.api_key"]);
+        assert_eq!(names(&orphan.sources()), ["staging"]);
+    }
+
+    #[test]
+    fn a_changed_api_key_is_applied_by_a_reload_though_both_print_redacted() {
+        let with_keys = BASE
+            .replace(
+                "app_id = \"100\"",
+                "app_id = \"100\"\napi_key = \"default-key-1\"",
+            )
+            .replace(
+                "app_id = \"200\"",
+                "app_id = \"200\"\napi_key = \"staging-key-1\"",
+            );
+        assert!(changes(&with_keys, &with_keys).is_empty());
+        assert_eq!(
+            changes(
+                &with_keys,
+                &with_keys.replace("default-key-1", "default-key-2")
+            ),
+            ReloadChanges {
+                applied: vec!["heap.api_key".into()],
+                ignored: vec![],
+            }
+        );
+        assert_eq!(
+            changes(
+                &with_keys,
+                &with_keys.replace("staging-key-1", "staging-key-2")
+            )
+            .applied,
+            ["sources.staging.api_key"]
+        );
+        // Added where there was none: applied too.
+        assert_eq!(
+            changes(BASE, &with_keys).applied,
+            ["heap.api_key", "sources.staging.api_key"]
         );
     }
 }

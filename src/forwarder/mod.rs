@@ -10,6 +10,12 @@
 //! grace period (an abandoned batch stays queued: its lease simply runs out). Each bulk request
 //! is a `heap.request` span linked to the webhooks whose records it carries ([`crate::traces`]).
 //!
+//! Erasures (contract §12) may delete records this forwarder has claimed: it notes
+//! [`erase::epoch`] when it claims, and before each request, if an erasure committed since,
+//! sends only what is still pending ([`still_pending`]). A batch already on the wire when an
+//! erasure commits may still reach Heap, and another replica's erasure is not seen here: the
+//! Heap user deletion covers both.
+//!
 //! When it starts forwarding — at process start, or when this replica becomes the Postgres
 //! leader — it charges the app rate budget with what the queue delivered in the last minute
 //! (see [`limits`]), so restarts and takeovers do not reset Heap's budget.
@@ -29,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, Stopwatch};
 use crate::dead_letters::Reason;
+use crate::erase;
 use crate::heap::client::HeapClient;
 use crate::heap::wire::RecordKind;
 use crate::queue::{Queue, QueueError};
@@ -220,6 +227,27 @@ impl RequestLog {
 /// (see `entries`), they usually fill far fewer requests than they number.
 const PROPERTY_CLAIM_FACTOR: usize = 10;
 
+/// The entries of `batch` whose records are all still pending (`left`), and the ids to put
+/// back in the queue: an entry merged from several records (properties, see `entries`) that
+/// lost some of them to an erasure carries their values in its JSON, so its other records go
+/// back, due now, to be merged again without them. Entries whose records are all gone are
+/// dropped (they were erased: nothing to count).
+fn still_pending(
+    batch: Vec<Entry>,
+    left: &std::collections::HashSet<i64>,
+) -> (Vec<Entry>, Vec<i64>) {
+    let mut kept = Vec::with_capacity(batch.len());
+    let mut requeue = Vec::new();
+    for entry in batch {
+        if entry.ids.iter().all(|id| left.contains(id)) {
+            kept.push(entry);
+        } else {
+            requeue.extend(entry.ids.into_iter().filter(|id| left.contains(id)));
+        }
+    }
+    (kept, requeue)
+}
+
 /// Ids of the records in some entries.
 fn ids(entries: &[Entry]) -> Vec<i64> {
     entries.iter().flat_map(|e| e.ids.iter().copied()).collect()
@@ -284,6 +312,8 @@ impl Forwarder {
         };
         let lease = self.config.lease.as_millis() as i64;
         let lane = self.client.app_id().as_str();
+        // Read before the claim: an erasure committing during or after it moves the epoch.
+        let epoch = erase::epoch();
         let claimed = self.queue.claim(lane, kind, max, now, lease).await?;
         // The claim is where leadership is taken: learn the budget before sending anything.
         self.charge_if_newly_leading(now).await;
@@ -341,23 +371,44 @@ impl Forwarder {
             .map(<[Entry]>::to_vec)
             .collect();
         batches.reverse(); // sent first to last
-        self.deliver(kind, batches, &origins, &mut pass).await?;
+        self.deliver(kind, batches, &origins, epoch, &mut pass)
+            .await?;
         Ok(pass)
     }
 
     /// Sends batches (the last one first), splitting a refused batch in halves until the bad
     /// entries stand alone. Each request is logged once, when its verdict is known: endpoint,
-    /// lane, elements and records in it, Heap's status, duration and outcome.
+    /// lane, elements and records in it, Heap's status, duration and outcome. `epoch` is
+    /// [`erase::epoch`] as of the claim.
     async fn deliver(
         &mut self,
         kind: RecordKind,
         batches: Vec<Vec<Entry>>,
         origins: &HashMap<i64, Origin>,
+        mut epoch: u64,
         pass: &mut Pass,
     ) -> Result<(), QueueError> {
         let mut pending = batches;
         let mut first = true;
-        while let Some(batch) = pending.pop() {
+        while let Some(mut batch) = pending.pop() {
+            // An erasure committed since the claim: what it deleted is not sent (see
+            // `still_pending`). The epoch is read before asking, so one committing meanwhile
+            // is caught before the next request.
+            let now_epoch = erase::epoch();
+            if now_epoch != epoch {
+                epoch = now_epoch;
+                let left = self.queue.still_pending(ids(&batch)).await?;
+                let (kept, requeue) = still_pending(batch, &left.into_iter().collect());
+                if !requeue.is_empty() {
+                    self.queue
+                        .retry_at(requeue, self.clock.now_ms(), false, String::new())
+                        .await?;
+                }
+                if kept.is_empty() {
+                    continue;
+                }
+                batch = kept;
+            }
             if self.control.is_paused() {
                 // Paused mid-pass (or while waiting for the rate budget): what is not sent yet
                 // goes back, due now, unharmed.
@@ -633,6 +684,28 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(ids: &[i64]) -> Entry {
+        Entry {
+            ids: ids.to_vec(),
+            json: format!("{ids:?}"),
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn after_an_erasure_only_entries_whose_records_all_remain_are_sent() {
+        let batch = vec![entry(&[1]), entry(&[2]), entry(&[3, 4, 5]), entry(&[6, 7])];
+        let left = [1, 3, 5, 6, 7].into_iter().collect();
+        let (kept, requeue) = still_pending(batch, &left);
+        // 2 was erased: dropped. 4 was erased from a merged entry: 3 and 5 go back to be
+        // merged again without it.
+        assert_eq!(kept, vec![entry(&[1]), entry(&[6, 7])]);
+        assert_eq!(requeue, [3, 5]);
+
+        let (kept, requeue) = still_pending(vec![entry(&[8, 9])], &Default::default());
+        assert!(kept.is_empty() && requeue.is_empty());
+    }
 
     #[test]
     fn the_state_shows_a_pause_and_a_resume_before_the_loop_sees_them() {

@@ -2,7 +2,8 @@
 //! routes: dead letters (list, show one, replay, purge), status per source and lane, pausing
 //! one lane or all for a Heap maintenance window, reloading the configuration, previewing what
 //! a payload would become under it (`POST /admin/preview`), and the payload shapes that
-//! arrived (`GET /admin/shapes`). With no `admin.token` configured every `/admin` route
+//! arrived (`GET /admin/shapes`), and erasing a person (`POST /admin/erase`, `GET
+//! /admin/erasures`, contract §12). With no `admin.token` configured every `/admin` route
 //! answers 403.
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use subtle::ConstantTimeEq;
 use super::AppState;
 use crate::config::DEFAULT_SOURCE;
 use crate::dead_letters::{self, FilterError, FilterParams};
+use crate::erase::{self, EraseError, ListingParams};
 use crate::forwarder::{Control, ForwarderState};
 use crate::ingest::PrepareError;
 use crate::queue::{QueueError, QueueStats};
@@ -38,6 +40,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/reload", post(reload))
         .route("/admin/preview", post(preview))
         .route("/admin/shapes", get(shapes))
+        .route("/admin/erase", post(erase_identity))
+        .route("/admin/erasures", get(erasures))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -310,13 +314,7 @@ async fn preview(
     let name = params.source.as_deref().unwrap_or(DEFAULT_SOURCE);
     let sources = state.sources.current();
     let Some(source) = sources.get(name) else {
-        let shown: String = name.chars().take(64).collect();
-        let detail = format!("no source `{shown}` is configured");
-        return (
-            StatusCode::NOT_FOUND,
-            Json(json!({ "error": "unknown_source", "detail": detail })),
-        )
-            .into_response();
+        return unknown_source(name, "configured");
     };
     let Ok(payload) = axum::body::to_bytes(body, state.max_body_bytes).await else {
         return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
@@ -346,6 +344,105 @@ struct ShapeParams {
 async fn shapes(State(state): State<Arc<AppState>>, Query(params): Query<ShapeParams>) -> Response {
     match state.queue.shapes(params.source).await {
         Ok(shapes) => Json(json!({ "shapes": shapes })).into_response(),
+        Err(err) => queue_error(err),
+    }
+}
+
+/// 400 with a `detail` saying what is wrong.
+fn bad_request(code: &str, detail: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": code, "detail": detail.to_string() })),
+    )
+        .into_response()
+}
+
+/// 404 `unknown_source`, the name shown cut to 64 characters (it is the client's text).
+fn unknown_source(name: &str, what: &str) -> Response {
+    let shown: String = name.chars().take(64).collect();
+    let detail = format!("no source `{shown}` is {what}");
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": "unknown_source", "detail": detail })),
+    )
+        .into_response()
+}
+
+/// The body of `POST /admin/erase`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EraseRequest {
+    /// Default: the default source.
+    #[serde(default)]
+    source: Option<String>,
+    identity: String,
+}
+
+/// `POST /admin/erase` with `{"source"?: NAME, "identity": ID}` (contract §12): erases every
+/// trace of the identity the relay holds for the source (see [`erase::erase`]) under the
+/// sources in force now, and answers the [`erase::ErasureReport`] once the queue's files are
+/// scrubbed. 400 `invalid_request` for another body or an empty identity, 404
+/// `unknown_source` for a source neither configured nor stored, 503 when the queue fails (the
+/// erasure may then be partial: asking again finishes it).
+async fn erase_identity(State(state): State<Arc<AppState>>, body: Body) -> Response {
+    let Ok(bytes) = axum::body::to_bytes(body, state.max_body_bytes).await else {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    };
+    // serde's message may quote the value sent (a number given as identity): not echoed.
+    let Ok(request) = serde_json::from_slice::<EraseRequest>(&bytes) else {
+        return bad_request(
+            "invalid_request",
+            "the body must be a JSON object {\"source\"?: name, \"identity\": string}",
+        );
+    };
+    let source = request.source.unwrap_or_else(|| DEFAULT_SOURCE.to_owned());
+    let sources = state.sources.current();
+    let queue = state.queue.clone();
+    let now = state.clock.now_ms();
+    // On a task of its own: a client that gives up (a proxy's timeout on a long erasure)
+    // must not cancel it halfway.
+    let erasure = tokio::spawn(async move {
+        erase::erase(
+            queue.as_ref(),
+            &sources,
+            &source,
+            &request.identity,
+            now,
+            &mut |_| {},
+        )
+        .await
+    });
+    let Ok(outcome) = erasure.await else {
+        tracing::error!("erasure task failed");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    };
+    match outcome {
+        Ok(report) => Json(report).into_response(),
+        Err(err @ EraseError::EmptyIdentity) => bad_request("invalid_request", err),
+        Err(EraseError::UnknownSource(name)) => unknown_source(&name, "configured or stored"),
+        Err(EraseError::Queue(err)) => queue_error(err),
+    }
+}
+
+/// `GET /admin/erasures?source=&state=&after=&limit=`: the erasures recorded, by id
+/// ascending ([`erase::ErasureView`], never the identity), paged as dead letters are. 400
+/// `invalid_filter` for an unknown state or a limit of 0.
+async fn erasures(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<ListingParams>,
+) -> Response {
+    let filter = match params.filter() {
+        Ok(filter) => filter,
+        Err(err) => return bad_request("invalid_filter", err),
+    };
+    let limit = filter.limit;
+    match erase::list(state.queue.as_ref(), filter).await {
+        Ok(erasures) => {
+            let next_after = (erasures.len() == limit)
+                .then(|| erasures.last().map(|e| e.id))
+                .flatten();
+            Json(json!({ "erasures": erasures, "next_after": next_after })).into_response()
+        }
         Err(err) => queue_error(err),
     }
 }

@@ -790,9 +790,16 @@ fn each_source_refusal_is_one_line_in_exact_words_naming_its_key() {
             "`queue.dedup_window_secs` must be at least sources.staging.tolerance_secs",
         ),
         (
-            staging(&[("RELAY_SOURCES__STAGING__API_KEY", "a-heap-api-key")]),
+            staging(&[("RELAY_SOURCES__STAGING__WRITE_KEY", "a-heap-write-key")]),
             &[],
-            "unknown key `sources.staging.api_key`",
+            "unknown key `sources.staging.write_key`",
+        ),
+        (
+            staging(&[("RELAY_SOURCES__STAGING__API_KEY", "REPLACE_ME")]),
+            &[],
+            "`sources.staging.api_key` is a placeholder, not an API key: set the Heap API key \
+             of the app id (RELAY_SOURCES__STAGING__API_KEY), or leave it empty for local-only \
+             erasures",
         ),
         (
             vec![("RELAY_SOURCES__STAGING", "yes")],
@@ -813,7 +820,7 @@ fn each_source_refusal_is_one_line_in_exact_words_naming_its_key() {
         );
         assert!(output.stdout.is_empty(), "{set:?}");
         for (key, value) in set {
-            if key.contains("SECRETS") && !value.is_empty() {
+            if (key.contains("SECRETS") || key.contains("API_KEY")) && !value.is_empty() {
                 assert!(!text.contains(value), "{key} shown: {text}");
             }
         }
