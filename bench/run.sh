@@ -14,6 +14,12 @@
 #                                      # sources, CPU per webhook (about a minute); prints its
 #                                      # section, also written to target/bench-transforms.md
 #                                      # (its figures: .json)
+#   bash bench/run.sh --erase          # first argument: only the cost of an erasure, one person
+#                                      # with 10,000 stored webhooks among 40,000 others erased
+#                                      # while webhooks are posted at 1,000/s, against the same
+#                                      # load without an erasure (a few minutes); prints its
+#                                      # section, also written to target/bench-erase.md (its
+#                                      # figures: .json)
 #   bash bench/run.sh --smoke          # seconds: debug builds, ~1 s of load, checks (CI)
 #
 # Postgres: when Postgres is installed (`pg_lsclusters` and a server binary exist), the suite
@@ -29,7 +35,8 @@
 # --duration, --concurrency, --rates, --out, --no-sources, ...), or with --sources to
 # `relay-bench sources` (`relay-bench sources --help`: --runs, --concurrency, --rates, --out,
 # --json, ...), or with --transforms to `relay-bench transforms` (--runs, --duration,
-# --concurrency, ...). The suite includes the routing comparison; `--no-sources` skips it (for a relay
+# --concurrency, ...), or with --erase to `relay-bench erase` (--runs, --stored, --others,
+# --rate, --window, ...). The suite includes the routing comparison; `--no-sources` skips it (for a relay
 # build that does not route by source). Everything runs on loopback; servers are child
 # processes of the harness and stop with it (Postgres, a service, keeps running).
 set -euo pipefail
@@ -79,6 +86,20 @@ if [[ "${1:-}" == "--transforms" ]]; then
         --commit "$(commit)" \
         --out "$CARGO_TARGET_DIR/bench-transforms.md" \
         --json "$CARGO_TARGET_DIR/bench-transforms.json" \
+        "$@"
+fi
+
+if [[ "${1:-}" == "--erase" ]]; then
+    # Only the erasure measurement; the other arguments go to `relay-bench erase`.
+    shift
+    echo "== building (release)" >&2
+    cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin userpilot-heap-relay
+    cargo build --release --manifest-path "$ROOT/bench/Cargo.toml"
+    exec "$CARGO_TARGET_DIR/release/relay-bench" erase \
+        --relay-bin "$CARGO_TARGET_DIR/release/userpilot-heap-relay" \
+        --commit "$(commit)" \
+        --out "$CARGO_TARGET_DIR/bench-erase.md" \
+        --json "$CARGO_TARGET_DIR/bench-erase.json" \
         "$@"
 fi
 

@@ -13,11 +13,15 @@
 //! - [`transforms`]: one relay with a source without a jq program, one with `.` and one with a
 //!   reshaping program (the cost of transforms), a subcommand of its own and a phase of the
 //!   smoke.
+//! - [`erase`]: erasing one person (10,000 stored webhooks among others) while webhooks are
+//!   posted at a fixed rate: the erasure's duration and the ingest latency during it against
+//!   the same load without one; a subcommand of its own and a phase of the smoke.
 //! - [`suite`]: runs everything against the relay binary (on SQLite, and on Postgres with
 //!   `--postgres`) and the baseline and writes the report ([`report`]) from its figures
 //!   ([`results`]); [`smoke`] is the seconds-long version CI runs.
 
 mod baseline;
+mod erase;
 mod load;
 mod postgres;
 mod procfs;
@@ -56,6 +60,9 @@ enum Command {
     /// The cost of transforms alone: no program, `.` and a reshaping program, CPU per
     /// webhook; prints its section of the report.
     Transforms(transforms::Options),
+    /// The cost of an erasure alone: erasing one person under a fixed-rate load, against the
+    /// same load without; prints its section of the report.
+    Erase(erase::Options),
     /// A seconds-long end-to-end check that the harness still works (for CI).
     Smoke {
         /// The relay binary to run.
@@ -95,6 +102,7 @@ fn main() -> ExitCode {
             Command::Suite(options) => suite::run(options).await,
             Command::Sources(options) => sources::run_cli(options).await,
             Command::Transforms(options) => transforms::run_cli(options).await,
+            Command::Erase(options) => erase::run_cli(options).await,
             Command::Smoke { relay_bin } => smoke::run(&relay_bin).await,
             Command::Baseline { listen } => baseline::serve(listen).await,
             Command::Load(options) => load::run_cli(options).await,

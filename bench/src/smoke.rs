@@ -15,6 +15,10 @@
 //! So does the transforms comparison ([`transforms::measure`]): no program, `.` and a
 //! reshaping program on three sources of one relay, every event counted; a relay that refuses
 //! `transform` fails the smoke.
+//!
+//! And the erasure measurement ([`erase::measure`]), small: one person's 200 stored webhooks
+//! among 300 others erased under a load of 200 webhooks/s, every webhook of the load accepted,
+//! the answer counting all 200, and its section rendered.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +27,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use tokio::time::Instant;
 
+use crate::erase;
 use crate::load::{self, Plan};
 use crate::postgres::BenchDatabase;
 use crate::procfs;
@@ -210,6 +215,36 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         }
         Err(answer) => bail!("the relay refuses `[sources.NAME] transform`:\n{answer}"),
     };
+
+    // The cost of an erasure, briefly: the person's webhooks all erased under load.
+    let settings = erase::Settings {
+        runs: 1,
+        stored: 200,
+        others: 300,
+        rate: 200,
+        warmup: 0.2,
+        window: 0.5,
+        max_erase: 20.0,
+        extra_env: vec![("RELAY_HEAP__BATCH_LINGER_MS", "10".into())],
+    };
+    let measurement = erase::measure(&settings, &client, &sink, relay_bin, scratch.path())
+        .await
+        .context("the erasure measurement")?;
+    let section = erase::render(&measurement, "");
+    ensure!(
+        section.contains("| 1 | erasure |"),
+        "the erasure section has no run:\n{section}"
+    );
+    println!(
+        "relay-bench smoke: erase: {} webhooks of one person erased in {:.0} ms under {} \
+         webhooks/s, all accepted",
+        settings.stored,
+        measurement
+            .runs
+            .first()
+            .map_or(f64::NAN, |run| run.erase_ms),
+        settings.rate
+    );
 
     let postgres = match std::env::var("RELAY_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => {

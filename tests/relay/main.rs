@@ -18,6 +18,7 @@ mod dead_letter_scope;
 mod dead_letter_views;
 mod dead_letters;
 mod delivery;
+mod erase;
 mod event_kinds;
 mod hardening;
 mod lanes;

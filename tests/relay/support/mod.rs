@@ -1,7 +1,9 @@
 //! Shared test support: a fake Heap (a real HTTP server that records what it receives and
 //! answers as told), a relay started in-process on port 0, the relay binary as a child process,
 //! signing, one HTTP [`Client`] for both kinds of relay, and polling with a deadline
-//! ([`eventually`]; never a bare sleep to wait for work).
+//! ([`eventually`]; never a bare sleep to wait for work). The fake Heap records each request's
+//! method and headers too, and [`FakeHeap::reply_with`] can answer any JSON body (Heap's
+//! public API for user deletion, contract §12, answers tokens and ids).
 //!
 //! Renamed when the test binaries became one (old -> new): `post_signed(&http, &url, &body)`
 //! -> `client.try_post(&body)` (or `.post(&body)` when an answer is expected);
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +46,17 @@ pub struct Received {
     pub body: Value,
     pub status: u16,
     pub at: Instant,
+    pub method: String,
+    pub headers: HeaderMap,
+}
+
+impl Received {
+    /// The request's `Authorization` header, if it had one.
+    pub fn authorization(&self) -> Option<&str> {
+        self.headers
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+    }
 }
 
 /// What the fake Heap answers: status, optional Retry-After seconds, optional delay.
@@ -71,10 +84,39 @@ impl Answer {
 
 type Responder = Box<dyn FnMut(&str, &Value) -> Answer + Send>;
 
+/// A request as [`FakeHeap::reply_with`] sees it.
+pub struct Incoming<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    pub body: &'a Value,
+}
+
+/// A whole answer of the fake Heap: status, optional Retry-After seconds, and a JSON body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<u64>,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Value) -> Self {
+        Reply {
+            status,
+            retry_after: None,
+            body,
+        }
+    }
+}
+
+type Replier = Box<dyn FnMut(&Incoming<'_>) -> Option<Reply> + Send>;
+
 #[derive(Clone)]
 struct HeapState {
     received: Arc<Mutex<Vec<Received>>>,
     responder: Arc<Mutex<Responder>>,
+    replier: Arc<Mutex<Option<Replier>>>,
 }
 
 /// A real HTTP server standing in for Heap.
@@ -84,18 +126,47 @@ pub struct FakeHeap {
     state: HeapState,
 }
 
-async fn record(State(state): State<HeapState>, uri: Uri, body: Bytes) -> Response {
+async fn record(
+    State(state): State<HeapState>,
+    method: Method,
+    uri: Uri,
+    request_headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let reply = state.replier.lock().unwrap().as_mut().and_then(|replier| {
+        replier(&Incoming {
+            method: method.as_str(),
+            path: uri.path(),
+            headers: &request_headers,
+            body: &body,
+        })
+    });
+    let received = |status: u16| Received {
+        path: uri.path().to_owned(),
+        body: body.clone(),
+        status,
+        at: Instant::now(),
+        method: method.as_str().to_owned(),
+        headers: request_headers.clone(),
+    };
+    if let Some(reply) = reply {
+        state.received.lock().unwrap().push(received(reply.status));
+        let mut headers = HeaderMap::new();
+        if let Some(seconds) = reply.retry_after {
+            headers.insert(
+                "retry-after",
+                HeaderValue::from_str(&seconds.to_string()).unwrap(),
+            );
+        }
+        let status = StatusCode::from_u16(reply.status).unwrap();
+        return (status, headers, axum::Json(reply.body)).into_response();
+    }
     let answer = (state.responder.lock().unwrap())(uri.path(), &body);
     if !answer.delay.is_zero() {
         tokio::time::sleep(answer.delay).await;
     }
-    state.received.lock().unwrap().push(Received {
-        path: uri.path().to_owned(),
-        body,
-        status: answer.status,
-        at: Instant::now(),
-    });
+    state.received.lock().unwrap().push(received(answer.status));
     let mut headers = HeaderMap::new();
     if let Some(seconds) = answer.retry_after {
         headers.insert(
@@ -120,6 +191,7 @@ impl FakeHeap {
         let state = HeapState {
             received: Arc::default(),
             responder: Arc::new(Mutex::new(Box::new(|_: &str, _: &Value| Answer::OK))),
+            replier: Arc::default(),
         };
         let app = Router::new().fallback(record).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -135,6 +207,12 @@ impl FakeHeap {
     /// Decides every answer from now on.
     pub fn respond_with(&self, responder: impl FnMut(&str, &Value) -> Answer + Send + 'static) {
         *self.state.responder.lock().unwrap() = Box::new(responder);
+    }
+
+    /// Answers whole (status, Retry-After, JSON body) every request `replier` returns a
+    /// [`Reply`] for; the others are answered by [`FakeHeap::respond_with`]'s responder.
+    pub fn reply_with(&self, replier: impl FnMut(&Incoming<'_>) -> Option<Reply> + Send + 'static) {
+        *self.state.replier.lock().unwrap() = Some(Box::new(replier));
     }
 
     pub fn requests(&self) -> Vec<Received> {

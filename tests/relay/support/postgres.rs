@@ -12,6 +12,11 @@ use userpilot_heap_relay::queue::postgres::PostgresQueue;
 
 pub const URL_VAR: &str = "RELAY_TEST_POSTGRES_URL";
 
+/// A superuser's URL on the same server and database (`.ci/postgres.sh` creates the role and
+/// the `pageinspect` extension): what a test needs to read raw pages, which the relay's own
+/// role may not.
+pub const INSPECT_URL_VAR: &str = "RELAY_TEST_POSTGRES_INSPECT_URL";
+
 /// The server's URL. Only Postgres tests call it, and they are ignored unless the variable was
 /// set at build time, so here it is missing only when it was unset between build and run.
 pub fn base_url() -> String {
@@ -20,6 +25,19 @@ pub fn base_url() -> String {
         _ => panic!(
             "{URL_VAR} is not set, but this test binary was built with it (cfg postgres_tests): \
              set it again, or rebuild without it to ignore the Postgres tests"
+        ),
+    }
+}
+
+/// The inspector's URL ([`INSPECT_URL_VAR`]). A Postgres test that needs it fails when it is
+/// missing rather than passing without its check.
+pub fn inspect_url() -> String {
+    match std::env::var(INSPECT_URL_VAR) {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => panic!(
+            "{INSPECT_URL_VAR} is not set, but the Postgres tests run (cfg postgres_tests): the \
+             raw-page check needs a superuser with the pageinspect extension; `source \
+             .ci/postgres.sh` sets both up and exports it"
         ),
     }
 }
