@@ -325,7 +325,11 @@ mod tests {
         let sources = sources(Some("if .crash then (def f: 1 + f; f) else . end"));
         let (reason, detail) = quarantined(run(&sources, &json!({"crash": true})).await.unwrap());
         assert_eq!(reason, "transform_error");
-        assert!(detail.contains("worker died"), "{detail}");
+        // Under load the recursion can meet the deadline before the end of its stack.
+        assert!(
+            detail.contains("worker died") || detail.contains("worker was killed"),
+            "{detail}"
+        );
         assert_eq!(tracks(run(&sources, &flow("u2")).await.unwrap()).len(), 1);
     }
 

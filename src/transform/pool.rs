@@ -426,7 +426,12 @@ pub(crate) mod tests {
     async fn a_program_that_overflows_the_stack_kills_only_its_worker() {
         let transforms = pool(&["def f: 1 + f; f", "."], 2);
         let error = transforms.run(0, b"{}").await.unwrap_err();
-        assert!(matches!(error, PoolError::Died(_)), "{error:?}");
+        // A debug build recursing on a loaded machine can meet the deadline before the end of
+        // its stack: either way that worker alone is killed.
+        assert!(
+            matches!(error, PoolError::Died(_) | PoolError::Deadline),
+            "{error:?}"
+        );
         assert!(error.is_transform_error());
         assert_eq!(
             transforms.run(1, br#"{"k":1}"#).await.unwrap(),
