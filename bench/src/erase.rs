@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use userpilot_heap_relay::{samples, userpilot};
 
 use crate::load::{self, Client, Outcome, Plan, Prepared};
-use crate::procfs;
+use crate::section::{self, Occasion};
 use crate::server::{ADMIN_TOKEN, SECRET, Server};
 use crate::sink::Sink;
 use crate::suite::tag;
@@ -514,16 +514,10 @@ pub fn render(measurement: &Measurement, header: &str) -> String {
 
 /// `relay-bench erase`: runs the measurement and prints its section of the report.
 pub async fn run_cli(options: Options) -> anyhow::Result<()> {
-    let scratch = match &options.scratch {
-        Some(dir) => tempfile::Builder::new()
-            .prefix("relay-bench")
-            .tempdir_in(dir)?,
-        None => tempfile::Builder::new().prefix("relay-bench").tempdir()?,
-    };
+    let scratch = section::scratch(options.scratch.as_ref())?;
     let client = load::client();
     let sink = Sink::start().await?;
-    let load_before = procfs::load_average();
-    let date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+    let occasion = Occasion::now();
     let settings = Settings {
         runs: options.runs,
         stored: options.stored,
@@ -542,26 +536,14 @@ pub async fn run_cli(options: Options) -> anyhow::Result<()> {
         scratch.path(),
     )
     .await?;
-    let header = format!(
-        "Measured {date} on {} ({} cores, kernel {}), commit {}; load average before {}, \
-         after {}.",
-        procfs::cpu_model(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        procfs::kernel(),
-        options.commit,
-        load_before,
-        procfs::load_average()
-    );
+    let header = occasion.header(&options.commit);
     let markdown = render(&measurement, &header);
-    println!("{markdown}");
-    if let Some(out) = &options.out {
-        std::fs::write(out, &markdown)
-            .with_context(|| format!("cannot write {}", out.display()))?;
-    }
-    if let Some(json) = &options.json {
-        std::fs::write(json, serde_json::to_string_pretty(&measurement)?)
-            .with_context(|| format!("cannot write {}", json.display()))?;
-    }
+    section::publish(
+        &markdown,
+        &measurement,
+        options.out.as_deref(),
+        options.json.as_deref(),
+    )?;
     Ok(())
 }
 

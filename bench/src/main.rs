@@ -27,6 +27,7 @@ mod postgres;
 mod procfs;
 mod report;
 mod results;
+mod section;
 mod server;
 mod sink;
 mod smoke;

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::load::{self, Client, Plan, RunResult};
-use crate::procfs;
+use crate::section::{self, Occasion};
 use crate::server::{self, APP_ID, Server, SourceSpec, Sources};
 use crate::sink::{Endpoint, Sink};
 use crate::suite::{check_answers, progress, tag};
@@ -198,7 +198,10 @@ pub async fn measure(
     // of events at 250/s): the comparison is of ingest, and the drain only counts.
     let mut env = vec![
         ("RELAY_HEAP__EVENTS_PER_MINUTE", DRAIN_LIMIT.to_string()),
-        ("RELAY_HEAP__IDENTITY_EVENTS_PER_MINUTE", DRAIN_LIMIT.to_string()),
+        (
+            "RELAY_HEAP__IDENTITY_EVENTS_PER_MINUTE",
+            DRAIN_LIMIT.to_string(),
+        ),
     ];
     env.extend(settings.extra_env.iter().cloned());
     let relay = Server::relay_with(
@@ -416,16 +419,10 @@ pub fn target_row(comparison: &Comparison) -> String {
 
 /// `relay-bench transforms`: runs the comparison and prints its section of the report.
 pub async fn run_cli(options: Options) -> anyhow::Result<()> {
-    let scratch = match &options.scratch {
-        Some(dir) => tempfile::Builder::new()
-            .prefix("relay-bench")
-            .tempdir_in(dir)?,
-        None => tempfile::Builder::new().prefix("relay-bench").tempdir()?,
-    };
+    let scratch = section::scratch(options.scratch.as_ref())?;
     let client = load::client();
     let sink = Sink::start().await?;
-    let load_before = procfs::load_average();
-    let date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+    let occasion = Occasion::now();
     let settings = Settings {
         runs: options.runs,
         duration: options.duration,
@@ -442,26 +439,14 @@ pub async fn run_cli(options: Options) -> anyhow::Result<()> {
         scratch.path(),
     )
     .await?;
-    let header = format!(
-        "Measured {date} on {} ({} cores, kernel {}), commit {}; load average before {}, \
-         after {}.",
-        procfs::cpu_model(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        procfs::kernel(),
-        options.commit,
-        load_before,
-        procfs::load_average()
-    );
+    let header = occasion.header(&options.commit);
     let markdown = render(&comparison, &header);
-    println!("{markdown}");
-    if let Some(out) = &options.out {
-        std::fs::write(out, &markdown)
-            .with_context(|| format!("cannot write {}", out.display()))?;
-    }
-    if let Some(json) = &options.json {
-        std::fs::write(json, serde_json::to_string_pretty(&comparison)?)
-            .with_context(|| format!("cannot write {}", json.display()))?;
-    }
+    section::publish(
+        &markdown,
+        &comparison,
+        options.out.as_deref(),
+        options.json.as_deref(),
+    )?;
     if comparison.events_delivered < comparison.events_expected {
         bail!(
             "{} of {} track events reached the sink",
