@@ -385,18 +385,17 @@ impl Forwarder {
         kind: RecordKind,
         batches: Vec<Vec<Entry>>,
         origins: &HashMap<i64, Origin>,
-        mut epoch: u64,
+        epoch: u64,
         pass: &mut Pass,
     ) -> Result<(), QueueError> {
         let mut pending = batches;
         let mut first = true;
         while let Some(mut batch) = pending.pop() {
             // An erasure committed since the claim: what it deleted is not sent (see
-            // `still_pending`). The epoch is read before asking, so one committing meanwhile
-            // is caught before the next request.
-            let now_epoch = erase::epoch();
-            if now_epoch != epoch {
-                epoch = now_epoch;
+            // `still_pending`). Every batch from then on is checked, not only the first: the
+            // erasure may have deleted records of any of them, and each check sees every
+            // erasure committed before it.
+            if erase::epoch() != epoch {
                 let left = self.queue.still_pending(ids(&batch)).await?;
                 let (kept, requeue) = still_pending(batch, &left.into_iter().collect());
                 if !requeue.is_empty() {
