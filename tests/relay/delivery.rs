@@ -1,7 +1,8 @@
-//! The delivery path step by step (SPEC §3, §7), driven through the library with a manual
+//! The delivery path step by step (contract §3, §7), driven through the library with a manual
 //! clock and a fixed jitter: expiry, retry times stored in the queue (and surviving a reopen),
 //! `Retry-After` and the 429 floor, isolation of refused records, property updates merged per
-//! user — and retention: pruning forgets delivered webhooks (which may then be accepted again)
+//! user, an erasure committing mid-pass keeping its records out of the pass's later requests —
+//! and retention: pruning forgets delivered webhooks (which may then be accepted again)
 //! but keeps pending work and dead letters until their own retention ends.
 
 use std::num::NonZeroU32;
@@ -645,4 +646,53 @@ async fn a_replayed_expired_letter_is_sent_instead_of_expiring_again() {
         timestamp.starts_with("2026-01-01T00:00:00"),
         "the event keeps the time it happened: {timestamp}"
     );
+}
+
+/// An erasure that commits while a pass is under way (here: while Heap answers its first
+/// request) keeps what it deleted out of every later request of that pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_during_a_pass_keeps_its_records_out_of_every_later_request() {
+    let mut h = Harness::start(0.5).await;
+    for seq in 0..3 {
+        h.enqueue(seq).await;
+    }
+    let queue = h.queue.clone();
+    let mut first = true;
+    h.heap.respond_with(move |_, _| {
+        if !std::mem::take(&mut first) {
+            return Answer::OK;
+        }
+        // The whole batch is refused, so the pass splits it and sends its halves; meanwhile
+        // u2 is erased.
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                let sources = userpilot_heap_relay::sources::Sources::default();
+                let report = userpilot_heap_relay::erase::erase(
+                    queue.as_ref(),
+                    &sources,
+                    userpilot_heap_relay::queue::DEFAULT_SOURCE,
+                    "u2",
+                    T0,
+                    &mut |_| {},
+                )
+                .await
+                .unwrap();
+                assert_eq!(report.removed.pending_records, 1);
+            })
+        });
+        Answer::status(400)
+    });
+    let pass = h.step().await;
+    assert_eq!((pass.claimed, pass.dead), (3, 0), "{pass:?}");
+    let requests = h.heap.requests();
+    assert!(requests.len() >= 3, "the refused batch was not split");
+    let later: Vec<i64> = requests[1..]
+        .iter()
+        .flat_map(|r| r.body["events"].as_array().unwrap().clone())
+        .map(|e| e["properties"]["seq"].as_i64().unwrap())
+        .collect();
+    assert!(!later.contains(&2), "an erased record was sent: {later:?}");
+    let mut delivered = later;
+    delivered.sort();
+    assert_eq!(delivered, [0, 1]);
 }
