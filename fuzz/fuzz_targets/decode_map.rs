@@ -1,4 +1,4 @@
-//! Fuzzes the request path after the signature: `userpilot::decode` (SPEC §2.2),
+//! Fuzzes the request path after the signature: `userpilot::decode` (contract §2.2),
 //! `heap::mapping::Mapper::map` (§2.3–2.4) and `translate::webhook`, which combines them.
 //!
 //! The input is a webhook body. `decode` only takes `Verified` bytes, which only `verify`

@@ -1,4 +1,4 @@
-//! Fuzzes `userpilot::verify` (SPEC §2.1) with hostile `X-Signature` headers and bodies.
+//! Fuzzes `userpilot::verify` (contract §2.1) with hostile `X-Signature` headers and bodies.
 //!
 //! Input layout: the bytes before the first `\n` are the header value, the rest is the body; an
 //! input without `\n` is a body sent with no header at all. HTTP header values cannot hold a
@@ -31,7 +31,7 @@ const NOW_MS: i64 = NOW * 1000 + 123;
 const TOLERANCE: u64 = 300;
 const SECRET: &str = "s";
 
-/// HMAC-SHA256 over `body . t`, written here from the SPEC rather than taken from the relay.
+/// HMAC-SHA256 over `body . t`, written here from the contract rather than taken from the relay.
 fn mac(body: &[u8], t: &str) -> [u8; 32] {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
@@ -41,7 +41,7 @@ fn mac(body: &[u8], t: &str) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// Every way the SPEC lets a MAC be written, lowercase (hex is compared case-insensitively).
+/// Every way the contract lets a MAC be written, lowercase (hex is compared case-insensitively).
 /// Base64 is left unpadded: the padded form contains it.
 fn encodings(mac: &[u8; 32]) -> [String; 3] {
     [
@@ -160,7 +160,7 @@ fn check_round_trip(body: &Bytes) {
     for t in [NOW, NOW + offset, (NOW + offset) * 1000 + millis] {
         let header = sign(body, SECRET, t);
         let expected = format!("t={t},v1={}", hex::encode(mac(body, &t.to_string())));
-        assert_eq!(header, expected, "sign disagrees with the SPEC's HMAC");
+        assert_eq!(header, expected, "sign disagrees with the contract's HMAC");
         assert_eq!(
             check(body, Some(header.as_bytes()), NOW),
             Ok(()),

@@ -1,4 +1,4 @@
-//! The real binary as operators run it, configured by environment variables (SPEC §5, §6):
+//! The real binary as operators run it, configured by environment variables (contract §5, §6):
 //! it starts and relays to the fake Heap; `RELAY_USERPILOT__SECRETS` list parsing; refusing to
 //! start with one line naming the key; `check-config` with secrets redacted; `--config` layered
 //! under the environment; the queue folder created when missing; `sign`; JSON logs that never

@@ -1,6 +1,6 @@
 //! Nothing acknowledged is lost when the relay binary is killed with `kill -9` in the middle of
-//! concurrent webhook traffic (SPEC §7): after a restart on the same queue folder, every webhook
-//! that was answered 202 reaches Heap, each event under exactly one idempotency key.
+//! concurrent webhook traffic (contract §7): after a restart on the same queue folder, every
+//! webhook that was answered 202 reaches Heap, each event under exactly one idempotency key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

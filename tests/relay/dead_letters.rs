@@ -1,4 +1,4 @@
-//! Dead letters against the relay binary (SPEC §3, §7): an event Heap refuses is isolated from
+//! Dead letters against the relay binary (contract §3, §7): an event Heap refuses is isolated from
 //! its batch and dead-lettered alone, visible and replayable through the admin API; a webhook
 //! quarantined for a configuration problem is repaired by changing the configuration and
 //! replaying it with the `dlq` command.

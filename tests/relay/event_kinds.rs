@@ -1,6 +1,6 @@
-//! What Heap receives for each Userpilot event, through the real server and forwarder against
-//! the fake Heap: the event name of every kind and action of SPEC §2.3 (and the payload shapes
-//! of SPEC §2.2), identity, timestamp, idempotency keys and flattened properties (SPEC §2.4),
+//! What Heap receives for each Userpilot event, through the real server and forwarder against the
+//! fake Heap: the event name of every kind and action of contract §2.3 (and the payload shapes of
+//! contract §2.2), identity, timestamp, idempotency keys and flattened properties (contract §2.4),
 //! user and account properties, `heap.identity`, and `[mapping]` renames and drops.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -85,7 +85,7 @@ async fn every_kind_and_action_gets_the_native_heap_event_name() {
     let heap = FakeHeap::start().await;
     let relay = Relay::start(&heap, "").await;
     let table: Vec<(Value, &[&str])> = vec![
-        // Experiences (flows), with the synonyms of SPEC §2.2.
+        // Experiences (flows), with the synonyms of contract §2.2.
         (
             json!({"type": "flow", "action": "started", "flow_id": "fl_1", "flow_name": "Onboarding"}),
             &["Userpilot Experience (started)"],

@@ -1,4 +1,4 @@
-//! Heap outages against the relay binary (SPEC §3, §7): while Heap answers 503, times out or
+//! Heap outages against the relay binary (contract §3, §7): while Heap answers 503, times out or
 //! throttles with 429, the backlog waits in the queue — not in memory — the relay retries at a
 //! bounded rate and honours `Retry-After`, and once Heap recovers every accepted event arrives,
 //! once per idempotency key, with nothing dead-lettered.

@@ -1,4 +1,4 @@
-//! Graceful shutdown of the relay binary under load (SPEC §7): on SIGTERM it exits 0 within
+//! Graceful shutdown of the relay binary under load (contract §7): on SIGTERM it exits 0 within
 //! `server.shutdown_grace_ms` even with a Heap request hanging, answers webhooks that arrive
 //! while draining with 503 (or not at all), and every webhook it answered 202 is delivered
 //! after a restart on the same queue folder. In-process: while draining, `/readyz` and new

@@ -1,6 +1,6 @@
-//! The public HTTP interface of SPEC §4 through the real server (in-process, port 0) against the
-//! fake Heap: every row of the webhook table (202 accepted / duplicate / quarantined, 401, 400,
-//! 413, 415, 503 with `Retry-After`), the signature variants of SPEC §2.1 that must be accepted
+//! The public HTTP interface of contract §4 through the real server (in-process, port 0) against
+//! the fake Heap: every row of the webhook table (202 accepted / duplicate / quarantined, 401, 400,
+//! 413, 415, 503 with `Retry-After`), the signature variants of contract §2.1 that must be accepted
 //! (secret rotation, base64 MAC, body-timestamp fallback), and `/healthz` and `/readyz`.
 
 use std::time::Duration;
