@@ -254,12 +254,13 @@ impl App {
             leadership,
             traces.clone(),
         );
+        let activity = Arc::new(crate::console::activity::Activity::default());
         let state = Arc::new(AppState {
             sources: LiveSources::new(sources),
             lanes,
             reloader: Reloader::new(settings.clone()),
             queue,
-            clock,
+            clock: clock.clone(),
             shutdown: CancellationToken::new(),
             admin_token: settings.admin.token.clone(),
             readiness: http::health::Readiness::default(),
@@ -269,6 +270,7 @@ impl App {
             metrics,
             traces,
             shapes,
+            console: crate::console::Console::new(clock.clone(), activity),
         });
         let public = bind(settings.server.listen).await?;
         let admin = bind(settings.server.admin_listen).await?;

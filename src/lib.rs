@@ -16,7 +16,8 @@
 //! [`heap::wire`], and records the verdict of [`forwarder::retry`]: ack, retry at a stored
 //! time, or dead letter. [`dead_letters`] lists, replays and purges those, for the admin API
 //! and the `dlq` command alike. [`preview`] shows what a payload would become without
-//! queueing it.
+//! queueing it. The [`console`] is the operators' web page for all of it, on the admin port,
+//! calling the same code as the admin API.
 //!
 //! Around them: [`config`] (layered settings, parsed once into typed values), [`app`] (wiring
 //! and graceful shutdown), [`cli`] (the command line; the subcommands themselves live in the
@@ -30,6 +31,7 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod dead_letters;
 pub mod erase;
 pub mod forwarder;

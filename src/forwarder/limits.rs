@@ -31,7 +31,13 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// governor's view of the relay's clock: its monotonic time, as a `Duration` (which governor
 /// accepts as an instant).
 #[derive(Clone)]
-struct LimiterClock(Arc<dyn Clock>);
+pub(crate) struct LimiterClock(Arc<dyn Clock>);
+
+impl LimiterClock {
+    pub(crate) fn new(clock: Arc<dyn Clock>) -> Self {
+        LimiterClock(clock)
+    }
+}
 
 impl governor::clock::Clock for LimiterClock {
     type Instant = Duration;

@@ -52,6 +52,8 @@ pub struct AppState {
     pub traces: crate::traces::Traces,
     /// The index of payload shapes stored per source ([`crate::shapes`]).
     pub shapes: crate::shapes::Recorder,
+    /// The console's sessions, sign-in budget and activity history (contract §11).
+    pub console: crate::console::Console,
 }
 
 /// Verified webhooks handled at once (decoded, mapped, waiting for the commit). The permit is
@@ -109,9 +111,9 @@ pub fn public_router(state: Arc<AppState>) -> Router {
     traced(router)
 }
 
-/// The admin router: `GET /metrics` and `/admin/...`.
+/// The admin router: `GET /metrics`, `/admin/...` and the console (`/console...`).
 pub fn admin_router(state: Arc<AppState>) -> Router {
-    traced(admin::router(state))
+    traced(admin::router(state.clone()).merge(crate::console::router(state)))
 }
 
 /// Request ids and a span per request: every log line of a request carries its id. Layers

@@ -238,9 +238,11 @@ async fn serve_connection(
     let (in_flight, mut requests) = watch::channel(0usize);
     // Held here too, so `requests` never sees the sender gone while the connection lives.
     let in_flight = Arc::new(in_flight);
+    let peer = stream.peer_addr().ok();
     let service = TowerToHyperService::new(Counted {
         router,
         in_flight: in_flight.clone(),
+        peer,
     });
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let mut connection = pin!(connection);
@@ -301,6 +303,9 @@ async fn serve_connection(
 struct Counted {
     router: Router,
     in_flight: Arc<watch::Sender<usize>>,
+    /// The client's address, given to handlers as `ConnectInfo` (the console's sign-in
+    /// budget is per address).
+    peer: Option<SocketAddr>,
 }
 
 /// One request in flight; dropped (also when the connection is dropped mid-request) it
@@ -334,7 +339,12 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Some(peer) = self.peer {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+        }
         let guard = InFlight::new(&self.in_flight);
         let response = self.router.call(request);
         Box::pin(async move {

@@ -114,6 +114,7 @@ async fn answer(state: &AppState, name: &str, headers: &HeaderMap, body: Body) -
         "source" => source_label.clone()
     )
     .increment(1);
+    state.console.activity.webhook(&source_label, outcome);
     metrics::histogram!(
         "relay_webhook_duration_seconds",
         "outcome" => outcome,
