@@ -1001,11 +1001,14 @@ mod tests {
         let control = lane.control.clone();
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(lane.forwarder.run(shutdown.clone()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while control.backoff_until_ms().is_none() {
-            assert!(tokio::time::Instant::now() < deadline, "never backed off");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let backed_off = async {
+            while control.backoff_until_ms().is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), backed_off)
+            .await
+            .expect("never backed off");
         assert_eq!(control.state(), ForwarderState::BackingOff);
         // No jitter: the wait is `retry.initial_backoff_ms`, from the clock's now.
         assert_eq!(control.backoff_until_ms(), Some(T0 + 600_000));
