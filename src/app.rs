@@ -355,6 +355,8 @@ impl App {
         tasks.spawn(http::serve::serve(admin, admin_app, stop).map_ok());
         tasks.spawn(lanes::run(starts, build_lane, draining.clone()).map_ok());
         tasks.spawn(prune_periodically(state.clone(), settings.clone(), draining.clone()).map_ok());
+        // The console's charts: a sample of the counts every 10 s, the last hour kept.
+        tasks.spawn(crate::console::activity::run(state.clone(), draining.clone()).map_ok());
         tasks.spawn(eraser.run(draining.clone()).map_ok());
 
         // Serve until asked to stop — or until a task fails on its own.
@@ -376,8 +378,8 @@ impl App {
                 return Err(AppError::TaskFailed(panicked.to_string()));
             }
             Some(Ok(Ok(()))) => {
-                // Servers, forwarder, pruning and erasures run until shutdown; one ending is a
-                // fault.
+                // Servers, forwarder, pruning, erasures and sampling run until shutdown; one
+                // ending is a fault.
                 closing.cancel();
                 return Err(AppError::TaskFailed("a task stopped unexpectedly".into()));
             }

@@ -7,6 +7,9 @@
 //! registered — at start, and later when a reload adds a source with a new app id. A lane is
 //! never stopped before shutdown: one whose app id left the configuration still delivers what
 //! was queued for it.
+//!
+//! The admin API and the console share [`Lanes::switch`] (pause or resume, and its log line)
+//! and [`Lanes::status`] (each lane with its queue counts).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Control, Forwarder};
 use crate::config::AppId;
+use crate::queue::{Queue, QueueError, QueueStats};
 
 /// Every lane of the process, by app id.
 #[derive(Debug)]
@@ -27,6 +31,22 @@ pub struct Lanes {
     start: mpsc::UnboundedSender<(AppId, Arc<Control>)>,
     /// An operator paused every lane: a lane registered meanwhile starts paused too.
     all_paused: AtomicBool,
+}
+
+/// One lane as the status pages show it: its switch and forwarder state, and its records.
+#[derive(Debug, Clone)]
+pub struct LaneStatus {
+    pub app_id: String,
+    pub control: Arc<Control>,
+    pub queue: QueueStats,
+}
+
+/// Every lane with its queue counts, and the counts of the whole queue (which include app ids
+/// no lane forwards for any more, and records from before sources existed).
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub queue: QueueStats,
+    pub lanes: Vec<LaneStatus>,
 }
 
 /// Lanes registered and waiting for [`run`] to start their forwarders.
@@ -92,6 +112,46 @@ impl Lanes {
         for (_, control) in self.all() {
             control.set_paused(paused);
         }
+    }
+
+    /// An operator pauses or resumes the lane of `app_id`, or every lane (and those
+    /// registered later) for `None`. Returns the app ids switched, or `None` when no lane has
+    /// that app id (nothing is switched then).
+    pub fn switch(&self, app_id: Option<&str>, paused: bool) -> Option<Vec<String>> {
+        let app_ids: Vec<String> = match app_id {
+            None => {
+                self.set_all_paused(paused);
+                self.all().into_iter().map(|(id, _)| id).collect()
+            }
+            Some(app_id) => {
+                self.control(app_id)?.set_paused(paused);
+                vec![app_id.to_owned()]
+            }
+        };
+        if paused {
+            tracing::warn!(?app_ids, "forwarding paused by an operator");
+        } else {
+            tracing::info!(?app_ids, "forwarding resumed by an operator");
+        }
+        Some(app_ids)
+    }
+
+    /// Every lane with its queue counts as of `now_ms` (one scan of the queue).
+    pub async fn status(&self, queue: &dyn Queue, now_ms: i64) -> Result<Status, QueueError> {
+        let by_lane = queue.lane_stats(now_ms).await?;
+        let lanes = self
+            .all()
+            .into_iter()
+            .map(|(app_id, control)| LaneStatus {
+                queue: by_lane.get(&app_id).copied().unwrap_or_default(),
+                app_id,
+                control,
+            })
+            .collect();
+        Ok(Status {
+            queue: QueueStats::sum(by_lane.values()),
+            lanes,
+        })
     }
 }
 
@@ -162,6 +222,24 @@ mod tests {
         assert!(lanes.all().iter().all(|(_, control)| control.is_paused()));
         lanes.set_all_paused(false);
         lanes.ensure(&app("4"));
+        assert!(lanes.all().iter().all(|(_, control)| !control.is_paused()));
+    }
+
+    #[test]
+    fn the_operators_switch_names_the_lanes_it_switched_and_refuses_an_unknown_one() {
+        let (lanes, _starts) = Lanes::new();
+        lanes.ensure(&app("1"));
+        lanes.ensure(&app("2"));
+        assert_eq!(lanes.switch(Some("2"), true), Some(vec!["2".to_owned()]));
+        assert!(lanes.control("2").unwrap().is_paused());
+        assert!(!lanes.control("1").unwrap().is_paused());
+        assert_eq!(lanes.switch(Some("3"), true), None);
+        assert!(!lanes.control("1").unwrap().is_paused());
+        assert_eq!(lanes.switch(None, true), Some(vec!["1".into(), "2".into()]));
+        // Every lane: the lanes registered later start paused too.
+        lanes.ensure(&app("3"));
+        assert!(lanes.control("3").unwrap().is_paused());
+        assert_eq!(lanes.switch(None, false).map(|ids| ids.len()), Some(3));
         assert!(lanes.all().iter().all(|(_, control)| !control.is_paused()));
     }
 }

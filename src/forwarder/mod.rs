@@ -26,8 +26,8 @@ pub mod limits;
 pub mod retry;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -74,13 +74,35 @@ impl ForwarderState {
     }
 }
 
+/// The most characters of a Heap error kept for the console ([`Control::last_heap_error`]).
+pub const HEAP_ERROR_TEXT_MAX: usize = 500;
+
+/// The last time Heap failed a lane's request, as the console shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeapError {
+    /// When the answer (or the failure to get one) came, unix ms.
+    pub at_ms: i64,
+    /// Heap's HTTP status; `None` when Heap did not answer (timeout, connection error).
+    pub status: Option<u16>,
+    /// The text logged and stored as the records' `last_error` (or the dead letter's
+    /// detail), cut to [`HEAP_ERROR_TEXT_MAX`] characters.
+    pub text: String,
+}
+
 /// Shared between the forwarder and the rest of the process: a doorbell rung when new records
-/// are queued, and the pause switch.
+/// are queued, the pause switch, and what the forwarder reports of itself for the console
+/// (events forwarded, when a backoff ends, Heap's last error).
 #[derive(Debug, Default)]
 pub struct Control {
     wake: Notify,
     paused: AtomicBool,
     state: AtomicU8,
+    /// Track events Heap accepted from this lane since the process started (as
+    /// `relay_events_forwarded_total` counts them).
+    forwarded: AtomicU64,
+    /// While backing off: when the next attempt is due, unix ms; 0 otherwise.
+    backoff_until_ms: AtomicI64,
+    last_heap_error: Mutex<Option<HeapError>>,
 }
 
 impl Control {
@@ -111,8 +133,60 @@ impl Control {
         }
     }
 
+    /// Running or paused: a backoff, if there was one, is over.
     fn set_state(&self, state: ForwarderState) {
         self.state.store(state as u8, Ordering::SeqCst);
+        if state != ForwarderState::BackingOff {
+            self.backoff_until_ms.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// The forwarder waits until `until_ms` (unix ms) before its next attempt. The time is
+    /// stored before the state, so whoever sees the state also sees the time.
+    fn back_off_until(&self, until_ms: i64) {
+        self.backoff_until_ms.store(until_ms, Ordering::SeqCst);
+        self.state
+            .store(ForwarderState::BackingOff as u8, Ordering::SeqCst);
+    }
+
+    /// When the next attempt is due (unix ms), while the state is backing off.
+    pub fn backoff_until_ms(&self) -> Option<i64> {
+        if self.state() != ForwarderState::BackingOff {
+            return None;
+        }
+        match self.backoff_until_ms.load(Ordering::SeqCst) {
+            0 => None,
+            at => Some(at),
+        }
+    }
+
+    /// Track events Heap accepted from this lane since the process started.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(Ordering::Relaxed)
+    }
+
+    fn count_forwarded(&self, events: u64) {
+        self.forwarded.fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// What Heap last failed with (a retryable failure or a refusal), if it ever did.
+    pub fn last_heap_error(&self) -> Option<HeapError> {
+        self.heap_error_slot().clone()
+    }
+
+    fn record_heap_error(&self, at_ms: i64, status: Option<u16>, text: &str) {
+        *self.heap_error_slot() = Some(HeapError {
+            at_ms,
+            status,
+            text: crate::heap::client::truncate(text, HEAP_ERROR_TEXT_MAX),
+        });
+    }
+
+    fn heap_error_slot(&self) -> std::sync::MutexGuard<'_, Option<HeapError>> {
+        // Nothing panics while holding the lock: a poisoned slot still holds a whole value.
+        self.last_heap_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -457,6 +531,7 @@ impl Forwarder {
                             "app_id" => self.client.app_id().to_string()
                         )
                         .increment(batch.len() as u64);
+                        self.control.count_forwarded(batch.len() as u64);
                     }
                 }
                 Verdict::Retry {
@@ -480,6 +555,8 @@ impl Forwarder {
                     let at = self.clock.now_ms() + delay.as_millis() as i64;
                     let retry_at = self.clock.now() + wait;
                     request.retrying(attempts, wait, retry_at, &error);
+                    self.control
+                        .record_heap_error(self.clock.now_ms(), request.status, &error);
                     pass.retried += records(&batch);
                     self.queue.retry_at(ids(&batch), at, true, error).await?;
                     // Heap is failing: the batches still waiting are not fired into it.
@@ -501,6 +578,8 @@ impl Forwarder {
                 Verdict::Reject { status, text } => {
                     let detail = format!("heap answered {status}: {text}");
                     request.rejected(&ids(&batch));
+                    self.control
+                        .record_heap_error(self.clock.now_ms(), Some(status), &detail);
                     self.dead_letter(ids(&batch), Reason::Rejected, detail, true, pass)
                         .await?;
                 }
@@ -626,7 +705,8 @@ impl Forwarder {
                 last_cleanup = now;
             }
             if let Some(backoff) = pass_total.backoff {
-                self.control.set_state(ForwarderState::BackingOff);
+                let until = self.clock.now_ms() + backoff.as_millis() as i64;
+                self.control.back_off_until(until);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => {}
@@ -718,5 +798,227 @@ mod tests {
         assert_eq!(control.state(), ForwarderState::Running);
         control.set_state(ForwarderState::BackingOff);
         assert_eq!(control.state(), ForwarderState::BackingOff);
+    }
+
+    /// A fake Heap answering each request with the next scripted `(status, body)`, then 200.
+    mod fake_heap {
+        use std::collections::VecDeque;
+        use std::sync::{Arc, Mutex};
+
+        use axum::http::StatusCode;
+
+        pub type Script = Arc<Mutex<VecDeque<(u16, String)>>>;
+
+        /// Serves on a free local port until the test's runtime ends; returns its URL.
+        pub async fn start(answers: &[(u16, &str)]) -> String {
+            let script: Script = Arc::new(Mutex::new(
+                answers.iter().map(|(s, b)| (*s, (*b).to_owned())).collect(),
+            ));
+            let app = axum::Router::new().fallback(move || {
+                let script = script.clone();
+                async move {
+                    let (status, body) = script
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .unwrap_or((200, String::new()));
+                    (StatusCode::from_u16(status).unwrap(), body)
+                }
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            url
+        }
+    }
+
+    /// 2026-01-01T00:00:00Z.
+    const T0: i64 = 1_767_225_600_000;
+
+    /// A forwarder of lane `app-1` on its own queue file with `events` track events queued,
+    /// a manual clock at [`T0`], no jitter, and Heap at `heap_url`.
+    struct Lane {
+        forwarder: Forwarder,
+        control: Arc<Control>,
+        clock: crate::clock::ManualClock,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Lane {
+        async fn start(heap_url: &str, events: usize, initial_backoff: Duration) -> Lane {
+            use crate::heap::mapping::{Mapper, MappingSettings};
+            use crate::queue::NewWebhook;
+            use crate::userpilot::Verified;
+
+            let dir = tempfile::tempdir().unwrap();
+            let queue = Arc::new(
+                crate::queue::sqlite::SqliteQueue::open(&dir.path().join("q.sqlite3")).unwrap(),
+            );
+            let clock = crate::clock::ManualClock::at_ms(T0);
+            let mapper = Mapper::new("user_id", false, false, &MappingSettings::default());
+            for seq in 0..events {
+                let body = bytes::Bytes::from(
+                    serde_json::json!({
+                        "timestamp": T0 / 1000,
+                        "data": { "type": "flow", "action": "started", "flow_id": "f",
+                                  "seq": seq, "user": { "user_id": format!("u{seq}") } }
+                    })
+                    .to_string(),
+                );
+                let verified = Verified::from_queue(body.clone());
+                let received = chrono::DateTime::from_timestamp_millis(T0).unwrap();
+                let content = crate::translate::webhook(&mapper, &verified, received).unwrap();
+                queue
+                    .enqueue(NewWebhook {
+                        source: crate::queue::DEFAULT_SOURCE.to_owned(),
+                        app_id: "app-1".to_owned(),
+                        digest: verified.digest(),
+                        body,
+                        received_at_ms: T0,
+                        content,
+                        shape: None,
+                    })
+                    .await
+                    .unwrap();
+            }
+            let app_id = crate::config::AppId::try_from("app-1".to_owned()).unwrap();
+            let client = HeapClient::new(
+                &heap_url.parse().unwrap(),
+                &app_id,
+                Duration::from_secs(5),
+                Arc::new(clock.clone()),
+            )
+            .unwrap();
+            let per_minute = std::num::NonZeroU32::new(10_000).unwrap();
+            let limits = Limits::new(per_minute, per_minute, per_minute, Arc::new(clock.clone()));
+            let config = ForwarderConfig {
+                linger: Duration::ZERO,
+                backoff: Backoff {
+                    initial: initial_backoff,
+                    max: Duration::from_secs(3600),
+                },
+                max_event_age: Duration::from_secs(3600),
+                lease: Duration::from_secs(60),
+                shutdown_grace: Duration::from_secs(1),
+            };
+            let control = Arc::new(Control::default());
+            let forwarder = Forwarder::new(
+                queue,
+                client,
+                Arc::new(clock.clone()),
+                limits,
+                config,
+                control.clone(),
+            )
+            .with_jitter(|| 0.0);
+            Lane {
+                forwarder,
+                control,
+                clock,
+                _dir: dir,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn events_heap_accepts_are_counted_and_no_error_is_reported() {
+        let heap = fake_heap::start(&[]).await;
+        let mut lane = Lane::start(&heap, 3, Duration::from_secs(1)).await;
+        let pass = lane
+            .forwarder
+            .forward_once(RecordKind::Track)
+            .await
+            .unwrap();
+        assert_eq!(pass.delivered, 3);
+        assert_eq!(lane.control.forwarded(), 3);
+        assert_eq!(lane.control.last_heap_error(), None);
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_is_kept_with_its_status_and_the_stored_error_text() {
+        let long = "x".repeat(2 * HEAP_ERROR_TEXT_MAX);
+        let heap = fake_heap::start(&[(503, long.as_str())]).await;
+        let mut lane = Lane::start(&heap, 2, Duration::from_secs(1)).await;
+        lane.clock.advance(Duration::from_millis(1500));
+        let pass = lane
+            .forwarder
+            .forward_once(RecordKind::Track)
+            .await
+            .unwrap();
+        assert_eq!(pass.retried, 2);
+        assert_eq!(lane.control.forwarded(), 0);
+        let error = lane.control.last_heap_error().unwrap();
+        assert_eq!(error.at_ms, T0 + 1500);
+        assert_eq!(error.status, Some(503));
+        assert!(
+            error.text.starts_with("heap answered 503: xxx"),
+            "{}",
+            error.text
+        );
+        assert_eq!(error.text.chars().count(), HEAP_ERROR_TEXT_MAX);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_that_dead_letters_is_kept_with_heaps_answer() {
+        let heap = fake_heap::start(&[(400, "<b>bad</b> event")]).await;
+        let mut lane = Lane::start(&heap, 1, Duration::from_secs(1)).await;
+        let pass = lane
+            .forwarder
+            .forward_once(RecordKind::Track)
+            .await
+            .unwrap();
+        assert_eq!(pass.dead, 1);
+        let error = lane.control.last_heap_error().unwrap();
+        assert_eq!(error.status, Some(400));
+        assert_eq!(error.text, "heap answered 400: <b>bad</b> event");
+    }
+
+    #[tokio::test]
+    async fn a_heap_that_does_not_answer_is_an_error_without_status() {
+        // A port nobody listens on: bind one, then free it.
+        let url = {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let mut lane = Lane::start(&url, 1, Duration::from_secs(1)).await;
+        lane.forwarder
+            .forward_once(RecordKind::Track)
+            .await
+            .unwrap();
+        let error = lane.control.last_heap_error().unwrap();
+        assert_eq!(error.status, None);
+        assert!(
+            error.text.starts_with("connection failed"),
+            "{}",
+            error.text
+        );
+    }
+
+    #[tokio::test]
+    async fn while_backing_off_the_next_attempt_time_is_shown_and_cleared_on_running() {
+        let heap = fake_heap::start(&[(503, "down")]).await;
+        let lane = Lane::start(&heap, 1, Duration::from_secs(600)).await;
+        let control = lane.control.clone();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(lane.forwarder.run(shutdown.clone()));
+        let backed_off = async {
+            while control.backoff_until_ms().is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), backed_off)
+            .await
+            .expect("never backed off");
+        assert_eq!(control.state(), ForwarderState::BackingOff);
+        // No jitter: the wait is `retry.initial_backoff_ms`, from the clock's now.
+        assert_eq!(control.backoff_until_ms(), Some(T0 + 600_000));
+        // A pause hides it; the loop running again clears it.
+        control.set_paused(true);
+        assert_eq!(control.backoff_until_ms(), None);
+        control.set_paused(false);
+        control.set_state(ForwarderState::Running);
+        assert_eq!(control.backoff_until_ms(), None);
+        shutdown.cancel();
+        running.await.unwrap();
     }
 }

@@ -24,7 +24,7 @@ use super::AppState;
 use crate::config::DEFAULT_SOURCE;
 use crate::dead_letters::{self, FilterError, FilterParams};
 use crate::erase::{self, EraseError, ListingParams};
-use crate::forwarder::{Control, ForwarderState};
+use crate::forwarder::ForwarderState;
 use crate::ingest::PrepareError;
 use crate::queue::{QueueError, QueueStats};
 
@@ -194,18 +194,18 @@ fn overall(states: &[ForwarderState]) -> ForwarderState {
 /// and the sources in force.
 async fn status(State(state): State<Arc<AppState>>) -> Response {
     let now = state.clock.now_ms();
-    let by_lane = match state.queue.lane_stats(now).await {
-        Ok(by_lane) => by_lane,
+    let status = match state.lanes.status(state.queue.as_ref(), now).await {
+        Ok(status) => status,
         Err(err) => return queue_error(err),
     };
-    let stats = QueueStats::sum(by_lane.values());
-    let lanes = state.lanes.all();
     let mut lanes_json = Map::new();
-    for (app_id, control) in &lanes {
-        let stats = by_lane.get(app_id).copied().unwrap_or_default();
+    for lane in &status.lanes {
         lanes_json.insert(
-            app_id.clone(),
-            json!({ "forwarder": control.state().as_str(), "queue": queue_json(&stats, now) }),
+            lane.app_id.clone(),
+            json!({
+                "forwarder": lane.control.state().as_str(),
+                "queue": queue_json(&lane.queue, now),
+            }),
         );
     }
     let mut sources_json = Map::new();
@@ -219,9 +219,9 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
             }),
         );
     }
-    let states: Vec<ForwarderState> = lanes.iter().map(|(_, c)| c.state()).collect();
+    let states: Vec<ForwarderState> = status.lanes.iter().map(|l| l.control.state()).collect();
     Json(json!({
-        "queue": queue_json(&stats, now),
+        "queue": queue_json(&status.queue, now),
         "forwarder": overall(&states).as_str(),
         "sources": sources_json,
         "lanes": lanes_json,
@@ -236,17 +236,6 @@ struct LaneParams {
     app_id: Option<String>,
 }
 
-/// The lanes a pause or resume applies to; `None` for an unknown app id.
-fn chosen_lanes(state: &AppState, params: &LaneParams) -> Option<Vec<(String, Arc<Control>)>> {
-    match &params.app_id {
-        None => Some(state.lanes.all()),
-        Some(app_id) => state
-            .lanes
-            .control(app_id)
-            .map(|control| vec![(app_id.clone(), control)]),
-    }
-}
-
 async fn pause(State(state): State<Arc<AppState>>, Query(params): Query<LaneParams>) -> Response {
     set_paused(&state, &params, true)
 }
@@ -255,24 +244,14 @@ async fn resume(State(state): State<Arc<AppState>>, Query(params): Query<LanePar
     set_paused(&state, &params, false)
 }
 
-/// Answers `{"forwarder": "paused"|"running", "app_ids": [...]}`.
+/// Answers `{"forwarder": "paused"|"running", "app_ids": [...]}` ([`Lanes::switch`], as the
+/// console's buttons do).
+///
+/// [`Lanes::switch`]: crate::forwarder::lanes::Lanes::switch
 fn set_paused(state: &AppState, params: &LaneParams, paused: bool) -> Response {
-    let Some(lanes) = chosen_lanes(state, params) else {
+    let Some(app_ids) = state.lanes.switch(params.app_id.as_deref(), paused) else {
         return error(StatusCode::NOT_FOUND, "unknown_app_id");
     };
-    if params.app_id.is_none() {
-        state.lanes.set_all_paused(paused);
-    } else {
-        for (_, control) in &lanes {
-            control.set_paused(paused);
-        }
-    }
-    let app_ids: Vec<&str> = lanes.iter().map(|(id, _)| id.as_str()).collect();
-    if paused {
-        tracing::warn!(?app_ids, "forwarding paused by an operator");
-    } else {
-        tracing::info!(?app_ids, "forwarding resumed by an operator");
-    }
     let forwarder = if paused { "paused" } else { "running" };
     Json(json!({ "forwarder": forwarder, "app_ids": app_ids })).into_response()
 }
