@@ -586,3 +586,327 @@ async fn act(state: &AppState, action: Action<LetterForm>, operation: Operation)
     };
     render(StatusCode::OK, &page)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::queue::DeadLetterFilter;
+
+    const SCRIPT: &str = "<script>alert(1)</script>";
+
+    fn form(query: &str) -> LetterForm {
+        serde_urlencoded::from_str(query).unwrap()
+    }
+
+    fn nav() -> Nav {
+        Nav {
+            csrf: "token-1".into(),
+            current: NAV,
+        }
+    }
+
+    /// The rendered page holds `SCRIPT` only escaped (askama writes `<` as `&#60;`, which a
+    /// browser reads as `&lt;`: text, not a tag).
+    pub(crate) fn assert_escaped(html: &str) {
+        assert!(html.contains("&#60;script&#62;alert(1)"), "{html}");
+        assert!(!html.contains("<script>alert"), "{html}");
+    }
+
+    fn letter(detail: &str) -> DeadLetter {
+        DeadLetter {
+            id: 7,
+            webhook_id: 3,
+            source: "default".into(),
+            app_id: "42".into(),
+            kind: "track".into(),
+            reason: "rejected".into(),
+            detail: detail.into(),
+            subject: "alice".into(),
+            attempts: 2,
+            received_at_ms: 1_700_000_000_000,
+            dead_at_ms: 1_700_000_000_250,
+        }
+    }
+
+    #[test]
+    fn a_form_with_every_field_empty_is_no_filter_and_selects_nothing() {
+        let empty = form("reason=&source=&identity=&since=&until=&after=&id=&csrf=x");
+        let params = empty.params().unwrap();
+        assert_eq!(
+            params.listing().unwrap().limit,
+            Some(dead_letters::DEFAULT_PAGE)
+        );
+        assert_eq!(
+            FilterParams {
+                limit: None,
+                ..params.clone()
+            }
+            .listing()
+            .unwrap(),
+            DeadLetterFilter {
+                limit: Some(dead_letters::DEFAULT_PAGE),
+                ..DeadLetterFilter::default()
+            }
+        );
+        assert_eq!(params.selection(), Err(FilterError::NoScope));
+        assert_eq!(
+            selection(&empty).unwrap_err(),
+            FormError::Filter(FilterError::NoScope)
+        );
+        // Blank is empty too (a space typed into a field).
+        assert_eq!(
+            form("reason=+&identity=%20").params().unwrap().selection(),
+            Err(FilterError::NoScope)
+        );
+        assert!(!form("").confirmed());
+    }
+
+    #[test]
+    fn filled_fields_become_the_admin_filter() {
+        let filled = form(
+            "reason=rejected&source=+shop+&identity=a%20b&since=1700000000000\
+             &until=2023-11-14T22%3A13%3A20Z&after=12&csrf=x",
+        );
+        let filter = filled.params().unwrap().selection().unwrap();
+        assert_eq!(
+            filter,
+            DeadLetterFilter {
+                reason: Some("rejected".into()),
+                source: Some("shop".into()),
+                subject: Some("a b".into()),
+                since_ms: Some(1_700_000_000_000),
+                until_ms: Some(1_700_000_000_000),
+                after_id: Some(12),
+                ..DeadLetterFilter::default()
+            }
+        );
+        let one = selection(&form("id=9&confirmed=1")).unwrap().1;
+        assert_eq!(one.ids, vec![9]);
+        assert!(form("id=9&confirmed=1").confirmed());
+        let every = selection(&form("all=true")).unwrap().1;
+        assert_eq!(every, DeadLetterFilter::default());
+    }
+
+    #[test]
+    fn bad_values_are_errors_that_say_which_field() {
+        assert_eq!(
+            form("id=seven").params().unwrap_err(),
+            FormError::NotANumber("id")
+        );
+        assert_eq!(
+            form("after=x").params().unwrap_err().to_string(),
+            "`after` must be a whole number"
+        );
+        let bad_time = form("since=yesterday").params().unwrap().listing();
+        assert_eq!(bad_time, Err(FilterError::BadTime("since")));
+        let typo = form("reason=rejectd").params().unwrap().selection();
+        assert!(matches!(typo, Err(FilterError::UnknownReason(_))));
+    }
+
+    #[test]
+    fn the_buttons_carry_the_filter_or_say_all_explicitly() {
+        assert_eq!(
+            scope_pairs(&FilterParams::default()),
+            vec![("all", "true".to_owned())]
+        );
+        let params = form("reason=expired&identity=bob").params().unwrap();
+        let pairs = scope_pairs(&params);
+        assert_eq!(
+            pairs,
+            vec![
+                ("reason", "expired".to_owned()),
+                ("identity", "bob".to_owned())
+            ]
+        );
+        // What the buttons send back selects what the list shows.
+        let query = serde_urlencoded::to_string(&pairs).unwrap();
+        assert_eq!(
+            form(&query).params().unwrap().selection().unwrap(),
+            params.selection().unwrap()
+        );
+        assert_eq!(
+            link(LIST, &pairs),
+            "/console/dead-letters?reason=expired&identity=bob"
+        );
+        assert_eq!(link(LIST, &[]), LIST);
+    }
+
+    #[test]
+    fn a_select_offers_any_and_keeps_a_value_not_configured() {
+        let options = choices(vec!["a".into(), "b".into()], "gone");
+        let values: Vec<&str> = options.iter().map(|c| c.value.as_str()).collect();
+        assert_eq!(values, ["", "a", "b", "gone"]);
+        assert!(options[3].selected && !options[0].selected);
+        let any = choices(vec!["a".into()], "");
+        assert!(any[0].selected && !any[1].selected);
+        assert_eq!(any[0].label, "any");
+    }
+
+    #[test]
+    fn a_long_detail_is_cut_on_a_character_boundary() {
+        assert_eq!(shortened("short"), "short");
+        let long = "é".repeat(DETAIL_SHOWN + 5);
+        let cut = shortened(&long);
+        assert_eq!(cut.chars().count(), DETAIL_SHOWN + 1);
+        assert!(cut.ends_with('…'));
+        assert_eq!(
+            shortened(&"x".repeat(DETAIL_SHOWN)),
+            "x".repeat(DETAIL_SHOWN)
+        );
+    }
+
+    #[test]
+    fn summaries_say_what_was_done() {
+        let summary = ReplaySummary {
+            webhooks: 3,
+            events: 5,
+            quarantined: 1,
+            unknown_source: 2,
+            ..ReplaySummary::default()
+        };
+        assert_eq!(
+            replay_result(&summary),
+            "Replayed 3 webhooks: 5 events queued, 1 quarantined again, 2 left as dead \
+             letters: their source is no longer configured."
+        );
+        assert_eq!(purge_result(4), "Purged 4 dead letters.");
+    }
+
+    #[test]
+    fn the_list_shows_a_detail_with_a_script_as_text() {
+        let page = ListPage {
+            nav: Some(nav()),
+            csrf: "token-1".into(),
+            form: LetterForm {
+                identity: SCRIPT.into(),
+                ..LetterForm::default()
+            },
+            reasons: choices(vec!["rejected".into()], ""),
+            sources: choices(vec![SCRIPT.into()], ""),
+            error: None,
+            rows: vec![LetterRow::from(letter(SCRIPT))],
+            matching: Some(1),
+            next_page: Some(link(LIST, &[("after", "7".to_owned())])),
+            scope: vec![("identity", SCRIPT.to_owned())],
+        };
+        let html = page.render().unwrap();
+        assert_escaped(&html);
+        assert!(html.contains(r#"<tr data-id="7">"#));
+        assert!(html.contains(r#"<a class="letter-link" href="/console/dead-letters/7">7</a>"#));
+        assert!(html.contains(r#"id="next-page" href="/console/dead-letters?after=7""#));
+        assert!(
+            html.contains(r#"id="replay-filtered""#) && html.contains(r#"id="purge-filtered""#)
+        );
+        assert!(html.contains(r#"<input type="hidden" name="csrf" value="token-1">"#));
+    }
+
+    #[test]
+    fn an_empty_list_says_so_and_a_bad_filter_shows_the_error() {
+        let base = || ListPage {
+            nav: Some(nav()),
+            csrf: "t".into(),
+            form: LetterForm::default(),
+            reasons: Vec::new(),
+            sources: Vec::new(),
+            error: None,
+            rows: Vec::new(),
+            matching: Some(0),
+            next_page: None,
+            scope: vec![("all", "true".to_owned())],
+        };
+        let html = base().render().unwrap();
+        assert!(html.contains(r#"id="no-letters""#));
+        assert!(!html.contains("replay-filtered"));
+        let html = ListPage {
+            error: Some(FilterError::BadTime("since").to_string()),
+            ..base()
+        }
+        .render()
+        .unwrap();
+        assert!(html.contains(r#"id="filter-error""#));
+        assert!(html.contains("must be unix milliseconds or an RFC 3339 time"));
+    }
+
+    #[test]
+    fn a_letter_page_shows_payload_record_and_answers_as_text() {
+        let view = DeadLetterView {
+            letter: letter(&format!("heap answered 400: {SCRIPT}")),
+            received_at: "2023-11-14T22:13:20.000Z".into(),
+            dead_at: "2023-11-14T22:13:20.250Z".into(),
+            record: Some(serde_json::json!({"identity": "alice", "event": SCRIPT})),
+            last_error: Some(format!("heap answered 503: {SCRIPT}")),
+            webhook: serde_json::json!({"data": {"note": SCRIPT, "user": {"user_id": "alice"}}}),
+        };
+        let page = LetterPage::new(nav(), view);
+        assert!(page.payload.contains("\n  \"data\": {"), "pretty-printed");
+        let html = page.render().unwrap();
+        assert_escaped(&html);
+        for id in [
+            r#"id="letter-payload""#,
+            r#"id="letter-events""#,
+            r#"id="heap-answer""#,
+            r#"id="replay-one""#,
+            r#"id="purge-one""#,
+        ] {
+            assert!(html.contains(id), "{id}");
+        }
+        assert!(html.contains(r#"<dd id="letter-attempts">2</dd>"#));
+        assert!(html.contains(r#"<input type="hidden" name="id" value="7">"#));
+        assert!(html.contains("2023-11-14 22:13:20 UTC"));
+    }
+
+    #[test]
+    fn a_quarantined_letter_has_no_events_and_raw_bytes_show_as_they_are() {
+        let view = DeadLetterView {
+            letter: letter("no user id"),
+            received_at: String::new(),
+            dead_at: String::new(),
+            record: None,
+            last_error: None,
+            webhook: Value::String("not json".into()),
+        };
+        let html = LetterPage::new(nav(), view).render().unwrap();
+        assert!(html.contains(r#"<pre id="letter-payload">not json</pre>"#));
+        assert!(html.contains("never mapped"));
+        assert!(!html.contains("last-error"));
+    }
+
+    #[test]
+    fn a_confirmation_sends_the_same_fields_escaped_with_confirmed() {
+        let params = form("identity=x&reason=rejected").params().unwrap();
+        let mut fields = scope_pairs(&params);
+        assert_eq!(fields[1].0, "identity");
+        fields[1].1 = format!("\">{SCRIPT}");
+        let page = ConfirmPage {
+            nav: Some(nav()),
+            csrf: "token-1".into(),
+            verb: Operation::Purge.verb(),
+            action: Operation::Purge.path(),
+            count: 12,
+            consequence: Operation::Purge.consequence(12, 4),
+            fields,
+            cancel: link(LIST, &filter_pairs(&params)),
+        };
+        let html = page.render().unwrap();
+        assert_escaped(&html);
+        assert!(html.contains(r#"<strong id="confirm-count">12</strong>"#));
+        assert!(html.contains(r#"<input type="hidden" name="confirmed" value="1">"#));
+        assert!(html.contains(r#"<input type="hidden" name="reason" value="rejected">"#));
+        assert!(html.contains(r#"action="/console/dead-letters/purge""#));
+        assert!(html.contains(r#"id="confirm""#));
+        assert!(html.contains(r#"id="cancel""#));
+    }
+
+    #[test]
+    fn the_result_page_shows_the_summary() {
+        let page = ResultPage {
+            nav: Some(nav()),
+            title: "Purged",
+            summary: purge_result(3),
+            back: LIST.into(),
+        };
+        let html = page.render().unwrap();
+        assert!(html.contains(r#"id="result""#));
+        assert!(html.contains("Purged 3 dead letters."));
+    }
+}

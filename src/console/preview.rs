@@ -172,3 +172,89 @@ pub async fn run(State(state): State<Arc<AppState>>, action: Action<PreviewForm>
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::letters::tests::assert_escaped;
+    use crate::preview::HeapRequest;
+
+    const SCRIPT: &str = "<script>alert(1)</script>";
+
+    fn page(payload: &str, error: Option<String>, result: Option<Preview>) -> String {
+        PreviewPage {
+            nav: Some(Nav {
+                csrf: "token-1".into(),
+                current: NAV,
+            }),
+            csrf: "token-1".into(),
+            sources: vec![Choice {
+                value: "default".into(),
+                label: "default".into(),
+                selected: true,
+            }],
+            payload: payload.into(),
+            error,
+            result: result.map(Shown::from),
+        }
+        .render()
+        .unwrap()
+    }
+
+    #[test]
+    fn requests_are_shown_with_their_endpoint_and_the_payload_is_kept_escaped() {
+        let payload = format!(r#"{{"data": {{"note": "{SCRIPT}"}}}}"#);
+        let accepted = Preview::Accepted {
+            requests: vec![HeapRequest {
+                endpoint: "/api/track",
+                body: serde_json::json!({"app_id": "42", "events": [{"event": SCRIPT}]}),
+            }],
+        };
+        let html = page(&payload, None, Some(accepted));
+        assert_escaped(&html);
+        assert!(html.contains(r#"<section id="preview-result">"#));
+        assert!(html.contains(
+            r#"<pre class="preview-request">POST <span class="preview-endpoint">/api/track</span>"#
+        ));
+        assert!(
+            html.contains("&#34;app_id&#34;: &#34;42&#34;"),
+            "pretty JSON"
+        );
+        // The payload stays in the textarea (as text), for the next run.
+        assert!(html.contains("&#34;note&#34;: &#34;&#60;script&#62;"));
+        assert!(html.contains(r#"<input type="hidden" name="csrf" value="token-1">"#));
+        for id in [
+            "preview-form",
+            "preview-source",
+            "preview-payload",
+            "preview-run",
+        ] {
+            assert!(html.contains(&format!(r#"id="{id}""#)), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_quarantine_shows_the_reason_and_a_filter_says_filtered() {
+        let quarantined = Preview::Quarantined {
+            reason: "no_kind".into(),
+            detail: format!("no kind in {SCRIPT}"),
+        };
+        let html = page("{}", None, Some(quarantined));
+        assert_escaped(&html);
+        assert!(html.contains(r#"<div id="preview-quarantined">"#));
+        assert!(html.contains(r#"<code class="preview-reason">no_kind</code>"#));
+        let html = page("{}", None, Some(Preview::Filtered));
+        assert!(html.contains(r#"<p id="preview-filtered">filtered"#));
+        assert!(!html.contains("preview-request"));
+    }
+
+    #[test]
+    fn an_error_is_shown_with_the_form_and_no_result() {
+        let error = format!("Not previewed: {}.", LivePreviewError::InvalidJson);
+        let html = page("{not json", Some(error), None);
+        assert!(html.contains(r#"id="preview-error""#));
+        assert!(html.contains("the payload is not a JSON object"));
+        assert!(html.contains("{not json</textarea>"));
+        assert!(!html.contains("preview-result"));
+    }
+}

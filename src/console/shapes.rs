@@ -87,3 +87,61 @@ pub async fn page(
     };
     render(StatusCode::OK, &page)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::letters::tests::assert_escaped;
+
+    fn stored(sample: Option<serde_json::Value>) -> StoredShape {
+        StoredShape {
+            key: "ab".into(),
+            source: "shop".into(),
+            kind: Some("nps".into()),
+            action: None,
+            paths: vec!["data.type:string".into(), "data.user.user_id:string".into()],
+            count: 4,
+            first_seen_ms: 1_700_000_000_000,
+            last_seen_ms: 1_700_000_060_000,
+            sample,
+        }
+    }
+
+    fn page(shapes: Vec<StoredShape>) -> String {
+        ShapesPage {
+            nav: Some(Nav {
+                csrf: "t".into(),
+                current: "shapes",
+            }),
+            sources: choices(vec!["shop".into()], "shop"),
+            shapes: shapes.into_iter().map(ShapeRow::from).collect(),
+            source: Some("shop".into()),
+        }
+        .render()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_shape_shows_its_paths_counts_and_sample_as_escaped_text() {
+        let sample =
+            serde_json::json!({"data": {"type": "nps", "note": "<script>alert(1)</script>"}});
+        let html = page(vec![stored(Some(sample))]);
+        assert_escaped(&html);
+        assert!(html.contains(r#"<table id="shapes">"#));
+        assert!(html.contains(r#"<tr class="shape">"#));
+        assert!(html.contains("<li>data.user.user_id:string</li>"));
+        assert!(html.contains(r#"<td class="num shape-count">4</td>"#));
+        assert!(html.contains(r#"<td class="shape-action">none</td>"#));
+        assert!(html.contains("2023-11-14 22:14:20 UTC"));
+        assert!(html.contains(r#"<pre class="shape-sample">{"#));
+        assert!(html.contains(r#"<option value="shop" selected>shop</option>"#));
+        assert!(html.contains(r#"id="shape-filter""#) && html.contains(r#"id="shape-source""#));
+    }
+
+    #[test]
+    fn a_shape_without_sample_says_none_and_no_shapes_says_so() {
+        assert!(page(vec![stored(None)]).contains(r#"<pre class="shape-sample muted">none</pre>"#));
+        let empty = page(Vec::new());
+        assert!(empty.contains(r#"id="no-shapes""#) && !empty.contains(r#"id="shapes""#));
+    }
+}
