@@ -535,10 +535,14 @@ async fn act(state: &AppState, action: Action<LetterForm>, operation: Operation)
     let (params, filter) = match selection(&action.form) {
         Ok(selected) => selected,
         Err(err) => {
+            let title = match err {
+                FormError::Filter(FilterError::NoScope) => "Nothing selected",
+                _ => "Bad filter",
+            };
             return message(
                 StatusCode::BAD_REQUEST,
                 Some(nav),
-                "Nothing selected",
+                title,
                 &err.to_string(),
                 LIST,
             );
