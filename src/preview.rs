@@ -114,7 +114,7 @@ pub struct LivePreview {
     batch_size: usize,
 }
 
-/// Why a [`LivePreview`] could not be made.
+/// Why a [`LivePreview`] made no preview of a payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LivePreviewError {
     #[error("the payload is not a JSON object")]
@@ -339,6 +339,35 @@ mod tests {
                 {"identity": "a", "properties": {"x": 4, "y": 3}},
                 {"identity": "b", "properties": {"x": 2}},
             ]})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_preview_is_the_preview_of_the_named_source_or_none() {
+        let heap = Settings::from_toml("[heap]\napp_id = \"1\"\n[userpilot]\nsecrets = [\"s\"]")
+            .unwrap()
+            .heap;
+        let sources = Arc::new(Sources::from_iter([source(true)]));
+        assert!(LivePreview::new(sources.clone(), "other", &heap).is_none());
+        let live = LivePreview::new(sources, "default", &heap).unwrap();
+        let body = r#"{"data": {"type": "flow", "action": "started", "flow_id": "f",
+            "user": {"user_id": "u1", "plan": "pro"}}}"#;
+        let payload = || Bytes::copy_from_slice(body.as_bytes());
+        assert_eq!(
+            live.run(payload(), at()).await.unwrap(),
+            preview(
+                &source(true),
+                payload(),
+                at(),
+                batch_size(&heap),
+                &Transforms::default()
+            )
+            .await
+            .unwrap()
+        );
+        assert_eq!(
+            live.run(Bytes::from_static(b"[1]"), at()).await,
+            Err(LivePreviewError::InvalidJson)
         );
     }
 
