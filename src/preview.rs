@@ -1,8 +1,9 @@
 //! Preview (contract §10.3): what the relay would do with a payload under the configuration in
 //! force — the Heap requests it would send, the reason it would quarantine the webhook, or
 //! that the transform filters it out — without verifying a signature, queueing anything or
-//! calling Heap. `userpilot-heap-relay preview`, `send-test --dry-run` and
-//! `POST /admin/preview` all answer from here.
+//! calling Heap. `userpilot-heap-relay preview`, `send-test --dry-run`, `POST /admin/preview`
+//! and the console's preview page all answer from here; the last two through [`LivePreview`],
+//! a serving relay's preview under the sources in force.
 //!
 //! A preview goes through the pipeline a delivery goes through ([`prepare`]), then builds the
 //! bulk requests the way the forwarder does for the records of one webhook: one lane pass per
@@ -10,6 +11,8 @@
 //! (`forwarder::entries`), split into batches of the forwarder's batch size, each body made by
 //! [`bulk_body`]. So what it shows is, byte for byte, what Heap would receive for that payload
 //! delivered on its own.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -20,7 +23,7 @@ use crate::forwarder::entries::entries;
 use crate::heap::wire::{Outbound, RecordKind, bulk_body};
 use crate::ingest::{PrepareError, Prepared, prepare};
 use crate::queue::{Claimed, Content};
-use crate::sources::Source;
+use crate::sources::{Source, Sources};
 use crate::transform::Transforms;
 use crate::userpilot::Verified;
 
@@ -99,6 +102,57 @@ pub async fn preview(
             },
         },
     )
+}
+
+/// A serving relay's preview as one source, under one snapshot of the sources in force (after
+/// any reload) and the Heap settings the process started with: what `POST /admin/preview`
+/// and the console's preview page both run. Made before the payload is read, so that an
+/// unknown source is said first.
+pub struct LivePreview {
+    sources: Arc<Sources>,
+    source: Arc<Source>,
+    batch_size: usize,
+}
+
+/// Why a [`LivePreview`] made no preview of a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LivePreviewError {
+    #[error("the payload is not a JSON object")]
+    InvalidJson,
+    #[error(
+        "the source's transform could not run now (no worker was free or could start): try again"
+    )]
+    Unavailable,
+}
+
+impl LivePreview {
+    /// The preview as source `name` of `sources`; `None` when no such source is configured.
+    pub fn new(sources: Arc<Sources>, name: &str, heap: &HeapSettings) -> Option<Self> {
+        let source = sources.get(name)?.clone();
+        Some(LivePreview {
+            sources,
+            source,
+            batch_size: batch_size(heap),
+        })
+    }
+
+    /// `payload` as the source would receive it at `now`.
+    pub async fn run(
+        &self,
+        payload: Bytes,
+        now: DateTime<Utc>,
+    ) -> Result<Preview, LivePreviewError> {
+        let transforms = self.sources.transforms();
+        preview(&self.source, payload, now, self.batch_size, transforms)
+            .await
+            .map_err(|error| match error {
+                PrepareError::InvalidJson => LivePreviewError::InvalidJson,
+                busy @ (PrepareError::Busy(_) | PrepareError::Unavailable(_)) => {
+                    tracing::warn!(error = %busy, "preview refused: no transform worker");
+                    LivePreviewError::Unavailable
+                }
+            })
+    }
 }
 
 /// The bulk requests that carry one webhook's `records` to app `app_id`.
@@ -285,6 +339,35 @@ mod tests {
                 {"identity": "a", "properties": {"x": 4, "y": 3}},
                 {"identity": "b", "properties": {"x": 2}},
             ]})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_preview_is_the_preview_of_the_named_source_or_none() {
+        let heap = Settings::from_toml("[heap]\napp_id = \"1\"\n[userpilot]\nsecrets = [\"s\"]")
+            .unwrap()
+            .heap;
+        let sources = Arc::new(Sources::from_iter([source(true)]));
+        assert!(LivePreview::new(sources.clone(), "other", &heap).is_none());
+        let live = LivePreview::new(sources, "default", &heap).unwrap();
+        let body = r#"{"data": {"type": "flow", "action": "started", "flow_id": "f",
+            "user": {"user_id": "u1", "plan": "pro"}}}"#;
+        let payload = || Bytes::copy_from_slice(body.as_bytes());
+        assert_eq!(
+            live.run(payload(), at()).await.unwrap(),
+            preview(
+                &source(true),
+                payload(),
+                at(),
+                batch_size(&heap),
+                &Transforms::default()
+            )
+            .await
+            .unwrap()
+        );
+        assert_eq!(
+            live.run(Bytes::from_static(b"[1]"), at()).await,
+            Err(LivePreviewError::InvalidJson)
         );
     }
 

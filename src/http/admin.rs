@@ -22,11 +22,11 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use crate::config::DEFAULT_SOURCE;
-use crate::dead_letters::{self, FilterError, FilterParams};
+use crate::dead_letters::{self, FilterError, FilterParams, ReplaySummary};
 use crate::erase::{self, EraseError, ListingParams};
 use crate::forwarder::ForwarderState;
-use crate::ingest::PrepareError;
-use crate::queue::{QueueError, QueueStats};
+use crate::preview::{LivePreview, LivePreviewError};
+use crate::queue::{DeadLetterFilter, QueueError, QueueStats};
 
 pub fn router(state: Arc<AppState>) -> Router {
     let guarded = Router::new()
@@ -141,16 +141,25 @@ async fn replay(
         Ok(filter) => filter,
         Err(err) => return bad_filter(err),
     };
-    let sources = state.sources.current();
-    match dead_letters::replay(state.queue.as_ref(), &sources, filter, state.clock.now()).await {
-        Ok(summary) => {
-            for (_, lane) in state.lanes.all() {
-                lane.wake();
-            }
-            Json(json!({ "replayed": summary })).into_response()
-        }
+    match replay_selected(&state, filter).await {
+        Ok(summary) => Json(json!({ "replayed": summary })).into_response(),
         Err(err) => queue_error(err),
     }
+}
+
+/// Replays the selected dead letters under the sources in force, then wakes every lane to
+/// send what was queued again. The admin API and the console both replay through here.
+pub(crate) async fn replay_selected(
+    state: &AppState,
+    filter: DeadLetterFilter,
+) -> Result<ReplaySummary, QueueError> {
+    let sources = state.sources.current();
+    let summary =
+        dead_letters::replay(state.queue.as_ref(), &sources, filter, state.clock.now()).await?;
+    for (_, lane) in state.lanes.all() {
+        lane.wake();
+    }
+    Ok(summary)
 }
 
 async fn purge(State(state): State<Arc<AppState>>, Query(params): Query<FilterParams>) -> Response {
@@ -158,13 +167,21 @@ async fn purge(State(state): State<Arc<AppState>>, Query(params): Query<FilterPa
         Ok(filter) => filter,
         Err(err) => return bad_filter(err),
     };
-    match state.queue.purge(filter).await {
-        Ok(purged) => {
-            tracing::info!(purged, "dead letters purged");
-            Json(json!({ "purged": purged })).into_response()
-        }
+    match purge_selected(&state, filter).await {
+        Ok(purged) => Json(json!({ "purged": purged })).into_response(),
         Err(err) => queue_error(err),
     }
+}
+
+/// Deletes the selected dead letters and logs how many; the admin API and the console both
+/// purge through here.
+pub(crate) async fn purge_selected(
+    state: &AppState,
+    filter: DeadLetterFilter,
+) -> Result<u64, QueueError> {
+    let purged = state.queue.purge(filter).await?;
+    tracing::info!(purged, "dead letters purged");
+    Ok(purged)
 }
 
 fn queue_json(stats: &QueueStats, now_ms: i64) -> Value {
@@ -291,24 +308,28 @@ async fn preview(
     body: Body,
 ) -> Response {
     let name = params.source.as_deref().unwrap_or(DEFAULT_SOURCE);
-    let sources = state.sources.current();
-    let Some(source) = sources.get(name) else {
+    let Some(previewer) = live_preview(&state, name) else {
         return unknown_source(name, "configured");
     };
     let Ok(payload) = axum::body::to_bytes(body, state.max_body_bytes).await else {
         return error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     };
-    let batch_size = crate::preview::batch_size(&state.reloader.started().heap);
-    let transforms = sources.transforms();
-    match crate::preview::preview(source, payload, state.clock.now(), batch_size, transforms).await
-    {
+    match previewer.run(payload, state.clock.now()).await {
         Ok(preview) => Json(preview.to_json()).into_response(),
-        Err(PrepareError::InvalidJson) => error(StatusCode::BAD_REQUEST, "invalid_json"),
-        Err(busy @ (PrepareError::Busy(_) | PrepareError::Unavailable(_))) => {
-            tracing::warn!(error = %busy, "preview refused: no transform worker");
-            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-        }
+        Err(LivePreviewError::InvalidJson) => error(StatusCode::BAD_REQUEST, "invalid_json"),
+        Err(LivePreviewError::Unavailable) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     }
+}
+
+/// The preview as source `name` under the sources in force now and the Heap settings the
+/// process started with; `None` for a source not configured. The admin API and the console
+/// both preview through here.
+pub(crate) fn live_preview(state: &AppState, name: &str) -> Option<LivePreview> {
+    LivePreview::new(
+        state.sources.current(),
+        name,
+        &state.reloader.started().heap,
+    )
 }
 
 /// `?source=`: the shapes of one source only.
