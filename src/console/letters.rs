@@ -443,13 +443,15 @@ impl Operation {
     fn consequence(self, count: u64, webhooks: u64) -> String {
         match self {
             Operation::Replay => format!(
-                "Replaying maps the {webhooks} webhook(s) behind these {count} dead letter(s) \
-                 again under the configuration in force now, and queues their events for Heap. \
-                 A webhook that still cannot be mapped becomes a dead letter again."
+                "Replaying maps the {} behind {} again under the configuration in force \
+                 now, and queues their events for Heap. A webhook that still cannot be mapped becomes a dead letter again.",
+                counted(webhooks, "webhook"),
+                counted(count, "dead letter")
             ),
             Operation::Purge => format!(
-                "Purging deletes these {count} dead letter(s) for good: they can no longer be \
-                 replayed or looked at. This cannot be undone."
+                "Purging deletes {} for good: they can no longer be replayed or looked \
+                 at. This cannot be undone.",
+                counted(count, "dead letter")
             ),
         }
     }
@@ -480,11 +482,23 @@ pub struct ResultPage {
     pub back: String,
 }
 
+/// `count` and `noun`, in the plural unless there is one: "1 webhook", "3 webhooks".
+fn counted(count: impl Into<u64>, noun: &str) -> String {
+    let count = count.into();
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
 /// The replay's summary for the operator: "Replayed N webhooks: M events queued, …".
 pub fn replay_result(summary: &ReplaySummary) -> String {
     let mut text = format!(
-        "Replayed {} webhooks: {} events queued, {} quarantined again",
-        summary.webhooks, summary.events, summary.quarantined
+        "Replayed {}: {} queued, {} quarantined again",
+        counted(summary.webhooks as u64, "webhook"),
+        counted(summary.events as u64, "event"),
+        summary.quarantined
     );
     let left = [
         (summary.filtered, "filtered out by the transform (removed)"),
@@ -508,7 +522,7 @@ pub fn replay_result(summary: &ReplaySummary) -> String {
 
 /// The purge's summary for the operator.
 pub fn purge_result(purged: u64) -> String {
-    format!("Purged {purged} dead letters.")
+    format!("Purged {}.", counted(purged, "dead letter"))
 }
 
 /// `POST /console/dead-letters/replay`: confirm, then replay as the admin API does.
@@ -774,6 +788,7 @@ pub(crate) mod tests {
              letters: their source is no longer configured."
         );
         assert_eq!(purge_result(4), "Purged 4 dead letters.");
+        assert_eq!(purge_result(1), "Purged 1 dead letter.");
     }
 
     #[test]
