@@ -169,25 +169,24 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
     }
 }
 
-/// The sample of `history` (oldest first) nearest [`RATE_WINDOW_MS`] before `at_ms`, among
-/// those strictly before it; the older of two equally near.
+/// The sample of `history` (oldest first) a rate at `at_ms` is counted from: the newest at
+/// least [`RATE_WINDOW_MS`] older, or, while the history is younger than that, the oldest
+/// sample before `at_ms`.
 fn baseline(history: &[Arc<Sample>], at_ms: i64) -> Option<&Sample> {
     let earlier = &history[..history.partition_point(|s| s.at_ms < at_ms)];
-    let target = at_ms - RATE_WINDOW_MS;
-    let split = earlier.partition_point(|s| s.at_ms < target);
-    let before = split.checked_sub(1).and_then(|i| earlier.get(i));
-    let after = earlier.get(split);
-    match (before, after) {
-        (Some(b), Some(a)) if a.at_ms - target < target - b.at_ms => Some(a),
-        (Some(b), _) => Some(b),
-        (None, a) => a,
+    let old_enough = earlier.partition_point(|s| s.at_ms <= at_ms - RATE_WINDOW_MS);
+    match old_enough.checked_sub(1) {
+        Some(i) => earlier.get(i),
+        None => earlier.first(),
     }
     .map(Arc::as_ref)
 }
 
-/// How fast `value` grew per minute up to `now`: its growth since the sample of `history`
-/// nearest a minute earlier, scaled to a minute (with less than a minute of history, what
-/// there is). `None` without an earlier sample.
+/// How fast `value` grew per minute up to `now`: its growth since the [`baseline`] sample,
+/// over at least a minute. A baseline a little more than a minute old (samples are
+/// [`SAMPLE_PERIOD`] apart) is scaled down to a minute; a younger one (the first minute after
+/// start) is not scaled up, so the rate is what arrived so far, never an extrapolation.
+/// `None` without an earlier sample.
 pub fn per_minute(
     history: &[Arc<Sample>],
     now: &Sample,
@@ -195,7 +194,7 @@ pub fn per_minute(
 ) -> Option<f64> {
     let then = baseline(history, now.at_ms)?;
     let grown = value(now).saturating_sub(value(then));
-    let elapsed_ms = now.at_ms - then.at_ms;
+    let elapsed_ms = (now.at_ms - then.at_ms).max(RATE_WINDOW_MS);
     Some(grown as f64 * RATE_WINDOW_MS as f64 / elapsed_ms as f64)
 }
 
@@ -281,13 +280,13 @@ mod tests {
     }
 
     #[test]
-    fn a_rate_is_the_growth_since_the_sample_nearest_a_minute_ago() {
+    fn a_rate_is_the_growth_since_the_newest_sample_a_minute_old() {
         let past: Vec<Sample> = (0..=12)
             .map(|i| at(i * 10, &[("a", "accepted", i as u64 * 5)]))
             .collect();
         let past = history(past);
-        // Now at 125 s with 70: the samples at 60 s (30) and 70 s (35) are as near 65 s; the
-        // older counts.
+        // Now at 125 s with 70: the newest sample at least a minute older is at 60 s (30),
+        // 65 s ago: 40 in 65 s, scaled to a minute.
         let now = at(125, &[("a", "accepted", 70)]);
         let rate = per_minute(&past, &now, accepted("a")).unwrap();
         assert!((rate - 40.0 * 60.0 / 65.0).abs() < 1e-9, "{rate}");
@@ -297,11 +296,11 @@ mod tests {
     }
 
     #[test]
-    fn before_a_minute_of_history_the_rate_scales_what_there_is() {
+    fn before_a_minute_of_history_the_rate_is_what_arrived_so_far() {
         let past = history(vec![at(0, &[("a", "accepted", 0)])]);
         let now = at(20, &[("a", "accepted", 10)]);
-        assert_eq!(per_minute(&past, &now, accepted("a")), Some(30.0));
-        assert_eq!(per_minute_now(&past, &now, accepted("a")), 30);
+        assert_eq!(per_minute(&past, &now, accepted("a")), Some(10.0));
+        assert_eq!(per_minute_now(&past, &now, accepted("a")), 10);
     }
 
     #[test]
@@ -329,8 +328,8 @@ mod tests {
         let past = history(vec![at(0, &[("a", "accepted", 10)])]);
         let now = at(30, &[("a", "accepted", 10), ("a", "invalid_signature", 2)]);
         let refused = |s: &Sample| s.source_outcome("a", "invalid_signature");
-        assert_eq!(per_minute(&past, &now, refused), Some(4.0));
-        assert_eq!(per_minute(&past, &now, |s| s.source_total("a")), Some(4.0));
+        assert_eq!(per_minute(&past, &now, refused), Some(2.0));
+        assert_eq!(per_minute(&past, &now, |s| s.source_total("a")), Some(2.0));
         // A counter that vanished (never happens: totals only grow) reads as no growth.
         assert_eq!(per_minute(&past, &at(30, &[]), accepted("a")), Some(0.0));
     }
@@ -343,8 +342,8 @@ mod tests {
                 .collect(),
         );
         let series = rate_series(&past, accepted("a"));
-        // Against the first sample each time (less than a minute of history).
-        assert_eq!(series, vec![(10_000, 6.0), (20_000, 12.0), (30_000, 18.0)]);
+        // Against the first sample each time (less than a minute of history), not scaled up.
+        assert_eq!(series, vec![(10_000, 1.0), (20_000, 4.0), (30_000, 9.0)]);
         let depth = level_series(&past, |s| (s.at_ms > 0).then_some(7));
         assert_eq!(depth.len(), 3);
         assert!(rate_series(&[], accepted("a")).is_empty());

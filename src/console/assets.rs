@@ -15,6 +15,11 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../../assets/console/console.css"),
     ),
     (
+        "favicon.svg",
+        "image/svg+xml",
+        include_bytes!("../../assets/console/favicon.svg"),
+    ),
+    (
         "console.js",
         "text/javascript; charset=utf-8",
         include_bytes!("../../assets/console/console.js"),
