@@ -13,6 +13,7 @@
 mod support;
 
 mod binary_config;
+mod console;
 mod crash;
 mod dead_letter_scope;
 mod dead_letter_views;
