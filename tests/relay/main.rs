@@ -14,6 +14,7 @@ mod support;
 
 mod binary_config;
 mod console;
+mod console_browser;
 mod crash;
 mod dead_letter_scope;
 mod dead_letter_views;
