@@ -14,7 +14,7 @@ use axum::Router;
 use axum::response::Html;
 use serde_json::{Value, json};
 
-use crate::support::browser::{Browser, WAIT};
+use crate::support::browser::{Browser, PHONE, WAIT};
 use crate::support::console::{HEAP_REFUSAL, dead_letter, dead_letter_count, refuse_track};
 use crate::support::{APP_ID, FakeHeap, RelayProcess, eventually, flow_started};
 
@@ -247,7 +247,7 @@ async fn the_overview_fits_a_phone_without_sideways_scrolling() {
     let dir = tempfile::tempdir().unwrap();
     let relay = relay(&heap, &dir);
     assert_eq!(relay.post(&flow_started("phone", 1)).await.0, 202);
-    let browser = Browser::start_sized((390, 844)).await;
+    let browser = Browser::start_on(PHONE).await;
     browser.sign_in(&relay.admin_url).await;
     browser.wait_for("#live #source-default").await;
 

@@ -42,9 +42,6 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// How long ChromeDriver may take to listen, and Chromium to start a session.
 const STARTUP: Duration = Duration::from_secs(30);
 
-/// A laptop's window (the default size).
-pub const LAPTOP: (u32, u32) = (1280, 900);
-
 /// A headless Chromium, through its own ChromeDriver.
 pub struct Browser {
     /// The WebDriver session, for what the helpers below do not cover.
@@ -81,13 +78,28 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// The capabilities of a headless Chromium with a window of `width`×`height`, its profile in
-/// `profile`. `--no-sandbox`: CI runs as root, where Chromium's sandbox refuses to start.
-fn capabilities(
-    (width, height): (u32, u32),
-    profile: &std::path::Path,
-) -> serde_json::Map<String, Value> {
-    let options = json!({
+/// What the page is shown on.
+#[derive(Debug, Clone, Copy)]
+pub enum Screen {
+    /// A window of `width`×`height` CSS pixels.
+    Window(u32, u32),
+    /// A phone's screen of `width`×`height` CSS pixels (Chromium's device emulation: a
+    /// window cannot be made narrower than 500 pixels, and a phone honours the page's
+    /// `viewport` meta tag).
+    Phone(u32, u32),
+}
+
+/// A laptop's window (the default).
+pub const LAPTOP: Screen = Screen::Window(1280, 900);
+
+/// A common phone, 390×844 CSS pixels.
+pub const PHONE: Screen = Screen::Phone(390, 844);
+
+/// The capabilities of a headless Chromium on `screen`, its profile in `profile`.
+/// `--no-sandbox`: CI runs as root, where Chromium's sandbox refuses to start.
+fn capabilities(screen: Screen, profile: &std::path::Path) -> serde_json::Map<String, Value> {
+    let (Screen::Window(width, height) | Screen::Phone(width, height)) = screen;
+    let mut options = json!({
         "binary": chromium_path(),
         "args": [
             "--headless=new",
@@ -100,6 +112,17 @@ fn capabilities(
             format!("--user-data-dir={}", profile.display()),
         ],
     });
+    if let Screen::Phone(width, height) = screen {
+        options["mobileEmulation"] = json!({
+            "deviceMetrics": {
+                "width": width,
+                "height": height,
+                "pixelRatio": 3.0,
+                "touch": true,
+                "mobile": true,
+            },
+        });
+    }
     let mut capabilities = serde_json::Map::new();
     capabilities.insert("browserName".into(), json!("chrome"));
     capabilities.insert("goog:chromeOptions".into(), options);
@@ -109,36 +132,15 @@ fn capabilities(
 impl Browser {
     /// A browser with a laptop's window.
     pub async fn start() -> Browser {
-        Self::start_sized(LAPTOP).await
+        Self::start_on(LAPTOP).await
     }
 
-    /// A browser whose window is `width`×`height` CSS pixels.
-    pub async fn start_sized(size: (u32, u32)) -> Browser {
+    /// A browser showing pages on `screen`.
+    pub async fn start_on(screen: Screen) -> Browser {
         let profile = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let driver = Command::new(driver_path())
-            .arg(format!("--port={port}"))
-            .arg(format!(
-                "--log-path={}",
-                profile.path().join("chromedriver.log").display()
-            ))
-            // Its own process group, so that drop can kill Chromium with it; and its own
-            // temporary folder (Chromium's too), removed with the profile even after a kill.
-            .process_group(0)
-            .env("TMPDIR", profile.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", driver_path()));
-        // From here on a failure kills the driver (and whatever it started) on the way out.
-        let mut starting = Starting {
-            driver: Some(driver),
-        };
-        let webdriver = format!("http://127.0.0.1:{port}");
-        starting.wait_until_listening(&webdriver).await;
+        let (mut starting, webdriver) = Starting::driver(profile.path()).await;
         let client = ClientBuilder::new(HttpConnector::new())
-            .capabilities(capabilities(size, profile.path()))
+            .capabilities(capabilities(screen, profile.path()))
             .connect(&webdriver)
             .await
             .unwrap_or_else(|e| panic!("ChromeDriver could not start Chromium: {e}"));
@@ -270,16 +272,38 @@ struct Starting {
     driver: Option<Child>,
 }
 
+/// Tries at starting ChromeDriver: another test may take the free port before it binds it.
+const DRIVER_TRIES: usize = 3;
+
 impl Starting {
+    /// ChromeDriver listening on a free port, with `profile` as its temporary folder; and its
+    /// URL.
+    async fn driver(profile: &std::path::Path) -> (Starting, String) {
+        let mut exits = Vec::new();
+        for _ in 0..DRIVER_TRIES {
+            let port = free_port();
+            let mut starting = Starting {
+                driver: Some(spawn_driver(port, profile)),
+            };
+            let webdriver = format!("http://127.0.0.1:{port}");
+            match starting.listening(&webdriver).await {
+                Ok(()) => return (starting, webdriver),
+                Err(exit) => exits.push(exit),
+            }
+        }
+        panic!("ChromeDriver exited at start, {DRIVER_TRIES} times: {exits:?}");
+    }
+
     /// Waits until ChromeDriver at `webdriver` answers its status (it takes a moment to
-    /// listen); fails the test if it exits or does not answer within [`STARTUP`].
-    async fn wait_until_listening(&mut self, webdriver: &str) {
+    /// listen); `Err` when it exited first (its port was taken), and fails the test when it
+    /// does not answer within [`STARTUP`].
+    async fn listening(&mut self, webdriver: &str) -> Result<(), String> {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + STARTUP;
         loop {
             let driver = self.driver.as_mut().unwrap();
             if let Some(status) = driver.try_wait().unwrap() {
-                panic!("ChromeDriver exited at start: {status}");
+                return Err(status.to_string());
             }
             let ready = http
                 .get(format!("{webdriver}/status"))
@@ -288,7 +312,7 @@ impl Starting {
                 .await
                 .is_ok_and(|r| r.status().is_success());
             if ready {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -297,6 +321,25 @@ impl Starting {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// `chromedriver --port=port`, logging into `profile`.
+fn spawn_driver(port: u16, profile: &std::path::Path) -> Child {
+    Command::new(driver_path())
+        .arg(format!("--port={port}"))
+        .arg(format!(
+            "--log-path={}",
+            profile.join("chromedriver.log").display()
+        ))
+        // Its own process group, so that drop can kill Chromium with it; and its own
+        // temporary folder (Chromium's too), removed with the profile even after a kill.
+        .process_group(0)
+        .env("TMPDIR", profile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", driver_path()))
 }
 
 impl Drop for Starting {
@@ -308,8 +351,12 @@ impl Drop for Starting {
 }
 
 /// Kills the process group `leader` leads (ChromeDriver, and the Chromium it started, which
-/// stays in that group) and reaps the leader.
+/// stays in that group) and reaps the leader. Not once the leader was reaped: its number may
+/// then name someone else's group.
 fn kill_group(leader: &mut Child) {
+    if !matches!(leader.try_wait(), Ok(None)) {
+        return;
+    }
     let _ = Command::new("kill")
         .args(["-KILL", "--", &format!("-{}", leader.id())])
         .stderr(Stdio::null())
