@@ -45,6 +45,7 @@ async fn without_an_admin_token_every_console_route_is_forbidden() {
             "GET {path}: {}",
             page.body
         );
+        assert_security_headers(&format!("GET {path}"), &page);
     }
     for token in [ADMIN_TOKEN, ""] {
         let page = console.sign_in_with(token, &[]).await;
@@ -195,23 +196,29 @@ async fn every_console_answer_carries_the_csp_and_forbids_framing_and_sniffing()
     ));
 
     for (what, page) in &answers {
-        let csp = page.header("content-security-policy");
-        let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
-        assert!(
-            directives.contains(&"script-src 'self'"),
-            "{what}: CSP {csp:?}"
-        );
-        assert!(
-            !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
-            "{what}: CSP {csp:?}"
-        );
-        assert!(
-            directives.contains(&"frame-ancestors 'none'"),
-            "{what}: {csp:?}"
-        );
-        assert_eq!(page.header("x-frame-options"), "DENY", "{what}");
-        assert_eq!(page.header("x-content-type-options"), "nosniff", "{what}");
+        assert_security_headers(what, page);
     }
+}
+
+/// `page` carries the CSP (scripts only from the console itself, nothing inline, no framing)
+/// and forbids framing and content sniffing.
+fn assert_security_headers(what: &str, page: &Page) {
+    let csp = page.header("content-security-policy");
+    let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+    assert!(
+        directives.contains(&"script-src 'self'"),
+        "{what}: CSP {csp:?}"
+    );
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+        "{what}: CSP {csp:?}"
+    );
+    assert!(
+        directives.contains(&"frame-ancestors 'none'"),
+        "{what}: {csp:?}"
+    );
+    assert_eq!(page.header("x-frame-options"), "DENY", "{what}");
+    assert_eq!(page.header("x-content-type-options"), "nosniff", "{what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
