@@ -1,7 +1,9 @@
-//! Build script, for two things:
+//! Build script, for these things:
 //! - lets the Postgres integration tests know whether a server was named when they were built.
 //!   With `RELAY_TEST_POSTGRES_URL` set it turns on `cfg(postgres_tests)`; without it those
 //!   tests carry `#[ignore]` and show as "ignored" rather than passing without running;
+//! - likewise for the console's browser tests: `RELAY_TEST_CHROMEDRIVER` (the path of
+//!   ChromeDriver, set by `.ci/browser.sh`) turns on `cfg(browser_tests)`;
 //! - names the commit built, for `relay_build_info{commit}`: `USERPILOT_HEAP_RELAY_COMMIT` when
 //!   set (a container build has no `.git`: pass it in; not a `RELAY_*` name, since the relay
 //!   reads every `RELAY_*` variable as configuration), else `git rev-parse --short HEAD`. Without
@@ -16,9 +18,13 @@ fn main() {
     // Only this file's changes matter to the script itself; without a `rerun-if-changed` line
     // cargo would rerun it whenever any file of the package changed.
     println!("cargo::rerun-if-changed=build.rs");
-    let set = std::env::var("RELAY_TEST_POSTGRES_URL").is_ok_and(|url| !url.trim().is_empty());
-    if set {
+    if env_set("RELAY_TEST_POSTGRES_URL") {
         println!("cargo::rustc-cfg=postgres_tests");
+    }
+    println!("cargo::rustc-check-cfg=cfg(browser_tests)");
+    println!("cargo::rerun-if-env-changed=RELAY_TEST_CHROMEDRIVER");
+    if env_set("RELAY_TEST_CHROMEDRIVER") {
+        println!("cargo::rustc-cfg=browser_tests");
     }
 
     println!("cargo::rerun-if-env-changed=USERPILOT_HEAP_RELAY_COMMIT");
@@ -35,6 +41,11 @@ fn main() {
     for file in head_files() {
         println!("cargo::rerun-if-changed={}", file.display());
     }
+}
+
+/// Whether the environment variable `name` is set to something other than blanks.
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|value| !value.trim().is_empty())
 }
 
 /// `git args` in the package's folder, its trimmed output if it succeeded.

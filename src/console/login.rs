@@ -161,7 +161,7 @@ pub async fn sign_in(
     }
     let client = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |Extension(c)| c.0.ip());
     if let Err(wait) = state.console.sign_in.attempt(client) {
-        let seconds = wait.as_secs().max(1);
+        let seconds = wait.as_nanos().div_ceil(1_000_000_000).max(1);
         tracing::warn!(%client, retry_in_s = seconds, "console sign-in attempts slowed");
         let mut response = super::render(
             StatusCode::TOO_MANY_REQUESTS,

@@ -4,7 +4,8 @@
 //!
 //! `cargo test` runs them all; `cargo test --test relay MODULE::` runs one module. Tests that
 //! need Postgres are ignored unless `RELAY_TEST_POSTGRES_URL` was set when they were built (see
-//! `build.rs` and `.ci/postgres.sh`).
+//! `build.rs` and `.ci/postgres.sh`); the console's browser tests (`console_browser`) likewise
+//! unless `RELAY_TEST_CHROMEDRIVER` was (`.ci/browser.sh`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 // Black-box tests drive the real relay, which reads the real clock: they may too. The relay's
 // own code may not (clippy.toml's disallowed-methods; only src/clock.rs reads the clock).
@@ -13,6 +14,8 @@
 mod support;
 
 mod binary_config;
+mod console;
+mod console_browser;
 mod crash;
 mod dead_letter_scope;
 mod dead_letter_views;

@@ -13,6 +13,8 @@
 //! `eventually(within, || sync)` -> `eventually(within, async || ..)`; `RelayProcess::terminate`
 //! is async; `postgres::base_url(test)` -> `postgres::base_url()` (tests are ignored, not skipped).
 
+pub mod browser;
+pub mod console;
 pub mod postgres;
 pub mod records;
 mod tests;
