@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
@@ -67,12 +67,30 @@ pub fn session_id(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, value)| value)
 }
 
+/// The host the browser sent the request to: a proxy's `X-Forwarded-Host` when there is one
+/// (nginx, for one, rewrites `Host` to its upstream's unless told otherwise), else `Host`,
+/// else the request's authority (HTTP/2 sends `:authority`, not `Host`). Trusting the
+/// forwarded header is safe here: a form cannot set headers, and a script of another origin
+/// that sets one needs a CORS preflight, which the relay never grants.
+fn requested_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+    };
+    header("x-forwarded-host")
+        .or_else(|| header(header::HOST.as_str()))
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+}
+
 /// Whether the request comes from a page of this origin. `Origin`, when the browser sends it,
-/// must name the host the request was sent to (its scheme is not compared: behind a TLS proxy
-/// the relay sees plain HTTP). `Sec-Fetch-Site`, when sent, must be `same-origin` (or `none`:
-/// typed in the address bar). A request with neither (curl, an old browser) passes here and
-/// still needs the session and its CSRF token.
-pub fn same_origin(headers: &HeaderMap) -> bool {
+/// must name the host the request was sent to ([`requested_host`]; the scheme is not
+/// compared: behind a TLS proxy the relay sees plain HTTP). `Sec-Fetch-Site`, when sent, must
+/// be `same-origin` (or `none`: typed in the address bar). A request with neither (curl, an
+/// old browser) passes here and still needs the session and its CSRF token.
+pub fn same_origin(headers: &HeaderMap, uri: &Uri) -> bool {
     if let Some(site) = headers.get("sec-fetch-site")
         && !matches!(site.as_bytes(), b"same-origin" | b"none")
     {
@@ -81,7 +99,7 @@ pub fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+    let Some(host) = requested_host(headers, uri) else {
         return false;
     };
     let Ok(origin) = origin.to_str() else {
@@ -156,7 +174,7 @@ where
         if state.admin_token.is_empty() {
             return Err(disabled());
         }
-        if !same_origin(request.headers()) {
+        if !same_origin(request.headers(), request.uri()) {
             tracing::warn!("console: cross-site request refused");
             return Err(refused());
         }
@@ -211,23 +229,51 @@ mod tests {
 
     #[test]
     fn the_origin_must_name_the_host_the_request_went_to() {
+        let path: Uri = "/console/login".parse().unwrap();
         let h = |origin| headers(&[("host", "relay:9091"), ("origin", origin)]);
-        assert!(same_origin(&h("http://relay:9091")));
-        assert!(same_origin(&h("https://RELAY:9091")));
-        assert!(!same_origin(&h("http://relay:9092")));
-        assert!(!same_origin(&h("http://evil.example")));
-        assert!(!same_origin(&h("null")));
-        assert!(same_origin(&headers(&[("host", "relay:9091")])));
-        assert!(!same_origin(&headers(&[("origin", "http://relay:9091")])));
+        assert!(same_origin(&h("http://relay:9091"), &path));
+        assert!(same_origin(&h("https://RELAY:9091"), &path));
+        assert!(!same_origin(&h("http://relay:9092"), &path));
+        assert!(!same_origin(&h("http://evil.example"), &path));
+        assert!(!same_origin(&h("null"), &path));
+        assert!(same_origin(&headers(&[("host", "relay:9091")]), &path));
+        assert!(!same_origin(
+            &headers(&[("origin", "http://relay:9091")]),
+            &path
+        ));
+    }
+
+    #[test]
+    fn behind_a_proxy_the_forwarded_host_is_the_one_compared() {
+        let path: Uri = "/console/login".parse().unwrap();
+        let proxied = |origin| {
+            headers(&[
+                ("host", "127.0.0.1:9090"),
+                ("x-forwarded-host", "relay.internal"),
+                ("origin", origin),
+            ])
+        };
+        assert!(same_origin(&proxied("https://relay.internal"), &path));
+        assert!(!same_origin(&proxied("http://127.0.0.1:9090"), &path));
+        assert!(!same_origin(&proxied("https://evil.example"), &path));
+    }
+
+    #[test]
+    fn an_http2_request_is_compared_with_its_authority() {
+        let uri: Uri = "http://relay:9091/console/login".parse().unwrap();
+        let h = |origin| headers(&[("origin", origin)]);
+        assert!(same_origin(&h("http://relay:9091"), &uri));
+        assert!(!same_origin(&h("http://evil.example"), &uri));
     }
 
     #[test]
     fn fetch_metadata_from_another_site_is_refused() {
+        let path: Uri = "/console".parse().unwrap();
         let h = |site| headers(&[("host", "relay"), ("sec-fetch-site", site)]);
-        assert!(same_origin(&h("same-origin")));
-        assert!(same_origin(&h("none")));
-        assert!(!same_origin(&h("same-site")));
-        assert!(!same_origin(&h("cross-site")));
+        assert!(same_origin(&h("same-origin"), &path));
+        assert!(same_origin(&h("none"), &path));
+        assert!(!same_origin(&h("same-site"), &path));
+        assert!(!same_origin(&h("cross-site"), &path));
     }
 
     #[test]

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use askama::Template;
 use axum::Extension;
+use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
@@ -97,7 +98,7 @@ pub async fn form(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 pub struct SignIn {
     #[serde(default)]
     token: String,
@@ -151,14 +152,18 @@ pub async fn sign_in(
     State(state): State<Arc<AppState>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<SignIn>,
+    uri: Uri,
+    body: Bytes,
 ) -> Response {
     if state.admin_token.is_empty() {
         return guard::disabled();
     }
-    if !guard::same_origin(&headers) {
+    if !guard::same_origin(&headers, &uri) {
         return guard::refused();
     }
+    // Read after the checks, so a relay without a token or a foreign origin is refused as
+    // such whatever the body; a body that is not a form is a sign-in without a token.
+    let form: SignIn = serde_urlencoded::from_bytes(&body).unwrap_or_default();
     let client = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |Extension(c)| c.0.ip());
     if let Err(wait) = state.console.sign_in.attempt(client) {
         let seconds = wait.as_nanos().div_ceil(1_000_000_000).max(1);
