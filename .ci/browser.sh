@@ -16,7 +16,7 @@ _relay_browser_setup() (
         log "installing chromium and chromium-driver"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq >&2
-        apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
+        apt-get install -y -qq chromium chromium-driver >&2
     fi
     # Both come from one source package: a driver of another version refuses the browser.
     log "ready: $(/usr/bin/chromedriver --version | head -n 1)"
