@@ -33,9 +33,12 @@ ARG USERPILOT_HEAP_RELAY_COMMIT=unknown
 
 # The real sources. `touch` makes them newer than the stub's build, whatever timestamps the
 # build context carried, so cargo cannot mistake the stub binary for an up-to-date one.
-# config/ is needed at compile time: the binary embeds config/default.toml.
+# config/, templates/ and assets/ are needed at compile time: the binary embeds
+# config/default.toml, the console's templates and its stylesheet and script.
 COPY src ./src
 COPY config ./config
+COPY templates ./templates
+COPY assets ./assets
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked \
     && mkdir -p /out/var/lib/relay \

@@ -1095,6 +1095,73 @@ fn dockerignore_lets_in_everything_the_dockerfile_copies() {
     assert!(allowed.contains("config"));
 }
 
+/// The top-level folders of the files `src/` embeds at compile time: every
+/// `include_str!`/`include_bytes!("...")` path (relative to the file naming it), and
+/// `templates/` when a module uses askama's `#[template(path = ...)]`.
+fn embedded_folders() -> BTreeSet<String> {
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, files);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    let root = root();
+    let mut files = Vec::new();
+    walk(&root.join("src"), &mut files);
+    let mut folders = BTreeSet::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+            for (at, _) in text.match_indices(macro_name) {
+                let rest = &text[at + macro_name.len()..];
+                let relative = &rest[..rest.find('"').unwrap()];
+                let full = file.parent().unwrap().join(relative);
+                let full = full.canonicalize().unwrap_or(full);
+                let inside = full.strip_prefix(root.canonicalize().unwrap()).unwrap();
+                let top = inside.components().next().unwrap();
+                folders.insert(top.as_os_str().to_string_lossy().into_owned());
+            }
+        }
+        if text.contains("#[template(path") {
+            folders.insert("templates".to_owned());
+        }
+    }
+    folders
+}
+
+#[test]
+fn the_dockerfile_copies_every_folder_the_binary_embeds() {
+    let copied: BTreeSet<String> = dockerfile()
+        .into_iter()
+        .filter(|(instruction, args)| instruction == "COPY" && !args.contains("--from="))
+        .flat_map(|(_, args)| {
+            let words: Vec<String> = args
+                .split_whitespace()
+                .filter(|w| !w.starts_with("--"))
+                .map(|w| w.trim_end_matches('/').to_owned())
+                .collect();
+            words[..words.len() - 1].to_vec()
+        })
+        .collect();
+    let embedded = embedded_folders();
+    for folder in ["config", "templates", "assets"] {
+        assert!(
+            embedded.contains(folder),
+            "{folder} is embedded: {embedded:?}"
+        );
+    }
+    for folder in &embedded {
+        assert!(
+            copied.contains(folder),
+            "the binary embeds files of {folder}/, which the Dockerfile does not copy"
+        );
+    }
+}
+
 #[test]
 fn compose_interpolation_follows_composes_rules() {
     let vars: BTreeMap<&str, &str> = [("SET", "x"), ("EMPTY", "")].into_iter().collect();
