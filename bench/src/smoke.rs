@@ -12,8 +12,8 @@
 //! one with 10 over 3 app ids, every event counted at its app id. A relay that refuses
 //! `[sources.*]` fails the smoke, as any other failure of it does.
 //!
-//! So does the transforms comparison ([`transforms::measure`]): no program, `.` and a
-//! reshaping program on three sources of one relay, every event counted; a relay that refuses
+//! So does the transforms comparison ([`transforms::measure`]): no program, `.`, `. | .` and
+//! a reshaping program on four sources of one relay, every event counted; a relay that refuses
 //! `transform` fails the smoke.
 //!
 //! And the erasure measurement ([`erase::measure`]), small: one person's 200 stored webhooks

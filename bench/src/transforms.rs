@@ -1,6 +1,6 @@
-//! The cost of transforms (issue 13, contract §10): one relay with three sources that differ
-//! only in their jq program — none, the identity `.`, and a realistic reshaping program
-//! ([`RESHAPE`]) — driven in turn, run after run, in the same harness. Its figure is the CPU
+//! The cost of transforms (issue 13, contract §10): one relay with four sources that differ
+//! only in their jq program — none, the identity `.`, `. | .` (the same, through a worker) and
+//! a realistic reshaping program ([`RESHAPE`]) — driven in turn, run after run, in the same harness. Its figure is the CPU
 //! per webhook of each against the source without a program (target: at most 10 µs more).
 //!
 //! A transform runs in worker processes of the relay (children of the relay binary: a program
@@ -8,7 +8,7 @@
 //! is the relay's whole process tree ([`procfs::tree_cpu_seconds`], through the plan's
 //! tree-measured pid) over the requests completed in the window; the relay's own process is
 //! shown beside it, the rest being the workers. The forwarder is paused for the comparison (the
-//! three sources share one lane, so forwarding would only add the same work to each), then
+//! sources share one lane, so forwarding would only add the same work to each), then
 //! released, and every event must reach the sink.
 //!
 //! [`measure`] is the phase (the smoke's and `relay-bench transforms`'); [`run_cli`] is that
@@ -33,7 +33,7 @@ use crate::suite::{check_answers, progress, tag};
 /// A reshaping program of the kind an operator writes when Userpilot's payloads drift: keys
 /// renamed with a fallback, a value normalised, a field dropped, a constant added. On the
 /// harness's samples (already in the shape the decoder knows) it yields the same events, so
-/// the three sources do the same work apart from the program.
+/// the sources do the same work apart from the program.
 pub const RESHAPE: &str = r#"{
   timestamp: (.timestamp // .ts),
   data: (.data
@@ -43,12 +43,23 @@ pub const RESHAPE: &str = r#"{
     | . + {environment: "production"})
 }"#;
 
-/// The three sources: `(name, label in the report, program)`.
-pub const MODES: [(&str, &str, Option<&str>); 3] = [
+/// The sources: `(name, label in the report, program)`. `. | .` does what `.` does, but is
+/// not recognised as the identity, so it goes to a worker: its cost is the floor of any real
+/// program, the worker's round trip (the payload through a pipe, parsed and printed there,
+/// its output read back and parsed again) with next to no evaluation.
+pub const MODES: [(&str, &str, Option<&str>); 4] = [
     ("plain", "no transform", None),
     ("identity", "`.`", Some(".")),
+    (
+        ROUND_TRIP,
+        "`. \\| .` (a worker's round trip)",
+        Some(". | ."),
+    ),
     ("reshape", "reshaping program", Some(RESHAPE)),
 ];
+
+/// The source whose program, `. | .`, measures a worker's round trip alone.
+const ROUND_TRIP: &str = "roundtrip";
 
 /// The target: a transform may add at most this much CPU per webhook.
 pub const TARGET_US: f64 = 10.0;
@@ -326,7 +337,7 @@ pub fn render(comparison: &Comparison, header: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "One relay, three sources differing only in their program, driven in turn ({} runs \
+        "One relay, four sources differing only in their program, driven in turn ({} runs \
          each, {} s closed loop at concurrency {}; each run starts with another source), \
          forwarder paused. CPU is the relay's whole process tree (its transform workers \
          included) per webhook answered in the window; median of the runs. Target: at most \
@@ -388,16 +399,24 @@ pub fn render(comparison: &Comparison, header: &str) -> String {
 
 /// The row of the report's targets table.
 pub fn target_row(comparison: &Comparison) -> String {
+    // The target is for `.` and the reshaping program; the round trip is shown beside them as
+    // the floor every real program pays.
     let over: Vec<&ModeFigures> = comparison
         .modes
         .iter()
-        .filter(|m| m.program.is_some())
+        .filter(|m| m.program.is_some() && m.source != ROUND_TRIP)
         .collect();
-    let measured = over
+    let mut measured = over
         .iter()
         .map(|m| format!("{} {:+.1} µs", m.label, m.over_plain_us))
         .collect::<Vec<_>>()
         .join(", ");
+    if let Some(floor) = comparison.modes.iter().find(|m| m.source == ROUND_TRIP) {
+        measured.push_str(&format!(
+            "; the worker's round trip alone {:+.1} µs",
+            floor.over_plain_us
+        ));
+    }
     let verdicts = over
         .iter()
         .map(|m| {
@@ -462,10 +481,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_three_sources_differ_only_in_their_program() {
+    fn the_sources_differ_only_in_their_program() {
         let specs = specs();
         let programs: Vec<Option<&str>> = specs.iter().map(|s| s.transform.as_deref()).collect();
-        assert_eq!(programs, [None, Some("."), Some(RESHAPE)]);
+        assert_eq!(programs, [None, Some("."), Some(". | ."), Some(RESHAPE)]);
         assert!(specs.iter().all(|s| s.app_id == APP_ID));
         assert!(specs.iter().all(|s| s.secret.len() >= 16));
     }
@@ -487,7 +506,8 @@ mod tests {
             modes: vec![
                 mode(MODES[0], 0.0),
                 mode(MODES[1], 0.4),
-                mode(MODES[2], 21.0),
+                mode(MODES[2], 15.0),
+                mode(MODES[3], 21.0),
             ],
             runs: 1,
             duration_s: 3.0,
@@ -512,7 +532,9 @@ mod tests {
         );
         let row = target_row(&comparison);
         assert!(
-            row.contains("`.` +0.4 µs, reshaping program +21.0 µs"),
+            row.contains(
+                "`.` +0.4 µs, reshaping program +21.0 µs; the worker's round trip alone +15.0 µs"
+            ),
             "{row}"
         );
         assert!(

@@ -226,11 +226,10 @@ impl Transforms {
             None => inner.spawn().await?,
         };
         let slot = u32::try_from(slot).map_err(|_| PoolError::Run("no such program".into()))?;
-        let mut job = Vec::with_capacity(4 + payload.len());
-        job.extend_from_slice(&slot.to_le_bytes());
-        job.extend_from_slice(payload);
+        let job =
+            frame(&[&slot.to_le_bytes(), payload]).map_err(|e| PoolError::Run(e.to_string()))?;
         let reply = tokio::time::timeout(DEADLINE, async {
-            write_frame(&mut worker.stdin, &job).await?;
+            worker.stdin.write_all(&job).await?;
             read_reply(&mut worker.stdout).await
         })
         .await;
@@ -344,11 +343,22 @@ async fn skip_to_magic(r: &mut BufReader<ChildStdout>) -> std::io::Result<()> {
     Err(std::io::Error::other("the worker did not identify itself"))
 }
 
+/// One frame holding `parts` one after the other, length first, in one buffer: written with
+/// one `write`, so the worker wakes once per job, not once for the length and again for the
+/// rest.
+fn frame(parts: &[&[u8]]) -> std::io::Result<Vec<u8>> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(len).map_err(std::io::Error::other)?;
+    let mut frame = Vec::with_capacity(4 + len as usize);
+    frame.extend_from_slice(&len.to_le_bytes());
+    for part in parts {
+        frame.extend_from_slice(part);
+    }
+    Ok(frame)
+}
+
 async fn write_frame(w: &mut ChildStdin, bytes: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
-    w.write_all(&len.to_le_bytes()).await?;
-    w.write_all(bytes).await?;
-    w.flush().await
+    w.write_all(&frame(&[bytes])?).await
 }
 
 async fn read_reply(r: &mut BufReader<ChildStdout>) -> std::io::Result<(u8, Vec<u8>)> {
