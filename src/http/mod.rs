@@ -11,10 +11,10 @@ pub(crate) mod webhook;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::http::{HeaderName, Request};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -107,6 +107,9 @@ pub fn public_router(state: Arc<AppState>) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        // The timeout handler has no access to the state: it counts its answers for the
+        // console through this.
+        .layer(Extension(state.console.activity.clone()))
         .with_state(state);
     traced(router)
 }

@@ -11,12 +11,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::HttpBody;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -25,6 +25,7 @@ use super::error::ApiError;
 use super::{AppState, BODY_READ_TIMEOUT};
 use crate::clock::{self, Stopwatch};
 use crate::config::DEFAULT_SOURCE;
+use crate::console::activity::Activity;
 use crate::ingest::{PrepareError, Prepared, prepare};
 use crate::queue::{Content, Enqueued, NewWebhook};
 use crate::sources::{Source, Sources, UNKNOWN_SOURCE_LABEL};
@@ -147,13 +148,18 @@ async fn answer(state: &AppState, name: &str, headers: &HeaderMap, body: Body) -
 /// The request timeout: 503 + `Retry-After`, like every other "try again later". Only a
 /// configured source's request can run this long (an unknown one is answered at once), so
 /// the name in the path is a source's, not one a client made up.
-pub async fn timed_out(uri: Uri, _: tower::BoxError) -> Response {
+pub async fn timed_out(
+    Extension(activity): Extension<Arc<Activity>>,
+    uri: Uri,
+    _: tower::BoxError,
+) -> Response {
     let source = match uri.path().strip_prefix("/webhooks/userpilot") {
         Some("" | "/") => DEFAULT_SOURCE.to_owned(),
         Some(rest) => rest.trim_start_matches('/').chars().take(32).collect(),
         None => UNKNOWN_SOURCE_LABEL.to_owned(),
     };
     tracing::warn!(source, "webhook timed out");
+    activity.webhook(&source, "timed_out");
     metrics::counter!("relay_webhooks_total", "outcome" => "timed_out", "source" => source)
         .increment(1);
     ApiError::Unavailable("the webhook was not answered within its time limit".into())
@@ -364,5 +370,34 @@ mod tests {
         assert!(!check(Some("text/plain")));
         assert!(!check(Some("application/x-www-form-urlencoded")));
         assert!(!check(Some("multipart/form-data; boundary=x")));
+    }
+
+    /// The timeout answer is 503, and the console counts it under the source: the handler
+    /// finds the activity through the extension the public router adds around its routes
+    /// (here with the same layers, and a deadline of 10 ms instead of 15 s).
+    #[tokio::test]
+    async fn a_webhook_that_times_out_is_503_and_counted_for_the_console() {
+        use axum::error_handling::HandleErrorLayer;
+        use axum::routing::post;
+        use tower::{ServiceBuilder, ServiceExt};
+
+        let activity = Arc::new(Activity::default());
+        let never = || std::future::pending::<StatusCode>();
+        let router = axum::Router::new()
+            .route(
+                "/webhooks/userpilot/{source}",
+                post(never).layer(
+                    ServiceBuilder::new()
+                        .layer(HandleErrorLayer::new(timed_out))
+                        .timeout(Duration::from_millis(10)),
+                ),
+            )
+            .layer(Extension(activity.clone()));
+        let request = axum::http::Request::post("/webhooks/userpilot/staging")
+            .body(Body::empty())
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(activity.webhook_counts()["staging"]["timed_out"], 1);
     }
 }
