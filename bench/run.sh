@@ -20,6 +20,16 @@
 #                                      # load without an erasure (a few minutes); prints its
 #                                      # section, also written to target/bench-erase.md (its
 #                                      # figures: .json)
+#   bash bench/run.sh --compare OLD_BIN  # first argument: only the storage path, an old relay
+#                                      # binary against the current one (built in release here):
+#                                      # 3 runs alternating which goes first, each on a fresh
+#                                      # SQLite queue, forwarder paused: closed loop at 32 and
+#                                      # 128 in flight, a queue grown to 200,000 webhooks at
+#                                      # 2,000/s, stored bytes per webhook; the baseline in the
+#                                      # same runs (several minutes); prints its section, also
+#                                      # written to target/bench-compare.md (its figures: .json).
+#                                      # Copy OLD_BIN out of target/ first: this build overwrites
+#                                      # target/release/userpilot-heap-relay.
 #   bash bench/run.sh --smoke          # seconds: debug builds, ~1 s of load, checks (CI)
 #
 # Postgres: when Postgres is installed (`pg_lsclusters` and a server binary exist), the suite
@@ -36,7 +46,10 @@
 # `relay-bench sources` (`relay-bench sources --help`: --runs, --concurrency, --rates, --out,
 # --json, ...), or with --transforms to `relay-bench transforms` (--runs, --duration,
 # --concurrency, ...), or with --erase to `relay-bench erase` (--runs, --stored, --others,
-# --rate, --window, ...). The suite includes the routing comparison; `--no-sources` skips it (for a relay
+# --rate, --window, ...), or with --compare to `relay-bench compare` (--runs, --duration,
+# --warmup, --concurrency, --grown, --rate, --old-label, ...). The sections that only
+# --erase and --compare measure are pasted into BENCHMARKS.md by hand; the suite keeps them
+# when it writes the file again. The suite includes the routing comparison; `--no-sources` skips it (for a relay
 # build that does not route by source). Everything runs on loopback; servers are child
 # processes of the harness and stop with it (Postgres, a service, keeps running).
 set -euo pipefail
@@ -100,6 +113,33 @@ if [[ "${1:-}" == "--erase" ]]; then
         --commit "$(commit)" \
         --out "$CARGO_TARGET_DIR/bench-erase.md" \
         --json "$CARGO_TARGET_DIR/bench-erase.json" \
+        "$@"
+fi
+
+if [[ "${1:-}" == "--compare" ]]; then
+    # Only old against new; the other arguments go to `relay-bench compare`.
+    shift
+    old_bin="${1:-}"
+    if [[ -z "$old_bin" || ! -f "$old_bin" ]]; then
+        echo "run.sh --compare OLD_BIN: give the old relay binary (a release build)" >&2
+        exit 2
+    fi
+    shift
+    old_bin="$(realpath "$old_bin")"
+    new_bin="$CARGO_TARGET_DIR/release/userpilot-heap-relay"
+    if [[ "$old_bin" == "$(realpath -m "$new_bin")" ]]; then
+        echo "run.sh --compare: $old_bin is the binary this build writes; copy it elsewhere first" >&2
+        exit 2
+    fi
+    echo "== building (release)" >&2
+    cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin userpilot-heap-relay
+    cargo build --release --manifest-path "$ROOT/bench/Cargo.toml"
+    exec "$CARGO_TARGET_DIR/release/relay-bench" compare \
+        --old-bin "$old_bin" \
+        --new-bin "$new_bin" \
+        --commit "$(commit)" \
+        --out "$CARGO_TARGET_DIR/bench-compare.md" \
+        --json "$CARGO_TARGET_DIR/bench-compare.json" \
         "$@"
 fi
 

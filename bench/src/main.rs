@@ -16,11 +16,17 @@
 //! - [`erase`]: erasing one person (10,000 stored webhooks among others) while webhooks are
 //!   posted at a fixed rate: the erasure's duration and the ingest latency during it against
 //!   the same load without one; a subcommand of its own and a phase of the smoke.
+//! - [`storage`]: a relay queue's stored bytes per webhook (SQLite pages in use, read beside
+//!   the running relay; Postgres relation sizes), measured after the suite's ingest runs.
+//! - [`compare`]: two relay binaries, old and new, on the storage path (ingest, a grown queue,
+//!   stored bytes), alternating, with the baseline; a subcommand of its own and a phase of the
+//!   smoke. [`section`] keeps its section (and the erasure's) in `BENCHMARKS.md`.
 //! - [`suite`]: runs everything against the relay binary (on SQLite, and on Postgres with
 //!   `--postgres`) and the baseline and writes the report ([`report`]) from its figures
 //!   ([`results`]); [`smoke`] is the seconds-long version CI runs.
 
 mod baseline;
+mod compare;
 mod erase;
 mod load;
 mod postgres;
@@ -32,6 +38,7 @@ mod server;
 mod sink;
 mod smoke;
 mod sources;
+mod storage;
 mod suite;
 mod transforms;
 
@@ -64,6 +71,9 @@ enum Command {
     /// The cost of an erasure alone: erasing one person under a fixed-rate load, against the
     /// same load without; prints its section of the report.
     Erase(erase::Options),
+    /// The storage path of two relay binaries, old against new, alternating, with the
+    /// baseline; prints its section of the report.
+    Compare(compare::Options),
     /// A seconds-long end-to-end check that the harness still works (for CI).
     Smoke {
         /// The relay binary to run.
@@ -104,6 +114,7 @@ fn main() -> ExitCode {
             Command::Sources(options) => sources::run_cli(options).await,
             Command::Transforms(options) => transforms::run_cli(options).await,
             Command::Erase(options) => erase::run_cli(options).await,
+            Command::Compare(options) => compare::run_cli(options).await,
             Command::Smoke { relay_bin } => smoke::run(&relay_bin).await,
             Command::Baseline { listen } => baseline::serve(listen).await,
             Command::Load(options) => load::run_cli(options).await,

@@ -87,7 +87,7 @@ fn check_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(url: &str) -> anyhow::Result<Client> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Client> {
     let mut config = Config::from_str(url).context("the Postgres URL")?;
     config.connect_timeout(Duration::from_secs(5));
     let (client, connection) = config

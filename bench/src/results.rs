@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::{RunResult, Sent};
 use crate::postgres::Setup;
+use crate::storage::Storage;
 
 /// Where, when and on which commit the suite ran.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -177,6 +178,12 @@ pub struct Results {
     /// No transform against `.` and a reshaping program (issue 13).
     #[serde(default)]
     pub transforms: Option<crate::transforms::Comparison>,
+    /// The relay's queue after the ingest runs, on SQLite and on Postgres (issue 17: stored
+    /// bytes per webhook).
+    #[serde(default)]
+    pub storage: Option<Storage>,
+    #[serde(default)]
+    pub storage_postgres: Option<Storage>,
 }
 
 /// Server names in the runs (and the saved JSON).

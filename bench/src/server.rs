@@ -19,6 +19,8 @@ use crate::load::Client;
 pub const SECRET: &str = "bench-secret";
 pub const APP_ID: &str = "bench-app";
 pub const ADMIN_TOKEN: &str = "bench-admin-token";
+/// The relay's SQLite queue file, in its queue folder.
+const QUEUE_FILE: &str = "queue.sqlite3";
 
 /// One of the relay's sources (contract §9): served at `/webhooks/userpilot/{name}`, signed
 /// with `secret`, forwarded to Heap app `app_id`.
@@ -75,6 +77,8 @@ pub struct Server {
     pub url: String,
     pub admin_url: Option<String>,
     log: PathBuf,
+    /// The relay's SQLite queue file (not there when its queue is on Postgres).
+    queue_file: Option<PathBuf>,
     /// The relay's queue folder; removed when dropped.
     _dir: Option<tempfile::TempDir>,
 }
@@ -111,6 +115,7 @@ impl Server {
             url: format!("http://127.0.0.1:{port}"),
             admin_url: None,
             log,
+            queue_file: None,
             _dir: None,
         };
         server.wait_ready(client).await?;
@@ -157,6 +162,7 @@ impl Server {
             url: format!("http://127.0.0.1:{port}"),
             admin_url: Some(format!("http://127.0.0.1:{admin_port}")),
             log,
+            queue_file: Some(dir.path().join(QUEUE_FILE)),
             _dir: Some(dir),
         };
         server.wait_ready(client).await?;
@@ -167,6 +173,13 @@ impl Server {
     pub fn named(mut self, name: &'static str) -> Self {
         self.name = name;
         self
+    }
+
+    /// The relay's SQLite queue file, for reading its size beside it ([`crate::storage`]).
+    pub fn queue_file(&self) -> anyhow::Result<PathBuf> {
+        self.queue_file
+            .clone()
+            .with_context(|| format!("{} has no queue file", self.name))
     }
 
     pub fn webhook_uri(&self) -> anyhow::Result<Uri> {
@@ -287,7 +300,7 @@ impl RelaySetup {
             ("RELAY_HEAP__BASE_URL".into(), heap_url.into()),
             (
                 "RELAY_QUEUE__PATH".into(),
-                dir.join("queue.sqlite3").display().to_string(),
+                dir.join(QUEUE_FILE).display().to_string(),
             ),
             ("RELAY_ADMIN__TOKEN".into(), ADMIN_TOKEN.into()),
             ("RELAY_LOG__LEVEL".into(), "warn".into()),

@@ -16,6 +16,10 @@
 //! a reshaping program on four sources of one relay, every event counted; a relay that refuses
 //! `transform` fails the smoke.
 //!
+//! The old-against-new comparison ([`compare::measure`]) runs with the relay as both binaries,
+//! two runs (each order once) on tiny windows and a queue grown to 1,000 webhooks; and the
+//! smoke relay's queue size is read beside it ([`storage`]), for the report's Targets row.
+//!
 //! And the erasure measurement ([`erase::measure`]), small: one person's 200 stored webhooks
 //! among 300 others erased under a load of 200 webhooks/s, every webhook of the load accepted,
 //! the answer counting all 200, and its section rendered.
@@ -27,6 +31,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use tokio::time::Instant;
 
+use crate::compare;
 use crate::erase;
 use crate::load::{self, Plan};
 use crate::postgres::BenchDatabase;
@@ -36,6 +41,7 @@ use crate::results::{Machine, Memory, RELAY_POSTGRES, Results};
 use crate::server::{SECRET, Server, postgres_queue};
 use crate::sink::{Endpoint, Sink};
 use crate::sources;
+use crate::storage;
 use crate::transforms;
 
 /// The smoke's database on the tests' Postgres server.
@@ -132,6 +138,13 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
     let relay_rss = procfs::rss_mib(relay.pid).context("no RSS for the relay")?;
     ensure!(closed.server_cpu_s.is_some(), "no CPU time for the relay");
     let relay_peak = procfs::peak_rss_mib(relay.pid);
+    let stored = storage::sqlite_queue(relay.queue_file()?)
+        .await
+        .context("the SQLite queue's size")?;
+    ensure!(
+        stored.webhooks >= closed.accepted && stored.bytes > 0 && !stored.objects.is_empty(),
+        "the SQLite queue's size: {stored:?}"
+    );
     baseline.stop().await;
     relay.stop().await;
     println!(
@@ -246,6 +259,55 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         settings.rate
     );
 
+    // Old against new, briefly, with this binary as both: every figure of the section there.
+    let settings = compare::Settings {
+        runs: 2,
+        duration_s: 0.3,
+        warmup_s: 0.1,
+        concurrency: vec![8],
+        grown: 1000,
+        rate: 200,
+        users: 50,
+        extra_env: vec![("RELAY_HEAP__BATCH_LINGER_MS", "10".into())],
+    };
+    let (baseline_runs, binaries) = compare::measure(
+        &settings,
+        &client,
+        &sink,
+        [("old", relay_bin), ("new", relay_bin)],
+        scratch.path(),
+    )
+    .await
+    .context("the old-against-new comparison")?;
+    for run in &binaries {
+        ensure!(
+            run.paused && run.stored_before_open >= 1000,
+            "compare: {} in run {} paused {}, {} stored before the open loop",
+            run.binary,
+            run.run,
+            run.paused,
+            run.stored_before_open
+        );
+    }
+    let comparison = compare::Comparison {
+        header: String::new(),
+        settings,
+        old: compare::Binary::describe("old", relay_bin, "smoke"),
+        new: compare::Binary::describe("new", relay_bin, "smoke"),
+        baseline: baseline_runs,
+        binaries,
+    };
+    let section = compare::render(&comparison);
+    ensure!(
+        section.contains("| 2 | new (first) |")
+            && !section.contains("| Stored bytes per webhook, at the end | – |"),
+        "the comparison's section lacks a run or a figure:\n{section}"
+    );
+    println!(
+        "relay-bench smoke: compare: the binary against itself, 2 runs, stored bytes per \
+         webhook measured"
+    );
+
     let postgres = match std::env::var("RELAY_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => {
             let (run, setup) = postgres_smoke(&client, relay_bin, &sink, scratch.path(), &url)
@@ -295,6 +357,8 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
         postgres,
         routing,
         transforms,
+        storage: Some(stored),
+        storage_postgres: None,
     };
     let markdown = report::render(&results);
     ensure!(
@@ -310,6 +374,11 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
             || markdown.contains("under its source's app id: **met**")
                 && markdown.contains("| closed loop, 8 in flight |"),
         "the report has no routing figures"
+    );
+    ensure!(
+        markdown.contains("| Stored bytes per webhook on SQLite ≤ 0.6 KB")
+            && markdown.contains("## Queue size (stored bytes per webhook)"),
+        "the report has no stored bytes per webhook"
     );
     std::fs::write(scratch.path().join("BENCHMARKS.smoke.md"), &markdown)?;
     println!("relay-bench smoke ok: the report renders");

@@ -477,6 +477,8 @@ pub async fn run_cli(options: Options) -> anyhow::Result<()> {
         postgres: None,
         routing: Some(routing),
         transforms: None,
+        storage: None,
+        storage_postgres: None,
     };
     let markdown = report::render_routing_alone(&results);
     println!("{markdown}");

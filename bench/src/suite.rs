@@ -3,8 +3,9 @@
 //! 1. Ingest: the baseline and the relay on SQLite (default Heap limits, forwarding to the
 //!    sink) and, with `--postgres`, the relay on Postgres; closed loop at each concurrency, then
 //!    open loop at each rate; runs interleaved (baseline, SQLite, Postgres, baseline, ...) so
-//!    drifting background load hits all alike. Idle RSS before, peak RSS (VmHWM) after. Then
-//!    the highest rate again on fresh relays (empty queues).
+//!    drifting background load hits all alike. Idle RSS before, peak RSS (VmHWM) after, and
+//!    each relay's queue size per stored webhook ([`crate::storage`]). Then the highest rate
+//!    again on fresh relays (empty queues).
 //! 2. Forwarding at saturation: a relay with a high Heap limit; a backlog is queued while the
 //!    forwarder is paused, then released: Heap requests per 1,000 events and drain rate. Then
 //!    live: ingest and forwarding at once.
@@ -15,6 +16,9 @@
 //!    (`--no-sources` skips it).
 //! 5. Optionally (`--drain N`), a large backlog drained at `--drain-limit` events/min, its
 //!    resident set sampled every second, and ingest measured while it drains.
+//!
+//! The report replaces `--out`, keeping the sections only a subcommand of their own measures
+//! (`erase`, `compare`; [`section::keep`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,9 +36,11 @@ use crate::results::{
     ConnectionsMemory, Drain, DrainWatch, FRESH, FRESH_POSTGRES, LimitCheck, Machine, Memory,
     RELAY, RELAY_POSTGRES, Results,
 };
+use crate::section;
 use crate::server::{SECRET, Server, postgres_queue};
 use crate::sink::{Endpoint, Sink, summarize};
 use crate::sources;
+use crate::storage;
 use crate::transforms;
 
 #[derive(clap::Args, Clone)]
@@ -174,6 +180,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         postgres: None,
         routing: None,
         transforms: None,
+        storage: None,
+        storage_postgres: None,
     };
 
     let database = match &options.postgres {
@@ -250,7 +258,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     if let Some(path) = &options.json {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
-    let markdown = report::render(&results);
+    // Sections measured alone and pasted into the report by hand stay as they were.
+    let previous = std::fs::read_to_string(&options.out).unwrap_or_default();
+    let markdown = section::keep(&previous, &report::render(&results));
     std::fs::write(&options.out, markdown)
         .with_context(|| format!("cannot write {}", options.out.display()))?;
     eprintln!(
@@ -359,6 +369,29 @@ async fn ingest_phase(
     results.memory.relay_postgres_peak_mib = relay_postgres
         .as_ref()
         .and_then(|r| procfs::peak_rss_mib(r.pid));
+    // Stored bytes per webhook (issue 17): the queues as the runs left them, read beside the
+    // running relays. A figure that cannot be read is a warning, not a failed suite.
+    results.storage = relay
+        .queue_file()
+        .map(storage::sqlite_queue)?
+        .await
+        .inspect_err(|error| eprintln!("warning: the SQLite queue's size: {error:#}"))
+        .ok();
+    if let Some(database) = database {
+        results.storage_postgres = storage::postgres_queue(&database.url)
+            .await
+            .inspect_err(|error| eprintln!("warning: the Postgres queue's size: {error:#}"))
+            .ok();
+    }
+    for stored in results.storage.iter().chain(&results.storage_postgres) {
+        eprintln!(
+            "   {} queue: {} webhooks, {} bytes in use, {:.0} bytes per webhook",
+            stored.backend,
+            stored.webhooks,
+            stored.bytes,
+            stored.bytes_per_webhook().unwrap_or(f64::NAN)
+        );
+    }
     for relay in servers.iter().skip(1) {
         let warnings = relay.log_tail();
         if !warnings.trim().is_empty() {
@@ -532,7 +565,7 @@ pub(crate) fn check_answers(result: &RunResult) -> anyhow::Result<()> {
 
 /// Queues `webhooks` unique webhooks as fast as the relay takes them (32 in flight), in chunks
 /// signed just before they are sent (signatures are only valid for a few minutes).
-async fn queue_backlog(
+pub(crate) async fn queue_backlog(
     client: &Client,
     relay: &Server,
     webhooks: usize,
