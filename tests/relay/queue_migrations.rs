@@ -10,7 +10,8 @@
 //! Version 3 to 4 (the `shapes` table, contract §10.4): a version-3 database is a version-4
 //! one without that table, so it is made by this code's queue, with records in every state,
 //! and taken back to version 3; after the upgrade every record is in its state and shapes
-//! are recorded.
+//! are recorded. Version 5 to 6 (SQLite only: webhooks' records packed into their row) is made
+//! the same way.
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -128,7 +129,7 @@ async fn a_version_1_sqlite_file_is_upgraded_keeping_its_records() {
     let queue = SqliteQueue::open(&path).unwrap();
     assert_upgraded(&queue, APP).await;
     drop(queue);
-    assert_eq!(sqlite_version(&path), 5);
+    assert_eq!(sqlite_version(&path), 6);
 }
 
 fn sqlite_version(path: &std::path::Path) -> i64 {
@@ -469,11 +470,12 @@ async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() 
     }
 
     let queue = SqliteQueue::open(&path).unwrap();
-    assert_eq!(sqlite_version(&path), 5);
+    assert_eq!(sqlite_version(&path), 6);
     assert_upgraded_from_v2(&queue, APP).await;
     drop(queue);
 
-    // The new layout: per-source deduplication, lane-led indexes, no digest-only index left.
+    // The new layout: per-source deduplication (through the digest's prefix since version 6),
+    // lane-led indexes, no digest-only index left.
     let conn = rusqlite::Connection::open(&path).unwrap();
     let indexes: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' ORDER BY name")
@@ -491,8 +493,9 @@ async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() 
             "records_due",
             "records_unassigned",
             "records_webhook_key",
+            "webhooks_dedup",
+            "webhooks_packed",
             "webhooks_received",
-            "webhooks_source_digest",
         ]
     );
     let due: String = conn
@@ -730,7 +733,97 @@ async fn a_version_3_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
     let queue = SqliteQueue::open(&path).unwrap();
     assert_upgraded_from_v3(&queue, APP).await;
     drop(queue);
-    assert_eq!(sqlite_version(&path), 5);
+    assert_eq!(sqlite_version(&path), 6);
+}
+
+/// Version 5 to 6 (records packed into their webhook's row, digests looked up by their first
+/// 8 bytes): a version-5 file is this code's file without the four new columns and the
+/// `counters` table, and with
+/// version 5's unique `(source, digest)` index instead of the prefix index, so it is made by
+/// this code's queue, with records in every state (as rows: the claim unpacked them), and
+/// taken back to version 5.
+#[tokio::test]
+async fn a_version_5_sqlite_file_is_upgraded_keeping_every_record_in_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.sqlite3");
+    {
+        let queue = SqliteQueue::open(&path).unwrap();
+        fill_every_state(&queue, APP).await;
+    }
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE shapes; CREATE TABLE shapes (key BLOB PRIMARY KEY, source TEXT NOT NULL,
+                 kind TEXT, action TEXT, paths TEXT NOT NULL, count INTEGER NOT NULL,
+                 first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL, sample TEXT)
+                 WITHOUT ROWID;
+             DROP INDEX webhooks_packed; DROP INDEX webhooks_dedup;
+             ALTER TABLE webhooks DROP COLUMN packed_kinds;
+             ALTER TABLE webhooks DROP COLUMN packed_count;
+             ALTER TABLE webhooks DROP COLUMN packed;
+             ALTER TABLE webhooks DROP COLUMN app_id;
+             DROP TABLE counters;
+             CREATE UNIQUE INDEX webhooks_source_digest ON webhooks (source, digest);
+             PRAGMA user_version = 5;",
+        )
+        .unwrap();
+        let columns: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('webhooks')",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(columns, 5, "version 5's webhooks table");
+    }
+
+    let queue = SqliteQueue::open(&path).unwrap();
+    assert_upgraded_from_v3(&queue, APP).await;
+    // New webhooks are packed beside the old rows, counted with them and claimed after the
+    // old due one (the retried record, due at T0 + 10).
+    let fresh = records::on(
+        DEFAULT_SOURCE,
+        APP,
+        records::webhook("v6 webhook", T0 + 20, vec![records::track("new", "u2")]),
+    );
+    assert_eq!(
+        queue.enqueue(fresh).await.unwrap(),
+        Enqueued::Accepted { events: 1 }
+    );
+    assert_eq!(queue.lane_stats(T0).await.unwrap()[APP].pending, 2);
+    let claimed = queue
+        .claim(APP, RecordKind::Track, 10, T0 + 30_000, 60_000)
+        .await
+        .unwrap();
+    let keys: Vec<bool> = claimed.iter().map(|c| c.json.contains("\"new\"")).collect();
+    assert_eq!(
+        keys,
+        [false, true],
+        "the old retried record first, then the new one"
+    );
+    assert!(
+        claimed[1].id > claimed[0].id,
+        "new records take ids above the old ones: {claimed:?}"
+    );
+    drop(queue);
+    assert_eq!(sqlite_version(&path), 6);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let index = |name: &str| -> i64 {
+        conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = ?1",
+            [name],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        (
+            index("webhooks_source_digest"),
+            index("webhooks_dedup"),
+            index("webhooks_packed")
+        ),
+        (0, 1, 1)
+    );
 }
 
 #[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]

@@ -1,5 +1,5 @@
 //! The SQLite queue's single writer: webhooks arriving together are committed together, and one
-//! whose insert fails (here: a trigger refuses its record) gets the error while every other
+//! whose insert fails (here: a trigger refuses its row) gets the error while every other
 //! webhook of its group is stored and accepted; large claims and acks that end their
 //! transactions early to let waiting webhooks in still cover every record.
 
@@ -39,8 +39,9 @@ async fn a_failing_webhook_does_not_take_its_group_down() {
     rusqlite::Connection::open(&path)
         .unwrap()
         .execute_batch(
-            "CREATE TRIGGER poison BEFORE INSERT ON records WHEN NEW.subject = 'poison'
-             BEGIN SELECT RAISE(ABORT, 'poisoned record'); END;",
+            "CREATE TRIGGER poison BEFORE INSERT ON webhooks
+             WHEN NEW.body = CAST('body 25' AS BLOB)
+             BEGIN SELECT RAISE(ABORT, 'poisoned webhook'); END;",
         )
         .unwrap();
 
@@ -56,7 +57,7 @@ async fn a_failing_webhook_does_not_take_its_group_down() {
     while let Some(joined) = tasks.join_next().await {
         let (n, result) = joined.unwrap();
         match (n, result) {
-            (25, Err(error)) => assert!(error.to_string().contains("poisoned record")),
+            (25, Err(error)) => assert!(error.to_string().contains("poisoned webhook")),
             (25, Ok(other)) => panic!("the poisoned webhook was {other:?}"),
             (_, result) => assert_eq!(result.unwrap(), Enqueued::Accepted { events: 0 }),
         }

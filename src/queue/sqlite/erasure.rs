@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::SqliteQueue;
+use super::{SqliteQueue, packed};
 use crate::queue::prepared::storable;
 use crate::queue::{
     ErasureFilter, ErasureRow, ErasureScan, ErasureState, ErasureUpdate, NewErasure, QueueError,
@@ -42,10 +42,12 @@ const CLAIMABLE: &str = "((state = 'local_done' AND heap_app_id IS NOT NULL
 /// index, which would read the source's whole range in digest order on every page (other
 /// sources' rows are passed over, once per erasure). The byte match sees the identity as the
 /// body spells it: one the sender escaped in its JSON (`\"`, `\u00e9`) is found only through
-/// a record's subject.
+/// a record's subject. Packed records (not yet unpacked into rows) are returned when they hold
+/// the subject's bytes (`?6`), and their subjects compared after unpacking them.
 const SCAN: &str = "SELECT id, by_subject,
-        CASE WHEN by_subject OR instr(body, ?5) > 0 THEN body END
-    FROM (SELECT id, body,
+        CASE WHEN by_subject OR instr(body, ?5) > 0 OR instr(packed, ?6) > 0 THEN body END,
+        CASE WHEN instr(packed, ?6) > 0 THEN packed END
+    FROM (SELECT id, body, packed,
                  EXISTS (SELECT 1 FROM records r WHERE r.webhook_id = webhooks.id
                          AND r.subject = ?4) AS by_subject
           FROM webhooks WHERE id > ?2 AND +source = ?1 ORDER BY id LIMIT ?3)
@@ -96,6 +98,7 @@ pub(super) async fn scan(
 ) -> Result<ErasureScan, QueueError> {
     let (source, subject) = (source.to_owned(), storable(identity.to_owned()));
     let bytes = identity.as_bytes().to_vec();
+    let subject_bytes = subject.as_bytes().to_vec();
     queue
         .read(move |conn| {
             let mut select = conn.prepare_cached(SCAN)?;
@@ -104,16 +107,23 @@ pub(super) async fn scan(
                 after_id,
                 i64::try_from(scan).unwrap_or(i64::MAX),
                 subject,
-                bytes
+                bytes,
+                subject_bytes
             ])?;
             let mut page = ErasureScan::default();
             while let Some(row) = rows.next()? {
                 let webhook_id: i64 = row.get(0)?;
                 page.last_id = Some(webhook_id);
                 if let Some(body) = row.get::<_, Option<Vec<u8>>>(2)? {
+                    // Damaged packed records name nobody; the body's match still stands. Only
+                    // subjects are compared, so the keys may be rebuilt from any digest.
+                    let packed_by_subject = row
+                        .get::<_, Option<Vec<u8>>>(3)?
+                        .and_then(|packed| packed::unpack(&packed, &[0; 32]).ok())
+                        .is_some_and(|packed| packed.rows.iter().any(|r| r.subject == subject));
                     page.candidates.push(ScanCandidate {
                         webhook_id,
-                        by_subject: row.get(1)?,
+                        by_subject: row.get::<_, bool>(1)? || packed_by_subject,
                         body: body.into(),
                     });
                 }
@@ -142,6 +152,14 @@ pub(super) async fn erase_webhooks(
                      FROM records WHERE webhook_id = ?1"
                 ))?;
                 let mut delete = tx.prepare_cached("DELETE FROM records WHERE webhook_id = ?1")?;
+                // Packed records are pending ones that have no row yet.
+                let mut count_packed = tx.prepare_cached(
+                    "SELECT packed_count FROM webhooks WHERE id = ?1 AND packed_count > 0",
+                )?;
+                let mut unpacked = tx.prepare_cached(
+                    "UPDATE webhooks SET packed = NULL, packed_count = 0, packed_kinds = 0,
+                     app_id = NULL WHERE id = ?1 AND packed_count > 0",
+                )?;
                 // An already empty body (erased before) is not counted again.
                 let mut empty = tx.prepare_cached(
                     "UPDATE webhooks SET body = x'' WHERE id = ?1 AND length(body) > 0",
@@ -154,7 +172,11 @@ pub(super) async fn erase_webhooks(
                             row.get::<_, i64>(2)?,
                         ))
                     })?;
-                    removed.pending_records += pending as u64;
+                    let packed: Option<i64> = count_packed
+                        .query_row(params![id], |row| row.get(0))
+                        .optional()?;
+                    removed.pending_records += (pending + packed.unwrap_or(0)) as u64;
+                    unpacked.execute(params![id])?;
                     removed.delivered_records += delivered as u64;
                     removed.dead_letters += dead as u64;
                     delete.execute(params![id])?;
@@ -611,9 +633,10 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {SCAN}")).unwrap();
         let plan = statement
-            .query_map(params!["default", 0, 10, "x", b"x".to_vec()], |row| {
-                row.get::<_, String>(3)
-            })
+            .query_map(
+                params!["default", 0, 10, "x", b"x".to_vec(), b"x".to_vec()],
+                |row| row.get::<_, String>(3),
+            )
             .unwrap()
             .map(Result::unwrap)
             .collect::<Vec<_>>()
@@ -622,7 +645,7 @@ mod tests {
             plan.contains("webhooks USING INTEGER PRIMARY KEY (rowid>?)"),
             "{plan}"
         );
-        assert!(!plan.contains("webhooks_source_digest"), "{plan}");
+        assert!(!plan.contains("webhooks_dedup"), "{plan}");
     }
 
     #[tokio::test]
@@ -645,7 +668,7 @@ mod tests {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .unwrap();
-        assert_eq!(version, 5);
+        assert_eq!(version, super::super::schema::SCHEMA_VERSION);
         let secure: i64 = {
             let mut conn = conn;
             super::super::schema::prepare(&mut conn).unwrap();

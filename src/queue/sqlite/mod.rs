@@ -13,10 +13,16 @@
 //! commit or readiness ping (`file`): from then on webhooks are refused, never acknowledged
 //! into an unlinked file. A file that is not an SQLite database fails at open, naming it.
 //!
+//! A webhook is stored as one row, its records packed into it (`packed`): a 202 waits for one
+//! row and its deduplication entry, not for a row and index entries per record. The forwarder
+//! unpacks a lane's oldest webhooks into record rows when it claims from the lane, in the
+//! claim's transaction; from then on each record has its own state, attempts and dead letter.
+//! Counts and due times see packed records as pending.
+//!
 //! Here: the handle ([`SqliteQueue`]) and the [`Queue`] operations, which send their work to
 //! the thread or, for slow reads, run on a second read-only connection. The thread and its
-//! transactions live in `writer`, the DDL and migrations in `schema`, the file's identity in
-//! `file`.
+//! transactions live in `writer`, the DDL and migrations in `schema`, the packing in `packed`,
+//! the file's identity in `file`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,13 +48,14 @@ use crate::shapes::{ShapeRow, StoredShape};
 mod erasure;
 mod file;
 mod lock;
+mod packed;
 mod schema;
 mod writer;
 
 use file::QueueFile;
 use lock::ServingLock;
 
-use writer::{Command, claim_some, insert_rows};
+use writer::{Command, Wanted, claim_some, insert_rows};
 
 /// Records a bookkeeping transaction (a claim, ack, retry, dead letter) touches before it looks
 /// whether webhooks are waiting for the queue thread, and if so commits early and lets them go
@@ -72,9 +79,21 @@ pub(super) const DELIVERED_SINCE: &str = "SELECT COUNT(*) FROM records
 pub(super) const NEXT_DUE: &str = "SELECT MIN(next_attempt_at) FROM records
     WHERE state = {pending} AND app_id = ?1 AND kind = ?2";
 
-/// Records by lane and state, for [`Queue::stats`] and [`Queue::lane_stats`].
+/// When the oldest packed webhook of lane `?1` holding a record of the kind whose bit is `?2`
+/// arrived: its records are due then (see `writer::unpack_some`). Read from `webhooks_packed`
+/// alone, from the lane's oldest entry on: the first in a lane whose webhooks carry the kind,
+/// the whole range in one whose webhooks never do (only the forwarder's idle wait asks).
+pub(super) const NEXT_PACKED: &str = "SELECT received_at FROM webhooks
+    WHERE packed_count > 0 AND app_id = ?1 AND packed_kinds & ?2 <> 0 ORDER BY id LIMIT 1";
+
+/// Records by lane and state, for [`Queue::stats`] and [`Queue::lane_stats`]: the records
+/// table's, then the packed ones, all pending and unclaimed (one row per lane, from the
+/// covering `webhooks_packed`).
 const STATS: &str = "SELECT app_id, state, claimed, COUNT(*), MIN(received_at) FROM records
-    GROUP BY app_id, state, claimed";
+    GROUP BY app_id, state, claimed
+    UNION ALL
+    SELECT app_id, {pending}, 0, SUM(packed_count), MIN(received_at) FROM webhooks
+    WHERE packed_count > 0 GROUP BY app_id";
 
 /// Handle to the queue thread. Cheap to share behind an `Arc`.
 pub struct SqliteQueue {
@@ -318,25 +337,22 @@ impl Queue for SqliteQueue {
     ) -> Result<Vec<Claimed>, QueueError> {
         // In as few transactions as webhooks waiting allow (see BOOKKEEPING_CHUNK); each takes
         // the oldest due records left, since the ones leased before are no longer due.
+        // It unpacks at most as many webhooks as it wants records (see `writer::claim_some`).
         let mut claimed = Vec::new();
+        let mut unpack = max;
         while claimed.len() < max {
-            let (limit, waiting) = (max - claimed.len(), self.waiting.clone());
-            let lane = app_id.to_owned();
-            let (chunk, exhausted) = self
+            let records = max - claimed.len();
+            let wanted = Wanted { records, unpack };
+            let (lane, waiting) = (app_id.to_owned(), self.waiting.clone());
+            let some = self
                 .call(move |conn| {
-                    claim_some(
-                        conn,
-                        &lane,
-                        kind,
-                        limit,
-                        now_ms,
-                        now_ms + lease_ms,
-                        &waiting,
-                    )
+                    let lease_end = now_ms + lease_ms;
+                    claim_some(conn, &lane, kind, wanted, now_ms, lease_end, &waiting)
                 })
                 .await?;
-            claimed.extend(chunk);
-            if exhausted {
+            claimed.extend(some.records);
+            unpack -= some.unpacked;
+            if some.exhausted {
                 break;
             }
         }
@@ -442,7 +458,7 @@ impl Queue for SqliteQueue {
     async fn lane_stats(&self, _now_ms: i64) -> Result<BTreeMap<String, QueueStats>, QueueError> {
         self.read(|conn| {
             let mut lanes: BTreeMap<String, QueueStats> = BTreeMap::new();
-            let mut statement = conn.prepare_cached(STATS)?;
+            let mut statement = conn.prepare_cached(sql!(STATS))?;
             let mut rows = statement.query([])?;
             while let Some(row) = rows.next()? {
                 let count: i64 = row.get(3)?;
@@ -458,15 +474,28 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    /// Through `records_unassigned`, which holds only the records not yet adopted.
+    /// Through `records_unassigned`, which holds only the records not yet adopted, and the
+    /// lane `''` of `webhooks_packed` for records still packed.
     async fn adopt_unassigned(&self, app_id: &str) -> Result<u64, QueueError> {
         let lane = app_id.to_owned();
         self.call(move |conn| {
-            conn.execute(
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let rows = tx.execute(
                 "UPDATE records SET app_id = ?1 WHERE app_id = '' AND ?1 <> ''",
                 params![lane],
-            )
-            .map(|adopted| adopted as u64)
+            )?;
+            let packed: i64 = tx.query_row(
+                "SELECT COALESCE(SUM(packed_count), 0) FROM webhooks
+                 WHERE packed_count > 0 AND app_id = '' AND ?1 <> ''",
+                params![lane],
+                |row| row.get(0),
+            )?;
+            tx.execute(
+                "UPDATE webhooks SET app_id = ?1 WHERE packed_count > 0 AND app_id = '' AND ?1 <> ''",
+                params![lane],
+            )?;
+            tx.commit()?;
+            Ok(rows as u64 + packed as u64)
         })
         .await
     }
@@ -705,7 +734,7 @@ impl Queue for SqliteQueue {
             ),
             (
                 "DELETE FROM webhooks WHERE id IN (SELECT w.id FROM webhooks w
-                 WHERE w.received_at < ?1
+                 WHERE w.received_at < ?1 AND w.packed_count = 0
                    AND NOT EXISTS (SELECT 1 FROM records r WHERE r.webhook_id = w.id)
                  LIMIT ?2)",
                 delivered_before_ms,
@@ -727,11 +756,14 @@ impl Queue for SqliteQueue {
     async fn next_due_ms(&self, app_id: &str, kind: RecordKind) -> Result<Option<i64>, QueueError> {
         let lane = app_id.to_owned();
         self.call(move |conn| {
-            conn.query_row(sql!(NEXT_DUE), params![lane, kind.as_str()], |row| {
-                row.get(0)
-            })
-            .optional()
-            .map(Option::flatten)
+            let record: Option<i64> = conn
+                .prepare_cached(sql!(NEXT_DUE))?
+                .query_row(params![lane, kind.as_str()], |row| row.get(0))?;
+            let packed: Option<i64> = conn
+                .prepare_cached(NEXT_PACKED)?
+                .query_row(params![lane, packed::kind_bit(kind)], |row| row.get(0))
+                .optional()?;
+            Ok(record.into_iter().chain(packed).min())
         })
         .await
     }
@@ -859,6 +891,40 @@ mod tests {
         assert!(
             plan.contains("USING COVERING INDEX records_due (app_id=? AND kind=?)"),
             "{plan}"
+        );
+    }
+
+    #[test]
+    fn a_digest_is_looked_up_through_its_8_byte_prefix() {
+        let plan = plan(
+            "SELECT 1 FROM webhooks WHERE substr(digest, 1, 8) = ?1 AND digest = ?2 AND source = ?3",
+        );
+        assert!(
+            plan.contains("USING INDEX webhooks_dedup (<expr>=?)"),
+            "{plan}"
+        );
+    }
+
+    #[test]
+    fn packed_webhooks_are_read_through_their_lanes_range_of_the_packed_index() {
+        let next = plan(NEXT_PACKED);
+        assert!(
+            next.contains("USING COVERING INDEX webhooks_packed (app_id=?)"),
+            "{next}"
+        );
+        let unpack = plan(
+            "SELECT id, received_at, packed, digest FROM webhooks
+             WHERE packed_count > 0 AND app_id = ?1 ORDER BY id LIMIT ?2",
+        );
+        assert!(
+            unpack.contains("USING INDEX webhooks_packed (app_id=?)"),
+            "{unpack}"
+        );
+        assert!(!unpack.contains("TEMP B-TREE"), "no sort: {unpack}");
+        let stats = plan(sql!(STATS));
+        assert!(
+            stats.contains("USING COVERING INDEX webhooks_packed"),
+            "{stats}"
         );
     }
 

@@ -3,6 +3,7 @@
 //! forwarder's bookkeeping transactions between groups (see [`super`]). It never waits for
 //! anything but the database.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
@@ -10,9 +11,9 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use super::file::QueueFile;
-use super::{BOOKKEEPING_CHUNK, storage};
+use super::{BOOKKEEPING_CHUNK, packed, storage};
 use crate::heap::wire::RecordKind;
-use crate::queue::prepared::{Prepared, Rows, StorableShape};
+use crate::queue::prepared::{Prepared, Row, Rows, StorableShape};
 use crate::queue::{Claimed, Enqueued, QUARANTINE_KIND, QueueError};
 
 /// The most webhooks committed in one transaction.
@@ -143,33 +144,109 @@ fn insert_group(
 }
 
 fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enqueued> {
-    let inserted = tx
+    let known = tx
         .prepare_cached(
-            "INSERT INTO webhooks (source, digest, body, received_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (source, digest) DO NOTHING",
+            "SELECT 1 FROM webhooks
+             WHERE substr(digest, 1, 8) = ?1 AND digest = ?2 AND source = ?3",
         )?
-        .execute(params![
-            webhook.source,
+        .exists(params![
+            &webhook.digest[..8],
             &webhook.digest[..],
-            &webhook.body[..],
-            webhook.received_at_ms
+            webhook.source
         ])?;
-    if inserted == 0 {
+    if known {
         return Ok(Enqueued::Duplicate);
     }
-    let webhook_id = tx.last_insert_rowid();
-    let events = insert_rows(
-        tx,
-        webhook_id,
-        &webhook.app_id,
+    // Records travel packed in the webhook's row (see `packed`); a quarantined webhook's one
+    // dead letter is a record row at once, since no claim would ever unpack it. A key is
+    // stored once per webhook, the first record under it kept, as the records table does.
+    let distinct: Vec<&Row> = match &webhook.rows {
+        Rows::Records(rows) => {
+            let mut keys = HashSet::new();
+            rows.iter().filter(|row| keys.insert(&row.key)).collect()
+        }
+        Rows::Quarantined { .. } => Vec::new(),
+    };
+    let packed = match distinct.is_empty() {
+        true => None,
+        false => Some(packed::pack(
+            &distinct,
+            &webhook.digest,
+            take_ids(tx, distinct.len())?,
+        )),
+    };
+    let kinds = distinct
+        .iter()
+        .fold(0, |kinds, row| kinds | packed::kind_bit(row.kind));
+    tx.prepare_cached(
+        "INSERT INTO webhooks (source, digest, body, received_at, app_id, packed, packed_count,
+         packed_kinds) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        webhook.source,
+        &webhook.digest[..],
+        &webhook.body[..],
         webhook.received_at_ms,
-        &webhook.rows,
-        webhook.received_at_ms,
-    )?;
+        packed.as_ref().map(|_| &webhook.app_id),
+        packed,
+        distinct.len() as i64,
+        kinds,
+    ])?;
+    let events = match &webhook.rows {
+        Rows::Records(_) => distinct
+            .iter()
+            .filter(|row| row.kind == RecordKind::Track)
+            .count(),
+        quarantined @ Rows::Quarantined { .. } => {
+            let webhook_id = tx.last_insert_rowid();
+            let at = webhook.received_at_ms;
+            insert_rows(tx, webhook_id, &webhook.app_id, at, quarantined, at)?
+        }
+    };
     if let Some(shape) = &webhook.shape {
         upsert_shape(tx, &webhook.source, shape, webhook.received_at_ms)?;
     }
     Ok(webhook.rows.outcome(events))
+}
+
+/// Unpacks the records of at most `max` packed webhooks of lane `app_id`, oldest first, into
+/// record rows due at their webhook's arrival (as if stored then); returns how many webhooks it
+/// unpacked. In the caller's transaction: a webhook's records become rows and leave its row in
+/// the same commit, so a crash leaves them in one place or the other, never both or neither.
+/// Packed records that do not unpack (never written: only a damaged file holds them) fail the
+/// claim naming the webhook, as any unreadable row fails the statement that reads it.
+pub(super) fn unpack_some(tx: &Connection, app_id: &str, max: usize) -> rusqlite::Result<usize> {
+    let webhooks = {
+        let mut select = tx.prepare_cached(
+            "SELECT id, received_at, packed, digest FROM webhooks
+             WHERE packed_count > 0 AND app_id = ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = select.query_map(params![app_id, max as i64], |row| {
+            let digest = digest(row.get::<_, Option<Vec<u8>>>(3)?.as_deref());
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+                digest,
+            ))
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    let mut emptied = tx.prepare_cached(
+        "UPDATE webhooks SET packed = NULL, packed_count = 0, packed_kinds = 0, app_id = NULL
+         WHERE id = ?1",
+    )?;
+    for (id, received_at, bytes, digest) in &webhooks {
+        let unpacked = packed::unpack(bytes, digest).map_err(|damaged| {
+            let error = format!("webhook {id}: {damaged}");
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Blob, error.into())
+        })?;
+        let rows = Rows::Records(unpacked.rows);
+        let at = *received_at;
+        insert_rows_from(tx, unpacked.first_id, *id, app_id, at, &rows, at)?;
+        emptied.execute(params![id])?;
+    }
+    Ok(webhooks.len())
 }
 
 /// Counts a sighting of `shape` in `source` at `seen_ms`, in the webhook's own transaction
@@ -199,9 +276,50 @@ fn upsert_shape(
     Ok(())
 }
 
-/// Inserts a webhook's records into lane `app_id`; returns how many track events were new.
+/// Takes `count` record ids from the file's counter (`counters.next_record_id`, schema version
+/// 6) and returns the first. Every record row gets its id from it, whenever it is inserted, so
+/// ids follow arrival: a webhook's packed records, unpacked later, take the ids taken for them
+/// when it arrived, before the ones of a quarantined webhook that came after it. One row on one
+/// page, updated in the webhook's own transaction.
+fn take_ids(tx: &Connection, count: usize) -> rusqlite::Result<i64> {
+    tx.prepare_cached(
+        "UPDATE counters SET value = value + ?1 WHERE name = 'next_record_id'
+         RETURNING value - ?1",
+    )?
+    .query_row(params![count as i64], |row| row.get(0))
+}
+
+/// Inserts a webhook's records into lane `app_id` under new ids; returns how many track
+/// events were new.
 pub(super) fn insert_rows(
     tx: &Connection,
+    webhook_id: i64,
+    app_id: &str,
+    received_at_ms: i64,
+    rows: &Rows,
+    now_ms: i64,
+) -> rusqlite::Result<usize> {
+    let count = match rows {
+        Rows::Records(rows) => rows.len(),
+        Rows::Quarantined { .. } => 1,
+    };
+    let first_id = take_ids(tx, count)?;
+    insert_rows_from(
+        tx,
+        first_id,
+        webhook_id,
+        app_id,
+        received_at_ms,
+        rows,
+        now_ms,
+    )
+}
+
+/// [`insert_rows`] under the ids from `first_id` on, taken before (the n-th row takes
+/// `first_id + n`; a row skipped as a key its webhook has leaves its id unused).
+fn insert_rows_from(
+    tx: &Connection,
+    first_id: i64,
     webhook_id: i64,
     app_id: &str,
     received_at_ms: i64,
@@ -211,13 +329,13 @@ pub(super) fn insert_rows(
     match rows {
         Rows::Records(rows) => {
             let mut insert = tx.prepare_cached(sql!(
-                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                 next_attempt_at, updated_at, app_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, {pending}, ?6, ?7, ?7, ?8)
+                "INSERT INTO records (id, webhook_id, key, kind, subject, json, state,
+                 received_at, next_attempt_at, updated_at, app_id)
+                 VALUES (?9, ?1, ?2, ?3, ?4, ?5, {pending}, ?6, ?7, ?7, ?8)
                  ON CONFLICT (webhook_id, key) DO NOTHING"
             ))?;
             let mut events = 0;
-            for row in rows {
+            for (id, row) in (first_id..).zip(rows) {
                 let new = insert.execute(params![
                     webhook_id,
                     row.key,
@@ -227,6 +345,7 @@ pub(super) fn insert_rows(
                     received_at_ms,
                     now_ms,
                     app_id,
+                    id,
                 ])?;
                 if new > 0 && row.kind == RecordKind::Track {
                     events += 1;
@@ -241,9 +360,9 @@ pub(super) fn insert_rows(
             subject,
         } => {
             tx.prepare_cached(sql!(
-                "INSERT INTO records (webhook_id, key, kind, subject, json, state, received_at,
-                 next_attempt_at, updated_at, dead_reason, dead_detail, app_id)
-                 VALUES (?1, ?2, ?3, ?4, '', {dead}, ?5, ?6, ?6, ?7, ?8, ?9)
+                "INSERT INTO records (id, webhook_id, key, kind, subject, json, state,
+                 received_at, next_attempt_at, updated_at, dead_reason, dead_detail, app_id)
+                 VALUES (?10, ?1, ?2, ?3, ?4, '', {dead}, ?5, ?6, ?6, ?7, ?8, ?9)
                  ON CONFLICT (webhook_id, key) DO NOTHING"
             ))?
             .execute(params![
@@ -256,6 +375,7 @@ pub(super) fn insert_rows(
                 reason,
                 detail,
                 app_id,
+                first_id,
             ])?;
             Ok(0)
         }
@@ -280,21 +400,48 @@ fn digest(stored: Option<&[u8]>) -> [u8; 32] {
         .unwrap_or([0; 32])
 }
 
-/// Leases up to `limit` due records of lane `app_id` and `kind`, oldest first, until
-/// `lease_end_ms`, in one transaction that ends early when webhooks are `waiting`; also whether fewer were due.
+/// What a claim still wants: records to lease, and packed webhooks it may unpack to find them.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Wanted {
+    pub records: usize,
+    pub unpack: usize,
+}
+
+/// What one [`claim_some`] did: the records leased, whether fewer were due than wanted (and
+/// nothing more may be unpacked), how many webhooks it unpacked.
+pub(super) struct ClaimedSome {
+    pub records: Vec<Claimed>,
+    pub exhausted: bool,
+    pub unpacked: usize,
+}
+
+/// Leases up to `wanted.records` due records of lane `app_id` and `kind`, oldest first, until
+/// `lease_end_ms`, in one transaction that ends early when webhooks are `waiting`. Before each
+/// chunk it unpacks as many of the lane's packed webhooks as the chunk wants records (each
+/// has at least one, of this kind or another; those of another kind wait as rows for that
+/// kind's claim), up to `wanted.unpack` in all, so that a claim of a kind that few webhooks
+/// carry cannot unpack a whole backlog ahead of the forwarder.
 pub(super) fn claim_some(
     conn: &mut Connection,
     app_id: &str,
     kind: RecordKind,
-    limit: usize,
+    wanted: Wanted,
     now_ms: i64,
     lease_end_ms: i64,
     waiting: &AtomicUsize,
-) -> rusqlite::Result<(Vec<Claimed>, bool)> {
+) -> rusqlite::Result<ClaimedSome> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut claimed: Vec<Claimed> = Vec::new();
+    let mut unpacked = 0;
     let exhausted = loop {
-        let want = (limit - claimed.len()).min(BOOKKEEPING_CHUNK);
+        let want = (wanted.records - claimed.len()).min(BOOKKEEPING_CHUNK);
+        let unpack = want.min(wanted.unpack - unpacked);
+        let some = if unpack > 0 {
+            unpack_some(&tx, app_id, unpack)?
+        } else {
+            0
+        };
+        unpacked += some;
         let chunk = {
             let mut select = tx.prepare_cached(sql!(CLAIM_DUE))?;
             let rows =
@@ -317,12 +464,18 @@ pub(super) fn claim_some(
         for record in &chunk {
             lease.execute(params![lease_end_ms, record.id])?;
         }
-        let exhausted = chunk.len() < want;
+        // Fewer due than wanted, and nothing more to unpack that could make up the rest.
+        let more_packed = unpack > 0 && some == unpack;
+        let exhausted = chunk.len() < want && !more_packed;
         claimed.extend(chunk);
-        if exhausted || claimed.len() >= limit || waiting.load(Ordering::SeqCst) > 0 {
+        if exhausted || claimed.len() >= wanted.records || waiting.load(Ordering::SeqCst) > 0 {
             break exhausted;
         }
     };
     tx.commit()?;
-    Ok((claimed, exhausted))
+    Ok(ClaimedSome {
+        records: claimed,
+        exhausted,
+        unpacked,
+    })
 }
