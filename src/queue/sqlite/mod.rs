@@ -19,6 +19,22 @@
 //! claim's transaction; from then on each record has its own state, attempts and dead letter.
 //! Counts and due times see packed records as pending.
 //!
+//! Why nothing acknowledged is lost with this layout, at each step:
+//! - *Arrival.* The webhook's row, its packed records, its dedup entry and the ids its records
+//!   will take are one transaction, committed with `synchronous = FULL` before the 202: after
+//!   `kill -9` or a power loss the whole row is in the WAL, or the webhook was never
+//!   acknowledged (and Userpilot's delivery failed or is retried).
+//! - *Unpacking.* Record rows are inserted and the packed value cleared in the same
+//!   transaction (the claim's, `synchronous = NORMAL`). A crash before that commit leaves the
+//!   webhook packed, and the next claim unpacks it again under the same ids; a power loss
+//!   may lose a NORMAL commit that was not yet synced, with the same result. No state holds the
+//!   records twice or nowhere.
+//! - *Sending and acknowledging.* As before: a lost lease or ack repeats a send under the same
+//!   idempotency key.
+//! - *Ids.* The counter row moves in the transaction that uses the ids, so a rolled-back
+//!   webhook (or a lost NORMAL commit) gives its ids back with it, and no two records ever
+//!   take one id.
+//!
 //! Here: the handle ([`SqliteQueue`]) and the [`Queue`] operations, which send their work to
 //! the thread or, for slow reads, run on a second read-only connection. The thread and its
 //! transactions live in `writer`, the DDL and migrations in `schema`, the packing in `packed`,
