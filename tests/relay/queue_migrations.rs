@@ -474,8 +474,8 @@ async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() 
     assert_upgraded_from_v2(&queue, APP).await;
     drop(queue);
 
-    // The new layout: per-source deduplication (through the digest's prefix since version 6),
-    // lane-led indexes, no digest-only index left.
+    // The new layout: per-source deduplication (through the `digests` table since version
+    // 6), lane-led indexes, no digest-only index left.
     let conn = rusqlite::Connection::open(&path).unwrap();
     let indexes: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' ORDER BY name")
@@ -493,7 +493,6 @@ async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() 
             "records_due",
             "records_unassigned",
             "records_webhook_key",
-            "webhooks_dedup",
             "webhooks_packed",
             "webhooks_received",
         ]
@@ -737,8 +736,8 @@ async fn a_version_3_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
 }
 
 /// Version 5 to 6 (records packed into their webhook's row, digests looked up by their first
-/// 8 bytes): a version-5 file is this code's file without the four new columns and the
-/// `counters` table, and with
+/// 8 bytes): a version-5 file is this code's file without the four new columns, the
+/// `counters` and `digests` tables, and with
 /// version 5's unique `(source, digest)` index instead of the prefix index, so it is made by
 /// this code's queue, with records in every state (as rows: the claim unpacked them), and
 /// taken back to version 5.
@@ -757,7 +756,7 @@ async fn a_version_5_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
                  kind TEXT, action TEXT, paths TEXT NOT NULL, count INTEGER NOT NULL,
                  first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL, sample TEXT)
                  WITHOUT ROWID;
-             DROP INDEX webhooks_packed; DROP INDEX webhooks_dedup;
+             DROP INDEX webhooks_packed; DROP TRIGGER webhooks_forget; DROP TABLE digests;
              ALTER TABLE webhooks DROP COLUMN packed_kinds;
              ALTER TABLE webhooks DROP COLUMN packed_count;
              ALTER TABLE webhooks DROP COLUMN packed;
@@ -817,12 +816,20 @@ async fn a_version_5_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
         .unwrap()
     };
     assert_eq!(
-        (
-            index("webhooks_source_digest"),
-            index("webhooks_dedup"),
-            index("webhooks_packed")
-        ),
-        (0, 1, 1)
+        (index("webhooks_source_digest"), index("webhooks_packed")),
+        (0, 1)
+    );
+    let (webhooks, digests): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM webhooks), (SELECT COUNT(*) FROM digests)",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(webhooks, 4, "two stored before the upgrade, two after");
+    assert_eq!(
+        digests, 2,
+        "the old ones' digests, filled by the migration; the new ones' are still in memory"
     );
 }
 

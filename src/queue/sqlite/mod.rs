@@ -14,14 +14,15 @@
 //! into an unlinked file. A file that is not an SQLite database fails at open, naming it.
 //!
 //! A webhook is stored as one row, its records packed into it (`packed`): a 202 waits for one
-//! row and its deduplication entry, not for a row and index entries per record. The forwarder
+//! row, not for a row and index entries per record, and not for a random insert into a digest
+//! index either (`dedup` keeps the newest digests in memory and writes them in sorted batches). The forwarder
 //! unpacks a lane's oldest webhooks into record rows when it claims from the lane, in the
 //! claim's transaction; from then on each record has its own state, attempts and dead letter.
 //! Counts and due times see packed records as pending.
 //!
 //! Why nothing acknowledged is lost with this layout, at each step:
-//! - *Arrival.* The webhook's row, its packed records, its dedup entry and the ids its records
-//!   will take are one transaction, committed with `synchronous = FULL` before the 202: after
+//! - *Arrival.* The webhook's row (its digest with it), its packed records and the ids its
+//!   records will take are one transaction, committed with `synchronous = FULL` before the 202: after
 //!   `kill -9` or a power loss the whole row is in the WAL, or the webhook was never
 //!   acknowledged (and Userpilot's delivery failed or is retried).
 //! - *Unpacking.* Record rows are inserted and the packed value cleared in the same
@@ -38,7 +39,7 @@
 //! Here: the handle ([`SqliteQueue`]) and the [`Queue`] operations, which send their work to
 //! the thread or, for slow reads, run on a second read-only connection. The thread and its
 //! transactions live in `writer`, the DDL and migrations in `schema`, the packing in `packed`,
-//! the file's identity in `file`.
+//! deduplication in `dedup`, the file's identity in `file`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -61,6 +62,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::heap::wire::RecordKind;
 use crate::shapes::{ShapeRow, StoredShape};
 
+mod dedup;
 mod erasure;
 mod file;
 mod lock;
@@ -911,12 +913,14 @@ mod tests {
     }
 
     #[test]
-    fn a_digest_is_looked_up_through_its_8_byte_prefix() {
+    fn a_digest_is_looked_up_by_its_prefix_then_its_row() {
         let plan = plan(
-            "SELECT 1 FROM webhooks WHERE substr(digest, 1, 8) = ?1 AND digest = ?2 AND source = ?3",
+            "SELECT EXISTS (SELECT 1 FROM digests d JOIN webhooks w ON w.id = d.webhook_id
+             WHERE d.prefix = ?1 AND w.digest = ?2 AND w.source = ?3)",
         );
         assert!(
-            plan.contains("USING INDEX webhooks_dedup (<expr>=?)"),
+            plan.contains("SEARCH d USING PRIMARY KEY (prefix=?)")
+                && plan.contains("SEARCH w USING INTEGER PRIMARY KEY (rowid=?)"),
             "{plan}"
         );
     }

@@ -37,29 +37,52 @@ CREATE TABLE IF NOT EXISTS {table} (
 );
 ";
 
-/// The webhooks' indexes. Deduplication looks a body up by the first 8 bytes of its digest
-/// (version 6) and compares the whole digest and the source on the row: each webhook's entry
-/// is about 17 bytes instead of the 50 of version 5's unique `(source, digest)`, so the one
-/// index that takes random inserts is a third of the size, and more of it stays in the page
-/// cache. Uniqueness is kept by the queue thread, the file's only writer, which looks before
-/// it inserts. `webhooks_packed` lists each lane's packed webhooks in id order with what the
-/// counts and due times need; it is partial on `packed_count > 0` (never NULL `packed`) so
-/// that its own columns decide membership and those reads never touch the table. Entries are
-/// appended at a lane's end and removed from its start.
+/// The webhooks' indexes. Both take their entries at the right-hand end: no index on the
+/// request path takes random inserts (see [`DIGESTS`] for deduplication). `webhooks_packed`
+/// lists each lane's packed webhooks in id order with what the counts and due times need; it
+/// is partial on `packed_count > 0` (never NULL `packed`) so that its own columns decide
+/// membership and those reads never touch the table. Entries are appended at a lane's end and
+/// removed from its start.
 const WEBHOOKS_INDEXES: &str = "
-CREATE INDEX IF NOT EXISTS webhooks_dedup ON webhooks (substr(digest, 1, 8));
 CREATE INDEX IF NOT EXISTS webhooks_received ON webhooks (received_at);
 CREATE INDEX IF NOT EXISTS webhooks_packed
     ON webhooks (app_id, id, received_at, packed_count, packed_kinds) WHERE packed_count > 0;
 CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL);
 ";
 
-/// Counters of the file (schema version 6): `next_record_id`, the id the next record row takes
-/// (see `writer::take_ids`), started above every record id already used.
+/// Every stored webhook's digest prefix (its first 8 bytes) and id, in prefix order (schema
+/// version 6): what deduplication looks a body up by, for webhooks up to
+/// `counters.digests_through`. The webhooks after it are looked up in memory, and written here
+/// in sorted batches (`dedup`), so that a page of this table is written once per batch rather
+/// than once per webhook: the random inserts of a digest index were half of a webhook's cost.
+/// A deleted webhook takes its entry with it (the trigger).
+const DIGESTS: &str = "
+CREATE TABLE IF NOT EXISTS digests (
+    prefix     BLOB    NOT NULL,
+    webhook_id INTEGER NOT NULL,
+    PRIMARY KEY (prefix, webhook_id)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS webhooks_forget AFTER DELETE ON webhooks BEGIN
+    DELETE FROM digests WHERE prefix = substr(OLD.digest, 1, 8) AND webhook_id = OLD.id;
+END;
+";
+
+/// Counters of the file (schema version 6), each started where the file stands: the id the
+/// next record row takes (`next_record_id`, see `writer::take_ids`), and the last webhook id
+/// whose digest is in [`DIGESTS`] (`digests_through`), after the migration put every stored
+/// webhook's there.
 const COUNTERS: &str = "
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO counters (name, value)
     VALUES ('next_record_id', COALESCE((SELECT MAX(id) FROM records), 0) + 1);
+INSERT OR IGNORE INTO counters (name, value)
+    VALUES ('digests_through', COALESCE((SELECT MAX(id) FROM webhooks), 0));
+";
+
+/// Fills [`DIGESTS`] from every stored webhook, in the table's order (the migration to 6).
+const FILL_DIGESTS: &str = "
+INSERT OR IGNORE INTO digests (prefix, webhook_id)
+    SELECT substr(digest, 1, 8), id FROM webhooks ORDER BY 1, 2;
 ";
 
 /// The records table; `{table}` is `records`, or the new table a migration fills before
@@ -229,7 +252,7 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         }
         // Version 4 only adds the shapes table, version 5 the erasures table, made below;
         // version 6 packs new webhooks' records into their row (columns with constant
-        // defaults: SQLite rewrites no row) and looks digests up by their first 8 bytes.
+        // defaults: SQLite rewrites no row) and keeps digests in their own table (below).
         3..=5 => {
             for (column, declared) in [
                 ("app_id", "TEXT"),
@@ -252,6 +275,10 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.execute_batch(&spell_states(RECORDS_INDEXES))?;
     tx.execute_batch(SHAPES)?;
     tx.execute_batch(ERASURES)?;
+    if version < 6 {
+        tx.execute_batch(DIGESTS)?;
+        tx.execute_batch(FILL_DIGESTS)?;
+    }
     tx.execute_batch(COUNTERS)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()

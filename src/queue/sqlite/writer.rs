@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
+use super::dedup::Dedup;
 use super::file::QueueFile;
 use super::{BOOKKEEPING_CHUNK, packed, storage};
 use crate::heap::wire::RecordKind;
@@ -34,6 +35,7 @@ pub(super) fn serve(
     waiting: &AtomicUsize,
     file: &QueueFile,
 ) {
+    let mut dedup = Dedup::default();
     let mut next: Option<Command> = None;
     loop {
         let command = match next.take() {
@@ -61,7 +63,14 @@ pub(super) fn serve(
                         Err(_) => break,
                     }
                 }
-                commit_group(&mut conn, group, file);
+                commit_group(&mut conn, group, file, &mut dedup);
+                if dedup.wants_merge()
+                    && let Err(error) = dedup.merge_some(&mut conn)
+                {
+                    // Its entries stay in memory and the merge is tried again after the next
+                    // group: deduplication goes on meanwhile.
+                    tracing::warn!(%error, "queue: writing digests failed; retrying later");
+                }
             }
         }
     }
@@ -82,10 +91,11 @@ fn commit_group(
     conn: &mut Connection,
     group: Vec<(Box<Prepared>, Reply<Enqueued>)>,
     file: &QueueFile,
+    dedup: &mut Dedup,
 ) {
     let outcome = (|| {
         conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = insert_group(conn, &group);
+        let result = insert_group(conn, &group, dedup);
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         result
     })();
@@ -117,11 +127,12 @@ fn commit_group(
 fn insert_group(
     conn: &mut Connection,
     group: &[(Box<Prepared>, Reply<Enqueued>)],
+    dedup: &mut Dedup,
 ) -> rusqlite::Result<Vec<Result<Enqueued, QueueError>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let all: rusqlite::Result<Vec<Enqueued>> = group
         .iter()
-        .map(|(webhook, _)| insert_webhook(&tx, webhook))
+        .map(|(webhook, _)| insert_webhook(&tx, webhook, dedup))
         .collect();
     if let Ok(results) = all {
         tx.commit()?;
@@ -133,7 +144,7 @@ fn insert_group(
     let mut results = Vec::with_capacity(group.len());
     for (webhook, _) in group {
         let savepoint = tx.savepoint()?;
-        let result = insert_webhook(&savepoint, webhook);
+        let result = insert_webhook(&savepoint, webhook, dedup);
         if result.is_ok() {
             savepoint.commit()?;
         } // else: the savepoint rolls back when dropped
@@ -143,18 +154,14 @@ fn insert_group(
     Ok(results)
 }
 
-fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enqueued> {
-    let known = tx
-        .prepare_cached(
-            "SELECT 1 FROM webhooks
-             WHERE substr(digest, 1, 8) = ?1 AND digest = ?2 AND source = ?3",
-        )?
-        .exists(params![
-            &webhook.digest[..8],
-            &webhook.digest[..],
-            webhook.source
-        ])?;
-    if known {
+/// Stores one webhook, in the group's transaction (or its savepoint). A webhook noted by
+/// `dedup` whose transaction then rolls back leaves a stale entry there, which matches no row.
+fn insert_webhook(
+    tx: &Connection,
+    webhook: &Prepared,
+    dedup: &mut Dedup,
+) -> rusqlite::Result<Enqueued> {
+    if dedup.is_known(tx, &webhook.source, &webhook.digest)? {
         return Ok(Enqueued::Duplicate);
     }
     // Records travel packed in the webhook's row (see `packed`); a quarantined webhook's one
@@ -192,13 +199,14 @@ fn insert_webhook(tx: &Connection, webhook: &Prepared) -> rusqlite::Result<Enque
         distinct.len() as i64,
         kinds,
     ])?;
+    let webhook_id = tx.last_insert_rowid();
+    dedup.note(&webhook.digest, webhook_id);
     let events = match &webhook.rows {
         Rows::Records(_) => distinct
             .iter()
             .filter(|row| row.kind == RecordKind::Track)
             .count(),
         quarantined @ Rows::Quarantined { .. } => {
-            let webhook_id = tx.last_insert_rowid();
             let at = webhook.received_at_ms;
             insert_rows(tx, webhook_id, &webhook.app_id, at, quarantined, at)?
         }
