@@ -3,7 +3,7 @@
 //! forwarder's bookkeeping transactions between groups (see [`super`]). It never waits for
 //! anything but the database.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
@@ -130,28 +130,72 @@ fn insert_group(
     dedup: &mut Dedup,
 ) -> rusqlite::Result<Vec<Result<Enqueued, QueueError>>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut ids = Ids::read(&tx)?;
     let all: rusqlite::Result<Vec<Enqueued>> = group
         .iter()
-        .map(|(webhook, _)| insert_webhook(&tx, webhook, dedup))
+        .map(|(webhook, _)| insert_webhook(&tx, webhook, dedup, &mut ids))
         .collect();
     if let Ok(results) = all {
+        let stored = group
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| **r != Enqueued::Duplicate);
+        upsert_shapes(&tx, stored.map(|((webhook, _), _)| &**webhook))?;
+        ids.store(&tx)?;
         tx.commit()?;
         return Ok(results.into_iter().map(Ok).collect());
     }
     drop(tx); // rolls back
 
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut ids = Ids::read(&tx)?;
     let mut results = Vec::with_capacity(group.len());
     for (webhook, _) in group {
         let savepoint = tx.savepoint()?;
-        let result = insert_webhook(&savepoint, webhook, dedup);
+        let result = insert_webhook(&savepoint, webhook, dedup, &mut ids);
         if result.is_ok() {
             savepoint.commit()?;
-        } // else: the savepoint rolls back when dropped
+        } // else: the savepoint rolls back when dropped, and its ids stay unused
         results.push(result.map_err(storage));
     }
+    let stored = group
+        .iter()
+        .zip(&results)
+        .filter(|(_, result)| matches!(result, Ok(enqueued) if *enqueued != Enqueued::Duplicate));
+    upsert_shapes(&tx, stored.map(|((webhook, _), _)| &**webhook))?;
+    ids.store(&tx)?;
     tx.commit()?;
     Ok(results)
+}
+
+/// Record ids handed out during one group's transaction: the file's counter
+/// (`counters.next_record_id`) read when the transaction starts and written before it commits,
+/// so that a group costs two statements on the counter, not one per webhook. The transaction
+/// holds SQLite's write lock throughout: a `dlq` command in another process takes its ids
+/// before or after, never in between.
+struct Ids {
+    next: i64,
+}
+
+impl Ids {
+    fn read(tx: &Connection) -> rusqlite::Result<Self> {
+        let next = tx
+            .prepare_cached("SELECT value FROM counters WHERE name = 'next_record_id'")?
+            .query_row([], |row| row.get(0))?;
+        Ok(Ids { next })
+    }
+
+    fn take(&mut self, count: usize) -> i64 {
+        let first = self.next;
+        self.next += count as i64;
+        first
+    }
+
+    fn store(&self, tx: &Connection) -> rusqlite::Result<()> {
+        tx.prepare_cached("UPDATE counters SET value = ?1 WHERE name = 'next_record_id'")?
+            .execute(params![self.next])?;
+        Ok(())
+    }
 }
 
 /// Stores one webhook, in the group's transaction (or its savepoint). A webhook noted by
@@ -160,6 +204,7 @@ fn insert_webhook(
     tx: &Connection,
     webhook: &Prepared,
     dedup: &mut Dedup,
+    ids: &mut Ids,
 ) -> rusqlite::Result<Enqueued> {
     if dedup.is_known(tx, &webhook.source, &webhook.digest)? {
         return Ok(Enqueued::Duplicate);
@@ -179,7 +224,7 @@ fn insert_webhook(
         false => Some(packed::pack(
             &distinct,
             &webhook.digest,
-            take_ids(tx, distinct.len())?,
+            ids.take(distinct.len()),
         )),
     };
     let kinds = distinct
@@ -207,13 +252,10 @@ fn insert_webhook(
             .filter(|row| row.kind == RecordKind::Track)
             .count(),
         quarantined @ Rows::Quarantined { .. } => {
-            let at = webhook.received_at_ms;
-            insert_rows(tx, webhook_id, &webhook.app_id, at, quarantined, at)?
+            let (at, app_id) = (webhook.received_at_ms, &webhook.app_id);
+            insert_rows_from(tx, ids.take(1), webhook_id, app_id, at, quarantined, at)?
         }
     };
-    if let Some(shape) = &webhook.shape {
-        upsert_shape(tx, &webhook.source, shape, webhook.received_at_ms)?;
-    }
     Ok(webhook.rows.outcome(events))
 }
 
@@ -257,38 +299,68 @@ pub(super) fn unpack_some(tx: &Connection, app_id: &str, max: usize) -> rusqlite
     Ok(webhooks.len())
 }
 
-/// Counts a sighting of `shape` in `source` at `seen_ms`, in the webhook's own transaction
-/// (or savepoint): a new shape starts at 1, a known one moves its last sighting and sample.
-fn upsert_shape(
+/// Counts the shapes of the group's stored webhooks, one upsert per distinct shape: a group's
+/// webhooks are mostly of a few shapes. A shape's sample and kind are the last webhook's.
+fn upsert_shapes<'a>(
     tx: &Connection,
-    source: &str,
-    shape: &StorableShape,
-    seen_ms: i64,
+    stored: impl Iterator<Item = &'a Prepared>,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+    let mut seen: HashMap<(&str, [u8; 32]), Sighting<'a>> = HashMap::new();
+    for webhook in stored {
+        let Some(shape) = &webhook.shape else {
+            continue;
+        };
+        let at = webhook.received_at_ms;
+        seen.entry((&webhook.source, shape.key))
+            .and_modify(|s| {
+                s.count += 1;
+                s.first = s.first.min(at);
+                s.last = s.last.max(at);
+                s.shape = shape;
+            })
+            .or_insert(Sighting {
+                shape,
+                count: 1,
+                first: at,
+                last: at,
+            });
+    }
+    let mut upsert = tx.prepare_cached(
         "INSERT INTO shapes (key, source, kind, action, paths, count, first_seen, last_seen,
-         sample) VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6, ?7)
-         ON CONFLICT (key) DO UPDATE SET count = count + 1,
+         sample) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (key) DO UPDATE SET count = count + excluded.count,
              first_seen = MIN(first_seen, excluded.first_seen),
              last_seen = MAX(last_seen, excluded.last_seen), sample = excluded.sample",
-    )?
-    .execute(params![
-        &shape.key[..],
-        source,
-        shape.kind,
-        shape.action,
-        shape.paths,
-        seen_ms,
-        shape.sample,
-    ])?;
+    )?;
+    for ((source, _), s) in seen {
+        upsert.execute(params![
+            &s.shape.key[..],
+            source,
+            s.shape.kind,
+            s.shape.action,
+            s.shape.paths,
+            s.count,
+            s.first,
+            s.last,
+            s.shape.sample,
+        ])?;
+    }
     Ok(())
 }
 
+/// A shape seen in a group: how often and when, and its last sighting's columns.
+struct Sighting<'a> {
+    shape: &'a StorableShape,
+    count: i64,
+    first: i64,
+    last: i64,
+}
+
 /// Takes `count` record ids from the file's counter (`counters.next_record_id`, schema version
-/// 6) and returns the first. Every record row gets its id from it, whenever it is inserted, so
-/// ids follow arrival: a webhook's packed records, unpacked later, take the ids taken for them
-/// when it arrived, before the ones of a quarantined webhook that came after it. One row on one
-/// page, updated in the webhook's own transaction.
+/// 6) and returns the first, for a transaction outside a group (a replay); a group takes its
+/// ids through [`Ids`]. Every record row gets its id from the counter, whenever it is
+/// inserted, so ids follow arrival: a webhook's packed records, unpacked later, take the ids
+/// taken for them when it arrived, before the ones of a quarantined webhook that came after it.
 fn take_ids(tx: &Connection, count: usize) -> rusqlite::Result<i64> {
     tx.prepare_cached(
         "UPDATE counters SET value = value + ?1 WHERE name = 'next_record_id'
