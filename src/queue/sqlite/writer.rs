@@ -94,9 +94,12 @@ fn commit_group(
     dedup: &mut Dedup,
 ) {
     let outcome = (|| {
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        // Prepared once (a pragma is a statement like any other), not parsed per group.
+        conn.prepare_cached("PRAGMA synchronous = FULL")?
+            .execute([])?;
         let result = insert_group(conn, &group, dedup);
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.prepare_cached("PRAGMA synchronous = NORMAL")?
+            .execute([])?;
         result
     })();
 
