@@ -15,15 +15,15 @@
 //!
 //! A webhook is stored as one row, its records packed into it (`packed`): a 202 waits for one
 //! row, not for a row and index entries per record, and not for a random insert into a digest
-//! index either (`dedup` keeps the newest digests in memory and writes them in sorted batches). The forwarder
-//! unpacks a lane's oldest webhooks into record rows when it claims from the lane, in the
+//! index either (`dedup` keeps the newest digests in memory and writes them in sorted
+//! batches). The forwarder unpacks a lane's oldest webhooks into record rows when it claims from the lane, in the
 //! claim's transaction; from then on each record has its own state, attempts and dead letter.
 //! Counts and due times see packed records as pending.
 //!
 //! Why nothing acknowledged is lost with this layout, at each step:
 //! - *Arrival.* The webhook's row (its digest with it), its packed records and the ids its
-//!   records will take are one transaction, committed with `synchronous = FULL` before the 202: after
-//!   `kill -9` or a power loss the whole row is in the WAL, or the webhook was never
+//!   records will take are one transaction, committed with `synchronous = FULL` before the
+//!   202: after `kill -9` or a power loss the whole row is in the WAL, or the webhook was never
 //!   acknowledged (and Userpilot's delivery failed or is retried).
 //! - *Unpacking.* Record rows are inserted and the packed value cleared in the same
 //!   transaction (the claim's, `synchronous = NORMAL`). A crash before that commit leaves the
