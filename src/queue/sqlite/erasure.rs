@@ -115,12 +115,11 @@ pub(super) async fn scan(
                 let webhook_id: i64 = row.get(0)?;
                 page.last_id = Some(webhook_id);
                 if let Some(body) = row.get::<_, Option<Vec<u8>>>(2)? {
-                    // Damaged packed records name nobody; the body's match still stands. Only
-                    // subjects are compared, so the keys may be rebuilt from any digest.
+                    // Damaged packed records name nobody; the body's match still stands.
                     let packed_by_subject = row
                         .get::<_, Option<Vec<u8>>>(3)?
-                        .and_then(|packed| packed::unpack(&packed, &[0; 32]).ok())
-                        .is_some_and(|packed| packed.rows.iter().any(|r| r.subject == subject));
+                        .and_then(|packed| packed::subjects(&packed).ok())
+                        .is_some_and(|subjects| subjects.contains(&subject));
                     page.candidates.push(ScanCandidate {
                         webhook_id,
                         by_subject: row.get::<_, bool>(1)? || packed_by_subject,

@@ -12,7 +12,8 @@ use tokio::sync::oneshot;
 
 use super::dedup::Dedup;
 use super::file::QueueFile;
-use super::{BOOKKEEPING_CHUNK, packed, storage};
+use super::packed::{self, Beside};
+use super::{BOOKKEEPING_CHUNK, storage};
 use crate::heap::wire::RecordKind;
 use crate::queue::prepared::{Prepared, Row, Rows, StorableShape};
 use crate::queue::{Claimed, Enqueued, QUARANTINE_KIND, QueueError};
@@ -226,7 +227,10 @@ fn insert_webhook(
         true => None,
         false => Some(packed::pack(
             &distinct,
-            &webhook.digest,
+            Beside {
+                digest: &webhook.digest,
+                body: &webhook.body,
+            },
             ids.take(distinct.len()),
         )),
     };
@@ -271,7 +275,7 @@ fn insert_webhook(
 pub(super) fn unpack_some(tx: &Connection, app_id: &str, max: usize) -> rusqlite::Result<usize> {
     let webhooks = {
         let mut select = tx.prepare_cached(
-            "SELECT id, received_at, packed, digest FROM webhooks
+            "SELECT id, received_at, packed, digest, body FROM webhooks
              WHERE packed_count > 0 AND app_id = ?1 ORDER BY id LIMIT ?2",
         )?;
         let rows = select.query_map(params![app_id, max as i64], |row| {
@@ -281,6 +285,7 @@ pub(super) fn unpack_some(tx: &Connection, app_id: &str, max: usize) -> rusqlite
                 row.get::<_, i64>(1)?,
                 row.get::<_, Vec<u8>>(2)?,
                 digest,
+                row.get::<_, Vec<u8>>(4)?,
             ))
         })?;
         rows.collect::<rusqlite::Result<Vec<_>>>()?
@@ -289,8 +294,8 @@ pub(super) fn unpack_some(tx: &Connection, app_id: &str, max: usize) -> rusqlite
         "UPDATE webhooks SET packed = NULL, packed_count = 0, packed_kinds = 0, app_id = NULL
          WHERE id = ?1",
     )?;
-    for (id, received_at, bytes, digest) in &webhooks {
-        let unpacked = packed::unpack(bytes, digest).map_err(|damaged| {
+    for (id, received_at, bytes, digest, body) in &webhooks {
+        let unpacked = packed::unpack(bytes, Beside { digest, body }).map_err(|damaged| {
             let error = format!("webhook {id}: {damaged}");
             rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Blob, error.into())
         })?;
