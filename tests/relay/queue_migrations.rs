@@ -10,8 +10,8 @@
 //! Version 3 to 4 (the `shapes` table, contract §10.4): a version-3 database is a version-4
 //! one without that table, so it is made by this code's queue, with records in every state,
 //! and taken back to version 3; after the upgrade every record is in its state and shapes
-//! are recorded. Version 5 to 6 (SQLite only: webhooks' records packed into their row) is made
-//! the same way.
+//! are recorded. Version 5 to 6 (SQLite only: webhooks' records packed into their row) and 6 to
+//! 7 (SQLite only: pending and dead records' JSON beside their row) are made the same way.
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -26,6 +26,14 @@ use crate::support::postgres::{Schema, lane as own_lane};
 use crate::support::records::{self, APP};
 
 const T0: i64 = 1_700_000_000_000;
+
+/// Takes a SQLite file of this code back to version 6's records: each JSON in its own row, no
+/// `record_json` table (an update that leaves `state` alone fires no trigger).
+const RECORD_JSON_INTO_ROWS: &str = "
+UPDATE records SET json = (SELECT j.json FROM record_json j WHERE j.id = records.id)
+    WHERE id IN (SELECT id FROM record_json);
+DROP TRIGGER records_delivered_json; DROP TRIGGER records_forget_json; DROP TABLE record_json;
+";
 
 /// The records of one version-1 webhook: `delivered` (sent before the upgrade) and `pending`.
 const V1_RECORDS: &str = "
@@ -129,7 +137,7 @@ async fn a_version_1_sqlite_file_is_upgraded_keeping_its_records() {
     let queue = SqliteQueue::open(&path).unwrap();
     assert_upgraded(&queue, APP).await;
     drop(queue);
-    assert_eq!(sqlite_version(&path), 6);
+    assert_eq!(sqlite_version(&path), 7);
 }
 
 fn sqlite_version(path: &std::path::Path) -> i64 {
@@ -470,7 +478,7 @@ async fn a_version_2_sqlite_file_is_upgraded_keeping_every_record_and_webhook() 
     }
 
     let queue = SqliteQueue::open(&path).unwrap();
-    assert_eq!(sqlite_version(&path), 6);
+    assert_eq!(sqlite_version(&path), 7);
     assert_upgraded_from_v2(&queue, APP).await;
     drop(queue);
 
@@ -724,6 +732,7 @@ async fn a_version_3_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
     }
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(RECORD_JSON_INTO_ROWS).unwrap();
         conn.execute_batch("DROP TABLE shapes; DROP TABLE erasures; PRAGMA user_version = 3;")
             .unwrap();
     }
@@ -732,7 +741,7 @@ async fn a_version_3_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
     let queue = SqliteQueue::open(&path).unwrap();
     assert_upgraded_from_v3(&queue, APP).await;
     drop(queue);
-    assert_eq!(sqlite_version(&path), 6);
+    assert_eq!(sqlite_version(&path), 7);
 }
 
 /// Version 5 to 6 (records packed into their webhook's row, digests looked up by their first
@@ -751,6 +760,7 @@ async fn a_version_5_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
     }
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(RECORD_JSON_INTO_ROWS).unwrap();
         conn.execute_batch(
             "DROP TABLE shapes; CREATE TABLE shapes (key BLOB PRIMARY KEY, source TEXT NOT NULL,
                  kind TEXT, action TEXT, paths TEXT NOT NULL, count INTEGER NOT NULL,
@@ -805,7 +815,7 @@ async fn a_version_5_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
         "new records take ids above the old ones: {claimed:?}"
     );
     drop(queue);
-    assert_eq!(sqlite_version(&path), 6);
+    assert_eq!(sqlite_version(&path), 7);
     let conn = rusqlite::Connection::open(&path).unwrap();
     let index = |name: &str| -> i64 {
         conn.query_row(
@@ -831,6 +841,71 @@ async fn a_version_5_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
         digests, 2,
         "the old ones' digests, filled by the migration; the new ones' are still in memory"
     );
+}
+
+/// Version 6 to 7 (the JSON of pending and dead records in `record_json`): a version-6 file is
+/// this code's file with each JSON in its record's row and no `record_json`.
+#[tokio::test]
+async fn a_version_6_sqlite_file_is_upgraded_keeping_every_records_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.sqlite3");
+    {
+        let queue = SqliteQueue::open(&path).unwrap();
+        fill_every_state(&queue, APP).await;
+    }
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(RECORD_JSON_INTO_ROWS).unwrap();
+        conn.execute_batch("PRAGMA user_version = 6;").unwrap();
+        let in_rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM records WHERE json <> ''", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(in_rows, 3, "the retried, leased and refused records' JSON");
+    }
+
+    let queue = SqliteQueue::open(&path).unwrap();
+    assert_upgraded_from_v3(&queue, APP).await;
+    let fresh = records::on(
+        DEFAULT_SOURCE,
+        APP,
+        records::webhook("v7 webhook", T0 + 20, vec![records::track("new", "u2")]),
+    );
+    queue.enqueue(fresh).await.unwrap();
+    // The old retried and leased records read their JSON from their rows, the new one from
+    // `record_json`; delivering them leaves `record_json` empty.
+    let claimed = queue
+        .claim(APP, RecordKind::Track, 10, T0 + 120_000, 60_000)
+        .await
+        .unwrap();
+    let jsons: Vec<bool> = ["retried", "leased", "new"]
+        .iter()
+        .map(|key| {
+            claimed
+                .iter()
+                .any(|c| c.json.contains(&format!("\"{key}\"")))
+        })
+        .collect();
+    assert_eq!(jsons, [true, true, true], "{claimed:?}");
+    queue
+        .ack(claimed.iter().map(|c| c.id).collect(), T0 + 120_001)
+        .await
+        .unwrap();
+    let refused = queue
+        .dead_letters(DeadLetterFilter::default())
+        .await
+        .unwrap()[0]
+        .id;
+    let detail = queue.dead_letter_detail(refused).await.unwrap().unwrap();
+    assert!(detail.json.contains("\"refused\""), "{}", detail.json);
+    drop(queue);
+    assert_eq!(sqlite_version(&path), 7);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let beside: i64 = conn
+        .query_row("SELECT COUNT(*) FROM record_json", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(beside, 0, "a delivered record keeps no JSON");
 }
 
 #[cfg_attr(not(postgres_tests), ignore = "needs RELAY_TEST_POSTGRES_URL")]

@@ -16,9 +16,11 @@
 //! A webhook is stored as one row, its records packed into it (`packed`): a 202 waits for one
 //! row, not for a row and index entries per record, and not for a random insert into a digest
 //! index either (`dedup` keeps the newest digests in memory and writes them in sorted
-//! batches). The forwarder unpacks a lane's oldest webhooks into record rows when it claims from the lane, in the
-//! claim's transaction; from then on each record has its own state, attempts and dead letter.
-//! Counts and due times see packed records as pending.
+//! batches). The forwarder unpacks a lane's oldest webhooks into record rows when it claims
+//! from the lane, in the claim's transaction; from then on each record has its own state,
+//! attempts and dead letter. Counts and due times see packed records as pending. A record
+//! row's JSON is kept beside it, in `record_json`, and dropped when it is delivered (see
+//! `schema::RECORD_JSON`): a row that shrank would leave a gap in its page.
 //!
 //! Why nothing acknowledged is lost with this layout, at each step:
 //! - *Arrival.* The webhook's row (its digest with it), its packed records and the ids its
@@ -31,7 +33,9 @@
 //!   may lose a NORMAL commit that was not yet synced, with the same result. No state holds the
 //!   records twice or nowhere.
 //! - *Sending and acknowledging.* As before: a lost lease or ack repeats a send under the same
-//!   idempotency key.
+//!   idempotency key. A record's JSON enters `record_json` in the statement sequence that
+//!   inserts its row and leaves it by a trigger of the statement that delivers or deletes the
+//!   row, so a commit holds both or neither.
 //! - *Ids.* The counter row moves in the transaction that uses the ids, so a rolled-back
 //!   webhook (or a lost NORMAL commit) gives its ids back with it, and no two records ever
 //!   take one id.
@@ -557,7 +561,9 @@ impl Queue for SqliteQueue {
             conn.prepare_cached(sql!(
                 "SELECT r.id, r.webhook_id, r.kind, COALESCE(r.dead_reason, ''),
                         COALESCE(r.dead_detail, ''), r.subject, r.attempts, r.received_at,
-                        r.updated_at, w.source, r.app_id, r.json, r.last_error, w.body
+                        r.updated_at, w.source, r.app_id,
+                        COALESCE((SELECT j.json FROM record_json j WHERE j.id = r.id), r.json),
+                        r.last_error, w.body
                  FROM records r JOIN webhooks w ON w.id = r.webhook_id
                  WHERE r.state <> {pending} AND r.state = {dead} AND r.id = ?1"
             ))?

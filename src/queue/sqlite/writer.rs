@@ -419,9 +419,12 @@ fn insert_rows_from(
             let mut insert = tx.prepare_cached(sql!(
                 "INSERT INTO records (id, webhook_id, key, kind, subject, json, state,
                  received_at, next_attempt_at, updated_at, app_id)
-                 VALUES (?9, ?1, ?2, ?3, ?4, ?5, {pending}, ?6, ?7, ?7, ?8)
+                 VALUES (?8, ?1, ?2, ?3, ?4, '', {pending}, ?5, ?6, ?6, ?7)
                  ON CONFLICT (webhook_id, key) DO NOTHING"
             ))?;
+            // The JSON beside the row (see `schema::RECORD_JSON`), only for a row inserted.
+            let mut json =
+                tx.prepare_cached("INSERT INTO record_json (id, json) VALUES (?1, ?2)")?;
             let mut events = 0;
             for (id, row) in (first_id..).zip(rows) {
                 let new = insert.execute(params![
@@ -429,13 +432,16 @@ fn insert_rows_from(
                     row.key,
                     row.kind.as_str(),
                     row.subject,
-                    row.json,
                     received_at_ms,
                     now_ms,
                     app_id,
                     id,
                 ])?;
-                if new > 0 && row.kind == RecordKind::Track {
+                if new == 0 {
+                    continue;
+                }
+                json.execute(params![id, row.json])?;
+                if row.kind == RecordKind::Track {
                     events += 1;
                 }
             }
@@ -474,7 +480,9 @@ fn insert_rows_from(
 /// partial index `records_due` (`app_id, kind, next_attempt_at`), which only a statement
 /// naming its `state = 0` literal may use. Each with its webhook's digest (one primary-key lookup), which trace links derive from; a subquery,
 /// not a join, so that a record is claimed even if its webhook row were missing.
-pub(super) const CLAIM_DUE: &str = "SELECT id, subject, json, attempts, received_at,
+pub(super) const CLAIM_DUE: &str = "SELECT id, subject,
+    COALESCE((SELECT j.json FROM record_json j WHERE j.id = records.id), json), attempts,
+    received_at,
     (SELECT w.digest FROM webhooks w WHERE w.id = records.webhook_id),
     (SELECT w.received_at FROM webhooks w WHERE w.id = records.webhook_id) FROM records
     WHERE state = {pending} AND app_id = ?4 AND kind = ?1 AND next_attempt_at <= ?2
