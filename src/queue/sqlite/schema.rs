@@ -222,7 +222,7 @@ pub(super) fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
     // Deleted and overwritten content is zeroed in the pages, always, not only during an
-    // erasure (contract §12): an ack (`json = ''`), a prune or a purge would otherwise leave
+    // erasure (contract §12): an ack (dropping `record_json`), a prune or a purge would otherwise leave
     // the old bytes in the pages' free space, where no later erasure can find them to remove
     // them. The erasure's checkpoint (`scrub`) then leaves no copy in the WAL either.
     conn.pragma_update(None, "secure_delete", "ON")?;
