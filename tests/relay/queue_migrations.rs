@@ -35,6 +35,20 @@ UPDATE records SET json = (SELECT j.json FROM record_json j WHERE j.id = records
 DROP TRIGGER records_delivered_json; DROP TRIGGER records_forget_json; DROP TABLE record_json;
 ";
 
+/// A SQLite file of this code at `path` holding records in every state ([`fill_every_state`]),
+/// taken back to an older version: `RECORD_JSON_INTO_ROWS`, then `older`. The connection is
+/// returned for checks of the old file.
+async fn every_state_taken_back(path: &std::path::Path, older: &str) -> rusqlite::Connection {
+    {
+        let queue = SqliteQueue::open(path).unwrap();
+        fill_every_state(&queue, APP).await;
+    }
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(RECORD_JSON_INTO_ROWS).unwrap();
+    conn.execute_batch(older).unwrap();
+    conn
+}
+
 /// The records of one version-1 webhook: `delivered` (sent before the upgrade) and `pending`.
 const V1_RECORDS: &str = "
 INSERT INTO webhooks (digest, body, received_at) VALUES ({digest}, {body}, 1700000000000);
@@ -726,16 +740,8 @@ async fn assert_upgraded_from_v3(queue: &dyn Queue, app_id: &str) {
 async fn a_version_3_sqlite_file_is_upgraded_keeping_every_record_in_its_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.sqlite3");
-    {
-        let queue = SqliteQueue::open(&path).unwrap();
-        fill_every_state(&queue, APP).await;
-    }
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(RECORD_JSON_INTO_ROWS).unwrap();
-        conn.execute_batch("DROP TABLE shapes; DROP TABLE erasures; PRAGMA user_version = 3;")
-            .unwrap();
-    }
+    let older = "DROP TABLE shapes; DROP TABLE erasures; PRAGMA user_version = 3;";
+    drop(every_state_taken_back(&path, older).await);
     assert_eq!(sqlite_version(&path), 3);
 
     let queue = SqliteQueue::open(&path).unwrap();
@@ -755,13 +761,8 @@ async fn a_version_5_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.sqlite3");
     {
-        let queue = SqliteQueue::open(&path).unwrap();
-        fill_every_state(&queue, APP).await;
-    }
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(RECORD_JSON_INTO_ROWS).unwrap();
-        conn.execute_batch(
+        let conn = every_state_taken_back(
+            &path,
             "DROP TABLE shapes; CREATE TABLE shapes (key BLOB PRIMARY KEY, source TEXT NOT NULL,
                  kind TEXT, action TEXT, paths TEXT NOT NULL, count INTEGER NOT NULL,
                  first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL, sample TEXT)
@@ -775,7 +776,7 @@ async fn a_version_5_sqlite_file_is_upgraded_keeping_every_record_in_its_state()
              CREATE UNIQUE INDEX webhooks_source_digest ON webhooks (source, digest);
              PRAGMA user_version = 5;",
         )
-        .unwrap();
+        .await;
         let columns: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM pragma_table_info('webhooks')",
@@ -850,13 +851,7 @@ async fn a_version_6_sqlite_file_is_upgraded_keeping_every_records_json() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.sqlite3");
     {
-        let queue = SqliteQueue::open(&path).unwrap();
-        fill_every_state(&queue, APP).await;
-    }
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(RECORD_JSON_INTO_ROWS).unwrap();
-        conn.execute_batch("PRAGMA user_version = 6;").unwrap();
+        let conn = every_state_taken_back(&path, "PRAGMA user_version = 6;").await;
         let in_rows: i64 = conn
             .query_row("SELECT COUNT(*) FROM records WHERE json <> ''", [], |row| {
                 row.get(0)

@@ -23,6 +23,8 @@
 //! ([`crate::queue::prepared::storable`]): an erasure's byte match over the row finds them.
 //! Version 1 (each JSON as it is, in its record's place; no count) is still read.
 
+use std::borrow::Cow;
+
 use sha2::{Digest, Sha256};
 
 use crate::heap::wire::RecordKind;
@@ -97,48 +99,64 @@ pub(super) fn pack(rows: &[&Row], beside: Beside<'_>, first_id: i64) -> Vec<u8> 
     put_len(&mut out, usize::try_from(first_id).unwrap_or(0));
     put_len(&mut out, rows.len());
     for row in rows {
+        let (stored, key) = stored_form(row, beside.digest, &hex_digest);
         out.push(kind_code(row.kind));
         put_text(&mut out, &row.subject);
-        let json = row.json.as_bytes();
-        if let Some(prefix) = row.key.strip_suffix(&hex_digest) {
-            put_len(&mut out, json.len());
-            out.push(KEY_DIGEST_SUFFIX);
-            put_text(&mut out, prefix);
-            jsons.extend_from_slice(json);
-        } else if let Some(at) = row.json.find(&row.key).filter(|_| row.key.len() > 2) {
-            let end = at + row.key.len();
-            let stripped = [&json[..at], &json[end..]].concat();
-            match event_name(&stripped)
-                .filter(|name| derived_key(beside.digest, &stripped[name.clone()]) == row.key)
-            {
-                Some(name) => {
-                    put_len(&mut out, stripped.len());
-                    out.push(KEY_DERIVED);
-                    put_len(&mut out, at);
-                    put_len(&mut out, name.start);
-                    put_len(&mut out, name.len());
-                    jsons.extend_from_slice(&stripped);
-                }
-                None => {
-                    put_len(&mut out, json.len());
-                    out.push(KEY_IN_JSON);
-                    put_len(&mut out, at);
-                    put_len(&mut out, row.key.len());
-                    jsons.extend_from_slice(json);
-                }
-            }
-        } else {
-            put_len(&mut out, json.len());
-            out.push(KEY_LITERAL);
-            put_text(&mut out, &row.key);
-            jsons.extend_from_slice(json);
-        }
+        put_len(&mut out, stored.len());
+        put_key(&mut out, &key);
+        jsons.extend_from_slice(&stored);
     }
     out.extend_from_slice(&lz4_flex::block::compress_with_dict(
         &jsons,
         &dictionary(beside.body),
     ));
     out
+}
+
+/// The JSON `row` is stored with, and how its key is: a reference where the row holds it
+/// already.
+fn stored_form<'a>(row: &'a Row, digest: &[u8; 32], hex_digest: &str) -> (Cow<'a, [u8]>, Key) {
+    let json = row.json.as_bytes();
+    if let Some(prefix) = row.key.strip_suffix(hex_digest) {
+        return (json.into(), Key::DigestSuffix(prefix.to_owned()));
+    }
+    let Some(at) = row.json.find(&row.key).filter(|_| row.key.len() > 2) else {
+        return (json.into(), Key::Literal(row.key.clone()));
+    };
+    let stripped = [&json[..at], &json[at + row.key.len()..]].concat();
+    match event_name(&stripped)
+        .filter(|name| derived_key(digest, &stripped[name.clone()]) == row.key)
+    {
+        Some(name) => (stripped.into(), Key::Derived { key_at: at, name }),
+        None => {
+            let len = row.key.len();
+            (json.into(), Key::InJson { at, len })
+        }
+    }
+}
+
+fn put_key(out: &mut Vec<u8>, key: &Key) {
+    match key {
+        Key::Literal(key) => {
+            out.push(KEY_LITERAL);
+            put_text(out, key);
+        }
+        Key::InJson { at, len } => {
+            out.push(KEY_IN_JSON);
+            put_len(out, *at);
+            put_len(out, *len);
+        }
+        Key::DigestSuffix(prefix) => {
+            out.push(KEY_DIGEST_SUFFIX);
+            put_text(out, prefix);
+        }
+        Key::Derived { key_at, name } => {
+            out.push(KEY_DERIVED);
+            put_len(out, *key_at);
+            put_len(out, name.start);
+            put_len(out, name.len());
+        }
+    }
 }
 
 /// Where a track event's name is in its JSON (the bytes between the quotes of `"event":"…"`),
@@ -164,7 +182,7 @@ fn derived_key(digest: &[u8; 32], name: &[u8]) -> String {
 /// What [`pack`] was given, rows in order, for the webhook holding `beside`.
 pub(super) fn unpack(bytes: &[u8], beside: Beside<'_>) -> Result<Unpacked, Damaged> {
     let (first_id, headers, jsons) = headers(bytes)?;
-    let mut jsons = match jsons {
+    let jsons = match jsons {
         Jsons::Compressed(compressed) => {
             let len = headers.iter().try_fold(0usize, |sum, header| {
                 sum.checked_add(header.json_len)
@@ -187,12 +205,14 @@ pub(super) fn unpack(bytes: &[u8], beside: Beside<'_>) -> Result<Unpacked, Damag
     };
     let hex_digest = hex::encode(beside.digest);
     let mut rows = Vec::with_capacity(headers.len());
-    for header in headers.into_iter().rev() {
-        let at = jsons
-            .len()
-            .checked_sub(header.json_len)
+    // The JSONs are exactly as long as the headers say (checked above, or read from them).
+    let mut rest = &jsons[..];
+    for header in headers {
+        let (stored, tail) = rest
+            .split_at_checked(header.json_len)
             .ok_or(Damaged("truncated"))?;
-        let mut stored = jsons.split_off(at);
+        rest = tail;
+        let mut stored = stored.to_vec();
         let key = match header.key {
             Key::Literal(key) => key,
             Key::Derived { key_at, name } => {
@@ -221,10 +241,6 @@ pub(super) fn unpack(bytes: &[u8], beside: Beside<'_>) -> Result<Unpacked, Damag
             json,
         });
     }
-    if !jsons.is_empty() {
-        return Err(Damaged("bytes after the records"));
-    }
-    rows.reverse();
     Ok(Unpacked { first_id, rows })
 }
 
