@@ -211,6 +211,7 @@ impl SqliteQueue {
         reader
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(in_file)?;
+        schema::stable_plans(&reader).map_err(in_file)?;
         // After the connections: they keep the database, its WAL and shared memory open, so
         // SQLite never recreates them under the names recorded.
         let file = Arc::new(QueueFile::record(path)?);
@@ -876,7 +877,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.sqlite3");
         drop(SqliteQueue::open(&path).unwrap());
+        // Planned as the queue's own connections plan: without looking at bound values.
         let conn = Connection::open(&path).unwrap();
+        schema::stable_plans(&conn).unwrap();
         let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
         let parameters = rusqlite::params_from_iter(
             ["track", "0", "10", "app-1"]

@@ -211,6 +211,7 @@ const STATEMENT_CACHE: usize = 64;
 
 pub(super) fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    stable_plans(conn)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // Durability is chosen per transaction (see `commit_group`): webhooks commit with FULL,
@@ -227,6 +228,20 @@ pub(super) fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     // them. The erasure's checkpoint (`scrub`) then leaves no copy in the WAL either.
     conn.pragma_update(None, "secure_delete", "ON")?;
     migrate(conn)
+}
+
+/// Plans that do not depend on bound values (SQLite's query planner stability guarantee). By
+/// default SQLite prepares a statement again when a value bound to it could change its plan —
+/// here, any parameter compared with a partial index's condition — and the dedup lookup was
+/// parsed and planned anew on every webhook: 16 % of the relay's CPU in a profile. Every query
+/// that needs a partial index names the index's condition as a literal, as the plan tests
+/// check, so a plan chosen once is the plan wanted.
+pub(super) fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    Ok(())
 }
 
 /// Brings the file to [`SCHEMA_VERSION`] in one transaction (a crash leaves the old version),
