@@ -333,11 +333,11 @@ impl Recorder {
 
     /// The shape of a verified body posted to `source`, to store with its webhook; `None` when
     /// the body is not JSON (the webhook is refused anyway) or the source is full and the shape
-    /// new. A first sighting logs one line. One parse of the body; kind and action as the
-    /// decoder finds them.
+    /// new. A first sighting logs one line. The body's parse is the decoder's (kept with the
+    /// body); kind and action as the decoder finds them.
     pub fn observe(&self, source: &str, body: &Verified) -> Option<ShapeObservation> {
         let (payload, kind, action) = kind_and_action(body)?;
-        let shape = of(&payload, kind.as_ref(), action.as_ref());
+        let shape = of(payload, kind.as_ref(), action.as_ref());
         let key = shape.key(source);
         let Some(new) = self.admit(source, key) else {
             metrics::counter!("relay_shapes_overflow_total", "source" => source.to_owned())
@@ -346,7 +346,7 @@ impl Recorder {
         };
         let observation = ShapeObservation {
             key,
-            sample: sample(&payload, self.samples),
+            sample: sample(payload, self.samples),
             kind: shape.kind,
             action: shape.action,
             paths: shape.paths,

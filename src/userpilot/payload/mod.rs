@@ -108,16 +108,17 @@ pub enum DecodeError {
 /// [`DecodeError::InvalidJson`] or [`DecodeError::NotAnObject`] for a body that is not a JSON
 /// object, and [`DecodeError::NoKind`] when no known place names the kind of event.
 pub fn decode(body: &Verified) -> Result<Interaction, DecodeError> {
-    decode_bytes(body.bytes())
+    decode_value(body.json().ok_or(DecodeError::InvalidJson)?)
 }
 
 /// A verified body parsed, with the kind and action [`decode`] would find in it and nothing
-/// else decoded: what a payload shape is filed under (`crate::shapes`), for one parse. The
+/// else decoded: what a payload shape is filed under (`crate::shapes`), on the parse
+/// [`decode`] uses (kept with the body: [`Verified::json`]). The
 /// action is `None` when the kind is (a body that does not decode has neither). `None` for a
 /// body that is not JSON.
-pub fn kind_and_action(body: &Verified) -> Option<(Value, Option<Kind>, Option<Action>)> {
-    let value: Value = serde_json::from_slice(body.bytes()).ok()?;
-    let (kind, action) = match &value {
+pub fn kind_and_action(body: &Verified) -> Option<(&Value, Option<Kind>, Option<Action>)> {
+    let value = body.json()?;
+    let (kind, action) = match value {
         Value::Object(root) => match kind(root) {
             Some(kind) => (Some(kind), action(root)),
             None => (None, None),
@@ -195,36 +196,42 @@ const TIME_PLACES: &[Path] = &[
 /// `experience:448:DISMISSED` (documented for exports).
 const SEPARATORS: [char; 2] = ['.', ':'];
 
-/// The logic of [`decode`], on plain bytes. Private so that nothing outside this module can
-/// decode bytes that skipped the signature check.
+/// The logic of [`decode`], on plain bytes, for the tests; only [`decode`] is public, so that
+/// nothing outside this module can decode bytes that skipped the signature check.
+#[cfg(test)]
 fn decode_bytes(bytes: &[u8]) -> Result<Interaction, DecodeError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|_| DecodeError::InvalidJson)?;
+    decode_value(&value)
+}
+
+/// [`decode`] on the parsed body.
+fn decode_value(value: &Value) -> Result<Interaction, DecodeError> {
     let Value::Object(root) = value else {
         return Err(DecodeError::NotAnObject);
     };
-    let kind = kind(&root).ok_or(DecodeError::NoKind)?;
-    let content_name = first_text(&root, CONTENT_NAME_PLACES).map(str::to_owned);
-    let event_name = first_text(&root, EVENT_NAME_PLACES)
+    let kind = kind(root).ok_or(DecodeError::NoKind)?;
+    let content_name = first_text(root, CONTENT_NAME_PLACES).map(str::to_owned);
+    let event_name = first_text(root, EVENT_NAME_PLACES)
         .map(str::to_owned)
         .or_else(|| content_name.clone());
     Ok(Interaction {
         kind,
-        action: action(&root),
+        action: action(root),
         user: User {
-            id: first_id(&root, USER_ID_PLACES),
+            id: first_id(root, USER_ID_PLACES),
             properties: USER_PLACES
                 .iter()
-                .find_map(|path| at(&root, path)?.as_object())
+                .find_map(|path| at(root, path)?.as_object())
                 .cloned()
                 .unwrap_or_default(),
         },
-        company: company(&root),
-        content_id: first_id(&root, CONTENT_ID_PLACES),
+        company: company(root),
+        content_id: first_id(root, CONTENT_ID_PLACES),
         content_name,
         event_name,
         occurred_at: TIME_PLACES
             .iter()
-            .find_map(|path| at(&root, path).and_then(time)),
+            .find_map(|path| at(root, path).and_then(time)),
         data: match root.get("data") {
             Some(Value::Object(data)) => data.clone(),
             _ => Map::new(),
