@@ -165,23 +165,28 @@ const BUILD_TIME: &str = include_str!("build_time.md");
 const SETTINGS: &str = "## Where the time goes, and the settings behind it
 
 This section is written by hand, not regenerated: the figures in it were measured on this \
-machine on 2026-11-28 with `relay-bench load` against one release relay (SQLite queue, Heap \
-unreachable so nothing but ingest ran), comparing variants in one sitting, run after run.
+machine with `relay-bench load` against one release relay (SQLite queue, Heap unreachable so \
+nothing but ingest ran), comparing variants in one sitting, run after run; the profile on \
+2026-12-02, the settings table from 2026-11-28 on.
 
-**Profile.** `perf record --call-graph fp` of a frame-pointer release build at 32 in flight: \
-the relay's CPU splits about evenly between its one SQLite writer thread (53 %) and the tokio \
-workers (47 %). In the writer, three quarters is committing — writing WAL frames (41 % of the \
-thread), the WAL `fsync` (24 %) and checkpoints copying pages back into the database file \
-(22 %) — and the inserts themselves are 20 %. On the workers, hyper's request handling and \
-socket writes dominate, as in the baseline; verifying, decoding and mapping a webhook is about \
-7 % of their time.
+**Profile.** `bash bench/profile.sh` (`perf record --call-graph dwarf`, 32 in flight) at the \
+commit after 1cc28c4: the tokio workers take 71 % of the relay's CPU, its one SQLite writer \
+thread 29 %. On the workers the largest part is HTTP itself — writing the answers (hyper, then \
+the kernel's TCP send) 19 %, reading requests 4 %, as in the baseline — then translating a \
+webhook 11 % (decoding 5.6 %, mapping 5.1 %) and its payload shape 5.5 %; verifying the \
+signature is 1 %. On the writer, the commit is 11 % (WAL frames 9 %, of which the `fsync` \
+6 %) and the inserts 10 % (packing the records 4 %). glibc's `malloc` and `free` are 17 % of \
+all samples, on both sides. The section \"Storage path: old binary against new\" has the \
+before/after figures of the two changes this profile led to (SQLite preparing the dedup \
+lookup again for every webhook, and the body parsed twice).
 
 **Why ingest stays below half the baseline.** The baseline does HTTP and nothing else. The \
-relay also verifies an HMAC, parses and maps JSON, and makes every webhook durable before it \
-answers — in one SQLite writer (SQLite has one writer at a time), whose commits are bounded by \
-the disk: the deduplication index on the body's SHA-256 takes random inserts, so each webhook \
-dirties about one page of it, which is written to the WAL, fsynced, and later checkpointed. \
-Group commit shares the fsync, not the page writes.
+relay also verifies an HMAC, parses and maps JSON, records the payload's shape, and makes every \
+webhook durable before it answers — in one SQLite writer (SQLite has one writer at a time), \
+whose group commits write the webhooks' pages to the WAL and wait for its `fsync`. No single \
+function of the relay's own takes more than 4 % of its CPU: what is left is the sum of many \
+small costs per webhook (allocations, the shape's path set, serializing the records), each to \
+be made smaller, not one hot spot.
 
 **The other gaps, and their causes** (see the Targets table for this run's figures):
 
@@ -193,7 +198,9 @@ Group commit shares the fsync, not the page writes.
   claims and acks share the single SQLite writer with ingest. On a small queue it forwarded at \
   saturation several times faster (the first Forwarding row); on a queue of a million webhooks \
   (over a gigabyte) most of the pages it updates are no longer in SQLite's 16 MiB cache, and \
-  while webhooks arrive its transactions give way to them. Heap's own default budget is \
+  while webhooks arrive its transactions give way to them. Since schema 7 a claim also \
+  unpacks webhooks into record rows: the records and their indexes are written then, not at \
+  ingest, so the drain carries writes that ingest no longer does. Heap's own default budget is \
   250 events/s, far below either figure; the low-limit row holds its configured rate.
 - *Resident set during the large drain*: it rises while SQLite's page cache, bounded at \
   16 MiB, fills with pages of the large file, and stays under 64 MiB; it does not grow with the \
