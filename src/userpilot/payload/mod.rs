@@ -113,9 +113,8 @@ pub fn decode(body: &Verified) -> Result<Interaction, DecodeError> {
 
 /// A verified body parsed, with the kind and action [`decode`] would find in it and nothing
 /// else decoded: what a payload shape is filed under (`crate::shapes`), on the parse
-/// [`decode`] uses (kept with the body: [`Verified::json`]). The
-/// action is `None` when the kind is (a body that does not decode has neither). `None` for a
-/// body that is not JSON.
+/// [`decode`] uses (kept with the body: [`Verified::json`]). The action is `None` when the kind
+/// is (a body that does not decode has neither). `None` for a body that is not JSON.
 pub fn kind_and_action(body: &Verified) -> Option<(&Value, Option<Kind>, Option<Action>)> {
     let value = body.json()?;
     let (kind, action) = match value {
