@@ -169,8 +169,8 @@ machine with `relay-bench load` against one release relay (SQLite queue, Heap un
 nothing but ingest ran), comparing variants in one sitting, run after run; the profile on \
 2026-12-02, the settings table from 2026-11-28 on.
 
-**Profile.** `bash bench/profile.sh` (`perf record --call-graph dwarf`, 32 in flight) at the \
-commit after 1cc28c4: the tokio workers take 71 % of the relay's CPU, its one SQLite writer \
+**Profile.** `bash bench/profile.sh` (`perf record --call-graph dwarf`, 32 in flight) at \
+e4f152c: the tokio workers take 71 % of the relay's CPU, its one SQLite writer \
 thread 29 %. On the workers the largest part is HTTP itself — writing the answers (hyper, then \
 the kernel's TCP send) 19 %, reading requests 4 %, as in the baseline — then translating a \
 webhook 11 % (decoding 5.6 %, mapping 5.1 %) and its payload shape 5.5 %; verifying the \
