@@ -9,6 +9,39 @@ use clap::Parser;
 
 use userpilot_heap_relay::cli::{Cli, Command};
 
+/// mimalloc, not glibc's allocator: a webhook's buffers are allocated on the tokio workers and
+/// freed on the queue thread, which glibc's per-thread arenas pay for (about 16 % of the
+/// relay's CPU in the profile of BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Options of mimalloc's (their numbers in mimalloc.h, v3: libmimalloc-sys names no constants
+/// for them) and the values the relay runs with.
+const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+const ARENA_RESERVE: libmimalloc_sys::mi_option_t = 23;
+/// In KiB, as mimalloc takes sizes.
+const ARENA_RESERVE_KIB: std::ffi::c_long = 64 * 1024;
+
+/// mimalloc's options, set before the first allocation, which the runtime makes before `main`:
+/// hence a constructor (an `.init_array` entry, as the `ctor` crate makes), not a line in
+/// `main`, and not `MIMALLOC_…` variables, which every deployment would have to remember.
+/// - Arenas committed as they are used, not when reserved: eagerly, an idle relay's resident
+///   set doubled (15 to 30 MiB).
+/// - Arenas reserved 64 MiB at a time, not 1 GiB: a transform worker caps its address space at
+///   1 GiB (`transform::worker`), which one default arena would take whole, and the worker
+///   then fails to start its thread.
+extern "C" fn configure_allocator() {
+    // SAFETY: sets two integer options of mimalloc's; nothing else runs yet.
+    unsafe {
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set(ARENA_RESERVE, ARENA_RESERVE_KIB);
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = configure_allocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::TransformWorker) = cli.command {
