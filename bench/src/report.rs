@@ -177,8 +177,9 @@ webhook 11 % (decoding 5.6 %, mapping 5.1 %) and its payload shape 5.5 %; verify
 signature is 1 %. On the writer, the commit is 11 % (WAL frames 9 %, of which the `fsync` \
 6 %) and the inserts 10 % (packing the records 4 %). glibc's `malloc` and `free` are 17 % of \
 all samples, on both sides. The section \"Storage path: old binary against new\" has the \
-before/after figures of the two changes this profile led to (SQLite preparing the dedup \
-lookup again for every webhook, and the body parsed twice).
+before/after figures of the three changes this profile led to (SQLite preparing the dedup \
+lookup again for every webhook, the body parsed twice, and glibc's allocator, replaced by \
+mimalloc in dc68143, which is not profiled yet).
 
 **Why ingest stays below half the baseline.** The baseline does HTTP and nothing else. The \
 relay also verifies an HMAC, parses and maps JSON, records the payload's shape, and makes every \
