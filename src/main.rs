@@ -10,17 +10,10 @@ use clap::Parser;
 use userpilot_heap_relay::cli::{Cli, Command};
 
 /// mimalloc, not glibc's allocator: a webhook's buffers are allocated on the tokio workers and
-/// freed on the queue thread, which glibc's per-thread arenas pay for (about 16 % of the
+/// freed on the queue thread, which glibc's per-thread arenas pay for (17 % of the
 /// relay's CPU in the profile of BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Options of mimalloc's (their numbers in mimalloc.h, v3: libmimalloc-sys names no constants
-/// for them) and the values the relay runs with.
-const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
-const ARENA_RESERVE: libmimalloc_sys::mi_option_t = 23;
-/// In KiB, as mimalloc takes sizes.
-const ARENA_RESERVE_KIB: std::ffi::c_long = 64 * 1024;
 
 /// mimalloc's options, set before the first allocation, which the runtime makes before `main`:
 /// hence a constructor (an `.init_array` entry, as the `ctor` crate makes), not a line in
@@ -30,17 +23,30 @@ const ARENA_RESERVE_KIB: std::ffi::c_long = 64 * 1024;
 /// - Arenas reserved 64 MiB at a time, not 1 GiB: a transform worker caps its address space at
 ///   1 GiB (`transform::worker`), which one default arena would take whole, and the worker
 ///   then fails to start its thread.
-extern "C" fn configure_allocator() {
-    // SAFETY: sets two integer options of mimalloc's; nothing else runs yet.
-    unsafe {
-        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
-        libmimalloc_sys::mi_option_set(ARENA_RESERVE, ARENA_RESERVE_KIB);
-    }
-}
+///
+/// ELF only (`.init_array`); elsewhere mimalloc runs with its defaults.
+#[cfg(target_os = "linux")]
+mod allocator_options {
+    use libmimalloc_sys::{mi_option_set, mi_option_t};
 
-#[used]
-#[unsafe(link_section = ".init_array")]
-static CONFIGURE_ALLOCATOR: extern "C" fn() = configure_allocator;
+    /// The options' numbers in mimalloc.h (v3), which libmimalloc-sys names no constants for.
+    const ARENA_EAGER_COMMIT: mi_option_t = 4;
+    const ARENA_RESERVE: mi_option_t = 23;
+    /// In KiB, as mimalloc takes sizes.
+    const ARENA_RESERVE_KIB: std::ffi::c_long = 64 * 1024;
+
+    extern "C" fn configure() {
+        // SAFETY: sets two integer options of mimalloc's; nothing else runs yet.
+        unsafe {
+            mi_option_set(ARENA_EAGER_COMMIT, 0);
+            mi_option_set(ARENA_RESERVE, ARENA_RESERVE_KIB);
+        }
+    }
+
+    #[used]
+    #[unsafe(link_section = ".init_array")]
+    static CONFIGURE: extern "C" fn() = configure;
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
