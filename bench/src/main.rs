@@ -27,6 +27,7 @@
 
 mod baseline;
 mod compare;
+mod drain;
 mod erase;
 mod load;
 mod postgres;
@@ -74,6 +75,8 @@ enum Command {
     /// The storage path of two relay binaries, old against new, alternating, with the
     /// baseline; prints its section of the report.
     Compare(compare::Options),
+    /// The drain of a backlog alone, for one binary or an old and a new one alternating.
+    Drain(drain::Options),
     /// A seconds-long end-to-end check that the harness still works (for CI).
     Smoke {
         /// The relay binary to run.
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
             Command::Transforms(options) => transforms::run_cli(options).await,
             Command::Erase(options) => erase::run_cli(options).await,
             Command::Compare(options) => compare::run_cli(options).await,
+            Command::Drain(options) => drain::run_cli(options).await,
             Command::Smoke { relay_bin } => smoke::run(&relay_bin).await,
             Command::Baseline { listen } => baseline::serve(listen).await,
             Command::Load(options) => load::run_cli(options).await,

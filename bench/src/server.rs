@@ -216,6 +216,11 @@ impl Server {
         }
     }
 
+    /// The server's stderr, as a file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// The last lines of the server's stderr.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -689,7 +689,7 @@ fn drain_figures(
 }
 
 /// Queues a backlog with the forwarder paused, releases it and times the drain.
-async fn backlog_drain(
+pub(crate) async fn backlog_drain(
     client: &Client,
     sink: &Sink,
     relay: &Server,
