@@ -1,6 +1,7 @@
-//! Lanes: one [`Forwarder`] per Heap app id (contract §9), each with its own client, rate
-//! budget, batches, backoff and pause switch, so an app id that Heap refuses, throttles or
-//! cannot reach holds up only its own records.
+//! Lanes: one pair of [`Forwarder`]s per Heap app id (contract §9) — one for track events,
+//! one for property updates ([`KIND_GROUPS`]) — each lane with its own clients, rate budget,
+//! batches, backoff and pause switch, so an app id that Heap refuses, throttles or cannot reach
+//! holds up only its own records.
 //!
 //! [`Lanes`] is the registry the rest of the process talks to (wake a lane, pause one or all,
 //! list them); [`run`] is the supervisor task that starts a forwarder for every lane
@@ -19,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Control, Forwarder};
+use super::{Control, Forwarder, KIND_GROUPS};
 use crate::config::AppId;
 use crate::queue::{Queue, QueueError, QueueStats};
 
@@ -155,7 +156,7 @@ impl Lanes {
     }
 }
 
-/// Builds the forwarder of one lane.
+/// Builds a forwarder of one lane (called once per group of kinds).
 pub type Build = Box<dyn Fn(&AppId, Arc<Control>) -> Option<Forwarder> + Send + Sync>;
 
 /// Starts a forwarder for every lane registered, until `shutdown`; then waits for them all to
@@ -167,9 +168,15 @@ pub async fn run(mut starts: Starts, build: Build, shutdown: CancellationToken) 
         tokio::select! {
             started = starts.recv() => {
                 let Some((app_id, control)) = started else { break };
-                if let Some(forwarder) = build(&app_id, control) {
+                // One task per group of kinds, so that neither holds the other back.
+                let groups: Option<Vec<Forwarder>> = (0..KIND_GROUPS.len())
+                    .map(|group| Some(build(&app_id, control.clone())?.for_group(group)))
+                    .collect();
+                if let Some(groups) = groups {
                     tracing::info!(app_id = %app_id, "forwarding lane started");
-                    forwarders.spawn(forwarder.run(shutdown.clone()));
+                    for forwarder in groups {
+                        forwarders.spawn(forwarder.run(shutdown.clone()));
+                    }
                 }
             }
             Some(done) = forwarders.join_next(), if !forwarders.is_empty() => {

@@ -5,9 +5,9 @@
 //! posts the rest in one bulk request (property records merged per subject first, see
 //! `entries`) and records the verdict in the queue: ack, retry at a stored time, or — for a
 //! batch Heap refuses — split in halves until the bad records are isolated and dead-lettered
-//! alone. [`Forwarder::run`] repeats passes, lingers briefly for a
-//! batch to fill, backs off as a whole while Heap fails, and stops on shutdown within the
-//! grace period (an abandoned batch stays queued: its lease simply runs out). Each bulk request
+//! alone. [`Forwarder::run`] repeats passes over its kinds (a lane runs one task for track
+//! events and one for property updates, see [`control`]), lingers briefly for a batch to fill,
+//! backs off while Heap fails, and stops on shutdown within the grace period (an abandoned batch stays queued: its lease simply runs out). Each bulk request
 //! is a `heap.request` span linked to the webhooks whose records it carries ([`crate::traces`]).
 //!
 //! Erasures (contract §12) may delete records this forwarder has claimed: it notes
@@ -20,17 +20,16 @@
 //! leader — it charges the app rate budget with what the queue delivered in the last minute
 //! (see [`limits`]), so restarts and takeovers do not reset Heap's budget.
 
+mod control;
 pub(crate) mod entries;
 pub mod lanes;
 pub mod limits;
 pub mod retry;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, Stopwatch};
@@ -40,6 +39,7 @@ use crate::heap::client::HeapClient;
 use crate::heap::wire::RecordKind;
 use crate::queue::{Queue, QueueError};
 use crate::traces::{Origin, Traces};
+pub use control::{Control, ForwarderState, HEAP_ERROR_TEXT_MAX, HeapError, KIND_GROUPS};
 use entries::{Entry, entries};
 use limits::Limits;
 use retry::{Backoff, Verdict, classify};
@@ -50,144 +50,9 @@ pub struct ForwarderConfig {
     pub linger: Duration,
     pub backoff: Backoff,
     pub max_event_age: Duration,
-    /// How long a claimed batch stays leased; renewed before every request.
+    /// How long a claimed batch stays leased; renewed before a request once it runs short.
     pub lease: Duration,
     pub shutdown_grace: Duration,
-}
-
-/// What the forwarder is doing, for `/metrics` and the admin API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ForwarderState {
-    Running = 0,
-    BackingOff = 1,
-    Paused = 2,
-}
-
-impl ForwarderState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ForwarderState::Running => "running",
-            ForwarderState::BackingOff => "backing_off",
-            ForwarderState::Paused => "paused",
-        }
-    }
-}
-
-/// The most characters of a Heap error kept for the console ([`Control::last_heap_error`]).
-pub const HEAP_ERROR_TEXT_MAX: usize = 500;
-
-/// The last time Heap failed a lane's request, as the console shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeapError {
-    /// When the answer (or the failure to get one) came, unix ms.
-    pub at_ms: i64,
-    /// Heap's HTTP status; `None` when Heap did not answer (timeout, connection error).
-    pub status: Option<u16>,
-    /// The text logged and stored as the records' `last_error` (or the dead letter's
-    /// detail), cut to [`HEAP_ERROR_TEXT_MAX`] characters.
-    pub text: String,
-}
-
-/// Shared between the forwarder and the rest of the process: a doorbell rung when new records
-/// are queued, the pause switch, and what the forwarder reports of itself for the console
-/// (events forwarded, when a backoff ends, Heap's last error).
-#[derive(Debug, Default)]
-pub struct Control {
-    wake: Notify,
-    paused: AtomicBool,
-    state: AtomicU8,
-    /// Track events Heap accepted from this lane since the process started (as
-    /// `relay_events_forwarded_total` counts them).
-    forwarded: AtomicU64,
-    /// While backing off: when the next attempt is due, unix ms; 0 otherwise.
-    backoff_until_ms: AtomicI64,
-    last_heap_error: Mutex<Option<HeapError>>,
-}
-
-impl Control {
-    /// New records are queued.
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::SeqCst);
-        self.wake.notify_one();
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
-    }
-
-    /// The state as an operator should see it: the pause switch wins at once (a request
-    /// already in flight still finishes, and no other starts), and a resume shows as running
-    /// at once, before the loop wakes up to it.
-    pub fn state(&self) -> ForwarderState {
-        if self.is_paused() {
-            return ForwarderState::Paused;
-        }
-        match self.state.load(Ordering::SeqCst) {
-            1 => ForwarderState::BackingOff,
-            _ => ForwarderState::Running,
-        }
-    }
-
-    /// Running or paused: a backoff, if there was one, is over.
-    fn set_state(&self, state: ForwarderState) {
-        self.state.store(state as u8, Ordering::SeqCst);
-        if state != ForwarderState::BackingOff {
-            self.backoff_until_ms.store(0, Ordering::SeqCst);
-        }
-    }
-
-    /// The forwarder waits until `until_ms` (unix ms) before its next attempt. The time is
-    /// stored before the state, so whoever sees the state also sees the time.
-    fn back_off_until(&self, until_ms: i64) {
-        self.backoff_until_ms.store(until_ms, Ordering::SeqCst);
-        self.state
-            .store(ForwarderState::BackingOff as u8, Ordering::SeqCst);
-    }
-
-    /// When the next attempt is due (unix ms), while the state is backing off.
-    pub fn backoff_until_ms(&self) -> Option<i64> {
-        if self.state() != ForwarderState::BackingOff {
-            return None;
-        }
-        match self.backoff_until_ms.load(Ordering::SeqCst) {
-            0 => None,
-            at => Some(at),
-        }
-    }
-
-    /// Track events Heap accepted from this lane since the process started.
-    pub fn forwarded(&self) -> u64 {
-        self.forwarded.load(Ordering::Relaxed)
-    }
-
-    fn count_forwarded(&self, events: u64) {
-        self.forwarded.fetch_add(events, Ordering::Relaxed);
-    }
-
-    /// What Heap last failed with (a retryable failure or a refusal), if it ever did.
-    pub fn last_heap_error(&self) -> Option<HeapError> {
-        self.heap_error_slot().clone()
-    }
-
-    fn record_heap_error(&self, at_ms: i64, status: Option<u16>, text: &str) {
-        *self.heap_error_slot() = Some(HeapError {
-            at_ms,
-            status,
-            text: crate::heap::client::truncate(text, HEAP_ERROR_TEXT_MAX),
-        });
-    }
-
-    fn heap_error_slot(&self) -> std::sync::MutexGuard<'_, Option<HeapError>> {
-        // Nothing panics while holding the lock: a poisoned slot still holds a whole value.
-        self.last_heap_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
 }
 
 /// What one pass did.
@@ -199,7 +64,7 @@ pub struct Pass {
     pub dead: usize,
     /// Held back by the per-identity budget, or by a pause that came mid-pass.
     pub held: usize,
-    /// Heap failed: the whole forwarder should wait this long.
+    /// Heap failed: the forwarder's group of kinds should wait this long.
     pub backoff: Option<Duration>,
 }
 
@@ -220,6 +85,10 @@ pub struct Forwarder {
     was_leading: bool,
     /// A span per Heap request, linked to the webhooks it carries (off by default).
     traces: Traces,
+    /// The kinds its [`Forwarder::run`] forwards, and their group's slot in [`Control`]:
+    /// every kind, in slot 0, unless [`Forwarder::for_group`] says otherwise.
+    kinds: &'static [RecordKind],
+    group: usize,
 }
 
 /// The fields of the one line logged per Heap request (contract §8.1). `lane` is the app id
@@ -297,6 +166,10 @@ impl RequestLog {
     }
 }
 
+/// The most of a claim's lease spent before a request renews it (see
+/// `Forwarder::min_lease_left_ms`).
+const MAX_LEASE_SPENT_MS: i64 = 30_000;
+
 /// Property records claimed per pass, as a multiple of the batch size: merged per subject
 /// (see `entries`), they usually fill far fewer requests than they number.
 const PROPERTY_CLAIM_FACTOR: usize = 10;
@@ -353,7 +226,17 @@ impl Forwarder {
             leading: Box::new(|| true),
             was_leading: false,
             traces: Traces::off(),
+            kinds: &RecordKind::ALL,
+            group: 0,
         }
+    }
+
+    /// Makes [`Forwarder::run`] forward only the kinds of `KIND_GROUPS[group]`, as one of
+    /// its lane's tasks (see [`control`]).
+    pub fn for_group(mut self, group: usize) -> Self {
+        self.kinds = KIND_GROUPS[group];
+        self.group = group;
+        self
     }
 
     /// Records a span per Heap request with `traces`.
@@ -428,6 +311,7 @@ impl Forwarder {
         if admitted.is_empty() {
             return Ok(pass);
         }
+        let mut leased_until = now + lease;
         if kind == RecordKind::Track {
             let before = self.clock.monotonic();
             self.limits.until_app_admits(admitted.len()).await;
@@ -435,8 +319,8 @@ impl Forwarder {
             // still cover the request.
             if self.clock.monotonic().saturating_sub(before) > self.config.lease / 2 {
                 let ids = admitted.iter().map(|r| r.id).collect();
-                let lease_end = self.clock.now_ms() + lease;
-                self.queue.renew(ids, lease_end).await?;
+                leased_until = self.clock.now_ms() + lease;
+                self.queue.renew(ids, leased_until).await?;
             }
         }
         let origins = self.traces.origins(&admitted);
@@ -445,7 +329,7 @@ impl Forwarder {
             .map(<[Entry]>::to_vec)
             .collect();
         batches.reverse(); // sent first to last
-        self.deliver(kind, batches, &origins, epoch, &mut pass)
+        self.deliver(kind, batches, &origins, (epoch, leased_until), &mut pass)
             .await?;
         Ok(pass)
     }
@@ -453,17 +337,16 @@ impl Forwarder {
     /// Sends batches (the last one first), splitting a refused batch in halves until the bad
     /// entries stand alone. Each request is logged once, when its verdict is known: endpoint,
     /// lane, elements and records in it, Heap's status, duration and outcome. `epoch` is
-    /// [`erase::epoch`] as of the claim.
+    /// [`erase::epoch`] as of the claim, `leased_until` when the claim's lease ends (unix ms).
     async fn deliver(
         &mut self,
         kind: RecordKind,
         batches: Vec<Vec<Entry>>,
         origins: &HashMap<i64, Origin>,
-        epoch: u64,
+        (epoch, leased_until): (u64, i64),
         pass: &mut Pass,
     ) -> Result<(), QueueError> {
         let mut pending = batches;
-        let mut first = true;
         while let Some(mut batch) = pending.pop() {
             // An erasure committed since the claim: what it deleted is not sent (see
             // `still_pending`). Every batch from then on is checked, not only the first: the
@@ -495,10 +378,12 @@ impl Forwarder {
                 }
                 return Ok(());
             }
-            // The claim's lease covers the first request; later batches and the halves of a
-            // split one each get a fresh one.
-            if !std::mem::take(&mut first) {
-                let lease_end = self.clock.now_ms() + self.config.lease.as_millis() as i64;
+            // Renewed only once the claim's lease runs short: a renewal is a write per
+            // record, and the claim's lease covers the whole pass as long as Heap answers
+            // promptly (see `min_lease_left_ms`).
+            let now = self.clock.now_ms();
+            if leased_until - now < self.min_lease_left_ms() {
+                let lease_end = now + self.config.lease.as_millis() as i64;
                 self.queue.renew(ids(&batch), lease_end).await?;
             }
             let jsons: Vec<&str> = batch.iter().map(|r| r.json.as_str()).collect();
@@ -658,17 +543,17 @@ impl Forwarder {
         let mut last_cleanup = self.clock.monotonic();
         while !shutdown.is_cancelled() {
             if self.control.is_paused() {
-                self.control.set_state(ForwarderState::Paused);
+                self.control.end_backoff(self.group);
                 tokio::select! {
-                    _ = self.control.wake.notified() => {}
+                    _ = self.control.rung(self.group) => {}
                     _ = shutdown.cancelled() => {}
                 }
                 continue;
             }
-            self.control.set_state(ForwarderState::Running);
+            self.control.end_backoff(self.group);
             let mut pass_total = Pass::default();
             let mut full = false;
-            for kind in RecordKind::ALL {
+            for &kind in self.kinds {
                 if self.control.is_paused() {
                     break;
                 }
@@ -706,7 +591,7 @@ impl Forwarder {
             }
             if let Some(backoff) = pass_total.backoff {
                 let until = self.clock.now_ms() + backoff.as_millis() as i64;
-                self.control.back_off_until(until);
+                self.control.back_off_until(self.group, until);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => {}
@@ -724,6 +609,14 @@ impl Forwarder {
         }
     }
 
+    /// The least lease a request starts with: three quarters of the lease, and at most 30 s
+    /// less than it ([`MAX_LEASE_SPENT_MS`]). The lease is Heap's timeout plus a minute, so a
+    /// request always has its whole timeout and 30 s more before its records are due again.
+    fn min_lease_left_ms(&self) -> i64 {
+        let lease = self.config.lease.as_millis() as i64;
+        lease - (lease / 4).min(MAX_LEASE_SPENT_MS)
+    }
+
     /// The largest batch a pass claims: `heap.batch_max_events`, capped by the app budget.
     fn max_batch(&self) -> usize {
         self.limits.max_batch()
@@ -734,7 +627,7 @@ impl Forwarder {
     async fn idle(&self, shutdown: &CancellationToken) {
         let now = self.clock.now_ms();
         let mut next_due: Option<i64> = None;
-        for kind in RecordKind::ALL {
+        for &kind in self.kinds {
             let lane = self.client.app_id().as_str();
             if let Ok(Some(due)) = self.queue.next_due_ms(lane, kind).await {
                 next_due = Some(next_due.map_or(due, |d: i64| d.min(due)));
@@ -748,7 +641,7 @@ impl Forwarder {
         }
         .min(Duration::from_secs(1));
         tokio::select! {
-            _ = self.control.wake.notified() => {
+            _ = self.control.rung(self.group) => {
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.linger) => {}
                     _ = shutdown.cancelled() => {}
@@ -784,20 +677,6 @@ mod tests {
 
         let (kept, requeue) = still_pending(vec![entry(&[8, 9])], &Default::default());
         assert!(kept.is_empty() && requeue.is_empty());
-    }
-
-    #[test]
-    fn the_state_shows_a_pause_and_a_resume_before_the_loop_sees_them() {
-        let control = Control::default();
-        control.set_state(ForwarderState::BackingOff);
-        control.set_paused(true);
-        assert_eq!(control.state(), ForwarderState::Paused);
-        // The loop parked itself; a resume shows as running before it wakes up.
-        control.set_state(ForwarderState::Paused);
-        control.set_paused(false);
-        assert_eq!(control.state(), ForwarderState::Running);
-        control.set_state(ForwarderState::BackingOff);
-        assert_eq!(control.state(), ForwarderState::BackingOff);
     }
 
     /// A fake Heap answering each request with the next scripted `(status, body)`, then 200.
@@ -1016,7 +895,7 @@ mod tests {
         control.set_paused(true);
         assert_eq!(control.backoff_until_ms(), None);
         control.set_paused(false);
-        control.set_state(ForwarderState::Running);
+        control.end_backoff(0);
         assert_eq!(control.backoff_until_ms(), None);
         shutdown.cancel();
         running.await.unwrap();

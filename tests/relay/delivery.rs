@@ -368,6 +368,44 @@ async fn a_refused_batch_is_split_in_one_pass_and_only_the_bad_record_dies() {
 }
 
 #[tokio::test]
+async fn a_pass_renews_its_lease_only_once_a_quarter_of_it_is_spent() {
+    // The lease is 60 s: a request more than 15 s after the claim renews its records first.
+    // Heap refuses the batch with seq 2 and takes 10 s per answer (on the clock), so the
+    // split sends requests at T0, T0 + 10 s, T0 + 20 s, ...; each notes the leases it sees.
+    let mut h = Harness::start(0.5).await;
+    let file = h.dir.path().join("queue.sqlite3");
+    let clock = h.clock.clone();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    h.heap.respond_with({
+        let seen = seen.clone();
+        move |_, body| {
+            let reader = rusqlite::Connection::open(&file).unwrap();
+            let lease_end: i64 = reader
+                .query_row(
+                    "SELECT MAX(next_attempt_at) FROM records WHERE claimed = 1",
+                    [],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            seen.lock().unwrap().push(lease_end);
+            clock.advance_ms(10_000);
+            let events = body["events"].as_array().unwrap();
+            let bad = events.iter().any(|e| e["properties"]["seq"] == 2);
+            if bad { Answer::status(400) } else { Answer::OK }
+        }
+    });
+    for seq in 0..5 {
+        h.enqueue(seq).await;
+    }
+    let pass = h.step().await;
+    assert_eq!((pass.delivered, pass.dead), (4, 1));
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() >= 3, "{seen:?}");
+    // The claim's lease, unrenewed at T0 and T0 + 10 s; renewed at T0 + 20 s.
+    assert_eq!(seen[..3], [T0 + 60_000, T0 + 60_000, T0 + 20_000 + 60_000]);
+}
+
+#[tokio::test]
 async fn heap_failing_while_a_refused_batch_is_split_retries_every_half() {
     let mut h = Harness::start(0.5).await;
     let mut answered = 0;

@@ -393,3 +393,88 @@ async fn pausing_or_resuming_an_unknown_app_id_is_404_and_pauses_nothing() {
     heap.wait_for_events_for(B, 1, WAIT).await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_of_the_property_endpoint_does_not_delay_track_events() {
+    // A lane forwards track events and property updates in tasks of their own: while Heap's
+    // `add_user_properties` answers 503 (each held 1.5 s) and the property task backs off
+    // 5 s between attempts, track events still arrive within the linger.
+    let heap = FakeHeap::start().await;
+    let down = Arc::new(AtomicBool::new(true));
+    heap.respond_with({
+        let down = down.clone();
+        move |path, _| {
+            if path == "/api/add_user_properties" && down.load(Ordering::SeqCst) {
+                Answer {
+                    delay: Duration::from_millis(1500),
+                    ..Answer::status(503)
+                }
+            } else {
+                Answer::OK
+            }
+        }
+    });
+    let relay = Relay::start(
+        &heap,
+        "[retry]\ninitial_backoff_ms = 5000\nmax_backoff_ms = 5000\n",
+    )
+    .await;
+    let client = &relay.client;
+    let with_email = |seq: usize| {
+        let mut body = flow_started("props", seq);
+        body["data"]["user"]["email"] = json!(format!("props-{seq}@example.com"));
+        body
+    };
+    post_accepted(client, &with_email(0)).await;
+    eventually(WAIT, async || {
+        heap.requests()
+            .iter()
+            .any(|r| r.path == "/api/add_user_properties" && r.status == 503)
+    })
+    .await;
+    let state = relay
+        .wait_for_status(WAIT, |status| status["forwarder"] == "backing_off")
+        .await;
+    assert_eq!(state["forwarder"], "backing_off", "{state}");
+
+    let mut answered = BTreeMap::new();
+    for seq in 1..=PROBES {
+        post_accepted(client, &with_email(seq)).await;
+        answered.insert(seq as u64, Instant::now());
+        tokio::time::sleep(SPACING).await; // spacing the probes, not waiting for work
+    }
+    let received: BTreeMap<u64, Instant> = eventually(WAIT, async || {
+        let received: BTreeMap<u64, Instant> = heap
+            .events_received_for(crate::support::APP_ID)
+            .into_iter()
+            .map(|(at, event)| (seq_of(&event), at))
+            .filter(|(seq, _)| answered.contains_key(seq))
+            .collect();
+        if received.len() == PROBES {
+            Ok(received)
+        } else {
+            Err(format!(
+                "{} of {PROBES} track events at Heap",
+                received.len()
+            ))
+        }
+    })
+    .await;
+    let latencies: Vec<Duration> = answered
+        .iter()
+        .map(|(seq, at)| received[seq].saturating_duration_since(*at))
+        .collect();
+    // Once the endpoint is back, every webhook's properties arrive too.
+    down.store(false, Ordering::SeqCst);
+    let users = heap
+        .wait_for_accepted("/api/add_user_properties", "users", PROBES + 1, WAIT)
+        .await;
+    assert_eq!(users.len(), PROBES + 1);
+    relay.stop().await;
+    let max = latencies.iter().max().copied().unwrap();
+    eprintln!("track events while add_user_properties is down: max 202 -> Heap {max:?}");
+    assert!(
+        max <= LINGER + MARGIN,
+        "a track event took {max:?} while the property endpoint was down: the kinds are not isolated"
+    );
+}
