@@ -7,8 +7,9 @@
 //! batch Heap refuses — split in halves until the bad records are isolated and dead-lettered
 //! alone. [`Forwarder::run`] repeats passes over its kinds (a lane runs one task for track
 //! events and one for property updates, see [`control`]), lingers briefly for a batch to fill,
-//! backs off while Heap fails, and stops on shutdown within the grace period (an abandoned batch stays queued: its lease simply runs out). Each bulk request
-//! is a `heap.request` span linked to the webhooks whose records it carries ([`crate::traces`]).
+//! backs off while Heap fails, and stops on shutdown within the grace period (an abandoned
+//! batch stays queued: its lease simply runs out). Each bulk request is a `heap.request` span
+//! linked to the webhooks whose records it carries ([`crate::traces`]).
 //!
 //! Erasures (contract §12) may delete records this forwarder has claimed: it notes
 //! [`erase::epoch`] when it claims, and before each request, if an erasure committed since,

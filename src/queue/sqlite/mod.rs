@@ -7,7 +7,8 @@
 //! fail, the group is redone with a savepoint per webhook, so it cannot take its neighbours
 //! down with it; if the commit itself fails, every webhook in the group gets the error and none
 //! is acknowledged. The forwarder's bookkeeping (claims, acks, retries) shares the thread, and
-//! its transactions end early while other commands wait, so a webhook never waits behind a large one.
+//! its transactions end early while other commands wait, so a webhook never waits behind a
+//! large one.
 //!
 //! A queue file removed or replaced under the running relay is noticed after the next webhook
 //! commit or readiness ping (`file`): from then on webhooks are refused, never acknowledged
