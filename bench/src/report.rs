@@ -195,19 +195,25 @@ be made smaller, not one hot spot.
   webhook beside its track event(s). The forwarder merges property records about the same user \
   within a claim of up to ten batches, so with this benchmark's 2,000 users they take about a \
   fifth of a request per 1,000 events; `/api/track` alone stays at the target.
-- *The large drain's rate*: the forwarder is one task (claim, send, ack, in turn), and its \
-  claims and acks share the single SQLite writer with ingest. On a small queue it forwarded at \
-  saturation several times faster (the first Forwarding row); on a queue of a million webhooks \
-  (over a gigabyte) most of the pages it updates are no longer in SQLite's 16 MiB cache, and \
-  while webhooks arrive its transactions give way to them. Since schema 7 a claim also \
-  unpacks webhooks into record rows: the records and their indexes are written then, not at \
-  ingest, so the drain carries writes that ingest no longer does. Heap's own default budget is \
-  250 events/s, far below either figure; the low-limit row holds its configured rate.
-- *Resident set during the large drain*: it rises while SQLite's page cache, bounded at \
-  16 MiB, fills with pages of the large file, and stays under 64 MiB; it does not grow with the \
-  backlog (a million queued webhooks sit on disk), but it is not flat by the rule above either.
+- *The large drain's rate*: each lane forwards track events and property updates in tasks of \
+  their own (since 75774a2; before, one task claimed, sent and acked each kind in turn, and a \
+  property claim of 10,000 records, about 350 ms of the queue thread on a 100,000-webhook \
+  backlog, held the track request behind it). What bounds the drain is the queue thread, which \
+  the claims, acks and unpacking share with ingest: on a 200,000-webhook drain of 75774a2 it \
+  was on the CPU 53–64 % of the time and waited for `fsync` and reads the rest; of its CPU, \
+  commits took 39 % (the automatic checkpoint alone 20 %), inserting the record rows a claim \
+  unpacks 22 %, the leases' and acks' updates most of the rest (the section \"Storage path: old \
+  binary against new\" has the drain comparison and the experiments measured against it). The \
+  saturation row (no limit) runs into the same bound. Heap's own default budget is 250 \
+  events/s, far below; the low-limit row holds its configured rate.
+- *Resident set during the large drain*: it rises while SQLite's page cache, bounded at 16 \
+  MiB, fills with pages of the large file, and with the allocator's retained memory: 74.5 MiB \
+  at its peak at 7a1b235 (glibc), 88.7 MiB at 81b877d (mimalloc, freed memory given back after \
+  10 ms; a6295e4 gives it back at once). It does not grow with the backlog (a million queued \
+  webhooks sit on disk), but it is not flat by the rule above.
 - *Ingest while the large backlog drains*: the forwarder's bookkeeping and the webhooks take \
-  turns on the one writer, so ingest runs at about half its speed and with a higher p99.
+  turns on the one writer, so ingest runs at a fraction of its idle speed (the Targets table) \
+  and with a higher p99.
 
 **What changed, and what was measured for it** (ratios in the tables above are the ones to \
 compare with earlier versions of this file: the relay reached 0.11 of the baseline before):
