@@ -31,6 +31,11 @@
 #                                      # Copy OLD_BIN out of target/ first: this build overwrites
 #                                      # target/release/userpilot-heap-relay.
 #   bash bench/run.sh --smoke          # seconds: debug builds, ~1 s of load, checks (CI)
+#   target/release/relay-bench drain --relay-bin BIN [--old-bin OLD]
+#                                      # (after a build) only the drain of a backlog (200,000
+#                                      # webhooks by default) released at --limit events/min,
+#                                      # nothing ingested meanwhile; an old binary alternating
+#                                      # with the new (a minute or two per drain; --help)
 #
 # Postgres: when Postgres is installed (`pg_lsclusters` and a server binary exist), the suite
 # also measures ingest with the relay's queue on Postgres, on a durable cluster `bench` that

@@ -47,10 +47,7 @@ pub(super) fn serve(
             },
         };
         match command {
-            Command::Call(job) => {
-                waiting.fetch_sub(1, Ordering::SeqCst);
-                job(&mut conn);
-            }
+            Command::Call(job) => job(&mut conn),
             Command::Enqueue(webhook, reply) => {
                 waiting.fetch_sub(1, Ordering::SeqCst);
                 let mut group = vec![(webhook, reply)];
@@ -515,7 +512,7 @@ pub(super) struct ClaimedSome {
 }
 
 /// Leases up to `wanted.records` due records of lane `app_id` and `kind`, oldest first, until
-/// `lease_end_ms`, in one transaction that ends early when other commands are `waiting`. Before each
+/// `lease_end_ms`, in one transaction that ends early when webhooks are `waiting`. Before each
 /// chunk it unpacks as many of the lane's packed webhooks as the chunk wants records (each
 /// has at least one, of this kind or another; those of another kind wait as rows for that
 /// kind's claim), up to `wanted.unpack` in all, so that a claim of a kind that few webhooks
