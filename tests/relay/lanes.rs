@@ -79,27 +79,39 @@ async fn post_accepted(client: &Client, body: &Value) {
 /// Posts [`PROBES`] webhooks to source `b`, spaced, and returns how long each took from its 202
 /// to the fake Heap's receipt of its event.
 async fn time_lane_b(relay: &Relay, heap: &FakeHeap) -> Vec<Duration> {
-    const FIRST: usize = 1000;
-    let b = lane_b(relay);
+    let probe = |seq| flow_started("lane-b", seq);
+    time_probes(&lane_b(relay), heap, B, 1000..1000 + PROBES, probe).await
+}
+
+/// Posts `probe(seq)` for each of `seqs` through `client`, spaced, and returns how long each
+/// took from its 202 to the fake Heap's receipt of its event for `app_id`.
+async fn time_probes(
+    client: &Client,
+    heap: &FakeHeap,
+    app_id: &str,
+    seqs: std::ops::Range<usize>,
+    probe: impl Fn(usize) -> Value,
+) -> Vec<Duration> {
     let mut answered = BTreeMap::new();
-    for seq in FIRST..FIRST + PROBES {
-        post_accepted(&b, &flow_started("lane-b", seq)).await;
+    for seq in seqs {
+        post_accepted(client, &probe(seq)).await;
         answered.insert(seq as u64, Instant::now());
         tokio::time::sleep(SPACING).await; // spacing the probes, not waiting for work
     }
     let received: BTreeMap<u64, Instant> = eventually(WAIT, async || {
         let received: BTreeMap<u64, Instant> = heap
-            .events_received_for(B)
+            .events_received_for(app_id)
             .into_iter()
             .map(|(at, event)| (seq_of(&event), at))
             .filter(|(seq, _)| answered.contains_key(seq))
             .collect();
-        if received.len() == PROBES {
+        if received.len() == answered.len() {
             Ok(received)
         } else {
             Err(format!(
-                "{} of {PROBES} of B's probes at Heap",
-                received.len()
+                "{} of {} probes at Heap for {app_id}",
+                received.len(),
+                answered.len()
             ))
         }
     })
@@ -437,33 +449,8 @@ async fn an_outage_of_the_property_endpoint_does_not_delay_track_events() {
         .await;
     assert_eq!(state["forwarder"], "backing_off", "{state}");
 
-    let mut answered = BTreeMap::new();
-    for seq in 1..=PROBES {
-        post_accepted(client, &with_email(seq)).await;
-        answered.insert(seq as u64, Instant::now());
-        tokio::time::sleep(SPACING).await; // spacing the probes, not waiting for work
-    }
-    let received: BTreeMap<u64, Instant> = eventually(WAIT, async || {
-        let received: BTreeMap<u64, Instant> = heap
-            .events_received_for(crate::support::APP_ID)
-            .into_iter()
-            .map(|(at, event)| (seq_of(&event), at))
-            .filter(|(seq, _)| answered.contains_key(seq))
-            .collect();
-        if received.len() == PROBES {
-            Ok(received)
-        } else {
-            Err(format!(
-                "{} of {PROBES} track events at Heap",
-                received.len()
-            ))
-        }
-    })
-    .await;
-    let latencies: Vec<Duration> = answered
-        .iter()
-        .map(|(seq, at)| received[seq].saturating_duration_since(*at))
-        .collect();
+    let app_id = crate::support::APP_ID;
+    let latencies = time_probes(client, &heap, app_id, 1..PROBES + 1, with_email).await;
     // Once the endpoint is back, every webhook's properties arrive too.
     down.store(false, Ordering::SeqCst);
     let users = heap
