@@ -444,10 +444,10 @@ async fn an_outage_of_the_property_endpoint_does_not_delay_track_events() {
             .any(|r| r.path == "/api/add_user_properties" && r.status == 503)
     })
     .await;
-    let state = relay
+    // The lane shows the property task's backoff (and the deadline fails the test otherwise).
+    relay
         .wait_for_status(WAIT, |status| status["forwarder"] == "backing_off")
         .await;
-    assert_eq!(state["forwarder"], "backing_off", "{state}");
 
     let app_id = crate::support::APP_ID;
     let latencies = time_probes(client, &heap, app_id, 1..PROBES + 1, with_email).await;
