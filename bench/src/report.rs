@@ -206,6 +206,25 @@ be made smaller, not one hot spot.
   binary against new\" has the drain comparison and the experiments measured against it). The \
   saturation row (no limit) runs into the same bound. Heap's own default budget is 250 \
   events/s, far below; the low-limit row holds its configured rate.
+- *The cost of a transform* (issue 13: at most 10 µs over no transform; only `.`, which runs no \
+  program, meets it): two costs, each measured alone by hand on 2026-12-03 with small \
+  throwaway programs linked to the relay's library. The process boundary: a worker's \
+  round trip, driven synchronously through its pipes, cost 30–35 µs of the caller's CPU \
+  and 36–42 µs of the worker's per job, of which jaq's own work for `. | .` is 4–7 µs; on this \
+  virtual machine nearly all the rest is each process going to sleep and being woken. Jobs \
+  written 8 at a time cost 6 + 9 µs, 32 at a time 4 + 6.5 µs. The program itself: the reshaping \
+  program alone, in-process (the Transforms table's last column), takes 15–24 µs on the \
+  harness's payloads, where serde_json parses the same payload in 2.2 µs. So no way of running \
+  that program with jaq reaches 10 µs here, not even one without isolation, which the relay \
+  cannot use: a jaq run cannot be interrupted, and a deep recursion aborts its process. *Tried \
+  and not kept:* batching the round trips (one driver task per worker writing every waiting job \
+  at once, replies flushed once per batch, a fault pinned on a job only when it alone was \
+  unanswered). Driving the pool alone with 2 runtime threads, old and new alternating twice: at \
+  8 in flight 19.9 and 24.7 µs per run before, 19.8 and 23.5 after; at 16, 21.3 and 23.7 against \
+  15.6 and 16.2; at 4, 51,000 runs/s against 66,000–71,000 (fewer workers run side by side). In \
+  the relay at 8 in flight, where about one run is in flight at a time, nothing measurable: the \
+  round trip over no transform +67.7 and +58.7 µs before, +64.1 and +43.9 after, with no \
+  transform itself varying from 136 to 186 µs between runs.
 - *Resident set during the large drain*: it rises while SQLite's page cache, bounded at 16 \
   MiB, fills with pages of the large file, and with the allocator's retained memory: 74.5 MiB \
   at its peak at 7a1b235 (glibc), 88.7 MiB at 81b877d (mimalloc, freed memory given back after \

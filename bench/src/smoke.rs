@@ -201,6 +201,7 @@ pub async fn run(relay_bin: &Path) -> anyhow::Result<()> {
                 warmup: 0.1,
                 concurrency: 8,
                 users: 50,
+                in_process_runs: 20,
                 extra_env: vec![("RELAY_HEAP__BATCH_LINGER_MS", "10".into())],
             };
             let comparison =

@@ -923,6 +923,7 @@ async fn transforms_phase(
         warmup: options.warmup,
         concurrency: options.transforms_concurrency,
         users: options.users,
+        in_process_runs: transforms::IN_PROCESS_RUNS,
         extra_env: Vec::new(),
     };
     let comparison =

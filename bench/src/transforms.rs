@@ -9,7 +9,9 @@
 //! tree-measured pid) over the requests completed in the window; the relay's own process is
 //! shown beside it, the rest being the workers. The forwarder is paused for the comparison (the
 //! sources share one lane, so forwarding would only add the same work to each), then
-//! released, and every event must reach the sink.
+//! released, and every event must reach the sink. Beside it, each program is run alone in the
+//! harness's own process ([`in_process_us`]): what it costs with no process boundary, so the
+//! report can say which part of a source's cost is the program and which is the boundary.
 //!
 //! [`measure`] is the phase (the smoke's and `relay-bench transforms`'); [`run_cli`] is that
 //! subcommand.
@@ -29,6 +31,7 @@ use crate::section::{self, Occasion};
 use crate::server::{self, APP_ID, Server, SourceSpec, Sources};
 use crate::sink::{Endpoint, Sink};
 use crate::suite::{check_answers, progress, tag};
+use userpilot_heap_relay::{samples, transform};
 
 /// A reshaping program of the kind an operator writes when Userpilot's payloads drift: keys
 /// renamed with a fallback, a value normalised, a field dropped, a constant added. On the
@@ -84,6 +87,8 @@ pub struct Settings {
     pub warmup: f64,
     pub concurrency: usize,
     pub users: usize,
+    /// Runs of each program in the harness's own process, per round ([`in_process_us`]).
+    pub in_process_runs: usize,
     /// More environment for the relay (the smoke's short linger).
     pub extra_env: Vec<(&'static str, String)>,
 }
@@ -139,6 +144,11 @@ pub struct ModeFigures {
     pub p99_ms: f64,
     /// Every run's tree CPU per webhook, µs, in order.
     pub per_run_us: Vec<f64>,
+    /// The program run alone in the harness's own process (jaq's reader, evaluation and
+    /// writer on the harness's payloads, no worker, no relay), µs per run: the least any way
+    /// of running it can cost. `None` for no program and `.`, which the relay does not run.
+    #[serde(default)]
+    pub in_process_us: Option<f64>,
 }
 
 /// The comparison's result.
@@ -151,6 +161,9 @@ pub struct Comparison {
     pub events_delivered: u64,
     pub events_expected: u64,
     pub runs_detail: Vec<RunResult>,
+    /// Runs per round of each program's in-process figure.
+    #[serde(default)]
+    pub in_process_runs: usize,
 }
 
 /// Whether `binary` accepts a source with a `transform`: `Err` with its answer if it does not
@@ -185,6 +198,34 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The least a program costs: µs per run of [`transform::run_bytes`] in this process, on the
+/// payloads the load generator sends, median of [`IN_PROCESS_ROUNDS`] rounds. The worker runs
+/// the same function, so the rest of a source's cost over no transform is the process
+/// boundary's.
+fn in_process_us(program: &str, runs: usize) -> anyhow::Result<f64> {
+    let compiled = transform::compile(program).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let now = chrono::Utc::now().timestamp();
+    let bodies = samples::all("bench-user-00001", now, "in-process")
+        .into_iter()
+        .map(|(_, body)| serde_json::to_vec(&body))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rounds = Vec::with_capacity(IN_PROCESS_ROUNDS);
+    for _ in 0..IN_PROCESS_ROUNDS {
+        let started = std::time::Instant::now();
+        for i in 0..runs.max(1) {
+            let outputs = transform::run_bytes(&compiled, &bodies[i % bodies.len()]);
+            std::hint::black_box(outputs.map(|o| o.map(|o| o.len())).ok());
+        }
+        rounds.push(started.elapsed().as_secs_f64() * 1e6 / runs.max(1) as f64);
+    }
+    Ok(median(&rounds))
+}
+
+const IN_PROCESS_ROUNDS: usize = 5;
+
+/// Runs per round of [`in_process_us`] in a measurement (the smoke runs a few).
+pub const IN_PROCESS_RUNS: usize = 10_000;
+
 /// Heap limits of the measured relay, per minute: high, so that the drain is quick.
 const DRAIN_LIMIT: u32 = 6_000_000;
 
@@ -205,6 +246,16 @@ pub async fn measure(
     }
     let specs = specs();
     sink.clear();
+    // Before the relay starts, so that nothing else of the harness runs beside it.
+    let mut floors = Vec::with_capacity(MODES.len());
+    for (_, _, program) in MODES {
+        floors.push(match program {
+            Some(program) if !transform::is_identity(program) => {
+                Some(in_process_us(program, settings.in_process_runs)?)
+            }
+            _ => None,
+        });
+    }
     // The drain after the runs must not wait on Heap's default limits (hundreds of thousands
     // of events at 250/s): the comparison is of ingest, and the drain only counts.
     let mut env = vec![
@@ -296,7 +347,8 @@ pub async fn measure(
     let modes = MODES
         .iter()
         .zip(&by_mode)
-        .map(|((name, label, program), results)| {
+        .zip(floors)
+        .map(|(((name, label, program), results), in_process_us)| {
             let tree: Vec<f64> = results.iter().map(|r| per_webhook_us(r).0).collect();
             let own: Vec<f64> = results.iter().map(|r| per_webhook_us(r).1).collect();
             let over: Vec<f64> = tree.iter().zip(&plain).map(|(t, p)| t - p).collect();
@@ -310,6 +362,7 @@ pub async fn measure(
                 throughput: median(&results.iter().map(|r| r.throughput).collect::<Vec<_>>()),
                 p99_ms: median(&results.iter().map(|r| r.p99_ms).collect::<Vec<_>>()),
                 per_run_us: tree,
+                in_process_us,
             }
         })
         .collect();
@@ -321,6 +374,7 @@ pub async fn measure(
         events_delivered: delivered,
         events_expected: expected,
         runs_detail: by_mode.into_iter().flatten().collect(),
+        in_process_runs: settings.in_process_runs,
     })
 }
 
@@ -341,15 +395,18 @@ pub fn render(comparison: &Comparison, header: &str) -> String {
          each, {} s closed loop at concurrency {}; each run starts with another source), \
          forwarder paused. CPU is the relay's whole process tree (its transform workers \
          included) per webhook answered in the window; median of the runs. Target: at most \
-         {TARGET_US} µs over no transform.\n",
-        comparison.runs, comparison.duration_s, comparison.concurrency
+         {TARGET_US} µs over no transform. The last column is the program run alone in the \
+         harness's process on the same payloads (jaq's reader, evaluation and writer, what a \
+         worker does per webhook; wall time, median of {IN_PROCESS_ROUNDS} rounds of \
+         {}): what the program costs with no process boundary at all.\n",
+        comparison.runs, comparison.duration_s, comparison.concurrency, comparison.in_process_runs
     );
     let _ = writeln!(
         out,
         "| source | program | CPU µs / webhook | of which the relay | over no transform | \
-         throughput (req/s) | p99 (ms) | verdict |"
+         throughput (req/s) | p99 (ms) | verdict | the program alone, in-process (µs) |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---|---:|");
     for mode in &comparison.modes {
         let verdict = if mode.program.is_none() {
             "baseline"
@@ -360,14 +417,16 @@ pub fn render(comparison: &Comparison, header: &str) -> String {
         };
         let _ = writeln!(
             out,
-            "| `{}` | {} | {:.1} | {:.1} | {:+.1} | {:.0} | {:.2} | {verdict} |",
+            "| `{}` | {} | {:.1} | {:.1} | {:+.1} | {:.0} | {:.2} | {verdict} | {} |",
             mode.source,
             mode.label,
             mode.tree_cpu_us,
             mode.relay_cpu_us,
             mode.over_plain_us,
             mode.throughput,
-            mode.p99_ms
+            mode.p99_ms,
+            mode.in_process_us
+                .map_or_else(|| "–".to_owned(), |us| format!("{us:.1}"))
         );
     }
     let _ = writeln!(
@@ -411,10 +470,21 @@ pub fn target_row(comparison: &Comparison) -> String {
         .map(|m| format!("{} {:+.1} µs", m.label, m.over_plain_us))
         .collect::<Vec<_>>()
         .join(", ");
+    measured.push_str(" (relay and its workers, median of the runs)");
     if let Some(floor) = comparison.modes.iter().find(|m| m.source == ROUND_TRIP) {
         measured.push_str(&format!(
             "; the worker's round trip alone {:+.1} µs",
             floor.over_plain_us
+        ));
+    }
+    let alone = over
+        .iter()
+        .filter_map(|m| m.in_process_us.map(|us| format!("{} {us:.1} µs", m.label)))
+        .collect::<Vec<_>>();
+    if !alone.is_empty() {
+        measured.push_str(&format!(
+            "; the program alone, in-process, no worker: {}",
+            alone.join(", ")
         ));
     }
     let verdicts = over
@@ -431,8 +501,7 @@ pub fn target_row(comparison: &Comparison) -> String {
         .join("; ");
     format!(
         "| Cost of a transform (issue 13): ≤ {TARGET_US} µs CPU per webhook over no transform, \
-         for `.` and a reshaping program | {measured} (relay and its workers, median of the \
-         runs) | {verdicts} |"
+         for `.` and a reshaping program | {measured} | {verdicts} |"
     )
 }
 
@@ -448,6 +517,7 @@ pub async fn run_cli(options: Options) -> anyhow::Result<()> {
         warmup: options.warmup,
         concurrency: options.concurrency,
         users: options.users,
+        in_process_runs: IN_PROCESS_RUNS,
         extra_env: Vec::new(),
     };
     let comparison = measure(
@@ -501,6 +571,7 @@ mod tests {
             throughput: 1000.0,
             p99_ms: 5.0,
             per_run_us: vec![100.0 + over],
+            in_process_us: (over > 10.0).then_some(over / 2.0),
         };
         let comparison = Comparison {
             modes: vec![
@@ -515,6 +586,7 @@ mod tests {
             events_delivered: 10,
             events_expected: 10,
             runs_detail: Vec::new(),
+            in_process_runs: 100,
         };
         let section = render(&comparison, "");
         assert!(section.contains("| `plain` | no transform | 100.0 | 100.0 | +0.0 |"));
@@ -527,13 +599,19 @@ mod tests {
             "{section}"
         );
         assert!(
-            section.contains("+21.0 | 1000 | 5.00 | over target |"),
+            section.contains("+21.0 | 1000 | 5.00 | over target | 10.5 |"),
+            "{section}"
+        );
+        assert!(
+            section.contains("+0.4 | 1000 | 5.00 | within target | – |"),
             "{section}"
         );
         let row = target_row(&comparison);
         assert!(
             row.contains(
-                "`.` +0.4 µs, reshaping program +21.0 µs; the worker's round trip alone +15.0 µs"
+                "`.` +0.4 µs, reshaping program +21.0 µs (relay and its workers, median of the \
+                 runs); the worker's round trip alone +15.0 µs; the program alone, in-process, \
+                 no worker: reshaping program 10.5 µs |"
             ),
             "{row}"
         );
