@@ -5,8 +5,8 @@
 # written out so that nothing else can turn them off: fsync, synchronous_commit and
 # full_page_writes on, so a 202 from the relay follows a commit flushed to disk, as with SQLite.
 # A login role `relay_bench` (password `relay_bench`; may create databases; may read settings
-# such as data_directory) for the harness, which creates and drops its own database
-# (`relay_bench`) and connects to `postgres` to do so.
+# such as data_directory; may end other sessions on its database) for the harness, which
+# creates and drops its own database (`relay_bench`) and connects to `postgres` to do so.
 #
 # Installs Postgres from Debian's packages when it is missing. Idempotent: safe when Postgres
 # is already installed, running or set up. Use either way:
@@ -41,6 +41,11 @@ BEGIN
 END
 $$;
 GRANT pg_read_all_settings TO relay_bench;
+-- So that `DROP DATABASE ... WITH (FORCE)` may also end a session on the database that this
+-- role does not own (an autovacuum worker after the ingest runs, most likely): without it the
+-- suite stopped once at "must be a member of the role whose process is being terminated or
+-- member of pg_signal_backend".
+GRANT pg_signal_backend TO relay_bench;
 SQL
 
     url="postgres://relay_bench:relay_bench@127.0.0.1:${port}/postgres"
