@@ -222,8 +222,8 @@ be made smaller, not one hot spot.
   unanswered). Driving the pool alone with 2 runtime threads, old and new alternating twice: at \
   8 in flight 19.9 and 24.7 µs per run before, 19.8 and 23.5 after; at 16, 21.3 and 23.7 against \
   15.6 and 16.2; at 4, 51,000 runs/s against 66,000–71,000 (fewer workers run side by side). In \
-  the relay at 8 in flight, where about one run is in flight at a time, nothing measurable: the \
-  round trip over no transform +67.7 and +58.7 µs before, +64.1 and +43.9 after, with no \
+  the relay at 8 in flight, where fewer than one run is in flight on average, nothing \
+  measurable: the round trip over no transform +67.7 and +58.7 µs before, +64.1 and +43.9 after, with no \
   transform itself varying from 136 to 186 µs between runs.
 - *Resident set during the large drain*: it rises while SQLite's page cache, bounded at 16 \
   MiB, fills with pages of the large file, and with the allocator's retained memory: 74.5 MiB \

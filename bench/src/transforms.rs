@@ -209,14 +209,15 @@ fn in_process_us(program: &str, runs: usize) -> anyhow::Result<f64> {
         .into_iter()
         .map(|(_, body)| serde_json::to_vec(&body))
         .collect::<Result<Vec<_>, _>>()?;
+    let runs = runs.max(1);
     let mut rounds = Vec::with_capacity(IN_PROCESS_ROUNDS);
     for _ in 0..IN_PROCESS_ROUNDS {
         let started = std::time::Instant::now();
-        for i in 0..runs.max(1) {
+        for i in 0..runs {
             let outputs = transform::run_bytes(&compiled, &bodies[i % bodies.len()]);
             std::hint::black_box(outputs.map(|o| o.map(|o| o.len())).ok());
         }
-        rounds.push(started.elapsed().as_secs_f64() * 1e6 / runs.max(1) as f64);
+        rounds.push(started.elapsed().as_secs_f64() * 1e6 / runs as f64);
     }
     Ok(median(&rounds))
 }
