@@ -229,6 +229,45 @@ async fn claims_are_oldest_first_per_kind_and_at_most_max(queue: Arc<dyn Queue>)
     assert_eq!(claim_all(&queue, RecordKind::User, T0 + 10).await.len(), 1);
 }
 
+/// A claim that ends inside a webhook takes only what it wants of it: the webhook's other
+/// records wait, unleased, for the next claim of their kind, and a record due again (a retry)
+/// takes its place among the webhooks not yet claimed by its due time.
+async fn a_claim_ending_inside_a_webhook_leaves_its_other_records_due(queue: Arc<dyn Queue>) {
+    store(&queue, webhook("first", T0, vec![track("r")])).await;
+    let retried = tracks(&queue, T0).await;
+    queue
+        .retry_at(ids(&retried), T0 + 5, true, "503".into())
+        .await
+        .unwrap();
+    store(
+        &queue,
+        webhook("w", T0 + 1, vec![track("a"), track("b"), user("u")]),
+    )
+    .await;
+    store(&queue, webhook("later", T0 + 9, vec![track("c")])).await;
+    let first = queue
+        .claim(&lane(), RecordKind::Track, 2, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(keys(&first), ["a", "b"]);
+    let stats = queue.stats(T0 + 10).await.unwrap();
+    assert_eq!((stats.in_flight, stats.pending), (2, 3));
+    let second = queue
+        .claim(&lane(), RecordKind::Track, 1, T0 + 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(keys(&second), ["r"]);
+    assert_eq!(second[0].attempts, 1);
+    assert_eq!(keys(&tracks(&queue, T0 + 10).await), ["c"]);
+    let users = claim_all(&queue, RecordKind::User, T0 + 10).await;
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0].received_at_ms, T0 + 1);
+    let stats = queue.stats(T0 + 10).await.unwrap();
+    assert_eq!((stats.in_flight, stats.pending), (5, 0));
+    let again = tracks(&queue, T0 + 10 + LEASE).await;
+    assert_eq!(keys(&again), ["r", "a", "b", "c"]); // all due at once: in id order
+}
+
 async fn large_claims_and_acks_take_every_record_oldest_first(queue: Arc<dyn Queue>) {
     // More than one bookkeeping chunk of the SQLite backend (which splits them into several
     // transactions): the result must not show it.
@@ -1859,6 +1898,7 @@ conformance!(
     text_with_nul_characters_is_stored_and_sent_intact,
     a_quarantined_webhook_is_kept_as_a_dead_letter_of_kind_webhook,
     claims_are_oldest_first_per_kind_and_at_most_max,
+    a_claim_ending_inside_a_webhook_leaves_its_other_records_due,
     large_claims_and_acks_take_every_record_oldest_first,
     records_are_not_claimed_before_they_are_due,
     an_expired_lease_makes_its_records_claimable_again,
