@@ -167,25 +167,30 @@ const SETTINGS: &str = "## Where the time goes, and the settings behind it
 This section is written by hand, not regenerated: the figures in it were measured on this \
 machine with `relay-bench load` against one release relay (SQLite queue, Heap unreachable so \
 nothing but ingest ran), comparing variants in one sitting, run after run; the profile on \
-2026-12-02, the settings table from 2026-11-28 on.
+2026-12-03, the settings table from 2026-11-28 on.
 
-**Profile.** `bash bench/profile.sh` (`perf record --call-graph dwarf`, 32 in flight) at \
-e4f152c: the tokio workers take 71 % of the relay's CPU, its one SQLite writer \
-thread 29 %. On the workers the largest part is HTTP itself — writing the answers (hyper, then \
-the kernel's TCP send) 19 %, reading requests 4 %, as in the baseline — then translating a \
-webhook 11 % (decoding 5.6 %, mapping 5.1 %) and its payload shape 5.5 %; verifying the \
-signature is 1 %. On the writer, the commit is 11 % (WAL frames 9 %, of which the `fsync` \
-6 %) and the inserts 10 % (packing the records 4 %). glibc's `malloc` and `free` are 17 % of \
-all samples, on both sides. The section \"Storage path: old binary against new\" has the \
-before/after figures of the three changes this profile led to (SQLite preparing the dedup \
-lookup again for every webhook, the body parsed twice, and glibc's allocator, replaced by \
-mimalloc in dc68143, which is not profiled yet).
+**Profile.** `bash bench/profile.sh` (`perf record --call-graph dwarf`, 32 in flight, 10 s; \
+6,048 webhooks/s with perf attached) at 26b1133's code: the tokio workers take 61 % of the \
+relay's CPU, its one SQLite writer thread 39 %; by code, the kernel 47 %, the relay's own \
+binary (SQLite in it) 48 %, libc 5 %. On the writer, the commit is 22 % of all samples, most \
+of it the WAL's `fsync` (15 %: ext4 writing the pages out through the virtual disk, which a \
+group of one webhook pays as much as a group of many), the inserts 8 % (packing the records 3 \
+%), checkpoints 1 %. On the workers, writing the answers (hyper, then the kernel's TCP send) \
+9 %, reading requests 4 %, translating a webhook 6 % (decoding 3 %, mapping 3 %), its payload \
+shape 4 %, preparing its rows for the writer 2 %, verifying the signature 1 %. mimalloc is 7 \
+% of all samples, and giving freed memory back to the system at once (`madvise`, a6295e4, for \
+the resident-set target) 3 % more. About half of the relay's CPU is the kernel's — TCP and \
+the durable commit — and no function of the relay's own takes more than 1 % by itself. The \
+profile of \
+e4f152c, before mimalloc, is in the section \"Storage path: old binary against new\", with \
+the three changes it led to.
 
 **Why ingest stays below half the baseline.** The baseline does HTTP and nothing else. The \
 relay also verifies an HMAC, parses and maps JSON, records the payload's shape, and makes every \
 webhook durable before it answers — in one SQLite writer (SQLite has one writer at a time), \
 whose group commits write the webhooks' pages to the WAL and wait for its `fsync`. No single \
-function of the relay's own takes more than 4 % of its CPU: what is left is the sum of many \
+function of the relay's own takes more than 1 % of its CPU by itself (the profile above): what \
+is left is the sum of many \
 small costs per webhook (allocations, the shape's path set, serializing the records), each to \
 be made smaller, not one hot spot.
 
